@@ -1,0 +1,39 @@
+# Setup and the two quick-start commands. Every target creates or reuses .venv.
+PYTHON_SYS ?= python3
+VENV       := .venv
+PY         := $(VENV)/bin/python
+TORCH_PIN  := torch==2.13.0
+STAMP      := $(VENV)/.arflow-installed
+
+# Caches live in the user's cache folder so a fresh clone does not recompile DeepSpeed ops.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-fast clean
+
+install: $(STAMP)
+
+$(VENV)/bin/python:
+	$(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is pinned and installed FIRST: otherwise deepspeed pulls the newest CUDA build.
+$(STAMP): pyproject.toml | $(VENV)/bin/python
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev,eval]'
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/arflow demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf runs mlruns .ray_tmp .pytest_cache

@@ -1,0 +1,62 @@
+"""Typed configuration of a whole run: YAML in `configs/`, overridden by dotted key=value arguments."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .base import ConfigError, apply_overrides, build, dump_yaml, flatten, to_dict
+from .data import DataConfig
+from .eval import EvalConfig
+from .model import ModelConfig
+from .train import (CheckpointConfig, ClusterConfig, FaultsConfig, OptimConfig, RunConfig,
+                    TrackingConfig, TrainConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from a nested dict plus dotted overrides."""
+    return build(Config, apply_overrides(data or {}, list(overrides)))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read YAML at `path` (or the embedded defaults), apply overrides, validate.
+
+    Errors name the file and the dotted key.
+    """
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}" if path is not None else str(err)) from None
+
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig",
+    "CheckpointConfig", "RunConfig", "ClusterConfig", "TrackingConfig", "FaultsConfig", "EvalConfig",
+    "load_config", "config_from_dict", "flatten", "to_dict", "dump_yaml",
+]

@@ -1,0 +1,131 @@
+"""Chunk-wise attention of ARFlow (ARFLOW.md, "The hybrid linear attention") and two ablations.
+
+All functions take q, k, v of shape (B, H, L, D) (after their RMS norms), L = chunks * chunk_size,
+one chunk = one image, and return `(out (B, H, L, D), state)` so that a sequence fed chunk by chunk
+with the returned state gives the same output as the whole sequence fed at once.
+
+- `hybrid_attention`: bidirectional softmax inside a chunk + gated linear attention over earlier
+  chunks through a (B, H, D, D) state. Cost O(L * chunk * D + L * D^2).
+- `full_attention`: block-causal softmax over the own and all earlier chunks (state = their k, v).
+- `intra_attention`: softmax over the own chunk only (state passes through unchanged; K=1 is SiT).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+
+MODES = ("hybrid", "full", "intra")
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> int:
+    """Validate (B, H, L, D) inputs; return the number of chunks."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention: q, k, v must share a (B, H, L, D) shape, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if chunk_size <= 0 or q.shape[2] % chunk_size != 0:
+        raise ValueError(f"attention: sequence length {q.shape[2]} is not a multiple of chunk_size={chunk_size}")
+    return q.shape[2] // chunk_size
+
+
+def intra_chunk_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Bidirectional softmax within each chunk via SDPA over (B*chunks); scale D^-1/2. -> (B, H, L, D)."""
+    batch = q.shape[0]
+    q, k, v = (rearrange(t, "b h (n c) d -> (b n) h c d", c=chunk_size) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)
+    return rearrange(out, "(b n) h c d -> b h (n c) d", b=batch)
+
+
+def inter_chunk_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                       chunk_size: int, state: Optional[torch.Tensor] = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gated linear attention over earlier chunks, in fp32 (autocast off). -> (B, H, L, D), (B, H, D, D).
+
+    State before chunk j: S_j = S_in * prod_{l<j} d_l + sum_{i<j} (K_i^T V_i) prod_{i<l<j} d_l, with
+    d_l = exp(mean of chunk l's log_decay). Token p of chunk j reads (q_p * exp(cumsum_{m<=p} g_m)) S_j.
+    All states come from one masked matmul over chunks with the cumulative chunk decay (no loop).
+    """
+    out_dtype = q.dtype
+    scale = q.shape[-1] ** -0.5
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q, k, v, log_decay = (t.float() for t in (q, k, v, log_decay))
+        qc, kc, vc = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (q, k, v))
+        gc = rearrange(log_decay, "b h (n c) -> b h n c", c=chunk_size)
+        num_chunks = gc.shape[2]
+        kv = einsum(kc * scale, vc, "b h n c x, b h n c y -> b h n x y")
+        chunk_log = gc.mean(dim=-1)  # (B, H, n): log d_i
+        cum = chunk_log.cumsum(dim=-1)  # sum_{l<=i} log d_l
+        cum_before = F.pad(cum, (1, 0))  # (B, H, n+1): sum_{l<j} log d_l, j = 0..n
+        # weights[j, i] = prod_{i<l<j} d_l = exp(cum_before[j] - cum[i]) for i < j (always <= 1).
+        earlier = torch.ones(num_chunks + 1, num_chunks, dtype=torch.bool, device=q.device).tril(-1)
+        log_w = rearrange(cum_before, "b h j -> b h j 1") - rearrange(cum, "b h i -> b h 1 i")
+        weights = log_w.masked_fill(~earlier, float("-inf")).exp()
+        states = einsum(weights, kv, "b h j i, b h i x y -> b h j x y")  # (B, H, n+1, D, D)
+        if state is not None:
+            carry = rearrange(cum_before.exp(), "b h j -> b h j 1 1")
+            states = states + carry * rearrange(state.float(), "b h x y -> b h 1 x y")
+        q_decayed = qc * rearrange(gc.cumsum(dim=-1).exp(), "b h n c -> b h n c 1")
+        out = einsum(q_decayed, states[:, :, :-1], "b h n c x, b h n x y -> b h n c y")
+        out = rearrange(out, "b h n c d -> b h (n c) d")
+    return out.to(out_dtype), states[:, :, -1]
+
+
+def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                     chunk_size: int, state: Optional[torch.Tensor] = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ARFlow attention: intra-chunk softmax + decayed linear attention over earlier chunks.
+
+    q, k, v (B, H, L, D); log_decay (B, H, L) <= 0; state (B, H, D, D) fp32 or None (= zeros).
+    Returns out (B, H, L, D) in q's dtype and the fp32 state after the last chunk.
+    """
+    _check_shapes(q, k, v, chunk_size)
+    if log_decay.shape != q.shape[:3]:
+        raise ValueError(f"hybrid_attention: log_decay must be (B, H, L) = {tuple(q.shape[:3])}, "
+                         f"got {tuple(log_decay.shape)}")
+    if state is not None and state.shape != (*q.shape[:2], q.shape[3], q.shape[3]):
+        raise ValueError(f"hybrid_attention: state must be (B, H, D, D), got {tuple(state.shape)}")
+    intra = intra_chunk_softmax(q, k, v, chunk_size)
+    inter, new_state = inter_chunk_linear(q, k, v, log_decay, chunk_size, state)
+    return intra + inter, new_state
+
+
+def full_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
+                   state: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Block-causal softmax: each chunk sees itself and all earlier chunks (dense masked SDPA).
+
+    state = (k, v) of the earlier chunks, each (B, H, L_prev, D), or None. Returns out and the
+    (k, v) of everything seen so far (a KV cache: memory grows with the sequence).
+    """
+    num_chunks = _check_shapes(q, k, v, chunk_size)
+    if state is not None:
+        k = torch.cat([state[0], k], dim=2)
+        v = torch.cat([state[1], v], dim=2)
+    chunks_before = k.shape[2] // chunk_size - num_chunks
+    query_chunk = torch.arange(q.shape[2], device=q.device) // chunk_size + chunks_before
+    key_chunk = torch.arange(k.shape[2], device=q.device) // chunk_size
+    mask = rearrange(key_chunk, "j -> 1 j") <= rearrange(query_chunk, "i -> i 1")
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out, (k, v)
+
+
+def intra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int,
+                    state: object = None) -> tuple[torch.Tensor, object]:
+    """Softmax within each chunk only (no history); the state passes through unchanged."""
+    _check_shapes(q, k, v, chunk_size)
+    return intra_chunk_softmax(q, k, v, chunk_size), state
+
+
+def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None
+                    ) -> tuple[torch.Tensor, object]:
+    """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only."""
+    if mode == "hybrid":
+        return hybrid_attention(q, k, v, log_decay, chunk_size, state)
+    if mode == "full":
+        return full_attention(q, k, v, chunk_size, state)
+    if mode == "intra":
+        return intra_attention(q, k, v, chunk_size, state)
+    raise ValueError(f"attention mode {mode!r} is not one of {', '.join(MODES)}")

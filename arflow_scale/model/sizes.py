@@ -1,0 +1,70 @@
+"""Size registry: DiT-style names (`S/2`, `XL/2`, `tiny/2`) and scaled variants by depth/width/heads."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from arflow_scale.config.base import ConfigError
+from arflow_scale.config.model import SIZE_PATTERN, ModelConfig
+
+# name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md table).
+SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 64, 2),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 18),
+}
+
+FREQUENCY_DIM = 256  # sinusoidal timestep embedding size (DiT/SiT)
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Resolved architecture numbers of a ModelConfig."""
+
+    depth: int
+    width: int
+    heads: int
+    patch: int
+    in_channels: int
+    image_size: int
+    k: int
+    num_classes: int
+    mlp_hidden: int
+    attention: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image_size // self.patch) ** 2
+
+    @property
+    def sequence_length(self) -> int:
+        return self.k * self.tokens_per_image
+
+
+def parse_size(size: str) -> tuple[str, int]:
+    """`"XL/2"` -> ("XL", 2); a bad name raises ConfigError naming the key `size`."""
+    match = SIZE_PATTERN.match(size)
+    if match is None:
+        raise ConfigError(f"size: {size!r} is not NAME/PATCH with NAME in tiny, S, B, L, XL, custom (e.g. 'XL/2')")
+    return match.group(1), int(match.group(2))
+
+
+def resolve(cfg: ModelConfig) -> ModelDims:
+    """Registry entry of cfg.size with cfg.depth/width/heads overrides applied."""
+    name, patch = parse_size(cfg.size)
+    depth, width, heads = SIZES.get(name, (None, None, None))
+    depth = cfg.depth if cfg.depth is not None else depth
+    width = cfg.width if cfg.width is not None else width
+    heads = cfg.heads if cfg.heads is not None else heads
+    if width % heads != 0:
+        raise ConfigError(f"width: {width} not divisible by heads={heads}")
+    if width % 4 != 0:
+        raise ConfigError(f"width: {width} must be a multiple of 4 (2-D sin-cos position embedding)")
+    return ModelDims(depth=depth, width=width, heads=heads, patch=patch, in_channels=cfg.in_channels,
+                     image_size=cfg.image_size, k=cfg.k, num_classes=cfg.num_classes,
+                     mlp_hidden=int(width * cfg.mlp_ratio), attention=cfg.attention)

@@ -1,0 +1,82 @@
+"""Shared fixtures that start the real services: an S3 endpoint (moto server), a local Ray."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 HTTP endpoint on 127.0.0.1 (moto server), with dummy credentials in the env.
+
+    Yields the endpoint URL. Tests create their own buckets (unique names) with `make_bucket`.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=url)
+    try:
+        yield url
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture()
+def make_bucket(s3_endpoint):
+    """Create a fresh bucket on the S3 endpoint; returns its name."""
+    import uuid
+
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+
+    def _make(prefix: str = "arflow") -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        client.create_bucket(Bucket=name)
+        return name
+
+    return _make
+
+
+@pytest.fixture(scope="session")
+def ray_local(tmp_path_factory):
+    """A light local Ray (2 CPUs, no dashboard), shared by the session's tests."""
+    import ray
+
+    temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp"))
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir),
+             log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
