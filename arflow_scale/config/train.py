@@ -66,6 +66,8 @@ class RunConfig:
     storage_path: str = "runs"  # local folder or URL (file://, s3://bucket/prefix)
     storage_options: dict[str, str] = field(default_factory=dict)  # e.g. endpoint_url for S3
     max_failures: int = 0  # worker-group restarts Ray Train may do
+    prepare_data: Optional[str] = None  # a source name (e.g. digits): write its shards to data.manifest if missing
+    prepare_samples_per_shard: int = 64
 
     def validate(self) -> None:
         check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} must be non-empty, without '/'")

@@ -143,22 +143,20 @@ class GaussianStats:
 
     def save(self, url: str, storage_options: Optional[dict] = None) -> None:
         """Write an .npz (local path or fsspec URL)."""
-        import fsspec
+        from arflow_scale.data.storage import write_bytes
 
         buffer = io.BytesIO()
         np.savez(buffer, **self.to_arrays())
-        with fsspec.open(url, "wb", **(storage_options or {})) as f:
-            f.write(buffer.getvalue())
+        write_bytes(url, buffer.getvalue(), storage_options)
 
     @classmethod
     def load(cls, url: str, storage_options: Optional[dict] = None) -> "GaussianStats":
         """Read statistics from an .npz written by `save` or an ADM reference batch (`mu`, `sigma`)."""
-        import fsspec
+        from arflow_scale.data.storage import read_bytes
 
         try:
-            with fsspec.open(url, "rb", **(storage_options or {})) as f:
-                data = f.read()
-        except FileNotFoundError:
+            data = read_bytes(url, storage_options)
+        except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"{url}: statistics file not found") from None
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as npz:

@@ -31,30 +31,34 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size:
 
 
 def intra_chunk_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Bidirectional softmax within each chunk via SDPA over (B*chunks); scale D^-1/2. -> (B, H, L, D)."""
-    batch = q.shape[0]
-    q, k, v = (rearrange(t, "b h (n c) d -> (b n) h c d", c=chunk_size) for t in (q, k, v))
+    """Bidirectional softmax within each chunk: one SDPA call batched over chunks; scale D^-1/2.
+
+    (B, H, L, D) -> (B, H*chunks, chunk, D) is a view (no copy), so flash kernels run on GPU.
+    """
+    heads = q.shape[1]
+    q, k, v = (rearrange(t, "b h (n c) d -> b (h n) c d", c=chunk_size) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v)
-    return rearrange(out, "(b n) h c d -> b h (n c) d", b=batch)
+    return rearrange(out, "b (h n) c d -> b h (n c) d", h=heads)
 
 
 def inter_chunk_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                        chunk_size: int, state: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gated linear attention over earlier chunks, in fp32 (autocast off). -> (B, H, L, D), (B, H, D, D).
+    """Gated linear attention over earlier chunks, in fp32 or wider (autocast off). -> (B, H, L, D), (B, H, D, D).
 
     State before chunk j: S_j = S_in * prod_{l<j} d_l + sum_{i<j} (K_i^T V_i) prod_{i<l<j} d_l, with
     d_l = exp(mean of chunk l's log_decay). Token p of chunk j reads (q_p * exp(cumsum_{m<=p} g_m)) S_j.
     All states come from one masked matmul over chunks with the cumulative chunk decay (no loop).
     """
     out_dtype = q.dtype
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)  # fp32 under bf16/fp16, fp64 stays
     scale = q.shape[-1] ** -0.5
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q, k, v, log_decay = (t.float() for t in (q, k, v, log_decay))
+        q, k, v, log_decay = (t.to(acc_dtype) for t in (q, k, v, log_decay))
         qc, kc, vc = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (q, k, v))
         gc = rearrange(log_decay, "b h (n c) -> b h n c", c=chunk_size)
         num_chunks = gc.shape[2]
-        kv = einsum(kc * scale, vc, "b h n c x, b h n c y -> b h n x y")
+        kv = einsum(kc, vc, "b h n c x, b h n c y -> b h n x y") * scale  # K_i^T V_i, k scaled
         chunk_log = gc.mean(dim=-1)  # (B, H, n): log d_i
         cum = chunk_log.cumsum(dim=-1)  # sum_{l<=i} log d_l
         cum_before = F.pad(cum, (1, 0))  # (B, H, n+1): sum_{l<j} log d_l, j = 0..n
@@ -65,7 +69,7 @@ def inter_chunk_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_de
         states = einsum(weights, kv, "b h j i, b h i x y -> b h j x y")  # (B, H, n+1, D, D)
         if state is not None:
             carry = rearrange(cum_before.exp(), "b h j -> b h j 1 1")
-            states = states + carry * rearrange(state.float(), "b h x y -> b h 1 x y")
+            states = states + carry * rearrange(state.to(acc_dtype), "b h x y -> b h 1 x y")
         q_decayed = qc * rearrange(gc.cumsum(dim=-1).exp(), "b h n c -> b h n c 1")
         out = einsum(q_decayed, states[:, :, :-1], "b h n c x, b h n x y -> b h n c y")
         out = rearrange(out, "b h n c d -> b h (n c) d")

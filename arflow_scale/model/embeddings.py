@@ -50,7 +50,7 @@ class TimestepEmbedder(nn.Module):
         """t (...) -> (..., frequency_dim) as [cos, sin] with periods up to 10000."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        angles = t.float()[..., None] * freqs
+        angles = rearrange(t.float(), "... -> ... 1") * freqs
         return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

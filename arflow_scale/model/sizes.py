@@ -4,16 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from arflow_scale.config.base import ConfigError
-from arflow_scale.config.model import SIZE_PATTERN, ModelConfig
+from arflow_scale.config.model import SIZE_PATTERN, SIZE_TABLE, ModelConfig
 
-# name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md table).
-SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (2, 64, 2),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 18),
-}
+SIZES = SIZE_TABLE  # name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md)
 
 FREQUENCY_DIM = 256  # sinusoidal timestep embedding size (DiT/SiT)
 
@@ -56,11 +49,8 @@ def parse_size(size: str) -> tuple[str, int]:
 
 def resolve(cfg: ModelConfig) -> ModelDims:
     """Registry entry of cfg.size with cfg.depth/width/heads overrides applied."""
-    name, patch = parse_size(cfg.size)
-    depth, width, heads = SIZES.get(name, (None, None, None))
-    depth = cfg.depth if cfg.depth is not None else depth
-    width = cfg.width if cfg.width is not None else width
-    heads = cfg.heads if cfg.heads is not None else heads
+    _, patch = parse_size(cfg.size)
+    depth, width, heads = cfg.resolved_shape()
     if width % heads != 0:
         raise ConfigError(f"width: {width} not divisible by heads={heads}")
     if width % 4 != 0:

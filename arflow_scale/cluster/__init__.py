@@ -1,0 +1,1 @@
+"""Running on Ray clusters: Jobs API submission with a project runtime_env (see cluster/ for launchers)."""

@@ -1,0 +1,187 @@
+"""SequenceStream: class-grouped shards -> batches of K distinct same-class samples, resumable.
+
+Consumers. Rank r's DataLoader worker w is consumer c = r * W + w of C = world_size * W (W =
+max(num_workers, 1)). Shard split policy, per class with n shards: if n >= C, shard j goes whole
+to consumer j % C (disjoint shards); if n < C, consumer c reads shard c % n, shared with the other
+consumers c' = c (mod n), each keeping every g-th sample (g = consumers sharing it, offset c // n):
+disjoint samples, and each shard is read by about C / n consumers instead of all of them. So every
+consumer sees every class; a class whose share for a consumer is below K samples is left out of
+that consumer's class choice, with a warning.
+
+Determinism. Each class of a consumer is read epoch by epoch (its units in an order drawn from
+(seed, rank, world, W, worker, class, epoch)) into an in-class shuffle buffer of sample ids; batch j
+of a worker draws classes, buffer positions and flips from a generator seeded with
+(seed, rank, world, W, worker, j). The resumable state is therefore small: per worker its batch
+count and, per touched class, (epoch, unit position, offset, buffered sample ids); buffered
+samples are re-read lazily on resume. With W > 0 DataLoader workers, batch n comes from worker
+n % W, each worker ships a state delta with every batch, and the state reflects only delivered
+batches, so resuming after batch n continues with exactly batch n + 1.
+
+Faults. Transient storage errors are retried (storage.with_retries) then raise StorageError naming
+the shard URL. A corrupt / truncated / checksum-mismatched shard is skipped with one warning and
+counted in `skipped_shards`. A manifest naming a missing shard fails at open (or is skipped with
+`skip_missing`). Memory per consumer: per class one undecoded shard share plus up to
+`shuffle_buffer` decoded samples (samples are decoded as they enter the buffer).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Iterator
+
+from .consumer import ConsumerStream
+from .manifest import Manifest, read_manifest
+from .storage import list_files
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+CLASS_SAMPLING = ("uniform", "proportional")
+
+
+def _identity(item: Any) -> Any:
+    return item
+
+
+def _worker_dataset(spec: dict, worker_states: list[dict], start: int):
+    """IterableDataset whose DataLoader worker i plays logical worker (i + start) % W."""
+    import torch
+    from torch.utils.data import IterableDataset, get_worker_info
+
+    class _Workers(IterableDataset):
+        def __iter__(self) -> Iterator:
+            info = get_worker_info()
+            torch.set_num_threads(1)
+            logical = (info.id + start) % info.num_workers
+            consumer = ConsumerStream(spec, logical, worker_states[logical])
+            while True:
+                images, labels, delta = consumer.next_batch()
+                yield images, labels, logical, delta
+
+    return _Workers()
+
+
+class SequenceStream:
+    """Infinite iterator of (images (B, K, C, H, W) float in [-1, 1] or latents, labels (B,) long)."""
+
+    def __init__(self, manifest_url: str, k: int, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, flip: bool = True,
+                 class_sampling: str = "uniform", shuffle_buffer: int = 256,
+                 storage_options: dict | None = None, retries: int = 5, retry_backoff: float = 0.5,
+                 skip_missing: bool = False, verify_checksums: bool = True):
+        for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
+                                 ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
+                                 ("retries", retries, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"SequenceStream: {name} must be an integer >= {low}, got {value!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"SequenceStream: rank must lie in 0..{world_size - 1}, got {rank}")
+        if class_sampling not in CLASS_SAMPLING:
+            raise ValueError(f"SequenceStream: class_sampling must be one of {CLASS_SAMPLING}, got {class_sampling!r}")
+        self.url = manifest_url
+        self.storage_options = dict(storage_options or {})
+        self.manifest: Manifest = read_manifest(manifest_url, self.storage_options, retries=retries,
+                                                retry_backoff=retry_backoff)
+        shards = self._available_shards(skip_missing, retries, retry_backoff)
+        self.num_workers = num_workers
+        self._spec = dict(manifest=self.manifest, shards=shards, k=k, batch_size=batch_size, seed=seed,
+                          rank=rank, world_size=world_size, num_workers=num_workers, flip=flip,
+                          class_sampling=class_sampling, shuffle_buffer=shuffle_buffer,
+                          storage_options=self.storage_options, retries=retries,
+                          retry_backoff=retry_backoff, verify_checksums=verify_checksums)
+        self.missing_shards = len(self.manifest.shards) - len(shards)
+        self._state = self._fresh_state()
+
+    @classmethod
+    def from_config(cls, data_cfg, k: int, seed: int, rank: int, world_size: int) -> "SequenceStream":
+        """Build from a DataConfig (arflow_scale.config.data)."""
+        if not data_cfg.manifest:
+            raise ValueError("data.manifest: no shard folder / manifest URL configured")
+        return cls(data_cfg.manifest, k=k, batch_size=data_cfg.batch_size, seed=seed, rank=rank,
+                   world_size=world_size, num_workers=data_cfg.num_workers, flip=data_cfg.flip,
+                   class_sampling=data_cfg.class_sampling, shuffle_buffer=data_cfg.shuffle_buffer,
+                   storage_options=dict(data_cfg.storage_options), retries=data_cfg.retries,
+                   retry_backoff=data_cfg.retry_backoff, skip_missing=data_cfg.skip_missing,
+                   verify_checksums=data_cfg.verify_checksums)
+
+    def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
+        """Indices of manifest shards present in storage; missing ones -> error or skip."""
+        present = list_files(self.manifest.url, self.storage_options, retries=retries, backoff=backoff)
+        missing = [i for i, s in enumerate(self.manifest.shards) if s.path not in present]
+        if missing and not skip_missing:
+            first = self.manifest.shard_url(self.manifest.shards[missing[0]])
+            raise FileNotFoundError(f"{self.manifest.url}: manifest names {len(missing)} missing shard(s), "
+                                    f"e.g. {first}; pass skip_missing=True (data.skip_missing) to skip them")
+        if missing:
+            warnings.warn(f"{self.manifest.url}: skipping {len(missing)} missing shard(s): "
+                          f"{[self.manifest.shards[i].path for i in missing[:5]]}", RuntimeWarning)
+        return [i for i in range(len(self.manifest.shards)) if i not in set(missing)]
+
+    # ----- state -----
+    def _fresh_state(self) -> dict:
+        workers = max(self.num_workers, 1)
+        return {"version": STATE_VERSION, "batches": 0, **self._identity(),
+                "workers": [{"batch": 0, "classes": {}, "bad": [], "dead": []} for _ in range(workers)]}
+
+    def _identity(self) -> dict:
+        spec = self._spec
+        return {key: spec[key] for key in ("seed", "rank", "world_size", "num_workers", "k", "batch_size")} | {
+            "num_shards": len(self.manifest.shards)}
+
+    def state_dict(self) -> dict:
+        """Plain python state (JSON-able) after the last delivered batch."""
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly after the batch the state was taken at; settings must match."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"SequenceStream state: unsupported version {state.get('version') if isinstance(state, dict) else state!r}")
+        for key, value in self._identity().items():
+            if state.get(key) != value:
+                raise ValueError(f"SequenceStream state: {key} = {state.get(key)!r} but this stream has {value!r}")
+        self._state = copy.deepcopy(state)
+
+    def _apply(self, worker: int, delta: dict) -> None:
+        record = self._state["workers"][worker]
+        record["batch"] = delta["batch"]
+        record["classes"].update(delta["classes"])
+        record["bad"], record["dead"] = delta["bad"], delta["dead"]
+        self._state["batches"] += 1
+
+    @property
+    def batches(self) -> int:
+        """Batches delivered so far (including before a resume)."""
+        return self._state["batches"]
+
+    @property
+    def skipped_shards(self) -> int:
+        """Distinct corrupt shards skipped so far (a counter the trainer can log)."""
+        return len({s for w in self._state["workers"] for s in w["bad"]})
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes: every sample of every usable class was read at least this often."""
+        epochs = [w["classes"].get(str(c), {"epoch": 0})["epoch"] for w in self._state["workers"]
+                  for c in range(self.manifest.num_classes) if c not in w["dead"]]
+        return min(epochs, default=0)
+
+    # ----- iteration -----
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if self.num_workers == 0:
+            consumer = ConsumerStream(self._spec, 0, copy.deepcopy(self._state["workers"][0]))
+            while True:
+                images, labels, delta = consumer.next_batch()
+                self._apply(0, delta)
+                yield images, labels
+        from torch.utils.data import DataLoader
+
+        start = self._state["batches"] % self.num_workers
+        dataset = _worker_dataset(self._spec, copy.deepcopy(self._state["workers"]), start)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            prefetch_factor=2)
+        for images, labels, worker, delta in loader:
+            expected = self._state["batches"] % self.num_workers
+            if worker != expected:
+                raise RuntimeError(f"SequenceStream: batch from worker {worker}, expected {expected}")
+            self._apply(worker, delta)
+            yield images, labels

@@ -1,0 +1,167 @@
+"""Write class-grouped WebDataset shards (one class per shard) plus manifest.json, to any fsspec URL.
+
+Layout: `<out>/shards/c<class:04d>-<n:05d>.tar`, each sample `<key>.png` (or `.npy` with an
+encoder) and `<key>.cls`; `<out>/manifest.json` is written LAST, so a folder with a manifest is
+complete. Shards stream through webdataset.TarWriter straight into fsspec file objects while a
+wrapper counts bytes and computes sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .manifest import MANIFEST_NAME, Manifest, ShardInfo
+from .sources import load_source
+from .storage import filesystem, join_url, list_files, with_retries, write_bytes
+
+log = logging.getLogger(__name__)
+Encoder = Callable[[np.ndarray], Any]  # uint8 (N, H, W, C) -> array-like (N, ...) latents
+
+
+class _HashingWriter:
+    """File-like object forwarding writes to `target` while counting bytes and hashing them."""
+
+    def __init__(self, target):
+        self.target = target
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.target.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 (H, W, C) with C in {1, 3, 4} -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _to_numpy(batch: Any) -> np.ndarray:
+    if hasattr(batch, "detach"):  # a torch tensor from an encoder
+        batch = batch.detach().cpu().numpy()
+    return np.asarray(batch)
+
+
+def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int) -> list[tuple[int, int, np.ndarray]]:
+    """-> [(class, shard number within class, source indices)], each shard one class."""
+    plan = []
+    for cls in range(num_classes):
+        indices = np.flatnonzero(labels == cls)
+        for n, start in enumerate(range(0, len(indices), samples_per_shard)):
+            plan.append((cls, n, indices[start: start + samples_per_shard]))
+    return plan
+
+
+def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | None, retries: int,
+                         backoff: float) -> None:
+    """Refuse a non-empty destination unless overwrite; with overwrite remove our old files."""
+    existing = list_files(out_url, storage_options, retries=retries, backoff=backoff)
+    if not existing:
+        return
+    if not overwrite:
+        raise ValueError(f"{out_url}: destination is not empty ({len(existing)} files, e.g. "
+                         f"{sorted(existing)[0]!r}); pass overwrite=True (--overwrite) to replace it")
+    fs, path = filesystem(out_url, storage_options)
+    ours = [MANIFEST_NAME] + sorted(n for n in existing if n.startswith("shards/") and n.endswith(".tar"))
+    for name in ours:  # manifest first: a half-replaced folder never looks complete
+        if name in existing:
+            with_retries(lambda n=name: fs.rm(f"{path.rstrip('/')}/{n}"), join_url(out_url, name),
+                         retries=retries, backoff=backoff, what="delete")
+
+
+def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
+                 samples_per_shard: int = 1000, workers: int = 1, overwrite: bool = False,
+                 storage_options: dict | None = None, encoder: Encoder | None = None,
+                 progress: bool = True, retries: int = 5, retry_backoff: float = 0.5) -> dict:
+    """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
+
+    With `encoder`, each shard's images uint8 (N, H, W, C) are encoded to latents stored as .npy.
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    src = load_source(source, path=path, image_size=image_size) if isinstance(source, str) else source
+    labels = np.asarray(src.labels, dtype=np.int64)
+    class_names = list(src.class_names)
+    if len(labels) == 0:
+        raise ValueError(f"source {getattr(src, 'name', source)!r} has no samples")
+    _prepare_destination(out_url, overwrite, storage_options, retries, retry_backoff)
+    fs, root = filesystem(out_url, storage_options)
+    fs.makedirs(f"{root.rstrip('/')}/shards", exist_ok=True)
+    ext = "npy" if encoder is not None else "png"
+    plan = _shard_plan(labels, len(class_names), samples_per_shard)
+
+    def write_one(cls: int, number: int, indices: np.ndarray) -> tuple[ShardInfo, tuple, str]:
+        images = [src.image(int(i)) for i in indices]
+        if encoder is not None:
+            encoded = _to_numpy(encoder(np.stack(images)))
+            if len(encoded) != len(images):
+                raise ValueError(f"encoder returned {len(encoded)} latents for {len(images)} images")
+            payloads, shape, dtype = [encode_npy(e) for e in encoded], tuple(encoded.shape[1:]), str(encoded.dtype)
+        else:
+            payloads = [encode_png(im) for im in images]
+            shape, dtype = (images[0].shape[2], images[0].shape[0], images[0].shape[1]), "uint8"
+            if any(im.shape != images[0].shape for im in images):
+                raise ValueError(f"class {cls}: images of different shapes; pass image_size to resize")
+        rel = f"shards/c{cls:04d}-{number:05d}.tar"
+        url = join_url(out_url, rel)
+
+        def write() -> ShardInfo:
+            import webdataset as wds
+
+            with fs.open(f"{root.rstrip('/')}/{rel}", "wb") as f:
+                sink = _HashingWriter(f)
+                writer = wds.TarWriter(sink, encoder=False, mtime=0)  # int: no per-file PAX header
+                for i, payload in zip(indices, payloads):
+                    writer.write({"__key__": f"{cls:04d}_{int(i):08d}", ext: payload,
+                                  "cls": str(cls).encode()})
+                writer.close()
+            return ShardInfo(path=rel, cls=cls, count=len(indices), bytes=sink.size,
+                             sha256=sink.sha256.hexdigest())
+
+        return with_retries(write, url, retries=retries, backoff=retry_backoff, what="write"), shape, dtype
+
+    results = []
+    with tqdm(total=len(labels), desc=f"shards -> {out_url}", unit="img", disable=not progress) as bar:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(write_one, *item) for item in plan]
+            for future in futures:
+                info, shape, dtype = future.result()
+                results.append((info, shape, dtype))
+                bar.update(info.count)
+    shapes = {(s, d) for _, s, d in results}
+    if len(shapes) != 1:
+        raise ValueError(f"samples of different shapes/dtypes across shards: {sorted(shapes)}")
+    (shape, dtype), = shapes
+    manifest = Manifest(class_names=class_names, sample_shape=shape, dtype=dtype, sample_ext=ext,
+                        shards=[info for info, _, _ in results],
+                        source={"name": source if isinstance(source, str) else getattr(src, "name", "custom"),
+                                "image_size": image_size, "samples_per_shard": samples_per_shard,
+                                "encoded": encoder is not None},
+                        url=out_url)
+    write_bytes(join_url(out_url, MANIFEST_NAME), manifest.to_json().encode(), storage_options,
+                retries=retries, backoff=retry_backoff)
+    log.info("wrote %d shards (%d samples, %d classes) to %s", len(manifest.shards),
+             manifest.num_samples, manifest.num_classes, out_url)
+    return manifest.to_dict()

@@ -1,0 +1,217 @@
+"""FID as a Ray task graph: T sampling tasks -> T feature tasks -> one reduce (Frechet distance, MLflow).
+
+Each sampling task loads the EMA weights itself, draws uniform class labels and noise from (seed, task
+index) and returns uint8 images; each feature task turns one task's images into mergeable Gaussian
+statistics; the reduce merges them, compares with the reference statistics and logs `fid`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .frechet import fid_from_stats
+from .images import as_uint8_rgb, save_npz
+from .inception import FEATURE_DIM, load_inception, to_uint8_images
+from .stats import GaussianStats
+
+log = logging.getLogger(__name__)
+
+# checkpoint URL, storage options -> (run Config, model with the EMA weights, eval mode)
+ModelLoader = Callable[[str, Optional[dict]], tuple[Any, nn.Module]]
+
+
+def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Any, nn.Module]:
+    """The default loader: the checkpoint's consolidated EMA weights in a model built from its Config."""
+    from arflow_scale.model import build_model
+    from arflow_scale.train.checkpoint import load_ema_weights
+
+    run_cfg, state_dict = load_ema_weights(checkpoint_url, storage_options=storage_options)
+    model = build_model(run_cfg.model)
+    model.load_state_dict(state_dict)
+    return run_cfg, model.eval()
+
+
+@dataclass
+class FidPlan:
+    """Everything the graph needs besides the checkpoint; built from an EvalConfig or CLI flags."""
+
+    num_samples: int
+    ref_stats: str
+    sampler: str = "ode"
+    steps: int = 50
+    cfg_scale: float = 1.0
+    tasks: int = 2
+    seed: int = 0
+    sample_batch_size: int = 64
+    feature_batch_size: int = 32
+    inception_path: Optional[str] = None
+    cpus_per_task: float = 1.0
+    gpus_per_task: Optional[float] = None
+    storage_options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg) -> "FidPlan":
+        """From a whole Config: its eval section, plus run.storage_options for URLs."""
+        ev = cfg.eval
+        if not ev.ref_stats:
+            raise ValueError("eval.ref_stats: reference statistics are required for FID "
+                             "(make them with `arflow fid ref --data MANIFEST_URL --out stats.npz`)")
+        return cls(num_samples=ev.num_samples, ref_stats=ev.ref_stats, sampler=ev.sampler, steps=ev.steps,
+                   cfg_scale=ev.cfg_scale, tasks=ev.tasks, seed=ev.seed, sample_batch_size=ev.sample_batch_size,
+                   feature_batch_size=ev.feature_batch_size, inception_path=ev.inception_path,
+                   cpus_per_task=ev.cpus_per_task, gpus_per_task=ev.gpus_per_task,
+                   storage_options=dict(cfg.run.storage_options))
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if not 1 <= self.tasks <= self.num_samples:
+            raise ValueError(f"tasks must be in 1..num_samples ({self.num_samples}), got {self.tasks}")
+        if self.sampler not in ("ode", "sde"):
+            raise ValueError(f"sampler must be 'ode' or 'sde', got {self.sampler!r}")
+
+
+def split_counts(total: int, parts: int) -> list[int]:
+    """`total` items over `parts` tasks, sizes differing by at most one."""
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def task_seed(seed: int, task_index: int) -> int:
+    """A 63-bit seed for task `task_index` of a run seeded `seed`."""
+    return int(np.random.SeedSequence([seed, task_index]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def sample_images(checkpoint_url: str, task_index: int, count: int, plan: FidPlan,
+                  model_loader: ModelLoader = load_ema_model) -> np.ndarray:
+    """Task body: `count` samples as uint8 RGB (count, H, W, 3), labels uniform, seeded by task index."""
+    from arflow_scale.flow import sample
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, model = model_loader(checkpoint_url, plan.storage_options or None)
+    model = model.to(device).eval()
+    generator = torch.Generator().manual_seed(task_seed(plan.seed, task_index))
+    num_classes = model.null_class if hasattr(model, "null_class") else model.config.num_classes
+    labels = torch.randint(num_classes, (count,), generator=generator)
+    batches = []
+    for start in range(0, count, plan.sample_batch_size):
+        images = sample(model, labels[start:start + plan.sample_batch_size], sampler=plan.sampler,
+                        steps=plan.steps, cfg_scale=plan.cfg_scale, generator=generator)
+        if images.shape[1] not in (1, 3):
+            raise ValueError(f"{checkpoint_url}: the model makes {images.shape[1]}-channel samples; FID needs "
+                             f"1- or 3-channel images (decode latents to pixels first)")
+        batches.append(as_uint8_rgb(to_uint8_images(images.clamp(-1, 1)).numpy(), checkpoint_url))
+    return np.concatenate(batches)
+
+
+def image_stats(images: np.ndarray, inception_path: Optional[str] = None, batch_size: int = 32,
+                storage_options: Optional[dict] = None) -> GaussianStats:
+    """Task body: Inception feature statistics of uint8 images (N, H, W, C)."""
+    extractor = load_inception(inception_path, storage_options=storage_options)
+    stats = GaussianStats(FEATURE_DIM)
+    for start in range(0, len(images), batch_size):
+        stats.update(extractor(torch.from_numpy(images[start:start + batch_size])).double().cpu().numpy())
+    return stats
+
+
+def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional[int] = None,
+               tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
+               started: Optional[float] = None, storage_options: Optional[dict] = None) -> dict:
+    """Reduce body: merge the parts, FID against the reference, log `fid` at `step` to MLflow run `run_id`."""
+    total = GaussianStats.merge_all(list(parts))
+    reference = GaussianStats.load(ref_stats_url, storage_options)
+    fid = fid_from_stats(total, reference)
+    result = {"fid": fid, "n": total.count, "seconds": time.time() - started if started else None}
+    if run_id:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, "fid", fid, step=step or 0)
+        log.info("fid %.4f (n=%d) logged to MLflow run %s at step %s", fid, total.count, run_id, step)
+    return result
+
+
+def _task_options(plan: FidPlan) -> dict:
+    import ray
+
+    gpus = plan.gpus_per_task
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+    return {"num_cpus": plan.cpus_per_task, "num_gpus": gpus}
+
+
+def _reduce_with_parts(ref_stats_url, kwargs, *parts):
+    return reduce_fid(ref_stats_url, list(parts), **kwargs)
+
+
+@dataclass
+class FidGraph:
+    """Object refs of one launched graph: per-task images and statistics, and the reduce."""
+
+    image_refs: list
+    stats_refs: list
+    counts: list[int]
+    result_ref: Any
+
+
+def build_graph(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = None,
+                tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
+                model_loader: ModelLoader = load_ema_model) -> FidGraph:
+    """Submit sampling, feature and reduce tasks (Ray must be initialised); returns at once."""
+    import ray
+
+    plan.validate()
+    started = time.time()
+    options = _task_options(plan)
+    sampler_task = ray.remote(sample_images).options(name="fid-sample", **options)
+    feature_task = ray.remote(image_stats).options(name="fid-features", **options)
+    reduce_task = ray.remote(_reduce_with_parts).options(name="fid-reduce", num_cpus=plan.cpus_per_task)
+    counts = split_counts(plan.num_samples, plan.tasks)
+    image_refs, stats_refs = [], []
+    for index, count in enumerate(counts):
+        images = sampler_task.remote(checkpoint_url, index, count, plan, model_loader)
+        image_refs.append(images)
+        stats_refs.append(feature_task.remote(images, plan.inception_path, plan.feature_batch_size,
+                                              plan.storage_options or None))
+    kwargs = dict(step=step, tracking_uri=tracking_uri, run_id=run_id, started=started,
+                  storage_options=plan.storage_options or None)
+    result_ref = reduce_task.remote(plan.ref_stats, kwargs, *stats_refs)
+    return FidGraph(image_refs=image_refs, stats_refs=stats_refs, counts=counts, result_ref=result_ref)
+
+
+def launch_fid(checkpoint_url: str, cfg, step: int, tracking_uri: Optional[str], run_id: Optional[str],
+               model_loader: ModelLoader = load_ema_model):
+    """Non-blocking FID of a checkpoint per cfg.eval; returns the reduce's ObjectRef -> {"fid","n","seconds"}."""
+    plan = FidPlan.from_config(cfg)
+    return build_graph(checkpoint_url, plan, step=step, tracking_uri=tracking_uri, run_id=run_id,
+                       model_loader=model_loader).result_ref
+
+
+def run_fid(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = None, tracking_uri: Optional[str] = None,
+            run_id: Optional[str] = None, save_npz_url: Optional[str] = None, progress: bool = True,
+            model_loader: ModelLoader = load_ema_model) -> dict:
+    """Blocking FID with a progress bar over finished feature tasks; optionally writes the samples .npz."""
+    import ray
+    from tqdm import tqdm
+
+    started = time.time()
+    graph = build_graph(checkpoint_url, plan, step=step, tracking_uri=tracking_uri, run_id=run_id,
+                        model_loader=model_loader)
+    if not save_npz_url:
+        graph.image_refs.clear()  # let Ray free each task's images once its features are done
+    count_of = {ref.hex(): n for ref, n in zip(graph.stats_refs, graph.counts)}
+    pending = list(graph.stats_refs)
+    with tqdm(total=plan.num_samples, desc="fid images", unit="img", disable=not progress) as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+            bar.update(count_of[done[0].hex()])
+    if save_npz_url:
+        save_npz(np.concatenate(ray.get(graph.image_refs)), save_npz_url, plan.storage_options or None)
+    result = ray.get(graph.result_ref)
+    result["seconds"] = time.time() - started
+    return result

@@ -1,0 +1,173 @@
+"""Image sets for FID: a folder of PNG/JPEG files, an .npz (`arr_0` NHWC uint8, or `images`), or a
+shard folder (its manifest) written by `arflow data shards`. Everything becomes uint8 RGB (N, H, W, 3).
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from typing import Iterator, Optional
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+NPZ_KEYS = ("arr_0", "images")
+
+
+def as_uint8_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) with C in {1, 3} -> (N, H, W, 3); grey replicated."""
+    array = np.asarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"{source}: images must be uint8, got {array.dtype}")
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.ndim != 4:
+        raise ValueError(f"{source}: expected images (N, H, W, C), got shape {array.shape}")
+    if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
+        array = np.transpose(array, (0, 2, 3, 1))  # NCHW -> NHWC
+    if array.shape[-1] not in (1, 3):
+        raise ValueError(f"{source}: images need 1 or 3 channels, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return np.ascontiguousarray(array)
+
+
+def decode_image(data: bytes, name: str = "<image>") -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as err:  # noqa: BLE001 - PIL raises many kinds
+        raise ValueError(f"{name}: not a readable image ({err})") from None
+
+
+def source_kind(source: str, storage_options: Optional[dict] = None) -> str:
+    """'npz', 'manifest' or 'folder' for an image-set URL."""
+    from arflow_scale.data.manifest import MANIFEST_NAME
+    from arflow_scale.data.storage import filesystem, join_url
+
+    if source.rstrip("/").endswith(".npz"):
+        return "npz"
+    if source.rstrip("/").endswith(MANIFEST_NAME):
+        return "manifest"
+    fs, path = filesystem(source, storage_options)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{source}: image set not found (expected a PNG folder, an .npz or a shard folder)")
+    if fs.isfile(path):
+        raise ValueError(f"{source}: not an image set: expected a folder of images, an .npz or a shard manifest")
+    _, manifest_path = filesystem(join_url(source, MANIFEST_NAME), storage_options)
+    return "manifest" if fs.exists(manifest_path) else "folder"
+
+
+def _iter_npz(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarray]:
+    from arflow_scale.data.storage import read_bytes
+
+    try:
+        with np.load(io.BytesIO(read_bytes(source, storage_options)), allow_pickle=False) as npz:
+            key = next((k for k in NPZ_KEYS if k in npz.files), None)
+            if key is None:
+                raise ValueError(f"{source}: no images in this .npz: expected key 'arr_0' or 'images', "
+                                 f"found {npz.files}")
+            images = npz[key]
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{source}: not a readable .npz ({err})") from None
+    yield as_uint8_rgb(images, f"{source}[{key}]")
+
+
+def _iter_folder(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarray]:
+    from arflow_scale.data.storage import join_url, list_files, read_bytes
+
+    names = sorted(n for n in list_files(source, storage_options) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
+    for name in names:
+        url = join_url(source, name)
+        yield decode_image(read_bytes(url, storage_options), url)[None]
+
+
+def shard_quotas(counts: list[int], limit: Optional[int]) -> list[int]:
+    """Images to take from each shard: all, or `limit` spread in proportion (largest remainder)."""
+    total = sum(counts)
+    if limit is None or limit >= total:
+        return list(counts)
+    exact = np.asarray(counts, dtype=np.float64) * (limit / total)
+    quotas = np.floor(exact).astype(np.int64)
+    order = np.argsort(-(exact - quotas), kind="stable")
+    quotas[order[: limit - int(quotas.sum())]] += 1
+    return [int(q) for q in quotas]
+
+
+def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[dict]) -> Iterator[np.ndarray]:
+    from arflow_scale.data.manifest import read_manifest
+    from arflow_scale.data.storage import filesystem
+
+    manifest = read_manifest(source, storage_options)
+    if manifest.sample_ext != "png":
+        raise ValueError(f"{source}: shards hold {manifest.sample_ext} latents, not images; FID needs images "
+                         f"(decode the latents first)")
+    # Shards are class-grouped: a subset takes a proportional share of every shard, so classes stay balanced.
+    for shard, quota in zip(manifest.shards, shard_quotas([s.count for s in manifest.shards], limit)):
+        if quota == 0:
+            continue
+        url = manifest.shard_url(shard)
+        fs, path = filesystem(url, storage_options)
+        taken = 0
+        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile() or not member.name.endswith(".png"):
+                    continue
+                yield decode_image(tar.extractfile(member).read(), f"{url}:{member.name}")[None]
+                taken += 1
+                if taken == quota:
+                    break
+
+
+def iter_image_batches(source: str, batch_size: int = 256, limit: Optional[int] = None,
+                       storage_options: Optional[dict] = None) -> Iterator[np.ndarray]:
+    """uint8 RGB batches (B, H, W, 3) of an image set, at most `limit` images in all."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    kind = source_kind(source, storage_options)
+    if kind == "npz":
+        pieces = _iter_npz(source, storage_options)
+    elif kind == "manifest":
+        pieces = _iter_manifest(source, limit, storage_options)
+    else:
+        pieces = _iter_folder(source, storage_options)
+    pending: list[np.ndarray] = []
+    pending_count, emitted, shape = 0, 0, None
+    for piece in pieces:
+        shape = shape or piece.shape[1:]
+        if piece.shape[1:] != shape:
+            raise ValueError(f"{source}: images differ in size ({shape} and {piece.shape[1:]}); "
+                             f"FID needs one size per set")
+        if limit is not None:
+            piece = piece[: limit - emitted - pending_count]
+        pending.append(piece)
+        pending_count += len(piece)
+        while pending_count >= batch_size:
+            merged = np.concatenate(pending)
+            yield merged[:batch_size]
+            emitted += batch_size
+            pending, pending_count = [merged[batch_size:]], len(merged) - batch_size
+        if limit is not None and emitted + pending_count >= limit:
+            break
+    if pending_count:
+        yield np.concatenate(pending)
+
+
+def load_images(source: str, limit: Optional[int] = None, storage_options: Optional[dict] = None) -> np.ndarray:
+    """The whole image set as uint8 RGB (N, H, W, 3)."""
+    return np.concatenate(list(iter_image_batches(source, batch_size=4096, limit=limit,
+                                                  storage_options=storage_options)))
+
+
+def save_npz(images: np.ndarray, url: str, storage_options: Optional[dict] = None) -> None:
+    """Write uint8 (N, H, W, 3) as an ADM-evaluator-compatible samples file (`arr_0`)."""
+    from arflow_scale.data.storage import write_bytes
+
+    buffer = io.BytesIO()
+    np.savez(buffer, arr_0=as_uint8_rgb(images, url))
+    write_bytes(url, buffer.getvalue(), storage_options)

@@ -1,0 +1,402 @@
+"""Scaling sweeps: a grid of model size x budget (steps or FLOPs) x other dotted keys, each point a
+training run (`arflow_scale.train.train`) nested under one MLflow parent run. Resumable: finished
+points (result JSON) are skipped, interrupted ones continue from their checkpoints (same run name).
+
+Layout under `<storage_path>/<name>/`: sweep.json (parent run id), points/<point>.json, runs/<point>/.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from arflow_scale.config import Config, ConfigError, load_config
+from arflow_scale.config.base import apply_overrides, build, check
+
+from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SizeSpec:
+    """One model size of the grid: depth x width (heads default to width // 64, at least 1)."""
+
+    depth: int
+    width: int
+    heads: Optional[int] = None
+
+    def validate(self) -> None:
+        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        check(self.width % self.num_heads == 0, "heads", f"width {self.width} not divisible by {self.num_heads}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads is not None else max(1, self.width // 64)
+
+
+@dataclass
+class BudgetSpec:
+    """Training budgets: optimizer steps, or training FLOPs (converted to steps per model size)."""
+
+    steps: list[int] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(bool(self.steps) != bool(self.flops), "steps", "give exactly one of budget.steps or budget.flops")
+        check(all(s >= 1 for s in self.steps), "steps", f"must all be >= 1, got {self.steps}")
+        check(all(f > 0 for f in self.flops), "flops", f"must all be > 0, got {self.flops}")
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    sizes: list[SizeSpec]
+    budget: BudgetSpec
+    base: Optional[str] = None  # training config YAML (relative to the sweep file, then the cwd)
+    overrides: list[str] = field(default_factory=list)  # dotted key=value for every point
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # other dotted keys -> values
+    storage_path: str = "runs/sweeps"  # local folder or URL; on multi-node clusters use s3://
+    storage_options: dict[str, str] = field(default_factory=dict)
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite in the sweep folder
+    experiment: str = "arflow-sweeps"
+    parallel: int = 1  # points in flight at once; 0: as many as the cluster's CPUs/GPUs fit
+    fid: bool = False  # FID of each point at its end (eval.fid_at_end)
+
+    def validate(self) -> None:
+        check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "name", f"{self.name!r}: use letters, digits, _ . -")
+        check(bool(self.sizes), "sizes", "needs at least one model size")
+        check(self.parallel >= 0, "parallel", f"must be >= 0, got {self.parallel}")
+        for key, values in self.grid.items():
+            check(isinstance(values, list) and bool(values), f"grid.{key}", f"needs a non-empty list, got {values!r}")
+
+
+@dataclass
+class SweepPoint:
+    """One training run of the grid, with its resolved config and analytic size/compute."""
+
+    name: str
+    config: Config
+    params: int
+    flops_per_step: int
+    steps: int
+    coords: dict[str, Any]
+
+    @property
+    def flops(self) -> float:
+        return float(self.flops_per_step) * self.steps
+
+    @property
+    def config_sha(self) -> str:
+        from arflow_scale.config import to_dict
+
+        resolved = to_dict(self.config)
+        resolved["tracking"].pop("uri", None)
+        return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
+    """Read a sweep YAML, apply dotted overrides (e.g. `budget.steps=[2,4]`), validate -> (sweep, folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    try:
+        return build(SweepConfig, apply_overrides(data, list(overrides))), path.parent
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def flops_per_step(cfg: Config) -> int:
+    """Training FLOPs of one optimizer step: 3 x forward FLOPs x sequences (batch x world x accumulation)."""
+    from arflow_scale.model import forward_flops
+
+    return 3 * int(forward_flops(cfg.model)) * cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
+
+
+def _slug(value: Any) -> str:
+    text = f"{value:g}".replace("+", "") if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _override(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"
+
+
+def _absolute(url: str) -> str:
+    """Local paths become absolute (points may run in other processes); URLs stay."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def sweep_url(sweep: SweepConfig) -> str:
+    return f"{_absolute(sweep.storage_path).rstrip('/')}/{sweep.name}"
+
+
+def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
+    """The grid's points, sizes x budgets x other keys, in that nesting order."""
+    base = None
+    if sweep.base:
+        candidates = [folder / sweep.base, Path(sweep.base)]
+        base = next((c for c in candidates if c.is_file()), None)
+        if base is None:
+            raise ConfigError(f"base: training config {sweep.base!r} not found (looked in {folder} and the cwd)")
+    keys = sorted(sweep.grid)
+    budgets = [("steps", s) for s in sweep.budget.steps] + [("flops", f) for f in sweep.budget.flops]
+    root = sweep_url(sweep)
+    points = []
+    for size, (kind, amount), values in itertools.product(sweep.sizes, budgets,
+                                                          itertools.product(*(sweep.grid[k] for k in keys))):
+        extra = dict(zip(keys, values))
+        shape = [_override("model.depth", size.depth), _override("model.width", size.width),
+                 _override("model.heads", size.num_heads)]
+        cfg = load_config(base, [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())])
+        per_step = flops_per_step(cfg)
+        steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
+        name = "-".join([sweep.name, f"d{size.depth}w{size.width}", f"{kind[0]}{_slug(amount)}",
+                         *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
+        if len(name) > 200:
+            name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+        run_overrides = [_override("train.steps", steps), _override("run.name", name),
+                         _override("run.storage_path", f"{root}/runs"),
+                         _override("tracking.experiment", sweep.experiment)]
+        if sweep.storage_options:
+            run_overrides.append(_override("run.storage_options", sweep.storage_options))
+        if sweep.fid:
+            run_overrides.append(_override("eval.fid_at_end", True))
+        if cfg.data.manifest and "://" not in cfg.data.manifest:
+            run_overrides.append(_override("data.manifest", _absolute(cfg.data.manifest)))
+        cfg = load_config(base, [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items()),
+                                 *run_overrides])
+        from arflow_scale.model import count_parameters
+
+        points.append(SweepPoint(name=name, config=cfg, params=int(count_parameters(cfg.model)),
+                                 flops_per_step=per_step, steps=steps,
+                                 coords={"depth": size.depth, "width": size.width, kind: amount, **extra}))
+    names = [p.name for p in points]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"grid gives two points named {duplicate!r}: make the grid values distinct")
+    return points
+
+
+# --- running -------------------------------------------------------------------------------------
+
+def _read_json(url: str, storage_options: dict) -> Optional[dict]:
+    from arflow_scale.data.storage import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def _write_json(url: str, data: dict, storage_options: dict) -> None:
+    """Write JSON so a reader never sees half a file (local: temp + rename; object stores: one PUT)."""
+    from arflow_scale.data.storage import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    text = json.dumps(data, indent=2, default=str)
+    if "://" in url and not url.startswith("file://"):
+        fs.pipe_file(path, text.encode())
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def resolve_tracking_uri(sweep: SweepConfig) -> str:
+    """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
+    if sweep.tracking_uri:
+        return sweep.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = sweep_url(sweep)
+    folder = Path(root) if "://" not in root else Path("runs", "sweeps", sweep.name).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def ensure_parent_run(sweep: SweepConfig, tracking_uri: str) -> str:
+    """The sweep's MLflow parent run: found again through sweep.json, else created (params = sweep YAML)."""
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.config import flatten
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    state_url = f"{sweep_url(sweep)}/sweep.json"
+    state = _read_json(state_url, sweep.storage_options) or {}
+    if state.get("parent_run_id"):
+        try:
+            run = client.get_run(state["parent_run_id"])
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        except Exception:  # noqa: BLE001 - recorded in another tracking store: start a new parent
+            log.warning("parent run %s not found at %s; creating a new one", state["parent_run_id"], tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment)
+    if experiment is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(sweep.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=sweep.name, tags={"arflow.sweep": sweep.name})
+    for key, value in flatten(sweep).items():
+        client.log_param(run.info.run_id, key, ("" if value is None else str(value))[:6000])
+    _write_json(state_url, {"name": sweep.name, "parent_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+                            "experiment": sweep.experiment}, sweep.storage_options)
+    return run.info.run_id
+
+
+def _with_tracking(point: SweepPoint, tracking_uri: str, parent_run_id: str) -> Config:
+    """The point's config with the sweep's tracking store (and parent run, where tracking supports it)."""
+    names = {f.name for f in dataclasses.fields(point.config.tracking)}
+    changes: dict[str, Any] = {"uri": tracking_uri}
+    if "parent_run_id" in names:
+        changes["parent_run_id"] = parent_run_id
+    return dataclasses.replace(point.config, tracking=dataclasses.replace(point.config.tracking, **changes))
+
+
+def _smoothed_loss(client, run_id: str, steps: int, fallback: float) -> float:
+    """Mean logged `loss` over the last 20% of the steps (one batch's loss is noisy); else `fallback`."""
+    history = [m for m in client.get_metric_history(run_id, "loss") if m.step > 0.8 * steps]
+    values = [m.value for m in history if math.isfinite(m.value)]
+    return float(sum(values) / len(values)) if values else fallback
+
+
+def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, result_url: str,
+              storage_options: dict) -> dict:
+    """Train one point (resuming its checkpoints), nest its run under the parent, record the result JSON."""
+    from arflow_scale.train import train
+
+    cfg = _with_tracking(point, tracking_uri, parent_run_id)
+    log.info("sweep point %s: %d params, %d steps, %.3g FLOPs", point.name, point.params, point.steps, point.flops)
+    result = train(cfg)
+    loss, fid, run_id = float(result["final_loss"]), None, result.get("mlflow_run_id")
+    if run_id and cfg.tracking.enabled:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracking_uri)
+        loss = _smoothed_loss(client, run_id, point.steps, loss)
+        fid = client.get_run(run_id).data.metrics.get(METRIC_FID)
+        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
+        client.set_tag(run_id, "arflow.sweep_point", point.name)
+        for key, value in ((METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss)):
+            client.log_metric(run_id, key, float(value), step=point.steps)
+    record = {"name": point.name, "params": point.params, "flops": point.flops, "steps": point.steps,
+              "flops_per_step": point.flops_per_step, "loss": loss, "final_loss": result["final_loss"],
+              "fid": fid, "run_id": run_id, "coords": point.coords, "config_sha": point.config_sha,
+              "checkpoint": result.get("checkpoint")}
+    _write_json(result_url, record, storage_options)
+    return record
+
+
+def auto_parallel(point: SweepPoint) -> int:
+    """Points the connected cluster fits at once: its CPUs (GPUs) over one point's workers' needs."""
+    import ray
+
+    total = ray.cluster_resources()
+    cluster = point.config.cluster
+    per_worker = dict(cluster.resources_per_worker)
+    use_gpu = cluster.use_gpu if cluster.use_gpu is not None else total.get("GPU", 0) > 0
+    kind = "GPU" if use_gpu else "CPU"
+    need = cluster.num_workers * per_worker.get(kind, 1.0)
+    return max(1, int(total.get(kind, 0) // need))
+
+
+def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None) -> dict:
+    """Run every unfinished point; returns {"parent_run_id", "tracking_uri", "points": [...], "skipped", "ran"}.
+
+    parallel 1 trains in this process one point after the other; more launches each point as a Ray
+    task (num_cpus=0: it only drives; the point's training workers hold the CPUs/GPUs) with at most
+    that many in flight; 0 sizes it to the cluster.
+    """
+    points = expand(sweep, folder)
+    tracking_uri = resolve_tracking_uri(sweep)
+    parent_run_id = ensure_parent_run(sweep, tracking_uri)
+    root = sweep_url(sweep)
+    records: dict[str, dict] = {}
+    todo = []
+    for point in points:
+        record = _read_json(f"{root}/points/{point.name}.json", sweep.storage_options)
+        if record is None:
+            todo.append(point)
+            continue
+        if record.get("config_sha") != point.config_sha:
+            raise ConfigError(f"point {point.name}: finished with a different config than {sweep.name} now gives; "
+                              "rename the sweep or delete its points/ results to rerun")
+        records[point.name] = record
+    log.info("sweep %s: %d points, %d finished, %d to run", sweep.name, len(points), len(records), len(todo))
+    kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+              "storage_options": dict(sweep.storage_options)}
+    parallel = sweep.parallel if parallel is None else parallel
+    if todo:  # shards a point would write (run.prepare_data) are written once, here, not by every point
+        from arflow_scale.train.driver import prepare_inputs
+
+        prepare_inputs(todo[0].config)
+    if todo and parallel != 1:
+        from arflow_scale.train.driver import connect_ray
+
+        connect_ray(todo[0].config.cluster.address, todo[0].config.cluster.local_num_cpus)
+        parallel = parallel or auto_parallel(todo[0])
+    from mlflow.tracking import MlflowClient
+
+    try:
+        if parallel == 1:
+            for point in todo:
+                records[point.name] = run_point(point, result_url=f"{root}/points/{point.name}.json", **kwargs)
+        else:
+            records.update(_run_parallel(todo, parallel, root, kwargs))
+    except BaseException:
+        MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FAILED")
+        raise
+    MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FINISHED")
+    return {"sweep": sweep.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
+            "experiment": sweep.experiment, "ran": [p.name for p in todo],
+            "skipped": [p.name for p in points if p not in todo],
+            "points": [records[p.name] for p in points]}
+
+
+def _run_parallel(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
+    """Ray tasks, at most `parallel` in flight; a failed point fails the sweep after the others finish."""
+    import ray
+
+    task = ray.remote(num_cpus=0, max_retries=0)(run_point)
+    pending: dict[Any, str] = {}
+    records: dict[str, dict] = {}
+    errors: list[str] = []
+    queue = list(todo)
+    log.info("running %d points, %d at a time, as Ray tasks", len(todo), parallel)
+    while queue or pending:
+        while queue and len(pending) < parallel:
+            point = queue.pop(0)
+            pending[task.remote(point, result_url=f"{root}/points/{point.name}.json", **kwargs)] = point.name
+        done, _ = ray.wait(list(pending), num_returns=1)
+        name = pending.pop(done[0])
+        try:
+            records[name] = ray.get(done[0])
+        except Exception as err:  # noqa: BLE001 - collected: the other points keep running
+            errors.append(f"{name}: {err}")
+    if errors:
+        raise RuntimeError(f"{len(errors)} sweep point(s) failed (rerun to resume them): " + "; ".join(errors))
+    return records

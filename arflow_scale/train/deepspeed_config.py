@@ -1,0 +1,82 @@
+"""Build the DeepSpeed config dict (ZeRO stage, precision, batch sizes, AdamW, clipping) from a Config.
+
+The optimizer is DeepSpeed's `torch_adam` AdamW (plain `torch.optim.AdamW`, no compiled op). Clipping
+by norm goes to DeepSpeed's `gradient_clipping`; clipping by value is elementwise and therefore done by
+`clip_grads_by_value` on the optimizer's (possibly partitioned, already averaged) gradients.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from arflow_scale.config import Config
+
+
+def resolve_precision(precision: str, device_type: str) -> str:
+    """`auto` -> bf16 on GPU, fp32 on CPU; explicit choices pass through."""
+    if precision == "auto":
+        return "bf16" if device_type == "cuda" else "fp32"
+    return precision
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (ndim >= 2) only; biases, norms, vectors get none."""
+    decay, no_decay = [], []
+    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if not param.requires_grad:
+            continue
+        (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed JSON config for `cfg` on `world_size` data-parallel ranks."""
+    precision = resolve_precision(cfg.train.precision, device_type)
+    micro = cfg.data.batch_size
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "train_batch_size": micro * cfg.train.grad_accum * world_size,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                       "weight_decay": cfg.optim.weight_decay, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "gradient_clipping": cfg.optim.clip_value if cfg.optim.clip == "norm" else 0.0,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "checkpoint": {"load_universal": False},
+    }
+    if cfg.train.zero_stage == 3:
+        ds["zero_optimization"].update({
+            "stage3_param_persistence_threshold": 0,  # every parameter partitioned (EMA relies on ds_tensor)
+            "stage3_gather_16bit_weights_on_model_save": False,
+        })
+    if cfg.train.zero_stage in (1, 2):
+        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})
+    return ds
+
+
+def clip_grads_by_value(optimizer: torch.optim.Optimizer, clip_value: float) -> None:
+    """Clamp every gradient the optimizer is about to apply to [-clip_value, clip_value].
+
+    Elementwise, so it gives the same result on ZeRO partitions as on full gradients.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.clamp_(-clip_value, clip_value)
+
+
+def install_value_clipping(basic_optimizer: torch.optim.Optimizer, clip_value: float):
+    """Register a step pre-hook on the torch optimizer inside DeepSpeed that clips by value."""
+    def hook(optimizer, args, kwargs):
+        clip_grads_by_value(optimizer, clip_value)
+    return basic_optimizer.register_step_pre_hook(hook)

@@ -1,0 +1,133 @@
+"""Scaling sweeps: grid expansion and FLOP budgets (fast), and the cpu-tiny sweep end to end with an
+interrupted point resumed from its checkpoint and finished points skipped (slow)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from arflow_scale.config import ConfigError
+from arflow_scale.model import count_parameters, forward_flops
+from arflow_scale.scaling.sweep import expand, flops_per_step, load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+ARFLOW = str(Path(sys.executable).with_name("arflow"))
+CPU_TINY = REPO / "configs/sweeps/cpu-tiny.yaml"
+
+
+def test_cpu_tiny_expands_to_sizes_times_budgets(tmp_path):
+    sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}"])
+    points = expand(sweep, folder)
+    assert len(points) == len(sweep.sizes) * len(sweep.budget.steps) == 6
+    assert len({p.name for p in points}) == 6
+    for p in points:
+        cfg = p.config
+        assert p.params == count_parameters(cfg.model)
+        assert p.flops_per_step == 3 * forward_flops(cfg.model) * cfg.data.batch_size * cfg.cluster.num_workers \
+            * cfg.train.grad_accum
+        assert cfg.train.steps == p.steps and cfg.run.name == p.name
+        assert cfg.run.storage_path == f"{tmp_path}/cpu-tiny/runs"
+        assert Path(cfg.data.manifest).is_absolute()
+    by_size = sorted({(p.coords["depth"], p.params) for p in points})
+    assert [n for _, n in by_size] == sorted(n for _, n in by_size)  # deeper+wider -> more parameters
+
+
+def test_flop_budgets_and_extra_keys(tmp_path):
+    sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}", "budget.steps=[]", "budget.flops=[1e9,4e9]",
+                                          "grid={optim.lr: [0.001, 0.0003]}"])
+    points = expand(sweep, folder)
+    assert len(points) == 3 * 2 * 2
+    for p in points:
+        assert p.steps == max(1, round(p.coords["flops"] / flops_per_step(p.config)))
+        assert p.config.optim.lr == p.coords["optim.lr"]
+        assert "-lr0.001" in p.name or "-lr0.0003" in p.name
+    small = [p for p in points if p.coords["depth"] == 1 and p.coords["optim.lr"] == 0.001]
+    assert small[1].steps == pytest.approx(4 * small[0].steps, rel=0.05)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("budget.steps=[]", "exactly one of budget.steps or budget.flops"),
+    ("sizes=[]", "at least one model size"),
+    ("sizes=[{depth: 2, width: 30, heads: 4}]", "not divisible"),
+    ("name=bad/name", "name"),
+    ("grid={train.seed: []}", "grid.train.seed"),
+    ("colour=red", "colour"),
+])
+def test_bad_sweep_files_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        sweep, folder = load_sweep(CPU_TINY, [override])
+        expand(sweep, folder)
+
+
+def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
+    """cpu-tiny with an absolute base, 3 sizes x 1 tiny budget, storage and tracking under tmp_path."""
+    data = yaml.safe_load(CPU_TINY.read_text())
+    data["base"] = str((CPU_TINY.parent / data["base"]).resolve())
+    data["budget"] = {"steps": [3]}
+    data["storage_path"] = str(tmp_path / "sweeps")
+    data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1", f"data.manifest={tmp_path / 'digits'}",
+                         *extra_overrides]
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _arflow(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([ARFLOW, *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    # 1: the first point crashes after its step-2 checkpoint (an interrupted sweep).
+    crashed = _arflow("sweep", "--config", str(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")))
+    assert crashed.returncode != 0
+    state = json.loads((tmp_path / "sweeps/cpu-tiny/sweep.json").read_text())
+    first = sorted((tmp_path / "sweeps/cpu-tiny/runs").iterdir())
+    assert [p.name for p in first] == ["cpu-tiny-d1w32-s3"]
+    assert not (tmp_path / "sweeps/cpu-tiny/points").exists()
+    interrupted_run = json.loads((first[0] / "mlflow_run.json").read_text())["run_id"]
+
+    # 2: rerun (fault removed): the interrupted point resumes, the other two run as 2 concurrent Ray tasks.
+    resumed = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--parallel", "2")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["parent_run_id"] == state["parent_run_id"]
+    assert len(summary["ran"]) == 3 and summary["skipped"] == []
+    by_name = {p["name"]: p for p in summary["points"]}
+    assert by_name["cpu-tiny-d1w32-s3"]["run_id"] == interrupted_run  # same run, continued
+    assert len({p["params"] for p in summary["points"]}) == 3
+    for point in summary["points"]:
+        assert point["steps"] == 3 and point["loss"] > 0
+        assert (tmp_path / "sweeps/cpu-tiny/points" / f"{point['name']}.json").is_file()
+
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    history = client.get_metric_history(interrupted_run, "loss")
+    assert sorted({m.step for m in history}) == [1, 2, 3]  # steps 1-2 before the crash, 3 after resuming
+    children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
+    assert {r.info.run_name for r in children} == set(by_name)
+    parent = client.get_run(state["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {"scaling/scaling.md", "scaling/loss_vs_params.png"} <= \
+        {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
+    assert set(summary["fits"]) >= {"loss_vs_params", "loss_vs_flops"}
+
+    # 3: everything finished: nothing is trained again, and the fit reads the same points from MLflow.
+    again = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    assert rerun["ran"] == [] and len(rerun["skipped"]) == 3
+    assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
+    fit = _arflow("scaling", "fit", "--parent-run", state["parent_run_id"], "--tracking-uri",
+                  summary["tracking_uri"], "--out", str(tmp_path / "fit"))
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    fitted = json.loads(fit.stdout.strip().splitlines()[-1])
+    assert fitted["n_points"] == 3
+    assert fitted["fits"]["loss_vs_params"]["b"] == pytest.approx(summary["fits"]["loss_vs_params"]["b"])

@@ -1,0 +1,207 @@
+"""Fast tests of the training components (no Ray): DeepSpeed config, schedule, seeding, EMA, clipping,
+checkpoint files and completeness, fault markers, grids, export files."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from arflow_scale.config import config_from_dict
+
+
+def tiny_cfg(*overrides: str):
+    return config_from_dict({}, ["model.size=tiny/2", "model.image_size=8", "model.in_channels=1", "model.k=3",
+                                 *overrides])
+
+
+def test_deepspeed_config_batches_zero_precision_clipping():
+    from arflow_scale.train.deepspeed_config import build_deepspeed_config, resolve_precision
+
+    cfg = tiny_cfg("data.batch_size=4", "train.grad_accum=3", "train.zero_stage=3", "optim.clip=norm",
+                   "optim.clip_value=1.5", "optim.lr=2e-4")
+    ds = build_deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.5
+    opt = ds["optimizer"]
+    assert opt["type"] == "AdamW" and opt["params"]["torch_adam"] is True
+    assert opt["params"]["betas"] == [0.9, 0.95] and opt["params"]["lr"] == 2e-4
+    assert not ds["bf16"]["enabled"]
+    assert build_deepspeed_config(tiny_cfg(), 1, "cuda")["bf16"]["enabled"]
+    assert build_deepspeed_config(tiny_cfg("optim.clip=value"), 1)["gradient_clipping"] == 0.0
+    assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp32", "cuda") == "fp32"
+
+
+def test_param_groups_decay_matrices_only():
+    from arflow_scale.model import build_model
+    from arflow_scale.train.deepspeed_config import param_groups
+
+    model = build_model(tiny_cfg().model)
+    decay, no_decay = param_groups(model, 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_value_clipping_hook_clamps_before_step():
+    from arflow_scale.train.deepspeed_config import install_value_clipping
+
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    install_value_clipping(optimizer, 0.5)
+    param.grad = torch.tensor([2.0, -3.0, 0.25, -0.1])
+    optimizer.step()
+    assert torch.equal(param.detach(), torch.tensor([-0.5, 0.5, -0.25, 0.1]))
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    from arflow_scale.train.loop import lr_factor
+
+    const = [lr_factor(s, warmup=4, total=20, schedule="constant", min_ratio=0.0) for s in range(8)]
+    assert const == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
+    cos = [lr_factor(s, warmup=0, total=10, schedule="cosine", min_ratio=0.1) for s in range(11)]
+    assert cos[0] == 1.0 and math.isclose(cos[10], 0.1) and all(a >= b for a, b in zip(cos, cos[1:]))
+
+
+def test_step_generator_depends_on_seed_rank_step_micro():
+    from arflow_scale.train.loop import step_generator
+
+    def draw(*key):
+        return torch.rand(3, generator=step_generator(*key))
+
+    assert torch.equal(draw(0, 1, 5, 0), draw(0, 1, 5, 0))
+    others = [draw(1, 1, 5, 0), draw(0, 0, 5, 0), draw(0, 1, 6, 0), draw(0, 1, 5, 1)]
+    assert all(not torch.equal(draw(0, 1, 5, 0), o) for o in others)
+
+
+def test_ema_update_state_roundtrip():
+    from arflow_scale.train.ema import EMA
+
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, decay=0.5)
+    start = {n: p.detach().clone() for n, p in module.named_parameters()}
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(2.0)
+    ema.update(module)
+    for name, p in module.named_parameters():
+        assert torch.allclose(ema.shadow[name], 0.5 * start[name] + 0.5 * p.detach())
+    other = EMA(torch.nn.Linear(3, 2), decay=0.5)
+    other.load_state_dict(ema.state_dict())
+    assert all(torch.equal(other.shadow[n], ema.shadow[n]) for n in ema.shadow)
+    with pytest.raises(ValueError, match="does not match"):
+        EMA(torch.nn.Linear(4, 2), 0.5).load_state_dict({**ema.state_dict(), "shadow": {"x": torch.zeros(1)}})
+
+
+def test_ema_consolidate_zero3_partitions():
+    """ZeRO-3 layout: rank r holds flat[r*ps:(r+1)*ps], the last one zero-padded."""
+    from arflow_scale.train.ema import consolidate
+
+    full = torch.arange(7.0).reshape(7, 1)
+    rank0, rank1 = {"w": full.flatten()[:4]}, {"w": torch.cat([full.flatten()[4:], torch.zeros(1)])}
+    out = consolidate([rank0, rank1], {"w": {"shape": [7, 1], "numel": 7}})
+    assert torch.equal(out["w"], full)
+
+
+def test_state_dict_sha256_bitwise():
+    from arflow_scale.train.checkpoint import state_dict_sha256
+
+    sd = {"a": torch.ones(2, 2), "b": torch.zeros(3)}
+    same = {"b": torch.zeros(3), "a": torch.ones(2, 2)}
+    assert state_dict_sha256(sd) == state_dict_sha256(same)
+    nudged = {"a": torch.ones(2, 2), "b": torch.tensor([0.0, 0.0, 1e-30])}
+    assert state_dict_sha256(sd) != state_dict_sha256(nudged)
+
+
+def test_rng_state_roundtrip_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+
+    from arflow_scale.train.checkpoint import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (torch.rand(2), np.random.rand(), random.random())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(torch.rand(2), expected[0])
+    assert np.random.rand() == expected[1] and random.random() == expected[2]
+
+
+def fake_checkpoint(run, step: int, world: int, drop: str | None = None, truncate: str | None = None):
+    folder = run / f"checkpoint_{step:09d}"
+    for rank in range(world):
+        files = {f"data/rank_{rank}.pt": b"x" * (10 + rank)}
+        if rank == 0:
+            files["meta.json"] = json.dumps({"step": step, "world_size": world}).encode()
+        for rel, payload in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(payload)
+        (folder / "ranks").mkdir(exist_ok=True)
+        (folder / "ranks" / f"rank_{rank}.json").write_text(
+            json.dumps({"rank": rank, "files": {k: len(v) for k, v in files.items()}}))
+    if drop:
+        (folder / drop).unlink()
+    if truncate:
+        (folder / truncate).write_bytes(b"x")
+    return folder
+
+
+def test_latest_checkpoint_skips_incomplete(tmp_path):
+    from arflow_scale.train.checkpoint import is_complete, latest_checkpoint
+
+    run = tmp_path / "run"
+    assert latest_checkpoint(str(run)) is None
+    fake_checkpoint(run, 2, world=2)
+    fake_checkpoint(run, 4, world=2, drop="ranks/rank_1.json")  # rank 1's upload never finished
+    fake_checkpoint(run, 6, world=2, truncate="data/rank_1.pt")  # a half-written file
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert not is_complete(str(run / "checkpoint_000000004"))
+    assert latest_checkpoint(str(run)) == f"{run}/checkpoint_000000002"
+    fake_checkpoint(run, 8, world=2)
+    assert latest_checkpoint(str(run)) == f"{run}/checkpoint_000000008"
+
+
+def test_resolve_checkpoint_errors(tmp_path):
+    from arflow_scale.train.checkpoint import resolve_checkpoint
+
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        resolve_checkpoint(str(tmp_path / "nothing"))
+    fake_checkpoint(tmp_path / "run", 4, world=2, drop="data/rank_1.pt")
+    with pytest.raises(ValueError, match="incomplete"):
+        resolve_checkpoint(str(tmp_path / "run" / "checkpoint_000000004"))
+
+
+def test_faults_fire_once_per_run_folder(tmp_path):
+    from arflow_scale.config import FaultsConfig
+    from arflow_scale.train.faults import FaultInjector, InjectedFault
+
+    cfg = FaultsConfig(crash_rank_at_step=3, rank=1)
+    FaultInjector(cfg, str(tmp_path), rank=0).after_step(3)  # other rank: nothing
+    first = FaultInjector(cfg, str(tmp_path), rank=1)
+    first.after_step(2)
+    with pytest.raises(InjectedFault, match="crash_rank_at_step=3"):
+        first.after_step(3)
+    FaultInjector(cfg, str(tmp_path), rank=1).after_step(3)  # the restarted worker: no second crash
+    assert (tmp_path / "faults" / "crash-rank1-step3").is_file()
+
+
+def test_grid_image_layout():
+    from arflow_scale.train.export import grid_image
+
+    images = torch.linspace(-1, 1, 5 * 1 * 4 * 4).reshape(5, 1, 4, 4)
+    grid = grid_image(images, nrow=3, scale=2, pad=1)
+    assert grid.shape == (2 * 9, 3 * 9, 3) and grid.dtype.name == "uint8"
+    assert grid[0, 0, 0] == 0 and grid[-1, -1, 0] == 255  # darkest first pixel, white filler
+
+
+def test_model_from_weights_rejects_foreign_weights():
+    from arflow_scale.model import build_model
+    from arflow_scale.train.export import model_from_weights
+
+    cfg = tiny_cfg()
+    weights = {n: p.detach() + 1 for n, p in build_model(cfg.model).named_parameters()}
+    model = model_from_weights(cfg, weights)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="do not fit"):
+        model_from_weights(cfg, {"nope": torch.zeros(1)})
