@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def test_transient_errors_retried_then_clear_error(data):
     with pytest.raises(StorageError, match=r"flaky://.*/shards/c\d{4}-\d{5}\.tar: failed after 3 attempts"):
         take(fresh, 1)
     assert FlakyFileSystem.failures_seen == 3
+    # The same error surfaces through DataLoader workers (forked with the storage still broken).
+    FlakyFileSystem.failures_left = 0
+    with_workers = SequenceStream(url, k=3, batch_size=4, retries=2, retry_backoff=0.01, num_workers=2)
+    FlakyFileSystem.failures_left = 10**6
+    with pytest.raises(StorageError, match=r"flaky://.*/shards/c\d{4}-\d{5}\.tar: failed after 3 attempts"):
+        take(with_workers, 1)
     FlakyFileSystem.failures_left = 0
 
 
@@ -89,13 +96,14 @@ def test_real_s3_outage_retried_then_error(s3_endpoint):
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
+    bucket = f"outage-{uuid.uuid4().hex[:8]}"  # moto's store is per process, shared by its servers
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
     options = {"endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
-    write_shards(id_source([12, 12]), "s3://outage/ids", samples_per_shard=6, progress=False,
+    write_shards(id_source([12, 12]), f"s3://{bucket}/ids", samples_per_shard=6, progress=False,
                  storage_options=options)
-    stream = SequenceStream("s3://outage/ids", k=3, batch_size=2, retries=6, retry_backoff=0.05,
+    stream = SequenceStream(f"s3://{bucket}/ids", k=3, batch_size=2, retries=6, retry_backoff=0.05,
                             storage_options=options)
-    fresh = SequenceStream("s3://outage/ids", k=3, batch_size=2, retries=1, retry_backoff=0.05,
+    fresh = SequenceStream(f"s3://{bucket}/ids", k=3, batch_size=2, retries=1, retry_backoff=0.05,
                            storage_options=options)
     server.stop()
     restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -115,10 +123,10 @@ def test_real_s3_outage_retried_then_error(s3_endpoint):
     finally:
         storage_log.removeHandler(handler)
         restarted.stop()
-    assert len(retries_seen) == 1 and "s3://outage/ids/shards/" in retries_seen[0]
+    assert len(retries_seen) == 1 and f"s3://{bucket}/ids/shards/" in retries_seen[0]
     assert images.shape == (2, 3, 1, 4, 4)
     started = time.perf_counter()
-    with pytest.raises(StorageError, match=r"s3://outage/ids/shards/c000\d-0000\d\.tar: failed after 2 attempts"):
+    with pytest.raises(StorageError, match=rf"s3://{bucket}/ids/shards/c000\d-0000\d\.tar: failed after 2 attempts"):
         next(iter(fresh))
     assert time.perf_counter() - started < 30
 

@@ -237,3 +237,42 @@ def test_s3_write_and_stream(s3_endpoint, make_bucket):
     resumed = SequenceStream(url + "/manifest.json", **kwargs)  # the manifest URL works too
     resumed.load_state_dict(state)
     assert same(take(resumed, 4), tail)
+
+
+def prefetch_threads() -> list:
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "arflow-shard-prefetch" and t.is_alive()]
+
+
+def test_prefetch_same_batches_and_thread_ends(id_data):
+    """Background prefetch changes nothing in the batches or the resume state, and its thread
+    ends when the iterator is closed or garbage collected."""
+    import gc
+
+    url, _ = id_data
+    kwargs = dict(k=3, batch_size=6, seed=4, shuffle_buffer=8)
+    direct = SequenceStream(url, prefetch=0, **kwargs)
+    expected = take(direct, 30)  # 540 draws from 200 samples: several epochs, many unit switches
+    assert not prefetch_threads()
+    stream = SequenceStream(url, prefetch=3, **kwargs)
+    it = iter(stream)
+    got = [next(it) for _ in range(12)]
+    assert len(prefetch_threads()) == 2
+    state = stream.state_dict()
+    it.close()
+    assert not prefetch_threads()
+    resumed = SequenceStream(url, prefetch=3, **kwargs)
+    resumed.load_state_dict(state)
+    got += take(resumed, 18)  # the iterator inside take() is dropped on return
+    gc.collect()
+    assert not prefetch_threads()
+    assert same(got, expected) and state == direct_state_after(url, kwargs, 12)
+    with pytest.raises(ValueError, match="prefetch"):
+        SequenceStream(url, prefetch=-1, **kwargs)
+
+
+def direct_state_after(url: str, kwargs: dict, n: int) -> dict:
+    stream = SequenceStream(url, prefetch=0, **kwargs)
+    take(stream, n)
+    return stream.state_dict()

@@ -122,7 +122,6 @@ def test_markdown_table_lists_points_and_fits():
 
 
 def test_report_logs_artifacts_to_parent_run(tmp_path):
-    import mlflow
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -151,7 +150,6 @@ def test_report_logs_artifacts_to_parent_run(tmp_path):
     assert {"scaling/scaling.md", "scaling/points.csv", "scaling/loss_vs_params.png",
             "scaling/fid_vs_flops.png"} <= logged
     assert "scaling/loss_vs_params/exponent" in client.get_run(parent).data.metrics
-    del mlflow
 
 
 ARFLOW = str(Path(sys.executable).with_name("arflow"))  # the installed console script

@@ -108,9 +108,16 @@ def test_template_and_cluster_files():
     assert "SECRET" not in rayjob["spec"]["runtimeEnvYAML"]
 
 
-def test_bad_inputs_name_the_problem(tmp_path):
+def test_bad_inputs_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="needs the dashboard URL"):
         jobs.job_address("ray://10.0.0.1:10001")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.0.0.1:10001")  # not a dashboard URL: ignored
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    assert jobs.job_address() == jobs.DEFAULT_ADDRESS
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://10.0.0.1:8265/")
+    assert jobs.job_address() == "http://10.0.0.1:8265"
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS")
+    monkeypatch.delenv("RAY_ADDRESS")
     bad = tmp_path / "env.yaml"
     bad.write_text("env_vars: [1, 2]\n")
     with pytest.raises(ValueError, match="env.yaml: env_vars must be a mapping"):
@@ -221,6 +228,13 @@ def test_submit_training_follow_list_logs(loopback_cluster, tmp_path):
     assert jobs_listed[submission_id]["status"] == "SUCCEEDED"
     assert "arflow_scale.cli" in jobs_listed[submission_id]["entrypoint"]
     assert secret not in listed.stdout + listed.stderr
+
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    refused = subprocess.run([ARFLOW, "jobs", "list", "--address", cluster["address"]],
+                             env={**env, "RAY_AUTH_TOKEN_PATH": str(wrong)}, capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "refused" in refused.stderr
 
     logs = subprocess.run([ARFLOW, "jobs", "logs", submission_id, "--address", cluster["address"]], env=env,
                           capture_output=True, text=True, timeout=120)

@@ -70,8 +70,8 @@ def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
     data["budget"] = {"steps": [3]}
     data["storage_path"] = str(tmp_path / "sweeps")
     data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1", f"data.manifest={tmp_path / 'digits'}",
-                         *extra_overrides]
+    data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1",
+                         f"data.manifest={tmp_path / 'digits'}", *extra_overrides]
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -119,15 +119,58 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
         {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
     assert set(summary["fits"]) >= {"loss_vs_params", "loss_vs_flops"}
 
-    # 3: everything finished: nothing is trained again, and the fit reads the same points from MLflow.
-    again = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--no-report")
-    assert again.returncode == 0, again.stderr[-3000:]
-    rerun = json.loads(again.stdout.strip().splitlines()[-1])
+    # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
+    # reads the same points back from MLflow.
+    from arflow_scale.scaling.fit import points_from_mlflow
+    from arflow_scale.scaling.report import write_report
+    from arflow_scale.scaling.sweep import run_sweep
+
+    sweep, folder = load_sweep(_sweep_file(tmp_path))
+    rerun = run_sweep(sweep, folder)
     assert rerun["ran"] == [] and len(rerun["skipped"]) == 3
     assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
-    fit = _arflow("scaling", "fit", "--parent-run", state["parent_run_id"], "--tracking-uri",
-                  summary["tracking_uri"], "--out", str(tmp_path / "fit"))
-    assert fit.returncode == 0, fit.stderr[-3000:]
-    fitted = json.loads(fit.stdout.strip().splitlines()[-1])
+    points = points_from_mlflow(parent_run_id=state["parent_run_id"], tracking_uri=summary["tracking_uri"])
+    assert sorted(p.loss for p in points) == pytest.approx(sorted(p["loss"] for p in summary["points"]))
+    fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
     assert fitted["fits"]["loss_vs_params"]["b"] == pytest.approx(summary["fits"]["loss_vs_params"]["b"])
+
+
+def test_auto_parallel_fits_points_to_cluster_cpus(ray_local, tmp_path):
+    from arflow_scale.scaling.sweep import auto_parallel
+
+    sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}"])
+    point = expand(sweep, folder)[0]
+    assert point.config.cluster.num_workers == 1
+    assert auto_parallel(point) == 2  # the fixture's Ray has 2 CPUs, a point needs 1
+    sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}", "overrides=[cluster.num_workers=2]"])
+    assert auto_parallel(expand(sweep, folder)[0]) == 1
+
+
+def test_sweep_state_on_s3_and_parent_run_reuse(s3_endpoint, make_bucket, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.scaling.state import (ensure_parent_run, masked_overrides, read_json,
+                                            resolve_tracking_uri, write_json)
+
+    bucket = make_bucket("sweep")
+    url = f"s3://{bucket}/sweeps/x/points/p.json"
+    assert read_json(url, {}) is None
+    write_json(url, {"loss": 0.5}, {})
+    assert read_json(url, {}) == {"loss": 0.5}
+    write_json(str(tmp_path / "a/b.json"), {"n": 1}, {})
+    assert read_json(str(tmp_path / "a/b.json"), {}) == {"n": 1} and not list((tmp_path / "a").glob("*.tmp-*"))
+
+    assert masked_overrides(["run.storage_options.secret=abc", "optim.lr=1e-3"]) == \
+        ["run.storage_options.secret=***", "optim.lr=1e-3"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    sweep, _ = load_sweep(CPU_TINY, [f"storage_path=s3://{bucket}/sweeps",
+                                     "overrides=[data.storage_options.secret=hunter2]"])
+    monkeypatch.chdir(tmp_path)  # an s3:// sweep keeps its embedded store under ./runs/sweeps/NAME
+    uri = resolve_tracking_uri(sweep)
+    assert uri == f"sqlite:///{tmp_path}/runs/sweeps/cpu-tiny/mlflow.db"
+    parent = ensure_parent_run(sweep, uri)
+    assert read_json(f"s3://{bucket}/sweeps/cpu-tiny/sweep.json", {})["parent_run_id"] == parent
+    assert ensure_parent_run(sweep, uri) == parent  # a rerun finds the same parent run
+    params = MlflowClient(uri).get_run(parent).data.params
+    assert "hunter2" not in json.dumps(params) and params["name"] == "cpu-tiny"

@@ -7,10 +7,16 @@ import pytest
 from arflow_scale.config import config_from_dict
 
 
+@pytest.fixture(autouse=True)
+def isolated_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri (inside Tracker) exports MLFLOW_TRACKING_URI; undo it after each test."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+
+
 def test_resolve_tracking_uri_precedence(tmp_path, monkeypatch):
     from arflow_scale.tracking import resolve_tracking_uri
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert resolve_tracking_uri("http://127.0.0.1:5000", str(tmp_path / "r"), "r") == "http://127.0.0.1:5000"
     assert resolve_tracking_uri(None, str(tmp_path / "r"), "r") == f"sqlite:///{tmp_path}/r/mlflow.db"
     monkeypatch.chdir(tmp_path)
@@ -24,7 +30,6 @@ def test_prepare_run_once_masked_params_and_tracker(tmp_path, monkeypatch):
 
     from arflow_scale.tracking import Tracker, prepare_run
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = config_from_dict({}, ["run.name=t", "run.storage_options={secret: hunter2, endpoint_url: http://x}",
                                 "train.zero_stage=3"])
     run_url = str(tmp_path / "t")

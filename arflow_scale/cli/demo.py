@@ -15,6 +15,7 @@ def register(sub) -> None:
     parser.add_argument("--config", default=str(DEMO_CONFIG), help="demo config (default: configs/demo.yaml)")
     parser.add_argument("--out", default="runs", help="folder for shards, runs and the MLflow store")
     parser.add_argument("--name", default=None, help="run name (default: demo-<timestamp>)")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the final grid")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.set_defaults(handler=handle)
 
@@ -39,12 +40,12 @@ def handle(args) -> int:
     run_cfg, ema = load_ema_weights(result["checkpoint"])
     labels = [label for _ in range(2) for label in range(run_cfg.model.num_classes)]
     grid = draw_grid(model_from_weights(run_cfg, ema), labels, steps=cfg.train.sample_steps,
-                     seed=cfg.train.seed, nrow=run_cfg.model.num_classes)
+                     cfg_scale=args.cfg_scale, seed=cfg.train.seed, nrow=run_cfg.model.num_classes)
     grid_path = str(out / name / "samples.png")
     save_png(grid, grid_path)
     print(f"trained {result['final_step']} steps in {seconds:.0f} s, final loss {result['final_loss']:.4f}")
     print(f"checkpoint:  {result['checkpoint']}")
-    print(f"sample grid: {grid_path}")
+    print(f"sample grid: {grid_path} (EMA weights, classes 0-9 twice, cfg scale {args.cfg_scale})")
     print(f"MLflow store: {store}")
     print(f"open the dashboard: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
     print(json.dumps({**result, "sample_grid": grid_path, "seconds": round(seconds, 1)}), flush=True)

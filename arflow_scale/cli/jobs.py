@@ -13,7 +13,8 @@ def register(sub) -> None:
                             ("stop", "stop a running job")):
         p = jobs_sub.add_parser(name, help=help_text)
         p.add_argument("--address", default=None,
-                       help="Ray dashboard URL (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+                       help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, "
+                            "else http://127.0.0.1:8265)")
         if name != "list":
             p.add_argument("submission_id", help="the job's submission id")
         if name == "logs":

@@ -12,7 +12,8 @@ def register(sub) -> None:
                             "is uploaded as the working_dir; MLflow/S3 settings and credentials set locally "
                             "are forwarded as env vars (values never printed).")
     parser.add_argument("--address", default=None,
-                        help="Ray dashboard URL (default: RAY_ADDRESS, else http://127.0.0.1:8265)")
+                        help="Ray dashboard URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, "
+                            "else http://127.0.0.1:8265)")
     parser.add_argument("--follow", action="store_true", help="stream the logs (stderr) and exit with the job's status")
     parser.add_argument("--env", action="append", default=[], metavar="KEY[=VALUE]",
                         help="forward env var KEY (its local value) or set KEY=VALUE in the job; repeatable")

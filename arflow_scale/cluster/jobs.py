@@ -4,7 +4,6 @@ a quoted `arflow` entrypoint, log following, job listing. Secret values are neve
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import re
@@ -42,22 +41,20 @@ def project_root() -> Path:
 
 
 def job_address(address: Optional[str] = None) -> str:
-    """--address, else RAY_ADDRESS when it is an http(s) dashboard URL, else the loopback dashboard."""
-    address = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS if it is an http(s) URL, else the loopback."""
+    if address is None:
+        candidates = [os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")]
+        address = next((c for c in candidates if c and re.match(r"^https?://", c)), DEFAULT_ADDRESS)
     if not re.match(r"^https?://", address):
         raise ValueError(f"--address {address!r}: the Jobs API needs the dashboard URL, like {DEFAULT_ADDRESS}")
     return address.rstrip("/")
 
 
 def entrypoint_argv(args: Sequence[str], python: str = "python") -> list[str]:
-    """`python -m arflow_scale.cli ARGS...` (a `-c` launcher while the package lacks cli/__main__.py)."""
+    """`python -m arflow_scale.cli ARGS...` as an argv list."""
     if not args:
         raise ValueError("nothing to run: give the arflow arguments after `--`, like `-- train --config X`")
-    if importlib.util.find_spec("arflow_scale.cli.__main__") is not None:
-        launcher = [python, "-m", "arflow_scale.cli"]
-    else:
-        launcher = [python, "-c", "import sys; from arflow_scale.cli import main; sys.exit(main())"]
-    return [*launcher, *[str(a) for a in args]]
+    return [python, "-m", "arflow_scale.cli", *[str(a) for a in args]]
 
 
 def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
@@ -147,6 +144,7 @@ def redacted(runtime_env: Mapping[str, Any]) -> dict:
 
 def client(address: Optional[str] = None):
     """A JobSubmissionClient for the dashboard at `address` (token auth follows RAY_AUTH_MODE/RAY_AUTH_TOKEN*)."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     url = job_address(address)
@@ -154,6 +152,10 @@ def client(address: Optional[str] = None):
         return JobSubmissionClient(url)
     except ConnectionError as err:
         raise ValueError(f"cannot reach the Ray dashboard at {url}: {err}") from None
+    except AuthenticationError as err:
+        raise ValueError(f"the Ray dashboard at {url} refused the request ({err.message.splitlines()[0]}); "
+                         "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN_PATH, "
+                         "RAY_AUTH_TOKEN or ~/.ray/auth_token)") from None
 
 
 def submit(args: Sequence[str], *, address: Optional[str] = None, runtime_env: Optional[dict] = None,

@@ -4,19 +4,19 @@ See `stream.py` for the split policy, the determinism scheme and the state layou
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
-import logging
+import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .manifest import Manifest
 from .storage import filesystem, with_retries
 
-log = logging.getLogger(__name__)
 SAMPLE_BITS = 24  # sample id = shard index << 24 | position in shard
 
 
@@ -52,6 +52,95 @@ def plan_units(manifest: Manifest, shards: list[int], consumer: int, consumers: 
         else:
             plan[cls] = []
     return plan
+
+
+class _Cancelled(RuntimeError):
+    """The prefetcher was closed while a fetch was pending (not transient: never retried)."""
+
+
+class UnitPrefetcher:
+    """Prepares hinted units (fetch, verify, split, decode) in `threads` daemon threads, at most
+    `depth` units ahead (prepared or in preparation); one thread fetches while another decodes.
+
+    Hints are prepared oldest first; `take(unit)` returns a prepared result (waiting if it is in
+    flight), re-raising the storage error its fetch ended with, or None when the unit was not
+    prepared (the caller reads it itself). What a unit holds never depends on timing, so batches do
+    not either. `close()` stops the threads and waits for the fetches in flight.
+    """
+
+    def __init__(self, prepare: Callable[[_Unit, threading.Event], Any], depth: int, threads: int = 2):
+        self.prepare, self.depth, self.num_threads = prepare, depth, max(1, min(threads, depth))
+        self.hints: collections.deque[_Unit] = collections.deque()
+        self.ready: dict[_Unit, tuple[bool, Any]] = {}  # unit -> (ok, result or exception)
+        self.in_flight: set[_Unit] = set()
+        self.cond = threading.Condition()
+        self.stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def hint(self, unit: _Unit) -> None:
+        with self.cond:
+            if self.stopping.is_set() or unit in self.ready or unit in self.in_flight or unit in self.hints:
+                return
+            self.hints.append(unit)
+            if not self.threads:
+                self.threads = [threading.Thread(target=self._work, name="arflow-shard-prefetch", daemon=True)
+                                for _ in range(self.num_threads)]
+                for thread in self.threads:
+                    thread.start()
+            self.cond.notify_all()
+
+    def take(self, unit: _Unit) -> Any | None:
+        with self.cond:
+            if unit in self.hints:  # not started: the caller reads it now rather than wait in line
+                self.hints.remove(unit)
+                return None
+            while unit in self.in_flight:
+                self.cond.wait()
+            if unit not in self.ready:
+                return None
+            ok, value = self.ready.pop(unit)
+            self.cond.notify_all()
+        if not ok:
+            raise value
+        return value
+
+    def discard(self, shard: int) -> None:
+        """Forget prepared or hinted units of `shard` (it turned out corrupt)."""
+        with self.cond:
+            for unit in [u for u in self.ready if u.shard == shard]:
+                del self.ready[unit]
+            self.hints = collections.deque(u for u in self.hints if u.shard != shard)
+            self.cond.notify_all()
+
+    def close(self, timeout: float = 60.0) -> None:
+        with self.cond:
+            self.stopping.set()
+            self.hints.clear()
+            self.ready.clear()
+            self.cond.notify_all()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.stopping.is_set() and not (
+                        self.hints and len(self.ready) + len(self.in_flight) < self.depth):
+                    self.cond.wait()
+                if self.stopping.is_set():
+                    return
+                unit = self.hints.popleft()
+                self.in_flight.add(unit)
+            try:
+                result = (True, self.prepare(unit, self.stopping))
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer at take()
+                result = (False, err)
+            with self.cond:
+                self.in_flight.discard(unit)
+                if not self.stopping.is_set():
+                    self.ready[unit] = result
+                self.cond.notify_all()
 
 
 def unit_size(manifest: Manifest, unit: _Unit) -> int:
@@ -98,7 +187,7 @@ def decode_sample(sample: dict, ext: str, shape: tuple[int, ...]) -> np.ndarray:
     if ext == "png":
         from PIL import Image
 
-        with Image.open(io.BytesIO(sample["png"])) as img:
+        with Image.open(io.BytesIO(sample["png"]), formats=("PNG",)) as img:
             arr = np.asarray(img)
         arr = arr[..., None] if arr.ndim == 2 else arr
         ok = arr.shape == (shape[1], shape[2], shape[0])
@@ -135,6 +224,13 @@ class ConsumerStream:
         counts = self.manifest.class_counts()
         self.weights = {c: float(counts[c]) for c in self.readers}
         self._fs = None
+        depth = int(spec.get("prefetch", 0))
+        self.prefetcher = UnitPrefetcher(self.prepare_unit, depth) if depth > 0 else None
+
+    def close(self) -> None:
+        """Stop the prefetch thread (waits for the fetch in flight)."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
 
     # ----- shard reading -----
     def fs(self):
@@ -147,28 +243,78 @@ class ConsumerStream:
         if unit.shard in self.bad and not allow_bad:
             return None
         info = self.manifest.shards[unit.shard]
-        url = self.manifest.shard_url(info)
-        _, path = filesystem(url, self.spec["storage_options"])
-        try:
-            data = with_retries(lambda: self.fs().cat_file(path), url, retries=self.spec["retries"],
-                                backoff=self.spec["retry_backoff"], what="read")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{url}: shard disappeared after the stream opened") from None
+        data = self._fetch(unit.shard)
         try:
             return self._split_unit(data, info, unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             self.mark_bad(unit.shard, err)
             return None
 
+    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, Any]] | None:
+        """A class reader's next unit (prefetched if it was), then hint `upcoming` for prefetch."""
+        if unit.shard in self.bad:
+            return None
+        prepared = self.prefetcher.take(unit) if self.prefetcher is not None else None
+        if prepared is None:
+            samples = self.load_unit(unit)
+        elif isinstance(prepared, Exception):  # corrupt bytes, found in the background
+            self.mark_bad(unit.shard, prepared)
+            samples = None
+        else:
+            samples = prepared
+        if self.prefetcher is not None and upcoming is not None and upcoming.shard not in self.bad:
+            self.prefetcher.hint(upcoming)
+        return samples
+
+    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, Any]] | Exception:
+        """Prefetch thread: fetch, verify, split and decode a unit -> [(sample id, array)] (a sample
+        that fails to decode becomes its exception, raised when read), or the corrupt-shard error."""
+        info = self.manifest.shards[unit.shard]
+        data = self._fetch(unit.shard, cancel)
+        try:
+            samples = self._split_unit(data, info, unit)
+        except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
+            return err
+        out: list[tuple[int, Any]] = []
+        for sample_id, sample in samples:
+            try:
+                out.append((sample_id, self.decode(sample)))
+            except Exception as err:  # noqa: BLE001 - raised again by decode() in the consumer
+                out.append((sample_id, err))
+        return out
+
+    def _fetch(self, shard: int, cancel: threading.Event | None = None) -> bytes:
+        """A shard's bytes, retried; errors name its URL."""
+        url = self.manifest.shard_url(self.manifest.shards[shard])
+        _, path = filesystem(url, self.spec["storage_options"])
+
+        def read() -> bytes:
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled(f"{url}: prefetch cancelled")
+            return self.fs().cat_file(path)
+
+        try:
+            return with_retries(read, url, retries=self.spec["retries"],
+                                backoff=self.spec["retry_backoff"], what="read")
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{url}: shard disappeared after the stream opened") from None
+
     def mark_bad(self, shard: int, err: Exception) -> None:
         """Skip `shard` from now on; warn once per shard."""
         self.bad.add(shard)
+        if self.prefetcher is not None:
+            self.prefetcher.discard(shard)
         if shard not in self.warned:
             self.warned.add(shard)
             url = self.manifest.shard_url(self.manifest.shards[shard])
             warnings.warn(f"skipping corrupt shard {url}: {type(err).__name__}: {err}", RuntimeWarning)
 
-    def decode(self, sample: dict) -> np.ndarray:
+    def decode(self, sample: Any) -> np.ndarray:
+        """Undecoded tar sample, or what the prefetch thread made of it (array or exception)."""
+        if isinstance(sample, np.ndarray):
+            return sample
+        if isinstance(sample, Exception):
+            raise sample
         return decode_sample(sample, self.manifest.sample_ext, self.manifest.sample_shape)
 
     def _split_unit(self, data: bytes, info, unit: _Unit) -> list[tuple[int, dict]]:
@@ -221,15 +367,18 @@ class ConsumerStream:
                                   f"(corrupt shards); it is left out", RuntimeWarning)
             labels.append(cls)
             touched.add(cls)
-        arr = np.stack([np.stack(seq) for seq in sequences])  # (B, K, H, W, C) or (B, K, *latent)
+        arr = np.stack([a for seq in sequences for a in seq])  # (B*K, H, W, C) or (B*K, *latent)
+        arr = rearrange(arr, "(b k) ... -> b k ...", b=len(sequences))
         if spec["flip"]:
             flips = rng.random(arr.shape[:2]) < 0.5
             flip_axis = 3 if self.manifest.sample_ext == "png" else arr.ndim - 1
             mask = rearrange(flips, "b k -> b k" + " 1" * (arr.ndim - 2))
             arr = np.where(mask, np.flip(arr, flip_axis), arr)
-        if self.manifest.sample_ext == "png":
-            images = rearrange(torch.from_numpy(arr), "b k h w c -> b k c h w").contiguous()
-            images = images.float().div_(127.5).sub_(1.0)
+        if self.manifest.sample_ext == "png":  # numpy, not torch: no intra-op threads in the loader
+            pixels = rearrange(arr, "b k h w c -> b k c h w")
+            scaled = np.empty(pixels.shape, np.float32)  # same float32 ops as x.float() / 127.5 - 1
+            np.divide(pixels, np.float32(127.5), out=scaled)
+            images = torch.from_numpy(np.subtract(scaled, np.float32(1.0), out=scaled))
         else:
             images = torch.from_numpy(np.ascontiguousarray(arr))
         self.batch += 1
@@ -252,7 +401,10 @@ class _ClassReader:
 
     def order(self, epoch: int) -> np.ndarray:
         if epoch not in self._orders:
-            self._orders = {epoch: np.random.default_rng(self.consumer.key + [self.cls, epoch]).permutation(len(self.units))}
+            if len(self._orders) > 2:
+                self._orders.clear()
+            rng = np.random.default_rng(self.consumer.key + [self.cls, epoch])
+            self._orders[epoch] = rng.permutation(len(self.units))
         return self._orders[epoch]
 
     def state(self) -> dict:
@@ -270,8 +422,19 @@ class _ClassReader:
         for shard in sorted({i >> SAMPLE_BITS for i in ids}):
             unit = next((u for u in self.units if u.shard == shard), _Unit(shard, 0, 1))
             samples = dict(self.consumer.load_unit(unit, allow_bad=True) or [])
-            arrays.update((i, self.consumer.decode(samples[i])) for i in ids if i in samples)
+            for i in ids:
+                if i in samples and i not in arrays:
+                    try:
+                        arrays[i] = self.consumer.decode(samples[i])
+                    except Exception as err:  # noqa: BLE001 - the shard changed since it was read
+                        self.consumer.mark_bad(shard, err)
         self.buffer = [(i, arrays[i]) for i in ids if i in arrays]
+
+    def _upcoming(self) -> _Unit | None:
+        """The unit this class reads after the current one (for prefetch)."""
+        if self.unit_pos + 1 < len(self.units):
+            return self.units[self.order(self.epoch)[self.unit_pos + 1]]
+        return self.units[self.order(self.epoch + 1)[0]] if self.units else None
 
     def read_next(self) -> tuple[int, np.ndarray]:
         bad_run = 0
@@ -280,7 +443,7 @@ class _ClassReader:
                 self.epoch, self.unit_pos, self.offset = self.epoch + 1, 0, 0
             if self.current is None:
                 unit = self.units[self.order(self.epoch)[self.unit_pos]]
-                self.current = self.consumer.load_unit(unit)
+                self.current = self.consumer.open_unit(unit, self._upcoming())
                 if self.current is None:
                     bad_run += 1
                     if bad_run > len(self.units):

@@ -20,13 +20,20 @@ batches, so resuming after batch n continues with exactly batch n + 1.
 Faults. Transient storage errors are retried (storage.with_retries) then raise StorageError naming
 the shard URL. A corrupt / truncated / checksum-mismatched shard is skipped with one warning and
 counted in `skipped_shards`. A manifest naming a missing shard fails at open (or is skipped with
-`skip_missing`). Memory per consumer: per class one undecoded shard share plus up to
-`shuffle_buffer` decoded samples (samples are decoded as they enter the buffer).
+`skip_missing`).
+
+Prefetch. With `prefetch` = P > 0 each consumer runs two daemon threads that fetch, verify,
+split and decode up to P upcoming units (a class's next unit is hinted when it opens the current
+one) while the consumer decodes and batches: storage latency overlaps with decoding. Which samples a
+unit holds never depends on timing, so batches and state are identical for any P. Errors keep their
+meaning: a background fetch retries like a direct one and its StorageError is raised when the unit
+is needed; corrupt bytes are reported then too. The threads stop (and are joined) when the iterator
+is closed or garbage collected. Memory per consumer: per class one shard share (undecoded, or
+decoded when it was prefetched) plus up to P prefetched units and `shuffle_buffer` decoded samples.
 """
 from __future__ import annotations
 
 import copy
-import logging
 import warnings
 from typing import Any, Iterator
 
@@ -34,7 +41,6 @@ from .consumer import ConsumerStream
 from .manifest import Manifest, read_manifest
 from .storage import list_files
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
 CLASS_SAMPLING = ("uniform", "proportional")
 
@@ -54,9 +60,12 @@ def _worker_dataset(spec: dict, worker_states: list[dict], start: int):
             torch.set_num_threads(1)
             logical = (info.id + start) % info.num_workers
             consumer = ConsumerStream(spec, logical, worker_states[logical])
-            while True:
-                images, labels, delta = consumer.next_batch()
-                yield images, labels, logical, delta
+            try:
+                while True:
+                    images, labels, delta = consumer.next_batch()
+                    yield images, labels, logical, delta
+            finally:
+                consumer.close()
 
     return _Workers()
 
@@ -68,10 +77,10 @@ class SequenceStream:
                  world_size: int = 1, num_workers: int = 0, flip: bool = True,
                  class_sampling: str = "uniform", shuffle_buffer: int = 256,
                  storage_options: dict | None = None, retries: int = 5, retry_backoff: float = 0.5,
-                 skip_missing: bool = False, verify_checksums: bool = True):
+                 skip_missing: bool = False, verify_checksums: bool = True, prefetch: int = 4):
         for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                 ("retries", retries, 0)):
+                                 ("retries", retries, 0), ("prefetch", prefetch, 0)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"SequenceStream: {name} must be an integer >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
@@ -88,7 +97,7 @@ class SequenceStream:
                           rank=rank, world_size=world_size, num_workers=num_workers, flip=flip,
                           class_sampling=class_sampling, shuffle_buffer=shuffle_buffer,
                           storage_options=self.storage_options, retries=retries,
-                          retry_backoff=retry_backoff, verify_checksums=verify_checksums)
+                          retry_backoff=retry_backoff, verify_checksums=verify_checksums, prefetch=prefetch)
         self.missing_shards = len(self.manifest.shards) - len(shards)
         self._state = self._fresh_state()
 
@@ -102,7 +111,7 @@ class SequenceStream:
                    class_sampling=data_cfg.class_sampling, shuffle_buffer=data_cfg.shuffle_buffer,
                    storage_options=dict(data_cfg.storage_options), retries=data_cfg.retries,
                    retry_backoff=data_cfg.retry_backoff, skip_missing=data_cfg.skip_missing,
-                   verify_checksums=data_cfg.verify_checksums)
+                   verify_checksums=data_cfg.verify_checksums, prefetch=getattr(data_cfg, "prefetch", 4))
 
     def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
         """Indices of manifest shards present in storage; missing ones -> error or skip."""
@@ -169,10 +178,13 @@ class SequenceStream:
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         if self.num_workers == 0:
             consumer = ConsumerStream(self._spec, 0, copy.deepcopy(self._state["workers"][0]))
-            while True:
-                images, labels, delta = consumer.next_batch()
-                self._apply(0, delta)
-                yield images, labels
+            try:
+                while True:
+                    images, labels, delta = consumer.next_batch()
+                    self._apply(0, delta)
+                    yield images, labels
+            finally:
+                consumer.close()
         from torch.utils.data import DataLoader
 
         start = self._state["batches"] % self.num_workers

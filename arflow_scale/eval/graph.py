@@ -116,7 +116,8 @@ def image_stats(images: np.ndarray, inception_path: Optional[str] = None, batch_
     extractor = load_inception(inception_path, storage_options=storage_options)
     stats = GaussianStats(FEATURE_DIM)
     for start in range(0, len(images), batch_size):
-        stats.update(extractor(torch.from_numpy(images[start:start + batch_size])).double().cpu().numpy())
+        batch = torch.from_numpy(images[start:start + batch_size].copy())  # Ray hands out read-only arrays
+        stats.update(extractor(batch).double().cpu().numpy())
     return stats
 
 
@@ -131,8 +132,14 @@ def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional
     if run_id:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, "fid", fid, step=step or 0)
-        log.info("fid %.4f (n=%d) logged to MLflow run %s at step %s", fid, total.count, run_id, step)
+        try:
+            MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, "fid", fid, step=step or 0)
+            result["mlflow_logged"] = True
+            log.info("fid %.4f (n=%d) logged to MLflow run %s at step %s", fid, total.count, run_id, step)
+        except Exception as err:  # noqa: BLE001 - keep the FID even when tracking is down
+            result["mlflow_logged"] = False
+            log.warning("fid %.4f (n=%d): logging to MLflow run %s at %s failed: %s", fid, total.count,
+                        run_id, tracking_uri, err)
     return result
 
 

@@ -8,6 +8,7 @@ import tarfile
 from typing import Iterator, Optional
 
 import numpy as np
+from einops import rearrange, repeat
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -20,15 +21,15 @@ def as_uint8_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
     if array.dtype != np.uint8:
         raise ValueError(f"{source}: images must be uint8, got {array.dtype}")
     if array.ndim == 3:
-        array = array[..., None]
+        array = rearrange(array, "n h w -> n h w 1")
     if array.ndim != 4:
         raise ValueError(f"{source}: expected images (N, H, W, C), got shape {array.shape}")
     if array.shape[-1] not in (1, 3) and array.shape[1] in (1, 3):
-        array = np.transpose(array, (0, 2, 3, 1))  # NCHW -> NHWC
+        array = rearrange(array, "n c h w -> n h w c")
     if array.shape[-1] not in (1, 3):
         raise ValueError(f"{source}: images need 1 or 3 channels, got shape {array.shape}")
     if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
+        array = repeat(array, "n h w 1 -> n h w c", c=3)
     return np.ascontiguousarray(array)
 
 
@@ -82,7 +83,7 @@ def _iter_folder(source: str, storage_options: Optional[dict]) -> Iterator[np.nd
         raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
     for name in names:
         url = join_url(source, name)
-        yield decode_image(read_bytes(url, storage_options), url)[None]
+        yield rearrange(decode_image(read_bytes(url, storage_options), url), "h w c -> 1 h w c")
 
 
 def shard_quotas(counts: list[int], limit: Optional[int]) -> list[int]:
@@ -116,7 +117,8 @@ def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[
             for member in tar:
                 if not member.isfile() or not member.name.endswith(".png"):
                     continue
-                yield decode_image(tar.extractfile(member).read(), f"{url}:{member.name}")[None]
+                image = decode_image(tar.extractfile(member).read(), f"{url}:{member.name}")
+                yield rearrange(image, "h w c -> 1 h w c")
                 taken += 1
                 if taken == quota:
                     break

@@ -132,7 +132,7 @@ class InceptionFeatures(nn.Module):
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         features = self.network(self.preprocess(images))
-        return features.reshape(features.shape[0], -1).float()
+        return rearrange(features, "b ... -> b (...)").float()
 
     def extract(self, images: Union[np.ndarray, torch.Tensor, Iterable], batch_size: int = 32) -> np.ndarray:
         """Features (N, 2048) float32 of uint8 images (N, H, W, C) or an iterable of such batches."""

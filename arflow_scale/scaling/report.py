@@ -31,7 +31,8 @@ def markdown_table(points: Sequence[ScalingPoint], fits: dict[str, PowerLawFit])
     lines = ["# Scaling laws", "", "| run | params | FLOPs | loss | FID |", "|---|---:|---:|---:|---:|"]
     for p in sorted(points, key=lambda p: (p.params, p.flops)):
         lines.append(f"| {p.name or '-'} | {_fmt(p.params)} | {_fmt(p.flops)} | {_fmt(p.loss)} | {_fmt(p.fid)} |")
-    lines += ["", "| fit | formula | a | b (exponent) | b interval | c | R^2 | n |", "|---|---|---:|---:|---|---:|---:|---:|"]
+    lines += ["", "| fit | formula | a | b (exponent) | b interval | c | R^2 | n |",
+              "|---|---|---:|---:|---|---:|---:|---:|"]
     for key, f in fits.items():
         d = f.to_dict()
         lines.append(f"| {key} | {d['formula']} | {_fmt(f.a)} | {f.b:.4f} | "

@@ -12,7 +12,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from arflow_scale.config import Config, ConfigError, load_config
 from arflow_scale.config.base import apply_overrides, build, check
 
 from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
+from .state import ensure_parent_run, read_json, resolve_tracking_uri, write_json
 
 log = logging.getLogger(__name__)
 
@@ -197,77 +197,6 @@ def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
 
 # --- running -------------------------------------------------------------------------------------
 
-def _read_json(url: str, storage_options: dict) -> Optional[dict]:
-    from arflow_scale.data.storage import filesystem
-
-    fs, path = filesystem(url, storage_options)
-    if not fs.exists(path):
-        return None
-    with fs.open(path, "r") as fh:
-        return json.load(fh)
-
-
-def _write_json(url: str, data: dict, storage_options: dict) -> None:
-    """Write JSON so a reader never sees half a file (local: temp + rename; object stores: one PUT)."""
-    from arflow_scale.data.storage import filesystem
-
-    fs, path = filesystem(url, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    text = json.dumps(data, indent=2, default=str)
-    if "://" in url and not url.startswith("file://"):
-        fs.pipe_file(path, text.encode())
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with fs.open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
-def resolve_tracking_uri(sweep: SweepConfig) -> str:
-    """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
-    if sweep.tracking_uri:
-        return sweep.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    root = sweep_url(sweep)
-    folder = Path(root) if "://" not in root else Path("runs", "sweeps", sweep.name).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def ensure_parent_run(sweep: SweepConfig, tracking_uri: str) -> str:
-    """The sweep's MLflow parent run: found again through sweep.json, else created (params = sweep YAML)."""
-    from mlflow.tracking import MlflowClient
-
-    from arflow_scale.config import flatten
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    state_url = f"{sweep_url(sweep)}/sweep.json"
-    state = _read_json(state_url, sweep.storage_options) or {}
-    if state.get("parent_run_id"):
-        try:
-            run = client.get_run(state["parent_run_id"])
-            if run.info.status != "RUNNING":
-                client.update_run(run.info.run_id, status="RUNNING")
-            return run.info.run_id
-        except Exception:  # noqa: BLE001 - recorded in another tracking store: start a new parent
-            log.warning("parent run %s not found at %s; creating a new one", state["parent_run_id"], tracking_uri)
-    experiment = client.get_experiment_by_name(sweep.experiment)
-    if experiment is None:
-        location = None
-        if tracking_uri.startswith("sqlite:///"):
-            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(sweep.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=sweep.name, tags={"arflow.sweep": sweep.name})
-    for key, value in flatten(sweep).items():
-        client.log_param(run.info.run_id, key, ("" if value is None else str(value))[:6000])
-    _write_json(state_url, {"name": sweep.name, "parent_run_id": run.info.run_id, "tracking_uri": tracking_uri,
-                            "experiment": sweep.experiment}, sweep.storage_options)
-    return run.info.run_id
-
-
 def _with_tracking(point: SweepPoint, tracking_uri: str, parent_run_id: str) -> Config:
     """The point's config with the sweep's tracking store (and parent run, where tracking supports it)."""
     names = {f.name for f in dataclasses.fields(point.config.tracking)}
@@ -307,7 +236,7 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
               "flops_per_step": point.flops_per_step, "loss": loss, "final_loss": result["final_loss"],
               "fid": fid, "run_id": run_id, "coords": point.coords, "config_sha": point.config_sha,
               "checkpoint": result.get("checkpoint")}
-    _write_json(result_url, record, storage_options)
+    write_json(result_url, record, storage_options)
     return record
 
 
@@ -338,7 +267,7 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
     records: dict[str, dict] = {}
     todo = []
     for point in points:
-        record = _read_json(f"{root}/points/{point.name}.json", sweep.storage_options)
+        record = read_json(f"{root}/points/{point.name}.json", sweep.storage_options)
         if record is None:
             todo.append(point)
             continue

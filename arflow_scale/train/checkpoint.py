@@ -137,16 +137,20 @@ def is_complete(checkpoint_url: str, storage_options: dict | None = None) -> boo
     return True
 
 
-def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> str | None:
-    """URL of the newest complete checkpoint under the run folder `run_url`, or None."""
+def list_checkpoints(run_url: str, storage_options: dict | None = None) -> list[str]:
+    """URLs of the checkpoint folders under `run_url`, oldest first (complete or not)."""
     fs, path = _fs(run_url, storage_options)
     fs.invalidate_cache()  # object-store listings are cached per filesystem instance
     try:
         names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path.rstrip("/"), detail=False)]
-    except FileNotFoundError:
-        return None
-    for name in sorted((n for n in names if re.fullmatch(r"checkpoint_\d+", n)), reverse=True):
-        url = f"{run_url.rstrip('/')}/{name}"
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [f"{run_url.rstrip('/')}/{n}" for n in sorted(n for n in names if re.fullmatch(r"checkpoint_\d+", n))]
+
+
+def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> str | None:
+    """URL of the newest complete checkpoint under the run folder `run_url`, or None."""
+    for url in reversed(list_checkpoints(run_url, storage_options)):
         if is_complete(url, storage_options):
             return url
     return None

@@ -141,6 +141,10 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
     from arflow_scale.train.loop import train_loop_per_worker
 
     cfg = cfg if in_memory_data else prepare_inputs(cfg)
+    from arflow_scale.config.base import check
+
+    check(cfg.eval.fid_every % cfg.checkpoint.every == 0, "eval.fid_every",
+          f"{cfg.eval.fid_every} must be a multiple of checkpoint.every={cfg.checkpoint.every}")
     connect_ray(address or cfg.cluster.address, cfg.cluster.local_num_cpus)
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cluster_has_gpus()
     run_url = run_folder_url(cfg.run.storage_path, cfg.run.name)
@@ -162,12 +166,14 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)),
     )
+    fid = FidScheduler(cfg, run_url, options, tracking_uri, run_id)
     try:
-        result = trainer.fit()
+        result = fid.run_while_polling(trainer.fit)
     except Exception:
         _mark_failed(tracking_uri, run_id)
         raise
     metrics = result.metrics or {}
+    fid_results = fid.finish(latest_checkpoint(run_url, options))
     return {
         "final_step": int(metrics.get("final_step", metrics.get("step", 0))),
         "final_loss": float(metrics.get("final_loss", float("nan"))),
@@ -177,7 +183,61 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
         "mlflow_run_id": run_id,
         "mlflow_tracking_uri": tracking_uri,
         "images_per_s": float(metrics.get("images_per_s", 0.0)),
+        **({"fid": fid_results} if fid_results else {}),
     }
+
+
+class FidScheduler:
+    """Driver side FID: launches `launch_fid` for every complete checkpoint at a multiple of
+    eval.fid_every while training runs (polling the run folder), and for the final one with
+    eval.fid_at_end; the tasks log `fid` to the run. The driver owns the refs, so the tasks outlive the
+    training workers, and on a small cluster they run once the workers release their CPUs."""
+
+    def __init__(self, cfg, run_url: str, storage_options: dict, tracking_uri: str | None, run_id: str | None,
+                 poll_seconds: float = 10.0):
+        self.cfg, self.run_url, self.options = cfg, run_url, storage_options
+        self.tracking_uri, self.run_id, self.poll_seconds = tracking_uri, run_id, poll_seconds
+        self.refs: dict[int, Any] = {}
+
+    def _launch(self, checkpoint_url: str) -> None:
+        from arflow_scale.eval.graph import launch_fid
+        from arflow_scale.train.checkpoint import read_meta
+
+        step = int(read_meta(checkpoint_url, self.options)[0]["step"])
+        if step not in self.refs:
+            log.info("FID of %s (step %d) launched", checkpoint_url, step)
+            self.refs[step] = launch_fid(checkpoint_url, self.cfg, step, self.tracking_uri, self.run_id)
+
+    def _poll(self) -> None:
+        from arflow_scale.train.checkpoint import is_complete, list_checkpoints
+
+        every = self.cfg.eval.fid_every
+        for url in list_checkpoints(self.run_url, self.options):
+            step = int(url.rsplit("_", 1)[-1])
+            if every and step % every == 0 and step not in self.refs and is_complete(url, self.options):
+                self._launch(url)
+
+    def run_while_polling(self, fit):
+        """Run `fit()` (blocking) in a thread; poll for FID checkpoints meanwhile."""
+        if not self.cfg.eval.fid_every:
+            return fit()
+        from concurrent.futures import ThreadPoolExecutor, wait
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(fit)
+            while not wait([future], timeout=self.poll_seconds).done:
+                self._poll()
+            result = future.result()
+        self._poll()
+        return result
+
+    def finish(self, final_checkpoint: str | None) -> dict[str, Any]:
+        """Launch the end-of-training FID if configured, wait for all; {step: {"fid", "n", "seconds"}}."""
+        import ray
+
+        if self.cfg.eval.fid_at_end and final_checkpoint:
+            self._launch(final_checkpoint)
+        return {str(step): ray.get(ref) for step, ref in sorted(self.refs.items())}
 
 
 def _mark_failed(tracking_uri: str | None, run_id: str | None) -> None:

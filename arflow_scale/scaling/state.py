@@ -1,0 +1,103 @@
+"""Sweep state: sweep.json (the MLflow parent run), per-point result JSON, the tracking store.
+
+Files are read and written through fsspec, so a sweep folder can live on s3:// like run folders.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+def read_json(url: str, storage_options: dict) -> Optional[dict]:
+    from arflow_scale.data.storage import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as fh:
+        return json.load(fh)
+
+
+def write_json(url: str, data: dict, storage_options: dict) -> None:
+    """Write JSON so a reader never sees half a file (local: temp + rename; object stores: one PUT)."""
+    from arflow_scale.data.storage import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    text = json.dumps(data, indent=2, default=str)
+    if "://" in url and not url.startswith("file://"):
+        fs.pipe_file(path, text.encode())
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with fs.open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def resolve_tracking_uri(sweep) -> str:
+    """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
+    if sweep.tracking_uri:
+        return sweep.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    from .sweep import sweep_url
+
+    root = sweep_url(sweep)
+    folder = Path(root) if "://" not in root else Path("runs", "sweeps", sweep.name).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def ensure_parent_run(sweep, tracking_uri: str) -> str:
+    """The sweep's MLflow parent run: found again through sweep.json, else created (params = sweep YAML)."""
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.config import flatten
+
+    from .sweep import sweep_url
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    state_url = f"{sweep_url(sweep)}/sweep.json"
+    state = read_json(state_url, sweep.storage_options) or {}
+    if state.get("parent_run_id"):
+        try:
+            run = client.get_run(state["parent_run_id"])
+            if run.info.status != "RUNNING":
+                client.update_run(run.info.run_id, status="RUNNING")
+            return run.info.run_id
+        except Exception:  # noqa: BLE001 - recorded in another tracking store: start a new parent
+            log.warning("parent run %s not found at %s; creating a new one", state["parent_run_id"], tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.experiment)
+    if experiment is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        experiment_id = client.create_experiment(sweep.experiment, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(experiment_id, run_name=sweep.name, tags={"arflow.sweep": sweep.name})
+    from mlflow.entities import Param
+
+    params = flatten(dataclasses.replace(sweep, overrides=masked_overrides(sweep.overrides)))
+    client.log_batch(run.info.run_id,
+                     params=[Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()])
+    write_json(state_url, {"name": sweep.name, "parent_run_id": run.info.run_id, "tracking_uri": tracking_uri,
+                            "experiment": sweep.experiment}, sweep.storage_options)
+    return run.info.run_id
+
+
+def masked_overrides(overrides: list[str]) -> list[str]:
+    """`a.secret=x` -> `a.secret=***` for every secret-looking key (before logging as params)."""
+    from arflow_scale.config.base import MASK, SECRET_PATTERN
+
+    out = []
+    for text in overrides:
+        key, sep, _ = text.partition("=")
+        out.append(f"{key}={MASK}" if sep and SECRET_PATTERN.search(key.rsplit(".", 1)[-1]) else text)
+    return out
