@@ -102,6 +102,8 @@ def prepare_run(cfg, run_url: str, *, world_size: int, device: str,
     experiment_id = _experiment_id(client, cfg.tracking.experiment, uri)
     tags = {"git_commit": git_commit(), "world_size": str(world_size),
             "zero_stage": str(cfg.train.zero_stage), "device": device, "run_url": run_url}
+    if cfg.tracking.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     run = client.create_run(experiment_id, run_name=cfg.run.name, tags=tags)
     run_id = run.info.run_id
     params = {k: ("" if v is None else str(v))[:6000] for k, v in flatten(cfg).items()}

@@ -276,3 +276,20 @@ def direct_state_after(url: str, kwargs: dict, n: int) -> dict:
     stream = SequenceStream(url, prefetch=0, **kwargs)
     take(stream, n)
     return stream.state_dict()
+
+
+def test_load_npy_matches_numpy():
+    """The header-cached .npy reader returns what np.load returns and rejects truncated data."""
+    from arflow_scale.data.consumer import load_npy
+
+    arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.asfortranarray(np.arange(6).reshape(2, 3)),
+              np.full((3, 8, 8), 7, np.uint8), np.array(2.5)]
+    for array in arrays:
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        out = load_npy(buf.getvalue())
+        assert out.dtype == array.dtype and out.shape == array.shape and np.array_equal(out, array)
+    with pytest.raises(ValueError, match="header needs"):
+        load_npy(buf.getvalue()[:-4])  # the 0-d float64 without 4 of its 8 data bytes
+    with pytest.raises(ValueError):
+        load_npy(b"not an npy file")

@@ -144,3 +144,6 @@ def test_launch_fid_is_non_blocking_and_logs_at_step(workspace, ray_local):
     assert sorted(m.step for m in history) == [12, 40]
     with pytest.raises(ValueError, match="eval.ref_stats"):
         launch_fid(workspace["checkpoint"], config_from_dict({}), 1, None, None)
+    missing = config_from_dict({"eval": {"ref_stats": str(root / "missing.npz")}})
+    with pytest.raises(FileNotFoundError, match="missing.npz: reference statistics not found"):
+        launch_fid(workspace["checkpoint"], missing, 1, None, None)

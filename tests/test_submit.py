@@ -182,7 +182,7 @@ def _stop_group(head: subprocess.Popen) -> None:
             os.killpg(head.pid, sig)
         except ProcessLookupError:
             break
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             head.poll()
             try:

@@ -31,7 +31,7 @@ def test_prepare_run_once_masked_params_and_tracker(tmp_path, monkeypatch):
     from arflow_scale.tracking import Tracker, prepare_run
 
     cfg = config_from_dict({}, ["run.name=t", "run.storage_options={secret: hunter2, endpoint_url: http://x}",
-                                "train.zero_stage=3"])
+                                "train.zero_stage=3", "tracking.parent_run_id=abc123"])
     run_url = str(tmp_path / "t")
     uri, run_id = prepare_run(cfg, run_url, world_size=4, device="cpu")
     again_uri, again_id = prepare_run(cfg, run_url, world_size=4, device="cpu")
@@ -44,6 +44,7 @@ def test_prepare_run_once_masked_params_and_tracker(tmp_path, monkeypatch):
     assert run.data.params["run.storage_options.endpoint_url"] == "http://x"
     assert run.data.tags["world_size"] == "4" and run.data.tags["zero_stage"] == "3"
     assert run.data.tags["device"] == "cpu" and run.data.tags["git_commit"]
+    assert run.data.tags["mlflow.parentRunId"] == "abc123"
     config_text = client.download_artifacts(run_id, "config/resolved.yaml", str(tmp_path / "dl"))
     text = open(config_text).read()
     assert "hunter2" not in text and "zero_stage: 3" in text

@@ -2,11 +2,13 @@
 plain single-process PyTorch loop of the same model, batch and in-memory data; prints the ratios.
 
 Both sides use the same number of CPU threads, the same AdamW / value clipping / EMA work per step and
-skip the first fifth of the steps as warm-up. Goal: our stack keeps >= 0.9x of the plain loop.
+skip the first fifth of the steps as warm-up; throughput is images per step over the median step time
+(robust to load from other processes). Goal: our stack keeps >= 0.9x of the plain loop.
 """
 from __future__ import annotations
 
 import json
+import statistics
 import time
 
 
@@ -61,7 +63,7 @@ def _plain_loop(cfg) -> float:
     shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
     data = iter(InMemoryBatches(cfg.data.batch_size, cfg.model.k, shape, cfg.model.num_classes, cfg.train.seed))
     warmup = max(1, cfg.train.steps // 5)
-    timed = 0.0
+    step_times = []
     for step in range(1, cfg.train.steps + 1):
         started = time.perf_counter()
         x, y = next(data)
@@ -74,9 +76,8 @@ def _plain_loop(cfg) -> float:
             for name, param in model.named_parameters():
                 ema[name].lerp_(param, 1 - cfg.train.ema_decay)
         if step > warmup:
-            timed += time.perf_counter() - started
-    images = cfg.data.batch_size * cfg.model.k * (cfg.train.steps - warmup)
-    return images / timed
+            step_times.append(time.perf_counter() - started)
+    return cfg.data.batch_size * cfg.model.k / statistics.median(step_times)
 
 
 def run(args) -> int:

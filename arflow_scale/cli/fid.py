@@ -66,7 +66,7 @@ def register(sub) -> None:
 def _set_stats(source: str, args, options: dict):
     from tqdm import tqdm
 
-    from arflow_scale.eval.images import iter_image_batches
+    from arflow_scale.eval.images import iter_image_batches, source_kind
     from arflow_scale.eval.inception import FEATURE_DIM, load_inception
     from arflow_scale.eval.stats import GaussianStats
 
@@ -74,6 +74,7 @@ def _set_stats(source: str, args, options: dict):
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    source_kind(source, options)  # a missing or wrong set fails before the Inception load
     extractor = load_inception(args.inception, storage_options=options)
     stats = GaussianStats(FEATURE_DIM)
     with tqdm(desc=f"features {source}", unit="img", total=args.num) as bar:

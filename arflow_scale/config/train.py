@@ -93,6 +93,7 @@ class TrackingConfig:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite inside the run folder
     experiment: str = "arflow"
     system_metrics: bool = True
+    parent_run_id: Optional[str] = None  # nest this run under an MLflow parent run (sweeps)
 
 
 @dataclass

@@ -5,6 +5,7 @@ See `stream.py` for the split policy, the determinism scheme and the state layou
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
 import threading
@@ -59,8 +60,8 @@ class _Cancelled(RuntimeError):
 
 
 class UnitPrefetcher:
-    """Prepares hinted units (fetch, verify, split, decode) in `threads` daemon threads, at most
-    `depth` units ahead (prepared or in preparation); one thread fetches while another decodes.
+    """Prepares hinted units (fetch, verify, split) in `threads` daemon threads, at most `depth`
+    units ahead (prepared or in preparation), while the consumer decodes the current ones.
 
     Hints are prepared oldest first; `take(unit)` returns a prepared result (waiting if it is in
     flight), re-raising the storage error its fetch ended with, or None when the unit was not
@@ -73,13 +74,15 @@ class UnitPrefetcher:
         self.hints: collections.deque[_Unit] = collections.deque()
         self.ready: dict[_Unit, tuple[bool, Any]] = {}  # unit -> (ok, result or exception)
         self.in_flight: set[_Unit] = set()
+        self.discarded: set[int] = set()  # corrupt shards: never prepared or kept again
         self.cond = threading.Condition()
         self.stopping = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def hint(self, unit: _Unit) -> None:
         with self.cond:
-            if self.stopping.is_set() or unit in self.ready or unit in self.in_flight or unit in self.hints:
+            if (self.stopping.is_set() or unit.shard in self.discarded or unit in self.ready
+                    or unit in self.in_flight or unit in self.hints):
                 return
             self.hints.append(unit)
             if not self.threads:
@@ -107,6 +110,7 @@ class UnitPrefetcher:
     def discard(self, shard: int) -> None:
         """Forget prepared or hinted units of `shard` (it turned out corrupt)."""
         with self.cond:
+            self.discarded.add(shard)
             for unit in [u for u in self.ready if u.shard == shard]:
                 del self.ready[unit]
             self.hints = collections.deque(u for u in self.hints if u.shard != shard)
@@ -138,7 +142,7 @@ class UnitPrefetcher:
                 result = (False, err)
             with self.cond:
                 self.in_flight.discard(unit)
-                if not self.stopping.is_set():
+                if not self.stopping.is_set() and unit.shard not in self.discarded:
                     self.ready[unit] = result
                 self.cond.notify_all()
 
@@ -182,6 +186,32 @@ def tar_members(data: bytes, url: str) -> list[dict]:
     return members
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_layout(header: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """An .npy file's header bytes -> (shape, dtype, fortran order, data offset), parsed by numpy."""
+    buf = io.BytesIO(header)
+    version = np.lib.format.read_magic(buf)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(buf)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not allowed in .npy samples")
+    return shape, dtype, fortran, buf.tell()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """.npy bytes -> array, like np.load(allow_pickle=False); the header parse is cached (every
+    sample of a shard has the same one), the data is a read-only view of `data`."""
+    if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2):
+        return np.load(io.BytesIO(data), allow_pickle=False)  # other versions; numpy's own errors
+    header_len = int.from_bytes(data[8:10], "little") if data[6] == 1 else int.from_bytes(data[8:12], "little")
+    shape, dtype, fortran, offset = _npy_layout(bytes(data[:(10 if data[6] == 1 else 12) + header_len]))
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(data) - offset < count * dtype.itemsize:
+        raise ValueError(f".npy data holds {len(data) - offset} bytes, header needs {count * dtype.itemsize}")
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
+
+
 def decode_sample(sample: dict, ext: str, shape: tuple[int, ...]) -> np.ndarray:
     """Tar sample -> uint8 (H, W, C) image or the stored latent array; checks the shape."""
     if ext == "png":
@@ -192,7 +222,7 @@ def decode_sample(sample: dict, ext: str, shape: tuple[int, ...]) -> np.ndarray:
         arr = arr[..., None] if arr.ndim == 2 else arr
         ok = arr.shape == (shape[1], shape[2], shape[0])
     else:
-        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        arr = load_npy(sample["npy"])
         ok = arr.shape == tuple(shape)
     if not ok:
         raise CorruptShard(f"sample {sample.get('__key__')} has shape {arr.shape}, manifest says {shape}")
@@ -250,7 +280,7 @@ class ConsumerStream:
             self.mark_bad(unit.shard, err)
             return None
 
-    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, Any]] | None:
+    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, dict]] | None:
         """A class reader's next unit (prefetched if it was), then hint `upcoming` for prefetch."""
         if unit.shard in self.bad:
             return None
@@ -266,22 +296,14 @@ class ConsumerStream:
             self.prefetcher.hint(upcoming)
         return samples
 
-    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, Any]] | Exception:
-        """Prefetch thread: fetch, verify, split and decode a unit -> [(sample id, array)] (a sample
-        that fails to decode becomes its exception, raised when read), or the corrupt-shard error."""
-        info = self.manifest.shards[unit.shard]
+    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, dict]] | Exception:
+        """Prefetch thread: fetch, verify and split a unit -> [(sample id, undecoded sample)], or the
+        corrupt-shard error (reported by the consumer when it opens the unit)."""
         data = self._fetch(unit.shard, cancel)
         try:
-            samples = self._split_unit(data, info, unit)
+            return self._split_unit(data, self.manifest.shards[unit.shard], unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             return err
-        out: list[tuple[int, Any]] = []
-        for sample_id, sample in samples:
-            try:
-                out.append((sample_id, self.decode(sample)))
-            except Exception as err:  # noqa: BLE001 - raised again by decode() in the consumer
-                out.append((sample_id, err))
-        return out
 
     def _fetch(self, shard: int, cancel: threading.Event | None = None) -> bytes:
         """A shard's bytes, retried; errors name its URL."""
@@ -309,12 +331,7 @@ class ConsumerStream:
             url = self.manifest.shard_url(self.manifest.shards[shard])
             warnings.warn(f"skipping corrupt shard {url}: {type(err).__name__}: {err}", RuntimeWarning)
 
-    def decode(self, sample: Any) -> np.ndarray:
-        """Undecoded tar sample, or what the prefetch thread made of it (array or exception)."""
-        if isinstance(sample, np.ndarray):
-            return sample
-        if isinstance(sample, Exception):
-            raise sample
+    def decode(self, sample: dict) -> np.ndarray:
         return decode_sample(sample, self.manifest.sample_ext, self.manifest.sample_shape)
 
     def _split_unit(self, data: bytes, info, unit: _Unit) -> list[tuple[int, dict]]:
@@ -384,7 +401,7 @@ class ConsumerStream:
         self.batch += 1
         delta = {"batch": self.batch, "classes": {str(c): self.readers[c].state() for c in sorted(touched)},
                  "bad": sorted(self.bad), "dead": sorted(self.dead)}
-        return images, torch.tensor(labels, dtype=torch.long), delta
+        return images, torch.from_numpy(np.asarray(labels, dtype=np.int64)), delta
 
 
 class _ClassReader:

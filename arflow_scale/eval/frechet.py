@@ -1,9 +1,10 @@
 """Frechet distance between Gaussians, in float64, robust to (near-)singular covariances.
 
-FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}). The trace of the matrix square root
-equals sum_i sqrt(lambda_i) over the eigenvalues of S1^{1/2} S2 S1^{1/2}, which is symmetric
-positive semi-definite: computed with symmetric eigendecompositions it is real and stable even
-when fewer samples than dimensions make the covariances singular.
+FID = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}). With S1 = A A^T (A = V sqrt(L) over
+the positive eigenpairs of S1), the non-zero eigenvalues of S1 S2 are those of the symmetric positive
+semi-definite A^T S2 A, so the trace of the square root is sum_i sqrt(lambda_i) of a symmetric
+eigenproblem: real and stable even when fewer samples than dimensions make the covariances singular
+(and then only rank(S1) x rank(S1) in size).
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES = 2048  # below this the 2048-d covariance is singular and FID is biased upwards
 
 
-def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
-    """Symmetric square root (D, D) of a symmetric PSD matrix; tiny negative eigenvalues clipped to 0."""
+def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """A (D, r) with A A^T = sigma over its r positive eigenvalues (round-off negatives dropped)."""
     eigenvalues, eigenvectors = np.linalg.eigh(sigma)
-    root = np.sqrt(np.clip(eigenvalues, 0.0, None))
-    return (eigenvectors * root) @ eigenvectors.T
+    keep = eigenvalues > 0
+    return eigenvectors[:, keep] * np.sqrt(eigenvalues[keep])
 
 
 def _check_moments(name: str, mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -42,8 +43,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     mu2, sigma2 = _check_moments("second Gaussian", mu2, sigma2)
     if mu1.shape != mu2.shape:
         raise ValueError(f"frechet_distance: dimensions differ ({mu1.shape[0]} vs {mu2.shape[0]})")
-    root1 = _psd_sqrt(sigma1)
-    middle = root1 @ sigma2 @ root1
+    factor = _psd_factor(sigma1)
+    middle = factor.T @ sigma2 @ factor
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
     trace_covmean = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
     diff = mu1 - mu2

@@ -172,7 +172,13 @@ def build_graph(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = Non
     """Submit sampling, feature and reduce tasks (Ray must be initialised); returns at once."""
     import ray
 
+    from arflow_scale.data.storage import filesystem
+
     plan.validate()
+    fs, path = filesystem(plan.ref_stats, plan.storage_options or None)
+    if not fs.isfile(path):  # fail here, not in the reduce after all the sampling
+        raise FileNotFoundError(f"{plan.ref_stats}: reference statistics not found (eval.ref_stats / --ref); "
+                                f"make them with `arflow fid ref --data MANIFEST_URL --out stats.npz`")
     started = time.time()
     options = _task_options(plan)
     sampler_task = ray.remote(sample_images).options(name="fid-sample", **options)

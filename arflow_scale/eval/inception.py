@@ -131,7 +131,16 @@ class InceptionFeatures(nn.Module):
 
     @torch.inference_mode()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.network(self.preprocess(images))
+        if self.device.type != "cuda":
+            features = self.network(self.preprocess(images))
+        else:  # full fp32 on GPUs: TF32 matmuls/convolutions would shift the features
+            matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+                    features = self.network(self.preprocess(images))
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
         return rearrange(features, "b ... -> b (...)").float()
 
     def extract(self, images: Union[np.ndarray, torch.Tensor, Iterable], batch_size: int = 32) -> np.ndarray:

@@ -59,6 +59,8 @@ def plot_fit(points: Sequence[ScalingPoint], fit: PowerLawFit, key: str, path: P
     ax.plot(grid, fit.predict(grid), color="tab:red", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.tick_params(which="minor", labelsize=6)  # short ranges label minor ticks: keep them apart
+    ax.tick_params(axis="x", which="both", labelrotation=30)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(f"{key}: exponent {fit.b:.3f} [{fit.b_interval[0]:.3f}, {fit.b_interval[1]:.3f}]", fontsize=9)

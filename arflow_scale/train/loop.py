@@ -13,6 +13,7 @@ import hashlib
 import logging
 import math
 import os
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -211,11 +212,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         params = full_fp32_params(engine, precision == "bf16")
         ema_full = ema.full_state_dict()
         return {"step": step, "final_step": step, "final_loss": last_loss, "mlflow_run_id": run_id or "",
-                "images_per_s": images_per_step * timed_steps / timed_seconds if timed_seconds else 0.0,
+                "images_per_s": images_per_step / statistics.median(step_times) if step_times else 0.0,
                 "params_sha256": ckpt.state_dict_sha256(params), "ema_sha256": ckpt.state_dict_sha256(ema_full)}
 
     data_iter = iter(stream)
-    timed_steps, timed_seconds = 0, 0.0
+    step_times: list[float] = []  # after warm-up; their median gives the run's throughput
     engine.train()
     try:
         for step in range(start_step + 1, cfg.train.steps + 1):
@@ -236,7 +237,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             last_loss = _mean_across_ranks(torch.stack(losses).mean())
             step_time = time.perf_counter() - started
             if step > start_step + max(1, (cfg.train.steps - start_step) // 5):  # skip warm-up steps
-                timed_steps, timed_seconds = timed_steps + 1, timed_seconds + step_time
+                step_times.append(step_time)
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 grad_norm = probe.value if probe is not None else engine.get_global_grad_norm()
                 tracker.log_metrics({
