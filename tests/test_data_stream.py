@@ -280,7 +280,7 @@ def direct_state_after(url: str, kwargs: dict, n: int) -> dict:
 
 def test_load_npy_matches_numpy():
     """The header-cached .npy reader returns what np.load returns and rejects truncated data."""
-    from arflow_scale.data.consumer import load_npy
+    from arflow_scale.data.decode import load_npy
 
     arrays = [np.arange(24, dtype=np.float32).reshape(2, 3, 4), np.asfortranarray(np.arange(6).reshape(2, 3)),
               np.full((3, 8, 8), 7, np.uint8), np.array(2.5)]

@@ -16,6 +16,8 @@ def register(sub) -> None:
     parser.add_argument("--out", default="runs", help="folder for shards, runs and the MLflow store")
     parser.add_argument("--name", default=None, help="run name (default: demo-<timestamp>)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance of the final grid")
+    parser.add_argument("--fid-samples", type=int, default=256,
+                        help="images for the closing FID, sampled and measured as Ray tasks (0: no FID)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.set_defaults(handler=handle)
 
@@ -24,14 +26,28 @@ def handle(args) -> int:
     from arflow_scale.cli.train import run_and_release
     from arflow_scale.config import load_config
     from arflow_scale.train import train
+    from arflow_scale.train.driver import prepare_inputs
     from arflow_scale.train.checkpoint import load_ema_weights
     from arflow_scale.train.export import draw_grid, model_from_weights, save_png
 
     out = Path(args.out).resolve()
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     store = out / "mlflow.db"
+    fid_overrides = []
+    if args.fid_samples > 0:
+        ref = out / "data" / f"digits_ref_{args.fid_samples}.npz"
+        fid_overrides = ["eval.fid_at_end=true", f"eval.ref_stats={ref}", f"eval.num_samples={args.fid_samples}"]
     cfg = load_config(args.config, [f"data.manifest={out / 'data' / 'digits'}", f"run.storage_path={out}",
-                                    f"run.name={name}", f"tracking.uri=sqlite:///{store}", *args.overrides])
+                                    f"run.name={name}", f"tracking.uri=sqlite:///{store}", *fid_overrides,
+                                    *args.overrides])
+    cfg = prepare_inputs(cfg)  # the digits shards, written once
+    if cfg.eval.fid_at_end and cfg.eval.ref_stats and not Path(cfg.eval.ref_stats).exists():
+        from arflow_scale.eval.reference import image_set_stats
+
+        print(f"arflow demo: reference FID statistics of {cfg.eval.num_samples} digits -> {cfg.eval.ref_stats}",
+              flush=True)
+        image_set_stats(cfg.data.manifest, num=cfg.eval.num_samples,
+                        inception_path=cfg.eval.inception_path).save(cfg.eval.ref_stats)
     print(f"arflow demo: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps, "
           f"model {cfg.model.size} on {cfg.data.manifest}", flush=True)
     started = time.perf_counter()
@@ -46,6 +62,9 @@ def handle(args) -> int:
     print(f"trained {result['final_step']} steps in {seconds:.0f} s, final loss {result['final_loss']:.4f}")
     print(f"checkpoint:  {result['checkpoint']}")
     print(f"sample grid: {grid_path} (EMA weights, classes 0-9 twice, cfg scale {args.cfg_scale})")
+    for step, fid in sorted((result.get("fid") or {}).items()):
+        print(f"FID at step {step}: {fid['fid']:.2f} ({fid['n']} samples vs {cfg.eval.num_samples} reference "
+              f"digits; small-sample FID, comparable only between runs of the same size)")
     print(f"MLflow store: {store}")
     print(f"open the dashboard: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
     print(json.dumps({**result, "sample_grid": grid_path, "seconds": round(seconds, 1)}), flush=True)

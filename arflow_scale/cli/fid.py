@@ -64,26 +64,10 @@ def register(sub) -> None:
 
 
 def _set_stats(source: str, args, options: dict):
-    from tqdm import tqdm
+    from arflow_scale.eval.reference import image_set_stats
 
-    from arflow_scale.eval.images import iter_image_batches, source_kind
-    from arflow_scale.eval.inception import FEATURE_DIM, load_inception
-    from arflow_scale.eval.stats import GaussianStats
-
-    import torch
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    source_kind(source, options)  # a missing or wrong set fails before the Inception load
-    extractor = load_inception(args.inception, storage_options=options)
-    stats = GaussianStats(FEATURE_DIM)
-    with tqdm(desc=f"features {source}", unit="img", total=args.num) as bar:
-        for batch in iter_image_batches(source, args.batch_size, args.num, options):
-            stats.update(extractor(torch.from_numpy(batch)).double().numpy())
-            bar.update(len(batch))
-    if stats.count == 0:
-        raise ValueError(f"{source}: no images")
-    return stats
+    return image_set_stats(source, num=args.num, batch_size=args.batch_size,
+                           inception_path=args.inception, storage_options=options)
 
 
 def run_ref(args) -> int:

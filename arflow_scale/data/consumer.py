@@ -4,25 +4,20 @@ See `stream.py` for the split policy, the determinism scheme and the state layou
 """
 from __future__ import annotations
 
-import collections
-import functools
 import hashlib
-import io
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from .decode import CorruptShard, decode_sample, tar_members
 from .manifest import Manifest
+from .prefetch import UnitPrefetcher, _Cancelled
 from .storage import filesystem, with_retries
 
 SAMPLE_BITS = 24  # sample id = shard index << 24 | position in shard
-
-
-class CorruptShard(ValueError):
-    """A shard's bytes do not match its manifest entry or cannot be decoded."""
 
 
 class _ClassDead(RuntimeError):
@@ -55,178 +50,8 @@ def plan_units(manifest: Manifest, shards: list[int], consumer: int, consumers: 
     return plan
 
 
-class _Cancelled(RuntimeError):
-    """The prefetcher was closed while a fetch was pending (not transient: never retried)."""
-
-
-class UnitPrefetcher:
-    """Prepares hinted units (fetch, verify, split) in `threads` daemon threads, at most `depth`
-    units ahead (prepared or in preparation), while the consumer decodes the current ones.
-
-    Hints are prepared oldest first; `take(unit)` returns a prepared result (waiting if it is in
-    flight), re-raising the storage error its fetch ended with, or None when the unit was not
-    prepared (the caller reads it itself). What a unit holds never depends on timing, so batches do
-    not either. `close()` stops the threads and waits for the fetches in flight.
-    """
-
-    def __init__(self, prepare: Callable[[_Unit, threading.Event], Any], depth: int, threads: int = 2):
-        self.prepare, self.depth, self.num_threads = prepare, depth, max(1, min(threads, depth))
-        self.hints: collections.deque[_Unit] = collections.deque()
-        self.ready: dict[_Unit, tuple[bool, Any]] = {}  # unit -> (ok, result or exception)
-        self.in_flight: set[_Unit] = set()
-        self.discarded: set[int] = set()  # corrupt shards: never prepared or kept again
-        self.cond = threading.Condition()
-        self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def hint(self, unit: _Unit) -> None:
-        with self.cond:
-            if (self.stopping.is_set() or unit.shard in self.discarded or unit in self.ready
-                    or unit in self.in_flight or unit in self.hints):
-                return
-            self.hints.append(unit)
-            if not self.threads:
-                self.threads = [threading.Thread(target=self._work, name="arflow-shard-prefetch", daemon=True)
-                                for _ in range(self.num_threads)]
-                for thread in self.threads:
-                    thread.start()
-            self.cond.notify_all()
-
-    def take(self, unit: _Unit) -> Any | None:
-        with self.cond:
-            if unit in self.hints:  # not started: the caller reads it now rather than wait in line
-                self.hints.remove(unit)
-                return None
-            while unit in self.in_flight:
-                self.cond.wait()
-            if unit not in self.ready:
-                return None
-            ok, value = self.ready.pop(unit)
-            self.cond.notify_all()
-        if not ok:
-            raise value
-        return value
-
-    def discard(self, shard: int) -> None:
-        """Forget prepared or hinted units of `shard` (it turned out corrupt)."""
-        with self.cond:
-            self.discarded.add(shard)
-            for unit in [u for u in self.ready if u.shard == shard]:
-                del self.ready[unit]
-            self.hints = collections.deque(u for u in self.hints if u.shard != shard)
-            self.cond.notify_all()
-
-    def close(self, timeout: float = 60.0) -> None:
-        with self.cond:
-            self.stopping.set()
-            self.hints.clear()
-            self.ready.clear()
-            self.cond.notify_all()
-        for thread in self.threads:
-            if thread is not threading.current_thread():
-                thread.join(timeout)
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.stopping.is_set() and not (
-                        self.hints and len(self.ready) + len(self.in_flight) < self.depth):
-                    self.cond.wait()
-                if self.stopping.is_set():
-                    return
-                unit = self.hints.popleft()
-                self.in_flight.add(unit)
-            try:
-                result = (True, self.prepare(unit, self.stopping))
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer at take()
-                result = (False, err)
-            with self.cond:
-                self.in_flight.discard(unit)
-                if not self.stopping.is_set() and unit.shard not in self.discarded:
-                    self.ready[unit] = result
-                self.cond.notify_all()
-
-
 def unit_size(manifest: Manifest, unit: _Unit) -> int:
     return len(range(unit.offset, manifest.shards[unit.shard].count, unit.stride))
-
-
-def _ustar_members(data: bytes, url: str) -> list[dict] | None:
-    """Regular files of a plain USTAR archive (what our writer makes); None if anything else."""
-    members, pos, end_of_data = [], 0, len(data)
-    while pos + 512 <= end_of_data:
-        header = data[pos: pos + 512]
-        if header[156:157] not in (b"0", b"\0") or header[257:262] != b"ustar" or header[124] & 0x80:
-            return None if header != bytes(512) else members  # zero block = end of archive
-        if int(header[148:156].split(b"\0", 1)[0] or b"0", 8) != sum(header) - sum(header[148:156]) + 256:
-            raise CorruptShard(f"bad tar header checksum at byte {pos}")
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        name = header[:100].split(b"\0", 1)[0].decode()
-        prefix = header[345:500].split(b"\0", 1)[0]
-        start = pos + 512
-        if start + size > end_of_data:
-            raise CorruptShard(f"tar member {name} runs past the end of the shard (truncated)")
-        members.append({"fname": f"{prefix.decode()}/{name}" if prefix else name,
-                        "data": data[start: start + size], "__url__": url})
-        pos = start + (size + 511) // 512 * 512
-    return members
-
-
-def tar_members(data: bytes, url: str) -> list[dict]:
-    """Tar bytes -> [{"fname", "data", "__url__"}] for webdataset's group_by_keys.
-
-    Plain USTAR headers are parsed directly (Python's tarfile costs ~50 us per member, most of a
-    stream's time on small images); any other tar goes through webdataset's tar_file_iterator.
-    """
-    members = _ustar_members(data, url)
-    if members is None:
-        from webdataset import tariterators
-
-        members = [{**f, "__url__": url} for f in tariterators.tar_file_iterator(io.BytesIO(data))]
-    return members
-
-
-@functools.lru_cache(maxsize=64)
-def _npy_layout(header: bytes) -> tuple[tuple[int, ...], np.dtype, bool, int]:
-    """An .npy file's header bytes -> (shape, dtype, fortran order, data offset), parsed by numpy."""
-    buf = io.BytesIO(header)
-    version = np.lib.format.read_magic(buf)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = read_header(buf)
-    if dtype.hasobject:
-        raise ValueError("object arrays are not allowed in .npy samples")
-    return shape, dtype, fortran, buf.tell()
-
-
-def load_npy(data: bytes) -> np.ndarray:
-    """.npy bytes -> array, like np.load(allow_pickle=False); the header parse is cached (every
-    sample of a shard has the same one), the data is a read-only view of `data`."""
-    if data[:6] != b"\x93NUMPY" or len(data) < 12 or data[6] not in (1, 2):
-        return np.load(io.BytesIO(data), allow_pickle=False)  # other versions; numpy's own errors
-    header_len = int.from_bytes(data[8:10], "little") if data[6] == 1 else int.from_bytes(data[8:12], "little")
-    shape, dtype, fortran, offset = _npy_layout(bytes(data[:(10 if data[6] == 1 else 12) + header_len]))
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) - offset < count * dtype.itemsize:
-        raise ValueError(f".npy data holds {len(data) - offset} bytes, header needs {count * dtype.itemsize}")
-    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
-    return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
-
-
-def decode_sample(sample: dict, ext: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Tar sample -> uint8 (H, W, C) image or the stored latent array; checks the shape."""
-    if ext == "png":
-        from PIL import Image
-
-        with Image.open(io.BytesIO(sample["png"]), formats=("PNG",)) as img:
-            arr = np.asarray(img)
-        arr = arr[..., None] if arr.ndim == 2 else arr
-        ok = arr.shape == (shape[1], shape[2], shape[0])
-    else:
-        arr = load_npy(sample["npy"])
-        ok = arr.shape == tuple(shape)
-    if not ok:
-        raise CorruptShard(f"sample {sample.get('__key__')} has shape {arr.shape}, manifest says {shape}")
-    return arr
 
 
 class ConsumerStream:

@@ -111,7 +111,7 @@ class SequenceStream:
                    class_sampling=data_cfg.class_sampling, shuffle_buffer=data_cfg.shuffle_buffer,
                    storage_options=dict(data_cfg.storage_options), retries=data_cfg.retries,
                    retry_backoff=data_cfg.retry_backoff, skip_missing=data_cfg.skip_missing,
-                   verify_checksums=data_cfg.verify_checksums, prefetch=getattr(data_cfg, "prefetch", 4))
+                   verify_checksums=data_cfg.verify_checksums, prefetch=data_cfg.prefetch)
 
     def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
         """Indices of manifest shards present in storage; missing ones -> error or skip."""

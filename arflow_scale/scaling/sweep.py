@@ -198,12 +198,9 @@ def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
 # --- running -------------------------------------------------------------------------------------
 
 def _with_tracking(point: SweepPoint, tracking_uri: str, parent_run_id: str) -> Config:
-    """The point's config with the sweep's tracking store (and parent run, where tracking supports it)."""
-    names = {f.name for f in dataclasses.fields(point.config.tracking)}
-    changes: dict[str, Any] = {"uri": tracking_uri}
-    if "parent_run_id" in names:
-        changes["parent_run_id"] = parent_run_id
-    return dataclasses.replace(point.config, tracking=dataclasses.replace(point.config.tracking, **changes))
+    """The point's config with the sweep's tracking store, its run nested under the parent run."""
+    tracking = dataclasses.replace(point.config.tracking, uri=tracking_uri, parent_run_id=parent_run_id)
+    return dataclasses.replace(point.config, tracking=tracking)
 
 
 def _smoothed_loss(client, run_id: str, steps: int, fallback: float) -> float:
@@ -228,7 +225,6 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
         client = MlflowClient(tracking_uri=tracking_uri)
         loss = _smoothed_loss(client, run_id, point.steps, loss)
         fid = client.get_run(run_id).data.metrics.get(METRIC_FID)
-        client.set_tag(run_id, "mlflow.parentRunId", parent_run_id)
         client.set_tag(run_id, "arflow.sweep_point", point.name)
         for key, value in ((METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss)):
             client.log_metric(run_id, key, float(value), step=point.steps)

@@ -11,7 +11,7 @@ Layout of a checkpoint folder `<run>/checkpoint_<step>` (Ray merges the ranks' f
                     `latest_checkpoint`) only when every rank's list is present and every file has
                     its size, so a crash during an upload never yields a half checkpoint.
 Ray Train itself registers a checkpoint only after all ranks reported it, and `get_checkpoint()`
-resumes from registered ones. Our own files load with `torch.load(weights_only=True)`.
+resumes from registered ones. Every file, ours and DeepSpeed's, loads with weights_only=True.
 """
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from .safe_load import safe_checkpoint_engine, safe_load, weights_only_zero_to_fp32
 
 DS_TAG = "state"
 
@@ -97,6 +99,7 @@ def restore_state(folder: str | Path, *, engine, ema, stream, rank: int) -> dict
     """Load this rank's state from a local checkpoint folder; returns meta.json."""
     folder = Path(folder)
     meta = json.loads((folder / "meta.json").read_text())
+    safe_checkpoint_engine(engine)
     load_path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
@@ -202,7 +205,7 @@ def load_ema_weights(checkpoint_url: str, storage_options: dict | None = None):
 def load_raw_weights(checkpoint_url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """Consolidated fp32 training weights from the DeepSpeed files (zero_to_fp32), any ZeRO stage.
 
-    DeepSpeed's own loaders unpickle its files (our own checkpoints) with weights_only=False.
+    DeepSpeed's files are read with weights_only=True (see `safe_load`).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -213,8 +216,8 @@ def load_raw_weights(checkpoint_url: str, storage_options: dict | None = None) -
         local = os.path.join(tmp, "deepspeed")
         fs.get(f"{path.rstrip('/')}/deepspeed", local, recursive=True)
         if int(meta["zero_stage"]) == 0:
-            states = torch.load(os.path.join(local, DS_TAG, "mp_rank_00_model_states.pt"),
-                                map_location="cpu", weights_only=False)
+            states = safe_load(os.path.join(local, DS_TAG, "mp_rank_00_model_states.pt"))
             return {k: v.float().clone() for k, v in states["module"].items()}
-        state = get_fp32_state_dict_from_zero_checkpoint(local, tag=DS_TAG)
+        with weights_only_zero_to_fp32():
+            state = get_fp32_state_dict_from_zero_checkpoint(local, tag=DS_TAG)
         return {k: v.float().clone() for k, v in state.items()}
