@@ -80,3 +80,14 @@ def ray_local(tmp_path_factory):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture()
+def one_thread():
+    """Small tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

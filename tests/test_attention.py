@@ -9,14 +9,7 @@ import torch
 from arflow_scale.model.attention import (chunk_attention, full_attention, hybrid_attention,
                                           intra_attention)
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_inputs(batch=2, heads=3, chunks=4, chunk=5, dim=4, dtype=torch.float64, seed=0):

@@ -8,14 +8,7 @@ from arflow_scale.flow import (draw_noise_levels, drop_labels, flow_matching_los
                                unwrap_model)
 from arflow_scale.model import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomized(model, seed=0, std=0.05):

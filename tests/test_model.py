@@ -7,16 +7,9 @@ import torch
 from arflow_scale.config import ConfigError, ModelConfig
 from arflow_scale.model import SIZES, build_model, parse_size, resolve
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODES = ["hybrid", "full", "intra"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def randomized(model, seed=0, std=0.05):

@@ -11,14 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from arflow_scale.cli import main
 from arflow_scale.model import build_model, count_parameters, forward_flops
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread avoids OpenMP spinning on the shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def numel(model) -> int:

@@ -122,7 +122,7 @@ def test_bad_inputs_name_the_problem(tmp_path, monkeypatch):
     bad.write_text("env_vars: [1, 2]\n")
     with pytest.raises(ValueError, match="env.yaml: env_vars must be a mapping"):
         jobs.load_runtime_env_template(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="missing.yaml: runtime_env template not found"):
         jobs.load_runtime_env_template(tmp_path / "missing.yaml")
     assert jobs.masked_command("python -m x train run.storage_options.secret=abc a.b=1") == \
         "python -m x train 'run.storage_options.secret=***' a.b=1"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
-import yaml
+from arflow_scale.config.base import read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,7 @@ def masked_command(command: str) -> str:
 def load_runtime_env_template(path: str | Path) -> dict:
     """A runtime_env YAML (like cluster/runtime_env.yaml); relative working_dir is taken from the file's cwd."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: runtime_env template not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path, "runtime_env template")
     env_vars = data.get("env_vars", {}) or {}
     if not isinstance(env_vars, dict):
         raise ValueError(f"{path}: env_vars must be a mapping, got {env_vars!r}")

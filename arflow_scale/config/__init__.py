@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from .base import ConfigError, apply_overrides, build, dump_yaml, flatten, to_dict
+from .base import ConfigError, apply_overrides, build, dump_yaml, flatten, read_yaml_mapping, to_dict
 from .data import DataConfig
 from .eval import EvalConfig
 from .model import ModelConfig
@@ -38,17 +36,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
     Errors name the file and the dotted key.
     """
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    data = read_yaml_mapping(path) if path is not None else {}
     try:
         return config_from_dict(data, overrides)
     except ConfigError as err:

@@ -9,6 +9,7 @@ import dataclasses
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
@@ -185,6 +186,20 @@ def flatten(obj: Any, prefix: str = "", mask_secrets: bool = True) -> dict[str, 
 
     walk(tree, prefix)
     return flat
+
+
+def read_yaml_mapping(path: "str | Path", what: str = "config file") -> dict:
+    """The top-level mapping of a YAML file; ConfigError naming the file when missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
 
 
 def dump_yaml(obj: Any) -> str:

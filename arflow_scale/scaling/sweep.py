@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from arflow_scale.config import Config, ConfigError, load_config
-from arflow_scale.config.base import apply_overrides, build, check
+from arflow_scale.config.base import apply_overrides, build, check, read_yaml_mapping
 
 from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
 from .state import ensure_parent_run, read_json, resolve_tracking_uri, write_json
@@ -109,14 +107,7 @@ class SweepPoint:
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
     """Read a sweep YAML, apply dotted overrides (e.g. `budget.steps=[2,4]`), validate -> (sweep, folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
+    data = read_yaml_mapping(path, "sweep file")
     try:
         return build(SweepConfig, apply_overrides(data, list(overrides))), path.parent
     except ConfigError as err:
