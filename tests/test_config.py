@@ -69,6 +69,7 @@ def test_flatten_masks_secrets_but_keeps_the_rest():
                                 "run.storage_options.endpoint_url=http://127.0.0.1:1"])
     flat = flatten(cfg)
     assert flat["run.storage_options.secret"] == "***"
+    assert flat["run.storage_options.key"] == "***"  # s3fs names the access key id `key`
     assert flat["data.storage_options.aws_secret_access_key"] == "***"
     assert flat["run.storage_options.endpoint_url"] == "http://127.0.0.1:1"
     assert flat["train.steps"] == cfg.train.steps

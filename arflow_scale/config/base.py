@@ -167,7 +167,7 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-SECRET_PATTERN = re.compile(r"(secret|password|passwd|token|credential|access_key|session_key|api_key)", re.I)
+SECRET_PATTERN = re.compile(r"(^key$|secret|password|passwd|token|credential|access_key|session_key|api_key)", re.I)
 MASK = "***"
 
 

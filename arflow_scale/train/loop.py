@@ -108,9 +108,12 @@ class GradNormProbe:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.value = float("nan")
+        self.armed = True  # measured only on steps that log it: the norm is a host sync
         optimizer.register_step_pre_hook(self._hook)
 
     def _hook(self, optimizer, args, kwargs) -> None:
+        if not self.armed:
+            return
         grads = [p.grad.float() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         self.value = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
@@ -223,6 +226,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             started, data_wait = time.perf_counter(), 0.0
             losses = []
             lr = engine.get_lr()[0]
+            logs = step % cfg.train.log_every == 0 or step == cfg.train.steps
+            if probe is not None:
+                probe.armed = logs
             for micro in range(cfg.train.grad_accum):
                 fetch = time.perf_counter()
                 x, y = next(data_iter)
@@ -234,11 +240,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 engine.step()
                 losses.append(loss.detach())
             ema.update(engine.module)
-            last_loss = _mean_across_ranks(torch.stack(losses).mean())
+            if logs or step % cfg.checkpoint.every == 0:  # the cross-rank mean is a sync: only when used
+                last_loss = _mean_across_ranks(torch.stack(losses).mean())
             step_time = time.perf_counter() - started
             if step > start_step + max(1, (cfg.train.steps - start_step) // 5):  # skip warm-up steps
                 step_times.append(step_time)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            if logs:
                 grad_norm = probe.value if probe is not None else engine.get_global_grad_norm()
                 tracker.log_metrics({
                     "loss": last_loss, "lr": lr, "grad_norm": float(grad_norm if grad_norm is not None else "nan"),
