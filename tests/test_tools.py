@@ -1,0 +1,59 @@
+"""The one-off scripts in tools/ run as users call them (subprocesses), on small real inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from conftest import REPO
+
+
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tools" / name), *args], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+
+
+def test_prepare_imagenet_writes_class_grouped_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("n01440764", "n01443537"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{cls}_{i}.JPEG")
+    out = tmp_path / "shards"
+    proc = run_tool("prepare_imagenet.py", "--root", str(tmp_path / "train"), "--out", str(out),
+                    "--image-size", "16", "--samples-per-shard", "2", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["classes"] == 2 and result["shards"] == 4  # 3 images per class, 2 per shard
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["class_names"]) == ["n01440764", "n01443537"]
+    assert manifest["sample_shape"] == [3, 16, 16]  # ADM center crop + resize to --image-size
+    assert all(s["count"] in (1, 2) for s in manifest["shards"])
+
+
+def test_prepare_imagenet_rejects_a_malformed_encoder(tmp_path):
+    proc = run_tool("prepare_imagenet.py", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
+                    "--encoder", "no_colon_here")
+    assert proc.returncode != 0 and "package.module:callable" in proc.stderr
+
+
+def test_scaling_report_fits_a_csv(tmp_path):
+    params = np.logspace(6, 9, 8)
+    flops = params * 6e9
+    loss = 8.0 * params ** -0.3
+    csv = tmp_path / "points.csv"
+    csv.write_text("params,flops,loss\n" + "".join(f"{p},{c},{l}\n" for p, c, l in zip(params, flops, loss)))
+    proc = run_tool("scaling_report.py", "--csv", str(csv), "--out", str(tmp_path / "report"))
+    assert proc.returncode == 0, proc.stderr
+    fits = json.loads(proc.stdout.strip().splitlines()[-1])["fits"]
+    assert abs(fits["loss_vs_params"]["alpha"] - 0.3) < 1e-6
+    assert (tmp_path / "report" / "scaling.md").is_file()
+
+
+def test_run_benchmarks_rejects_unknown_names(tmp_path):
+    proc = run_tool("run_benchmarks.py", "--only", "attention,nope", "--out", str(tmp_path / "b.jsonl"))
+    assert proc.returncode != 0 and "nope" in proc.stderr
