@@ -91,3 +91,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def randomized(model, seed: int = 0, std: float = 0.05):
+    """Break the zero-init so every path carries signal (adaLN/final are zero at start)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

@@ -8,15 +8,9 @@ from arflow_scale.flow import (draw_noise_levels, drop_labels, flow_matching_los
                                unwrap_model)
 from arflow_scale.model import build_model
 
+from conftest import randomized
+
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def randomized(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny(channels=1, classes=4, k=3):

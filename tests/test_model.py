@@ -7,18 +7,11 @@ import torch
 from arflow_scale.config import ConfigError, ModelConfig
 from arflow_scale.model import SIZES, build_model, parse_size, resolve
 
+from conftest import randomized
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODES = ["hybrid", "full", "intra"]
-
-
-def randomized(model, seed=0, std=0.05):
-    """Break the zero-init so every path carries signal (adaLN/final are zero at start)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def tiny(mode="hybrid", k=4, **kw):
