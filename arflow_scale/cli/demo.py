@@ -63,6 +63,9 @@ def handle(args) -> int:
     print(f"checkpoint:  {result['checkpoint']}")
     print(f"sample grid: {grid_path} (EMA weights, classes 0-9 twice, cfg scale {args.cfg_scale})")
     for step, fid in sorted((result.get("fid") or {}).items()):
+        if "error" in fid:
+            print(f"FID at step {step} failed: {fid['error']}")
+            continue
         print(f"FID at step {step}: {fid['fid']:.2f} ({fid['n']} samples vs {cfg.eval.num_samples} reference "
               f"digits; small-sample FID, comparable only between runs of the same size)")
     print(f"MLflow store: {store}")

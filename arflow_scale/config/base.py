@@ -171,8 +171,40 @@ SECRET_PATTERN = re.compile(r"(^key$|secret|password|passwd|token|credential|acc
 MASK = "***"
 
 
+URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")  # scheme://user:PASSWORD@host
+
+
+def mask_value(key: str, value: Any) -> Any:
+    """`value` with secrets hidden: all of it under a secret-looking key, a URL's password otherwise."""
+    if value and SECRET_PATTERN.search(key.rsplit(".", 1)[-1]):
+        return MASK
+    if isinstance(value, str):
+        return URL_PASSWORD.sub(rf"\1{MASK}@", value)
+    return value
+
+
+def masked(obj: Any, key: str = "") -> Any:
+    """Dataclass/dict tree -> plain tree with `mask_value` applied to every leaf."""
+    tree = to_dict(obj)
+    if isinstance(tree, dict):
+        return {k: masked(v, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [masked(v, key) for v in tree]
+    return mask_value(key, tree)
+
+
+def drop_masked(tree: Any) -> Any:
+    """Inverse side of `masked` when reading a stored config: masked leaves are removed (so the
+    credentials come from the environment again) instead of being used as '***'."""
+    if isinstance(tree, dict):
+        return {k: drop_masked(v) for k, v in tree.items() if v != MASK}
+    if isinstance(tree, list):
+        return [drop_masked(v) for v in tree]
+    return tree
+
+
 def flatten(obj: Any, prefix: str = "", mask_secrets: bool = True) -> dict[str, Any]:
-    """Dataclass/dict tree -> {"a.b.c": value}; values under secret-looking keys are masked."""
+    """Dataclass/dict tree -> {"a.b.c": value}; secrets masked (see `mask_value`) unless told otherwise."""
     tree = to_dict(obj)
     flat: dict[str, Any] = {}
 
@@ -181,8 +213,7 @@ def flatten(obj: Any, prefix: str = "", mask_secrets: bool = True) -> dict[str, 
             for k, v in node.items():
                 walk(v, f"{key}.{k}" if key else str(k))
         else:
-            leaf = key.rsplit(".", 1)[-1]
-            flat[key] = MASK if (mask_secrets and SECRET_PATTERN.search(leaf) and node) else node
+            flat[key] = mask_value(key, node) if mask_secrets else node
 
     walk(tree, prefix)
     return flat
@@ -202,5 +233,6 @@ def read_yaml_mapping(path: "str | Path", what: str = "config file") -> dict:
     return data
 
 
-def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+def dump_yaml(obj: Any, mask_secrets: bool = False) -> str:
+    """YAML of a config tree; with mask_secrets, as written into checkpoints, exports and MLflow."""
+    return yaml.safe_dump(masked(obj) if mask_secrets else to_dict(obj), sort_keys=False)

@@ -94,6 +94,10 @@ class Manifest:
                                   bytes=int(raw["bytes"]), sha256=str(raw["sha256"]))
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{where}: shards[{i}] is malformed ({err!r}): {raw!r}") from None
+            parts = shard.path.replace("\\", "/").split("/")
+            if not shard.path or shard.path.startswith("/") or "://" in shard.path or ".." in parts:
+                raise ValueError(f"{where}: shards[{i}].path = {shard.path!r} must be a relative path "
+                                 f"inside the shard folder")
             if not 0 <= shard.cls < len(names):
                 raise ValueError(f"{where}: shards[{i}].cls = {shard.cls} is not a class id "
                                  f"(0..{len(names) - 1})")

@@ -28,13 +28,11 @@ ModelLoader = Callable[[str, Optional[dict]], tuple[Any, nn.Module]]
 
 def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Any, nn.Module]:
     """The default loader: the checkpoint's consolidated EMA weights in a model built from its Config."""
-    from arflow_scale.model import build_model
     from arflow_scale.train.checkpoint import load_ema_weights
+    from arflow_scale.train.export import model_from_weights
 
     run_cfg, state_dict = load_ema_weights(checkpoint_url, storage_options=storage_options)
-    model = build_model(run_cfg.model)
-    model.load_state_dict(state_dict)
-    return run_cfg, model.eval()
+    return run_cfg, model_from_weights(run_cfg, state_dict)
 
 
 @dataclass

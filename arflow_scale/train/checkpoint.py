@@ -177,11 +177,12 @@ def read_meta(checkpoint_url: str, storage_options: dict | None = None):
     import yaml
 
     from arflow_scale.config import config_from_dict
+    from arflow_scale.config.base import drop_masked
 
     fs, path = _fs(checkpoint_url, storage_options)
     meta = _read_json(fs, f"{path.rstrip('/')}/meta.json")
     with fs.open(f"{path.rstrip('/')}/config.yaml", "r") as f:
-        cfg = config_from_dict(yaml.safe_load(f.read()) or {})
+        cfg = config_from_dict(drop_masked(yaml.safe_load(f.read()) or {}))
     return meta, cfg
 
 

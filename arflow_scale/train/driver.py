@@ -237,7 +237,14 @@ class FidScheduler:
 
         if self.cfg.eval.fid_at_end and final_checkpoint:
             self._launch(final_checkpoint)
-        return {str(step): ray.get(ref) for step, ref in sorted(self.refs.items())}
+        results: dict[str, Any] = {}
+        for step, ref in sorted(self.refs.items()):
+            try:
+                results[str(step)] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - a failed evaluation must not lose a finished run
+                log.warning("FID at step %s failed: %s", step, err)
+                results[str(step)] = {"error": f"{type(err).__name__}: {err}"}
+        return results
 
 
 def _mark_failed(tracking_uri: str | None, run_id: str | None) -> None:

@@ -92,7 +92,7 @@ def export_checkpoint(checkpoint_url: str, out_path: str, storage_options: dict 
         raw = load_raw_weights(checkpoint_url, storage_options)
         tensors.update({RAW_PREFIX + name: t.contiguous() for name, t in raw.items()})
         info["params_sha256"] = state_dict_sha256(raw)
-    metadata = {"config": dump_yaml(cfg), "checkpoint": checkpoint_url,
+    metadata = {"config": dump_yaml(cfg, mask_secrets=True), "checkpoint": checkpoint_url,
                 **{k: v for k, v in info.items() if k.endswith("sha256")}}
     save_file(tensors, out_path, metadata=metadata)
     return info

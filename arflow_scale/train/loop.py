@@ -187,7 +187,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tracker = Tracker(loop_config.get("tracking_uri"), run_id, cfg.tracking.system_metrics) if rank == 0 \
         else Tracker(None, None)
     faults = FaultInjector(cfg.faults, loop_config["run_url"], rank, loop_config.get("storage_options"))
-    config_yaml = dump_yaml(cfg)
+    config_yaml = dump_yaml(cfg, mask_secrets=True)  # stored in every checkpoint
     images_per_step = cfg.data.batch_size * cfg.model.k * cfg.train.grad_accum * world
     last_loss = float(meta.get("last_loss", float("nan")))
 
