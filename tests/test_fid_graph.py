@@ -159,3 +159,24 @@ def test_launch_fid_is_non_blocking_and_logs_at_step(workspace, ray_local, capsy
     missing = config_from_dict({"eval": {"ref_stats": str(root / "missing.npz")}})
     with pytest.raises(FileNotFoundError, match="missing.npz: reference statistics not found"):
         launch_fid(workspace["checkpoint"], missing, 1, None, None)
+
+
+@pytest.mark.slow
+def test_pinned_weights_outlive_a_deleted_checkpoint(workspace, ray_local, capsys):
+    """In-training FID pins the EMA when launched: keep_last may delete the checkpoint before the tasks run."""
+    import shutil
+
+    import ray
+
+    from arflow_scale.config import config_from_dict
+    from arflow_scale.eval.graph import PinnedEMA
+
+    if "cli_fid" not in workspace:
+        workspace["cli_fid"] = cli_fid_model(workspace, capsys)["fid"]
+    doomed = shutil.copytree(workspace["checkpoint"], workspace["root"] / "run" / "checkpoint_000000099")
+    loader = PinnedEMA.of(str(doomed))
+    shutil.rmtree(doomed)
+    cfg = config_from_dict({"eval": {"num_samples": 8, "tasks": 2, "steps": 2, "cfg_scale": 1.5,
+                                     "ref_stats": ensure_ref_stats(workspace), "feature_batch_size": 8}})
+    result = ray.get(launch_fid(str(doomed), cfg, 99, None, None, model_loader=loader), timeout=300)
+    assert result["fid"] == pytest.approx(workspace["cli_fid"], rel=1e-9)  # the same weights, the same FID

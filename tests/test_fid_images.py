@@ -60,6 +60,13 @@ def test_png_folder_and_shard_folder(tmp_path):
     assert source_kind(str(tmp_path / "shards" / "manifest.json")) == "manifest"
     subset = load_images(str(tmp_path / "shards"), limit=30)
     assert subset.shape == (30, 8, 8, 3) and np.all(subset[..., 0] == subset[..., 1])
+    # a shard whose bytes changed (same size) is refused, naming it, not measured
+    shard = sorted((tmp_path / "shards" / "shards").glob("*.tar"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=rf"{shard.name}: shard does not match its manifest"):
+        load_images(str(tmp_path / "shards"), limit=30)
 
 
 def test_bad_image_sets_raise_clear_errors(tmp_path):

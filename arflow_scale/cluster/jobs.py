@@ -64,17 +64,13 @@ def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
 
 def masked_command(command: str) -> str:
     """`command` with values of secret-looking `key=value` overrides replaced by ***."""
-    from arflow_scale.config.base import SECRET_PATTERN
+    from arflow_scale.config.base import mask_override
 
     try:
         words = shlex.split(command)
     except ValueError:
         return MASK
-    out = []
-    for word in words:
-        key, sep, _ = word.partition("=")
-        out.append(f"{key}={MASK}" if sep and SECRET_PATTERN.search(key.rsplit(".", 1)[-1]) else word)
-    return shlex.join(out)
+    return shlex.join(mask_override(word) for word in words)
 
 
 def load_runtime_env_template(path: str | Path) -> dict:

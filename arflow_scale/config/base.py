@@ -183,6 +183,12 @@ def mask_value(key: str, value: Any) -> Any:
     return value
 
 
+def mask_override(text: str) -> str:
+    """A dotted `key=value` override with `mask_value` applied (for logs, params, job listings)."""
+    key, sep, value = text.partition("=")
+    return f"{key}={mask_value(key, value)}" if sep else text
+
+
 def masked(obj: Any, key: str = "") -> Any:
     """Dataclass/dict tree -> plain tree with `mask_value` applied to every leaf."""
     tree = to_dict(obj)

@@ -35,6 +35,30 @@ def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) 
     return run_cfg, model_from_weights(run_cfg, state_dict)
 
 
+class PinnedEMA:
+    """A model loader over EMA weights already put in Ray's object store, so the FID of a checkpoint
+    survives `checkpoint.keep_last` deleting it before queued tasks start. -> (Config, model)."""
+
+    def __init__(self, weights_ref):
+        self.weights_ref = weights_ref  # ObjectRef of (Config, state_dict)
+
+    @classmethod
+    def of(cls, checkpoint_url: str, storage_options: Optional[dict] = None) -> "PinnedEMA":
+        import ray
+
+        from arflow_scale.train.checkpoint import load_ema_weights
+
+        return cls(ray.put(load_ema_weights(checkpoint_url, storage_options=storage_options)))
+
+    def __call__(self, checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Any, nn.Module]:
+        import ray
+
+        from arflow_scale.train.export import model_from_weights
+
+        run_cfg, state_dict = ray.get(self.weights_ref)
+        return run_cfg, model_from_weights(run_cfg, state_dict)
+
+
 @dataclass
 class FidPlan:
     """Everything the graph needs besides the checkpoint; built from an EvalConfig or CLI flags."""

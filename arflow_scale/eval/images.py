@@ -4,7 +4,6 @@ shard folder (its manifest) written by `arflow data shards`. Everything becomes 
 from __future__ import annotations
 
 import io
-import tarfile
 from typing import Iterator, Optional
 
 import numpy as np
@@ -99,8 +98,13 @@ def shard_quotas(counts: list[int], limit: Optional[int]) -> list[int]:
 
 
 def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[dict]) -> Iterator[np.ndarray]:
+    """Images of a shard folder, each shard read with retries and checked against its manifest sha256
+    (reference statistics must not silently include a damaged shard)."""
+    import hashlib
+
+    from arflow_scale.data.decode import tar_members
     from arflow_scale.data.manifest import read_manifest
-    from arflow_scale.data.storage import filesystem
+    from arflow_scale.data.storage import read_bytes
 
     manifest = read_manifest(source, storage_options)
     if manifest.sample_ext != "png":
@@ -111,17 +115,13 @@ def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[
         if quota == 0:
             continue
         url = manifest.shard_url(shard)
-        fs, path = filesystem(url, storage_options)
-        taken = 0
-        with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(".png"):
-                    continue
-                image = decode_image(tar.extractfile(member).read(), f"{url}:{member.name}")
-                yield rearrange(image, "h w c -> 1 h w c")
-                taken += 1
-                if taken == quota:
-                    break
+        data = read_bytes(url, storage_options)
+        if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+            raise ValueError(f"{url}: shard does not match its manifest (size or sha256); "
+                             f"check it with `arflow data inspect {source} --verify`")
+        pngs = [m for m in tar_members(data, url) if m["fname"].endswith(".png")]
+        for member in pngs[:quota]:
+            yield rearrange(decode_image(member["data"], f"{url}:{member['fname']}"), "h w c -> 1 h w c")
 
 
 def iter_image_batches(source: str, batch_size: int = 256, limit: Optional[int] = None,

@@ -42,16 +42,11 @@ def write_json(url: str, data: dict, storage_options: dict) -> None:
 
 def resolve_tracking_uri(sweep) -> str:
     """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
-    if sweep.tracking_uri:
-        return sweep.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
+    from arflow_scale.tracking import resolve_tracking_uri as resolve
+
     from .sweep import sweep_url
 
-    root = sweep_url(sweep)
-    folder = Path(root) if "://" not in root else Path("runs", "sweeps", sweep.name).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{folder / 'mlflow.db'}"
+    return resolve(sweep.tracking_uri, sweep_url(sweep), f"sweeps/{sweep.name}")
 
 
 def ensure_parent_run(sweep, tracking_uri: str) -> str:
@@ -94,10 +89,6 @@ def ensure_parent_run(sweep, tracking_uri: str) -> str:
 
 def masked_overrides(overrides: list[str]) -> list[str]:
     """`a.secret=x` -> `a.secret=***` for every secret-looking key (before logging as params)."""
-    from arflow_scale.config.base import MASK, SECRET_PATTERN
+    from arflow_scale.config.base import mask_override
 
-    out = []
-    for text in overrides:
-        key, sep, _ = text.partition("=")
-        out.append(f"{key}={MASK}" if sep and SECRET_PATTERN.search(key.rsplit(".", 1)[-1]) else text)
-    return out
+    return [mask_override(text) for text in overrides]

@@ -200,13 +200,15 @@ class FidScheduler:
         self.refs: dict[int, Any] = {}
 
     def _launch(self, checkpoint_url: str) -> None:
-        from arflow_scale.eval.graph import launch_fid
+        from arflow_scale.eval.graph import PinnedEMA, launch_fid
         from arflow_scale.train.checkpoint import read_meta
 
         step = int(read_meta(checkpoint_url, self.options)[0]["step"])
         if step not in self.refs:
             log.info("FID of %s (step %d) launched", checkpoint_url, step)
-            self.refs[step] = launch_fid(checkpoint_url, self.cfg, step, self.tracking_uri, self.run_id)
+            # the weights are pinned now: keep_last may delete the checkpoint before the tasks run
+            self.refs[step] = launch_fid(checkpoint_url, self.cfg, step, self.tracking_uri, self.run_id,
+                                         model_loader=PinnedEMA.of(checkpoint_url, self.options))
 
     def _poll(self) -> None:
         from arflow_scale.train.checkpoint import is_complete, list_checkpoints
