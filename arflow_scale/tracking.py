@@ -22,21 +22,15 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run.json"
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def _local_path(url: str) -> Path:
-    return Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
-
-
 def resolve_tracking_uri(uri: str | None, run_url: str, run_name: str) -> str:
     """Config URI, else MLFLOW_TRACKING_URI, else sqlite in the (local) run folder."""
     if uri:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    folder = _local_path(run_url) if _is_local(run_url) else Path("runs", run_name).resolve()
+    from arflow_scale.data.storage import is_local_url, local_path
+
+    folder = local_path(run_url) if is_local_url(run_url) else Path("runs", run_name).resolve()
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 

@@ -224,3 +224,11 @@ def test_bench_data_given_manifest_and_builtin(tmp_path, capsys):
     code, result = run_cli(capsys, "bench", "data", "--seconds", "0.1", "--batch-size", "8")
     assert code == 0 and [r["store"] for r in result["results"]] == ["local", "s3"]
     assert result["results"][1]["url"].startswith("s3://") and all(r["ratio"] > 0 for r in result["results"])
+
+
+def test_local_url_forms(tmp_path):
+    from arflow_scale.data.storage import is_local_url, local_path
+
+    assert is_local_url("runs/x") and is_local_url(f"file://{tmp_path}") and not is_local_url("s3://b/x")
+    assert local_path(f"file://{tmp_path}/a") == tmp_path / "a"
+    assert local_path("relative/dir") == (Path.cwd() / "relative" / "dir").resolve()

@@ -8,7 +8,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,6 +18,8 @@ import pytest
 import yaml
 
 from arflow_scale.cluster import jobs
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -126,18 +127,12 @@ def test_bad_inputs_name_the_problem(tmp_path, monkeypatch):
         jobs.load_runtime_env_template(tmp_path / "missing.yaml")
     assert jobs.masked_command("python -m x train run.storage_options.secret=abc a.b=1") == \
         "python -m x train 'run.storage_options.secret=***' a.b=1"
-    proc = subprocess.run([ARFLOW, "jobs", "list", "--address", f"http://127.0.0.1:{_free_port()}"],
+    proc = subprocess.run([ARFLOW, "jobs", "list", "--address", f"http://127.0.0.1:{free_port()}"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "cannot reach the Ray dashboard" in proc.stderr
 
 
 # --- a real loopback cluster -------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def loopback_cluster():
@@ -146,13 +141,13 @@ def loopback_cluster():
     token = temp / "auth_token"
     token.write_text(secrets.token_hex(32))
     token.chmod(0o600)
-    dashboard = _free_port()
+    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
            "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     argv = [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-            f"--port={_free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-            f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
+            f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+            f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
             "--num-cpus=2", "--object-store-memory=268435456", f"--temp-dir={temp / 'ray'}",
             "--include-dashboard=true", "--disable-usage-stats"]
     log = (temp / "ray_start.log").open("w")

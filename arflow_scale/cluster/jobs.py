@@ -153,13 +153,15 @@ def submit(args: Sequence[str], *, address: Optional[str] = None, runtime_env: O
     """Submit `arflow ARGS` as a Ray job; returns its submission id."""
     jobs = client(address)
     runtime_env = runtime_env if runtime_env is not None else build_runtime_env()
-    log.info("submitting to %s: %s (env vars: %s)", jobs.get_address(), masked_command(build_entrypoint(args, python)),
+    entrypoint = build_entrypoint(args, python)
+    log.info("submitting to %s: %s (env vars: %s)", jobs.get_address(), masked_command(entrypoint),
              ", ".join(sorted(runtime_env.get("env_vars", {}))))
+    log.debug("runtime_env: %s", redacted(runtime_env))
     # Our anchored excludes replace .gitignore parsing: its unanchored `data/` would drop arflow_scale/data/.
     saved = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE")
     os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = "1"
     try:
-        return jobs.submit_job(entrypoint=build_entrypoint(args, python), runtime_env=runtime_env,
+        return jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                submission_id=submission_id, metadata={"arflow_command": str(args[0])},
                                entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus)
     finally:

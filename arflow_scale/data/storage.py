@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import fsspec
@@ -69,6 +70,16 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple
     except (ImportError, ValueError, TypeError) as err:
         raise ValueError(f"{url}: cannot open this storage URL: {err}") from err
     return fs, path
+
+
+def is_local_url(url: str) -> bool:
+    """A plain path or a file:// URL."""
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> Path:
+    """Absolute path of a local URL (plain path or file://)."""
+    return Path(url[len("file://"):] if url.startswith("file://") else url).resolve()
 
 
 def join_url(base: str, *parts: str) -> str:

@@ -26,12 +26,12 @@ def read_json(url: str, storage_options: dict) -> Optional[dict]:
 
 def write_json(url: str, data: dict, storage_options: dict) -> None:
     """Write JSON so a reader never sees half a file (local: temp + rename; object stores: one PUT)."""
-    from arflow_scale.data.storage import filesystem
+    from arflow_scale.data.storage import filesystem, is_local_url
 
     fs, path = filesystem(url, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     text = json.dumps(data, indent=2, default=str)
-    if "://" in url and not url.startswith("file://"):
+    if not is_local_url(url):
         fs.pipe_file(path, text.encode())
         return
     tmp = f"{path}.tmp-{os.getpid()}"

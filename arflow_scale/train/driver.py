@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from arflow_scale.data.storage import is_local_url, local_path
+
 log = logging.getLogger(__name__)
 
 # Environment forwarded to the workers through the object store (never written to storage or logs).
@@ -38,15 +40,10 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
              object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir))
 
 
-def is_local_url(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
 def run_folder_url(storage_path: str, name: str) -> str:
     """URL of the run folder (absolute path for local storage)."""
     if is_local_url(storage_path):
-        base = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
-        return str(Path(base).resolve() / name)
+        return str(local_path(storage_path) / name)
     return f"{storage_path.rstrip('/')}/{name}"
 
 
@@ -59,8 +56,7 @@ def storage_endpoint(storage_options: dict[str, Any]) -> str | None:
 def ray_storage(storage_path: str, storage_options: dict[str, Any]):
     """(storage_path for RunConfig, pyarrow filesystem or None) for any storage URL."""
     if is_local_url(storage_path):
-        base = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
-        return str(Path(base).resolve()), None
+        return str(local_path(storage_path)), None
     parsed = urlparse(storage_path)
     if parsed.scheme in ("s3", "s3a"):
         from pyarrow.fs import S3FileSystem
@@ -107,7 +103,7 @@ def prepare_inputs(cfg):
 
     manifest = cfg.data.manifest
     if manifest and is_local_url(manifest):
-        manifest = str(Path(manifest[len("file://"):] if manifest.startswith("file://") else manifest).resolve())
+        manifest = str(local_path(manifest))
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest))
     if cfg.run.prepare_data and manifest:
         fs, path = filesystem(manifest, cfg.data.storage_options)
