@@ -293,3 +293,47 @@ def test_load_npy_matches_numpy():
         load_npy(buf.getvalue()[:-4])  # the 0-d float64 without 4 of its 8 data bytes
     with pytest.raises(ValueError):
         load_npy(b"not an npy file")
+
+
+def test_assemble_batch_equals_stack_flip_scale():
+    """One copy per sample (mirrored on the way) equals stacking, flipping and scaling afterwards."""
+    from arflow_scale.data.consumer import assemble_batch
+
+    rng = np.random.default_rng(0)
+    flips = rng.random((3, 4)) < 0.5
+    images = [[rng.integers(0, 256, (5, 6, 3), dtype=np.uint8) for _ in range(4)] for _ in range(3)]
+    stacked = np.stack([np.stack(seq) for seq in images])  # (B, K, H, W, C)
+    mirrored = np.where(flips[:, :, None, None, None], stacked[:, :, :, ::-1], stacked)
+    expected = mirrored.transpose(0, 1, 4, 2, 3).astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    got = assemble_batch(images, flips, pixels=True)
+    assert got.dtype == np.float32 and np.array_equal(got, expected)
+    latents = [[rng.normal(size=(4, 2, 5)).astype(np.float32) for _ in range(4)] for _ in range(3)]
+    stacked = np.stack([np.stack(seq) for seq in latents])
+    assert np.array_equal(assemble_batch(latents, flips, pixels=False),
+                          np.where(flips[:, :, None, None, None], stacked[..., ::-1], stacked))
+    assert np.array_equal(assemble_batch(latents, None, pixels=False), stacked)
+
+
+def test_split_key_matches_webdataset():
+    from webdataset.tariterators import base_plus_ext
+
+    from arflow_scale.data.decode import split_key
+
+    for name in ("k.npy", "a/b/c.tar.gz", "x.y/abc.png", "a/b/.hidden", "dir/.png", "k", ".", "a.", "a/b.",
+                 "", "a//b.c", "a/.b.c", "/abs/0001.cls"):
+        assert split_key(name) == base_plus_ext(name), name
+
+
+def test_tar_header_checks_only_when_not_verified(tmp_path):
+    """Header checksums are skipped only when the whole shard's sha256 was verified; both parses agree."""
+    from arflow_scale.data.decode import CorruptShard, tar_members
+
+    write_shards(id_source([4]), str(tmp_path), samples_per_shard=4, progress=False)
+    data = next((tmp_path / "shards").glob("*.tar")).read_bytes()
+    checked, unchecked = tar_members(data, "s"), tar_members(data, "s", check_headers=False)
+    assert [(m["fname"], bytes(m["data"])) for m in checked] == \
+        [(m["fname"], bytes(m["data"])) for m in unchecked]
+    bad = bytearray(data)
+    bad[10] ^= 0x01  # inside the first member's name: its header checksum no longer matches
+    with pytest.raises(CorruptShard, match="checksum"):
+        tar_members(bytes(bad), "s")

@@ -232,3 +232,32 @@ def test_local_url_forms(tmp_path):
     assert is_local_url("runs/x") and is_local_url(f"file://{tmp_path}") and not is_local_url("s3://b/x")
     assert local_path(f"file://{tmp_path}/a") == tmp_path / "a"
     assert local_path("relative/dir") == (Path.cwd() / "relative" / "dir").resolve()
+
+
+def test_cold_local_reads_and_raw_reader_processes(tmp_path):
+    """The bench's page-cache-dropping filesystem reads the same bytes (a SequenceStream runs on it),
+    and raw readers in spawned processes read whole shards or name what failed."""
+    from arflow_scale.bench.raw_read import COLD_PROTOCOL, RawReader
+    from arflow_scale.data import SequenceStream
+    from arflow_scale.data.storage import filesystem
+
+    url = str(tmp_path / "digits")
+    manifest = write_shards("digits", url, samples_per_shard=200, progress=False)
+    shard = f"{url}/{manifest['shards'][0]['path']}"
+    cold_fs, cold_path = filesystem(f"{COLD_PROTOCOL}://{shard}")
+    assert cold_fs.cat_file(cold_path) == Path(shard).read_bytes()
+    batches = []
+    for stream_url in (f"{COLD_PROTOCOL}://{url}", url):
+        it = iter(SequenceStream(stream_url, k=2, batch_size=4, seed=1))
+        batches.append([next(it) for _ in range(3)])
+        it.close()
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(*batches))
+    raw = RawReader(url, {}, processes=2, threads=1)
+    try:
+        raw.run_for(0.3)
+    finally:
+        raw.close()
+    sizes = {s["bytes"] for s in manifest["shards"]}
+    assert raw.bytes >= min(sizes) and raw.readers == 2
+    with pytest.raises(RuntimeError, match="raw reader process: FileNotFoundError"):
+        RawReader(str(tmp_path / "nowhere"), {}, processes=1)

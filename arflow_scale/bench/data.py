@@ -1,14 +1,17 @@
 """`arflow bench data`: SequenceStream throughput next to raw fsspec byte reading of the same shards.
 
-Both sides count STORED (compressed) shard bytes. Raw reads every shard whole with fsspec
-`cat_file`, one pass over all shards after another, through the same filesystem type the stream
-uses; stream MB/s = samples delivered/s x mean stored bytes per sample (tar overhead included, as
-raw). The two sides alternate in slices (order raw, stream, stream, raw, ...) in one process, so
-both see the same machine load. Without --manifest the benchmark writes one shard set (synthetic
-RGB images by default, --image-size) to a temp folder, copies the identical files to an S3
-endpoint (a `python -m moto.server` subprocess on 127.0.0.1, a free port), and reports both.
-Local shards were just written, so on local disk both sides read from a warm page cache.
-Goal: stream >= 0.7x raw.
+Both sides count STORED shard bytes. Raw reads every shard whole with fsspec `cat_file`, round-robin,
+with the stream's concurrency (`raw_read.RawReader`: one reader per DataLoader worker process, times
+the stream's fetch threads); stream MB/s = samples delivered/s x mean stored bytes per sample (tar
+overhead included, as raw). The two sides alternate in slices (raw, stream, stream, raw, ...) in one
+run, so both see the same machine load.
+
+Without --manifest the benchmark writes one shard set to a temp folder (default: float32 4x32x32
+latent-like arrays, the sample the ImageNet-256 recipe streams; `--format png` for images), copies
+the identical files to an S3 endpoint (a `python -m moto.server` subprocess on 127.0.0.1, a free
+port), and reports both. The local folder is read with its pages dropped from the page cache after
+every read (`--page-cache drop`, both sides), so local numbers are disk reads; `--page-cache keep`
+measures against a memcpy from RAM instead. Goal: stream >= 0.7x raw.
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ import json
 import sys
 import time
 
+from .raw_read import COLD_PROTOCOL, RawReader
+
 SOURCES = ("synthetic", "digits", "fashion-mnist")
+FORMATS = {"latent": 32, "npy": 64, "png": 64}  # -> default --image-size
 
 
 def add_arguments(parser) -> None:
@@ -29,9 +35,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measuring time per side and store")
     parser.add_argument("--rounds", type=int, default=2, help="alternations of raw and stream per store")
     parser.add_argument("--source", choices=SOURCES, default="synthetic", help="data for the built shards")
-    parser.add_argument("--image-size", type=int, default=64, help="side of the built RGB images")
-    parser.add_argument("--format", choices=("png", "npy"), default="png",
-                        help="built samples: PNG images, or uint8 (C, H, W) arrays as .npy (the latents path)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help=f"side of the built samples (default per format: {FORMATS})")
+    parser.add_argument("--format", choices=tuple(FORMATS), default="latent",
+                        help="built samples: float32 (4, S, S) latent-like .npy arrays, uint8 (3, S, S) .npy "
+                             "arrays, or PNG images")
+    parser.add_argument("--page-cache", choices=("drop", "keep"), default="drop",
+                        help="local folder: drop each shard's pages after every read (disk reads) or keep them")
     parser.add_argument("--samples-per-class", type=int, default=300, help="synthetic: images per class")
     parser.add_argument("--samples-per-shard", type=int, default=150, help="for the built shards")
 
@@ -72,31 +82,18 @@ def chw_pixels(images):
     return rearrange(images, "n h w c -> n c h w")
 
 
-class RawReader:
-    """Reads every shard whole via fsspec cat_file, pass after pass over all shards."""
+def latent_like(images):
+    """'Encoder' for --format latent: uint8 (N, S, S, 3) -> float32 (N, 4, S, S), a fixed 3 -> 4 channel
+    mix standardized to unit variance: the dtype, shape and bytes of SD-VAE latents (not a VAE)."""
+    import numpy as np
+    from einops import einsum
 
-    def __init__(self, url: str, options: dict):
-        from arflow_scale.data import read_manifest
-        from arflow_scale.data.storage import filesystem
+    mix = np.random.default_rng(1234).normal(size=(3, 4)).astype(np.float32)
+    latents = einsum(images.astype(np.float32) / 127.5 - 1.0, mix, "n h w c, c d -> n d h w")
+    return ((latents - latents.mean()) / latents.std()).astype(np.float32)
 
-        manifest = read_manifest(url, options)
-        self.fs = filesystem(manifest.url, options)[0]
-        self.paths = [filesystem(manifest.shard_url(s), options)[1] for s in manifest.shards]
-        self.sizes = [s.bytes for s in manifest.shards]
-        self.next_shard, self.bytes, self.seconds, self.passes = 0, 0, 0.0, 0
-        self.fs.cat_file(self.paths[0])  # warm the connection, like the stream's first batch
 
-    def run_for(self, seconds: float) -> None:
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            data = self.fs.cat_file(self.paths[self.next_shard])
-            if len(data) != self.sizes[self.next_shard]:
-                raise RuntimeError(f"{self.paths[self.next_shard]}: read {len(data)} bytes, manifest says "
-                                   f"{self.sizes[self.next_shard]}")
-            self.bytes += len(data)
-            self.next_shard = (self.next_shard + 1) % len(self.paths)
-            self.passes += self.next_shard == 0
-        self.seconds += time.perf_counter() - start
+ENCODERS = {"latent": latent_like, "npy": chw_pixels, "png": None}
 
 
 class StreamReader:
@@ -124,32 +121,53 @@ class StreamReader:
         self.iterator.close()  # stops the prefetch thread / DataLoader workers
 
 
+def fetch_threads(prefetch: int) -> int:
+    """Shard reads a SequenceStream consumer has in flight: its prefetch threads, else its own."""
+    return min(prefetch, 2) if prefetch > 0 else 1
+
+
 def bench_one(name: str, url: str, options: dict, args, note: str) -> dict:
-    """Raw and stream reading in alternating slices (raw, stream, stream, raw, ...)."""
-    raw, stream = RawReader(url, options), StreamReader(url, options, args)
+    """Stream and raw reading in alternating slices (raw, matched, stream, stream, matched, raw, ...).
+
+    raw: one fsspec reader, shard after shard (the goal's reference); matched: as many concurrent
+    readers as the stream has fetching (only when that is more than one).
+    """
+    threads = fetch_threads(args.prefetch)
+    sides = {"raw": RawReader(url, options)}
     try:
+        if max(args.num_workers, 1) * threads > 1:
+            sides["matched"] = RawReader(url, options, processes=args.num_workers, threads=threads)
+        sides["stream"] = StreamReader(url, options, args)
+        order = list(sides.values())
         piece = args.seconds / args.rounds
         for r in range(args.rounds):
-            for side in ((raw, stream) if r % 2 == 0 else (stream, raw)):
+            for side in (order if r % 2 == 0 else order[::-1]):
                 side.run_for(piece)
     finally:
-        stream.close()
+        for side in sides.values():
+            side.close()
+    raw, matched, stream = sides["raw"], sides.get("matched"), sides["stream"]
     manifest = stream.stream.manifest
-    raw_mbps = raw.bytes / raw.seconds / 1e6
     seqs = stream.sequences / stream.seconds
     stream_mbps = seqs * args.k * stream.bytes_per_sample / 1e6
-    ratio = stream_mbps / raw_mbps
+    ratio = stream_mbps / raw.mbps
     # Prefetched units may be prepared while the raw side runs: an upper bound of that head start.
-    head_start = min(1.0, args.rounds * args.prefetch * manifest.total_bytes / len(manifest.shards)
-                     / max(stream.sequences * args.k * stream.bytes_per_sample, 1.0))
+    head_start = min(1.0, args.rounds * args.prefetch * max(args.num_workers, 1) * manifest.total_bytes
+                     / len(manifest.shards) / max(stream.sequences * args.k * stream.bytes_per_sample, 1.0))
     verdict = "met" if ratio >= 0.7 else "NOT met"
-    print(f"{name:>6}: stream {seqs:8.1f} seq/s {stream_mbps:8.2f} MB/s stored | raw fsspec {raw_mbps:8.2f} MB/s "
-          f"stored ({raw.passes} full passes) | ratio {ratio:.3g} (goal >= 0.7: {verdict}) | {note}",
-          file=sys.stderr)
-    return {"store": name, "url": url, "note": note, "stream_sequences_per_s": round(seqs, 1),
-            "stream_MBps": round(stream_mbps, 3), "raw_MBps": round(raw_mbps, 3), "ratio": float(f"{ratio:.3g}"),
-            "goal_met": ratio >= 0.7, "raw_passes": raw.passes, "stream_epochs": stream.stream.epoch,
-            "prefetch_head_start_max": round(head_start, 3)}
+    extra = f" | vs {matched.readers} concurrent readers {matched.mbps:.2f} MB/s: {stream_mbps / matched.mbps:.3g}" \
+        if matched else ""
+    print(f"{name:>6}: stream {seqs:8.1f} seq/s {stream_mbps:8.2f} MB/s stored | raw fsspec {raw.mbps:8.2f} MB/s "
+          f"stored | ratio {ratio:.3g} (goal >= 0.7: {verdict}){extra} | {note}", file=sys.stderr)
+    result = {"store": name, "url": url, "note": note, "stream_sequences_per_s": round(seqs, 1),
+              "stream_MBps": round(stream_mbps, 3), "raw_MBps": round(raw.mbps, 3),
+              "ratio": float(f"{ratio:.3g}"), "goal_met": ratio >= 0.7,
+              "raw_passes": round(raw.bytes / manifest.total_bytes, 1), "stream_epochs": stream.stream.epoch,
+              "prefetch_head_start_max": round(head_start, 3)}
+    if matched:
+        result.update({"matched_readers": matched.readers, "matched_MBps": round(matched.mbps, 3),
+                       "matched_ratio": float(f"{stream_mbps / matched.mbps:.3g}")})
+    return result
 
 
 def start_moto_server() -> tuple:
@@ -183,6 +201,12 @@ def stop_process(proc) -> None:
         proc.wait(timeout=10)
 
 
+def build_source(args):
+    if args.source == "synthetic":
+        return synthetic_source(args.samples_per_class, args.image_size)
+    return rgb_source(args.source, args.image_size)
+
+
 def run(args) -> int:
     import os
     import tempfile
@@ -199,10 +223,10 @@ def run(args) -> int:
         results = [bench_one("given", args.manifest, options, args, "page cache state unknown")]
         print(json.dumps({"benchmark": "data", **common, "results": results}))
         return 0
+    args.image_size = args.image_size or FORMATS[args.format]
     if args.image_size < 8:
         raise ValueError(f"--image-size must be >= 8, got {args.image_size}")
-    src = synthetic_source(args.samples_per_class, args.image_size) if args.source == "synthetic" \
-        else rgb_source(args.source, args.image_size)
+    src = build_source(args)
     for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
                        ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ.setdefault(key, value)
@@ -211,9 +235,8 @@ def run(args) -> int:
         s3_options = {"endpoint_url": endpoint}
         with tempfile.TemporaryDirectory(prefix="arflow-bench-data-") as tmp:
             local_url = f"{tmp}/shards"
-            encoder = chw_pixels if args.format == "npy" else None
             manifest = write_shards(src, local_url, samples_per_shard=args.samples_per_shard, progress=False,
-                                    encoder=encoder)
+                                    encoder=ENCODERS[args.format])
             bucket = f"arflow-bench-{uuid.uuid4().hex[:8]}"
             s3_url = f"s3://{bucket}/shards"
             s3 = filesystem(s3_url, s3_options)[0]
@@ -221,14 +244,18 @@ def run(args) -> int:
             s3.put(f"{local_url}/", f"{bucket}/shards/", recursive=True)  # the identical files
             samples = sum(s["count"] for s in manifest["shards"])
             stored = sum(s["bytes"] for s in manifest["shards"])
-            c, h, w = manifest["sample_shape"]
-            print(f"data: {args.source} {c}x{h}x{w} {args.format}, {samples} samples in {len(manifest['shards'])} shards, "
-                  f"{stored / 1e6:.1f} MB stored ({stored / samples / (c * h * w):.2f}x raw pixels per sample)",
-                  file=sys.stderr)
-            results = [bench_one("local", local_url, {}, args, "local page cache warm (both sides)"),
+            shape = "x".join(map(str, manifest["sample_shape"]))
+            print(f"data: {args.source} {args.format} {shape} {manifest['dtype']}, {samples} samples in "
+                  f"{len(manifest['shards'])} shards, {stored / 1e6:.1f} MB stored ({stored / samples / 1e3:.1f} kB "
+                  f"per sample)", file=sys.stderr)
+            cold = args.page_cache == "drop"
+            results = [bench_one("local", f"{COLD_PROTOCOL}://{local_url}" if cold else local_url, {}, args,
+                                 "disk reads: pages dropped after every read (both sides)" if cold
+                                 else "page cache kept: raw is a memcpy from RAM"),
                        bench_one("s3", s3_url, s3_options, args, "moto server subprocess on 127.0.0.1")]
     finally:
         stop_process(server)
     print(json.dumps({"benchmark": "data", "source": args.source, "format": args.format, "image_size": args.image_size,
-                      "samples": samples, "stored_MB": round(stored / 1e6, 2), **common, "results": results}))
+                      "page_cache": args.page_cache, "samples": samples, "stored_MB": round(stored / 1e6, 2),
+                      **common, "results": results}))
     return 0

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from einops import rearrange
 
-from .decode import CorruptShard, decode_sample, tar_members
+from .decode import CorruptShard, decode_shard
 from .manifest import Manifest
 from .prefetch import UnitPrefetcher, _Cancelled
 from .storage import filesystem, with_retries
@@ -93,19 +94,19 @@ class ConsumerStream:
             self._fs = filesystem(self.manifest.url, self.spec["storage_options"])[0]
         return self._fs
 
-    def load_unit(self, unit: _Unit, allow_bad: bool = False) -> list[tuple[int, dict]] | None:
-        """Read and verify a unit's shard -> [(sample id, undecoded sample)], None if corrupt."""
+    def load_unit(self, unit: _Unit, allow_bad: bool = False) -> list[tuple[int, np.ndarray]] | None:
+        """Read, verify and decode a unit -> [(sample id, decoded sample)], None if corrupt."""
         if unit.shard in self.bad and not allow_bad:
             return None
         info = self.manifest.shards[unit.shard]
         data = self._fetch(unit.shard)
         try:
-            return self._split_unit(data, info, unit)
+            return self._decode_unit(data, info, unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             self.mark_bad(unit.shard, err)
             return None
 
-    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, dict]] | None:
+    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, np.ndarray]] | None:
         """A class reader's next unit (prefetched if it was), then hint `upcoming` for prefetch."""
         if unit.shard in self.bad:
             return None
@@ -121,12 +122,13 @@ class ConsumerStream:
             self.prefetcher.hint(upcoming)
         return samples
 
-    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, dict]] | Exception:
-        """Prefetch thread: fetch, verify and split a unit -> [(sample id, undecoded sample)], or the
-        corrupt-shard error (reported by the consumer when it opens the unit)."""
+    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, np.ndarray]] | Exception:
+        """Prefetch thread: fetch, verify and decode a unit -> [(sample id, decoded sample)], or the
+        corrupt-shard error (reported by the consumer when it opens the unit). PNG decoding and
+        hashing release the GIL, so two prefetch threads decode in parallel with the batching."""
         data = self._fetch(unit.shard, cancel)
         try:
-            return self._split_unit(data, self.manifest.shards[unit.shard], unit)
+            return self._decode_unit(data, self.manifest.shards[unit.shard], unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             return err
 
@@ -156,27 +158,16 @@ class ConsumerStream:
             url = self.manifest.shard_url(self.manifest.shards[shard])
             warnings.warn(f"skipping corrupt shard {url}: {type(err).__name__}: {err}", RuntimeWarning)
 
-    def decode(self, sample: dict) -> np.ndarray:
-        return decode_sample(sample, self.manifest.sample_ext, self.manifest.sample_shape)
-
-    def _split_unit(self, data: bytes, info, unit: _Unit) -> list[tuple[int, dict]]:
-        from webdataset import tariterators
-
+    def _decode_unit(self, data: bytes, info, unit: _Unit) -> list[tuple[int, np.ndarray]]:
         if len(data) != info.bytes:
             raise CorruptShard(f"{len(data)} bytes, manifest says {info.bytes} (truncated?)")
-        if self.spec["verify_checksums"] and hashlib.sha256(data).hexdigest() != info.sha256:
+        verified = self.spec["verify_checksums"]
+        if verified and hashlib.sha256(data).hexdigest() != info.sha256:
             raise CorruptShard("sha256 does not match the manifest")
-        samples = list(tariterators.group_by_keys(tar_members(data, info.path)))
-        if len(samples) != info.count:
-            raise CorruptShard(f"{len(samples)} samples, manifest says {info.count}")
-        out = []
-        for pos in range(unit.offset, info.count, unit.stride):
-            sample = samples[pos]
-            if int(sample["cls"]) != info.cls or self.manifest.sample_ext not in sample:
-                raise CorruptShard(f"sample {sample['__key__']} is not a {self.manifest.sample_ext} "
-                                   f"sample of class {info.cls}")
-            out.append((unit.shard << SAMPLE_BITS | pos, sample))
-        return out
+        positions = range(unit.offset, info.count, unit.stride)
+        arrays = decode_shard(data, info.path, self.manifest.sample_ext, self.manifest.sample_shape, info.cls,
+                              info.count, positions, check_headers=not verified)
+        return [(unit.shard << SAMPLE_BITS | pos, arr) for pos, arr in zip(positions, arrays)]
 
     # ----- batches -----
     def _choose(self, rng: np.random.Generator) -> int:
@@ -192,7 +183,6 @@ class ConsumerStream:
     def next_batch(self) -> tuple[Any, Any, dict]:
         """-> (images (B, K, C, H, W), labels (B,), state delta after this batch)."""
         import torch
-        from einops import rearrange
 
         spec = self.spec
         rng = np.random.default_rng(self.key + [self.batch])
@@ -209,24 +199,34 @@ class ConsumerStream:
                                   f"(corrupt shards); it is left out", RuntimeWarning)
             labels.append(cls)
             touched.add(cls)
-        arr = np.stack([a for seq in sequences for a in seq])  # (B*K, H, W, C) or (B*K, *latent)
-        arr = rearrange(arr, "(b k) ... -> b k ...", b=len(sequences))
-        if spec["flip"]:
-            flips = rng.random(arr.shape[:2]) < 0.5
-            flip_axis = 3 if self.manifest.sample_ext == "png" else arr.ndim - 1
-            mask = rearrange(flips, "b k -> b k" + " 1" * (arr.ndim - 2))
-            arr = np.where(mask, np.flip(arr, flip_axis), arr)
-        if self.manifest.sample_ext == "png":  # numpy, not torch: no intra-op threads in the loader
-            pixels = rearrange(arr, "b k h w c -> b k c h w")
-            scaled = np.empty(pixels.shape, np.float32)  # same float32 ops as x.float() / 127.5 - 1
-            np.divide(pixels, np.float32(127.5), out=scaled)
-            images = torch.from_numpy(np.subtract(scaled, np.float32(1.0), out=scaled))
-        else:
-            images = torch.from_numpy(np.ascontiguousarray(arr))
+        flips = rng.random((len(sequences), spec["k"])) < 0.5 if spec["flip"] else None
+        images = torch.from_numpy(assemble_batch(sequences, flips, self.manifest.sample_ext == "png"))
         self.batch += 1
         delta = {"batch": self.batch, "classes": {str(c): self.readers[c].state() for c in sorted(touched)},
                  "bad": sorted(self.bad), "dead": sorted(self.dead)}
         return images, torch.from_numpy(np.asarray(labels, dtype=np.int64)), delta
+
+
+def assemble_batch(sequences: list[list[np.ndarray]], flips: np.ndarray | None, pixels: bool) -> np.ndarray:
+    """B sequences of K samples -> one array (B, K, ...), sample (b, k) mirrored where flips[b, k].
+
+    pixels: uint8 (H, W, C) images -> float32 (B, K, C, H, W) in [-1, 1] (x / 127.5 - 1, in numpy:
+    no intra-op threads in the loader); else stored latents (C, H, W) as they are, mirrored along W.
+    Each sample is copied once into its slot, mirrored on the way, rather than stacked then flipped.
+    """
+    first = sequences[0][0]
+    out = np.empty((len(sequences), len(sequences[0]), *first.shape), first.dtype)
+    width_axis = 1 if pixels else first.ndim - 1
+    mirror = (slice(None),) * width_axis + (slice(None, None, -1),)
+    for i, seq in enumerate(sequences):
+        for j, sample in enumerate(seq):
+            out[i, j] = sample[mirror] if flips is not None and flips[i, j] else sample
+    if not pixels:
+        return out
+    channels_first = rearrange(out, "b k h w c -> b k c h w")
+    scaled = np.empty(channels_first.shape, np.float32)
+    np.divide(channels_first, np.float32(127.5), out=scaled)
+    return np.subtract(scaled, np.float32(1.0), out=scaled)
 
 
 class _ClassReader:
@@ -236,7 +236,8 @@ class _ClassReader:
         self.consumer, self.cls, self.units = consumer, cls, units
         self.owned = sum(unit_size(consumer.manifest, u) for u in units)
         self.epoch, self.unit_pos, self.offset = 0, 0, 0
-        self.buffer: list[tuple[int, np.ndarray]] = []
+        self.ids: list[int] = []  # the shuffle buffer: sample ids and, in step, their arrays
+        self.arrays: list[np.ndarray] = []
         self.current: list | None = None
         self.pending_ids: list[int] | None = None  # buffered ids to re-read after load_state
         self._orders: dict[int, np.ndarray] = {}
@@ -250,12 +251,12 @@ class _ClassReader:
         return self._orders[epoch]
 
     def state(self) -> dict:
-        ids = self.pending_ids if self.pending_ids is not None else [i for i, _ in self.buffer]
+        ids = self.pending_ids if self.pending_ids is not None else self.ids
         return {"epoch": self.epoch, "unit": self.unit_pos, "offset": self.offset, "buffer": list(ids)}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.unit_pos, self.offset = int(state["epoch"]), int(state["unit"]), int(state["offset"])
-        self.pending_ids, self.buffer, self.current = [int(i) for i in state["buffer"]], [], None
+        self.pending_ids, self.ids, self.arrays, self.current = [int(i) for i in state["buffer"]], [], [], None
 
     def _materialize(self) -> None:
         """Re-read the samples a restored buffer refers to (lazily, on first use)."""
@@ -263,14 +264,9 @@ class _ClassReader:
         arrays: dict[int, np.ndarray] = {}
         for shard in sorted({i >> SAMPLE_BITS for i in ids}):
             unit = next((u for u in self.units if u.shard == shard), _Unit(shard, 0, 1))
-            samples = dict(self.consumer.load_unit(unit, allow_bad=True) or [])
-            for i in ids:
-                if i in samples and i not in arrays:
-                    try:
-                        arrays[i] = self.consumer.decode(samples[i])
-                    except Exception as err:  # noqa: BLE001 - the shard changed since it was read
-                        self.consumer.mark_bad(shard, err)
-        self.buffer = [(i, arrays[i]) for i in ids if i in arrays]
+            arrays.update(self.consumer.load_unit(unit, allow_bad=True) or [])  # None: the shard went bad
+        self.ids = [i for i in ids if i in arrays]
+        self.arrays = [arrays[i] for i in self.ids]
 
     def _upcoming(self) -> _Unit | None:
         """The unit this class reads after the current one (for prefetch)."""
@@ -293,19 +289,15 @@ class _ClassReader:
                     self.unit_pos, self.offset = self.unit_pos + 1, 0
                     continue
             if self.offset < len(self.current):
-                sample_id, sample = self.current[self.offset]
                 self.offset += 1
-                try:
-                    return sample_id, self.consumer.decode(sample)
-                except Exception as err:  # noqa: BLE001 - undecodable sample = corrupt shard
-                    self.consumer.mark_bad(sample_id >> SAMPLE_BITS, err)
+                return self.current[self.offset - 1]
             self.current, self.unit_pos, self.offset = None, self.unit_pos + 1, 0
 
     def _pick(self, k: int, rng: np.random.Generator) -> list[int] | None:
         """K buffer positions holding distinct sample ids, in random order; None if impossible."""
         chosen, seen = [], set()
-        for p in rng.permutation(len(self.buffer)).tolist():
-            sample_id = self.buffer[p][0]
+        for p in rng.permutation(len(self.ids)).tolist():
+            sample_id = self.ids[p]
             if sample_id not in seen:
                 seen.add(sample_id)
                 chosen.append(p)
@@ -319,16 +311,21 @@ class _ClassReader:
             self._materialize()
         # Never buffer more than one pass of this class: keeps draws close to once per epoch.
         capacity = max(min(self.consumer.spec["shuffle_buffer"], self.owned), k)
-        while len(self.buffer) < capacity:
-            self.buffer.append(self.read_next())
+        while len(self.ids) < capacity:
+            self._push(*self.read_next())
         reads = 0
         while (chosen := self._pick(k, rng)) is None:  # duplicates across an epoch boundary
-            self.buffer.append(self.read_next())
+            self._push(*self.read_next())
             reads += 1
             if reads > 2 * self.owned + capacity:
                 raise _ClassDead(self.cls)
-        out = [self.buffer[p][1] for p in chosen]
-        for p in sorted(chosen, reverse=True):
-            self.buffer[p] = self.buffer[-1]
-            self.buffer.pop()
+        out = [self.arrays[p] for p in chosen]
+        for p in sorted(chosen, reverse=True):  # swap-remove, ids and arrays in step
+            self.ids[p], self.arrays[p] = self.ids[-1], self.arrays[-1]
+            self.ids.pop()
+            self.arrays.pop()
         return out
+
+    def _push(self, sample_id: int, array: np.ndarray) -> None:
+        self.ids.append(sample_id)
+        self.arrays.append(array)

@@ -22,14 +22,16 @@ the shard URL. A corrupt / truncated / checksum-mismatched shard is skipped with
 counted in `skipped_shards`. A manifest naming a missing shard fails at open (or is skipped with
 `skip_missing`).
 
-Prefetch. With `prefetch` = P > 0 each consumer runs two daemon threads that fetch, verify and
-split up to P upcoming units (a class hints its next unit when it opens the current one) while the
-consumer decodes and batches, so storage latency overlaps decoding. Which samples a unit holds never
-depends on timing, so batches and state are identical for any P. Errors keep their meaning: a
-background fetch retries like a direct one and its StorageError is raised when the unit is needed;
-corrupt bytes are reported then too. The threads stop (and are joined) when the iterator
-is closed or garbage collected. Memory per consumer: per class one undecoded shard share plus up to
-P prefetched (undecoded) units and `shuffle_buffer` decoded samples (decoded as they enter it).
+Prefetch and decoding. With `prefetch` = P > 0 each consumer runs two daemon threads that fetch,
+verify (size, sha256) and decode up to P upcoming units (a class hints its next unit when it opens the
+current one) while the consumer draws and batches, so storage latency and decoding overlap the
+batching; hashing and PNG decoding release the GIL, so the two threads decode in parallel. A unit is
+decoded whole before any of it is used: a shard with one undecodable sample is skipped entirely.
+Which samples a unit holds never depends on timing, so batches and state are identical for any P.
+Errors keep their meaning: a background fetch retries like a direct one and its StorageError is
+raised when the unit is needed; corrupt bytes are reported then too. The threads stop (and are
+joined) when the iterator is closed or garbage collected. Memory per consumer: per class one decoded
+unit plus up to P prefetched (decoded) units and `shuffle_buffer` decoded samples.
 """
 from __future__ import annotations
 

@@ -88,15 +88,45 @@ class InMemoryBatches:
         self.batches = int(state["batches"])
 
 
+def wrapper_masters(optimizer) -> dict[int, torch.Tensor]:
+    """{id(param): fp32 master} from DeepSpeed's mixed-precision wrapper without ZeRO (bf16 at stage
+    0): FP16_UnfusedOptimizer keeps a list of fp32 copies per param group (`fp32_groups`),
+    FP16_Optimizer one flat fp32 copy per group (`fp32_groups_flat`), both in param order; {} for
+    any other optimizer."""
+    groups = getattr(optimizer, "fp16_groups", None)
+    if groups is None:
+        return {}
+    masters = {}
+    if getattr(optimizer, "fp32_groups", None) is not None:
+        for params, copies in zip(groups, optimizer.fp32_groups):
+            masters.update({id(p): c for p, c in zip(params, copies)})
+    elif getattr(optimizer, "fp32_groups_flat", None) is not None:
+        for params, flat in zip(groups, optimizer.fp32_groups_flat):
+            pieces = torch.split(flat, [p.numel() for p in params])
+            masters.update({id(p): piece.view(p.shape) for p, piece in zip(params, pieces)})
+    return masters
+
+
 def full_fp32_params(engine, bf16: bool) -> dict[str, torch.Tensor]:
     """The full fp32 weights on every rank (a collective under ZeRO): gathered under ZeRO-3, master
-    weights when training in bf16, the module's own parameters otherwise."""
+    weights when training in bf16 (ZeRO 1-3 through DeepSpeed's accessor, ZeRO-0 from its
+    mixed-precision wrapper), the module's own parameters otherwise."""
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param
 
     params = dict(engine.module.named_parameters())
     if bf16:
-        return {n: safe_get_full_fp32_param(p).detach().float().cpu().clone() for n, p in params.items()}
+        out, flat = {}, None
+        for name, param in params.items():
+            master = safe_get_full_fp32_param(param)
+            if master is None:  # no ZeRO: the wrapper optimizer holds the masters
+                flat = flat if flat is not None else wrapper_masters(engine.optimizer)
+                master = flat.get(id(param))
+            if master is None:
+                raise RuntimeError(f"no fp32 master weight for {name} in {type(engine.optimizer).__name__} "
+                                   f"(ZeRO stage {engine.zero_optimization_stage()}, bf16)")
+            out[name] = master.detach().float().cpu().clone()
+        return out
     if engine.zero_optimization_stage() == 3:
         with deepspeed.zero.GatheredParameters(list(params.values())):
             return {n: p.detach().float().cpu().clone() for n, p in params.items()}

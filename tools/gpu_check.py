@@ -1,0 +1,218 @@
+#!/usr/bin/env python
+"""Smoke-test one GPU node before a long job: the CUDA / bf16 / NCCL paths that CPU tests cannot reach.
+
+Runs without Ray (a single-rank NCCL group on 127.0.0.1), on the first CUDA device (`--device cpu`
+runs the same checks in fp32 on gloo, which is how the test suite exercises this script):
+  1. attention  `hybrid_attention` and `full_attention` on CUDA (fp32, bf16) against the same call
+                in fp64 on the CPU; chunk-by-chunk with its state equals the whole sequence.
+  2. model      ARFlow forward on CUDA: fp32 equals the CPU fp64 forward; one image at a time
+                through the cache equals the full forward; bf16 autocast stays close.
+  3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed
+                batch lower the loss; the bf16 weights stay within rounding of the fp32 master; a checkpoint saved
+                and restored continues with the same losses as the run that went on.
+Prints one JSON line per check and exits non-zero if any check fails.
+
+    python tools/gpu_check.py [--size S/2] [--only attention,model,deepspeed]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS: list[dict] = []
+
+
+def report(name: str, ok: bool, **values) -> None:
+    line = {"check": name, "ok": bool(ok), **values}
+    RESULTS.append(line)
+    print(json.dumps(line), flush=True)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double().cpu() - b.double().cpu()).abs().max())
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |a - ref| / max |ref|."""
+    return max_err(a, ref) / max(float(ref.abs().max()), 1e-30)
+
+
+def check_attention(device: torch.device) -> None:
+    from arflow_scale.model.attention import full_attention, hybrid_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, h, chunks, n, d = 2, 4, 6, 64, 64
+    q, k, v = (torch.randn(b, h, chunks * n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    log_decay = -torch.rand(b, h, chunks * n, generator=g, dtype=torch.float64) * 0.1
+    ref_h, ref_state = hybrid_attention(q, k, v, log_decay, n)
+    ref_f, _ = full_attention(q, k, v, n)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        args = [t.to(device, dtype) for t in (q, k, v)]
+        out_h, state = hybrid_attention(*args, log_decay.to(device, torch.float32), n)
+        out_f, _ = full_attention(*args, n)
+        err_h, err_f, err_s = rel_err(out_h, ref_h), rel_err(out_f, ref_f), rel_err(state, ref_state)
+        report(f"attention/{str(dtype)[6:]}", max(err_h, err_f, err_s) < tol, hybrid_err=err_h, full_err=err_f,
+               state_err=err_s, tol=tol)
+    args = [t.to(device, torch.float32) for t in (q, k, v)]
+    ld = log_decay.to(device, torch.float32)
+    whole, _ = hybrid_attention(*args, ld, n)
+    state, parts = None, []
+    for c in range(chunks):
+        piece = slice(c * n, (c + 1) * n)
+        out, state = hybrid_attention(*(t[:, :, piece] for t in args), ld[:, :, piece], n, state)
+        parts.append(out)
+    err = rel_err(torch.cat(parts, dim=2), whole)
+    report("attention/chunked_state", err < 1e-5, rel_err=err)
+
+
+def check_model(device: torch.device, size: str) -> None:
+    from arflow_scale.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(size, image_size=16, in_channels=4, num_classes=10, k=4)
+    for p in model.parameters():  # non-zero outputs (the zero-initialised final layer hides errors)
+        torch.nn.init.normal_(p, std=0.02)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 4, 16, 16, generator=g)
+    t, y = torch.rand(2, 4, generator=g), torch.tensor([1, 7])
+    with torch.no_grad():
+        ref = model.double()(x.double(), t.double(), y)
+        gpu = model.float().to(device)
+        out = gpu(x.to(device), t.to(device), y.to(device))
+        cache, steps = gpu.new_cache(), []
+        for i in range(4):
+            steps.append(gpu(x[:, i:i + 1].to(device), t[:, i:i + 1].to(device), y.to(device), cache=cache))
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            low = gpu(x.to(device), t.to(device), y.to(device))
+    scale = float(ref.abs().max())
+    err, err_cache, err_bf16 = max_err(out, ref) / scale, max_err(torch.cat(steps, 1), out) / scale, \
+        max_err(low.float(), ref) / scale
+    report("model/fp32_vs_cpu_fp64", err < 1e-4, rel_err=err)
+    report("model/cache_vs_full", err_cache < 1e-4, rel_err=err_cache)
+    report("model/bf16_autocast", err_bf16 < 5e-2, rel_err=err_bf16)
+
+
+def _engine(cfg, device):
+    import deepspeed
+
+    from arflow_scale.model import build_model
+    from arflow_scale.train.deepspeed_config import build_deepspeed_config, param_groups
+    from arflow_scale.train.loop import make_scheduler
+
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
+        config=build_deepspeed_config(cfg, 1, device.type),
+        lr_scheduler=lambda opt: make_scheduler(opt, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
+    return engine
+
+
+def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
+    from arflow_scale.flow import flow_matching_loss
+    from arflow_scale.train.loop import step_generator
+
+    x, y = batch
+    losses = []
+    for step in range(first, first + count):
+        loss = flow_matching_loss(engine, x, y, step_generator(0, 0, step, 0), 0.1)
+        engine.backward(loss)
+        engine.step()
+        ema.update(engine.module)
+        losses.append(loss.item())
+    return losses
+
+
+def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
+    import deepspeed
+
+    from arflow_scale.config import config_from_dict
+    from arflow_scale.train import checkpoint as ckpt
+    from arflow_scale.train.ema import EMA
+    from arflow_scale.train.loop import InMemoryBatches, full_fp32_params
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    for stage in (0, 2, 3):
+        cfg = config_from_dict({
+            "model": {"size": size, "image_size": 16, "in_channels": 4, "num_classes": 10, "k": 4,
+                      "activation_checkpointing": "all"},
+            "data": {"batch_size": 8}, "optim": {"lr": 1e-3, "warmup_steps": 0},
+            "train": {"steps": 40, "zero_stage": stage, "precision": precision, "ema_decay": 0.9},
+            "cluster": {"use_gpu": device.type == "cuda"}})
+        batches = InMemoryBatches(8, 4, (4, 16, 16), 10, seed=0)
+        x, y = next(iter(batches))
+        batch = (x.to(device, dtype), y.to(device))
+        engine = _engine(cfg, device)
+        ema = EMA(engine.module, cfg.train.ema_decay)
+        start = time.perf_counter()
+        losses = _steps(engine, ema, batch, 0, 20)
+        seconds = time.perf_counter() - start
+        master = full_fp32_params(engine, bf16=precision == "bf16")
+        ema_full = ema.full_state_dict()
+        module = full_fp32_params(engine, bf16=False)  # the bf16 weights the forward (and the EMA) sees
+        rounding = max(max_err(module[n], master[n]) / max(float(master[n].abs().max()), 1e-12) for n in master)
+        with tempfile.TemporaryDirectory() as folder:
+            ckpt.save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, world_size=1,
+                            meta={"step": 20}, config_yaml="")
+            went_on = _steps(engine, ema, batch, 20, 5)
+            engine2 = _engine(cfg, device)
+            ema2 = EMA(engine2.module, cfg.train.ema_decay)
+            ckpt.restore_state(folder, engine=engine2, ema=ema2, stream=InMemoryBatches(8, 4, (4, 16, 16), 10, 0),
+                               rank=0)
+            resumed = _steps(engine2, ema2, batch, 20, 5)
+        diff = max(abs(a - b) for a, b in zip(went_on, resumed))
+        # bf16: the module's weights are the fp32 masters rounded (0 < error <= 2^-8 relative); fp32: the same.
+        masters_ok = 0 < rounding <= 2.0 ** -8 if precision == "bf16" else rounding == 0
+        ok = losses[-1] < losses[0] and all(map(math.isfinite, losses)) and diff < 1e-2 and masters_ok
+        report(f"deepspeed/zero{stage}_{precision}", ok, first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
+               steps_per_s=round(20 / seconds, 1), bf16_weights_vs_master_rel=rounding, resume_loss_diff=diff,
+               ema_dtype=str(next(iter(ema_full.values())).dtype))
+        del engine, engine2
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="S/2", help="model size for the model and deepspeed checks")
+    parser.add_argument("--only", default="attention,model,deepspeed")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                        help="deepspeed check: auto = bf16 on CUDA, fp32 on CPU")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device (use --device cpu for the CPU variant)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda:0" if args.device == "cuda" else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
+    print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
+    checks = {"attention": lambda: check_attention(device), "model": lambda: check_model(device, args.size),
+              "deepspeed": lambda: check_deepspeed(device, args.size, precision)}
+    for name in args.only.split(","):
+        try:
+            checks[name]()
+        except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
+            report(name, False, error=f"{type(err).__name__}: {err}")
+    return 0 if all(r["ok"] for r in RESULTS) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
