@@ -17,7 +17,7 @@ from torch import nn
 
 from .frechet import fid_from_stats
 from .images import as_uint8_rgb, save_npz
-from .inception import FEATURE_DIM, load_inception, to_uint8_images
+from .inception import feature_stats, load_inception, to_uint8_images
 from .stats import GaussianStats
 
 log = logging.getLogger(__name__)
@@ -136,11 +136,7 @@ def image_stats(images: np.ndarray, inception_path: Optional[str] = None, batch_
                 storage_options: Optional[dict] = None) -> GaussianStats:
     """Task body: Inception feature statistics of uint8 images (N, H, W, C)."""
     extractor = load_inception(inception_path, storage_options=storage_options)
-    stats = GaussianStats(FEATURE_DIM)
-    for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start:start + batch_size].copy())  # Ray hands out read-only arrays
-        stats.update(extractor(batch).double().cpu().numpy())
-    return stats
+    return feature_stats(extractor, (images[start:start + batch_size] for start in range(0, len(images), batch_size)))
 
 
 def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional[int] = None,

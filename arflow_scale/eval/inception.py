@@ -172,3 +172,14 @@ def load_inception(path: Optional[str] = None, device: Union[str, torch.device, 
             raise ValueError(f"FID Inception weights at {location}: TorchScript load failed: {err}") from None
         _CACHE[key] = InceptionFeatures(network.eval(), device)
     return _CACHE[key]
+
+
+def feature_stats(extractor: InceptionFeatures, batches: Iterable[np.ndarray]):
+    """float64 Gaussian statistics (`GaussianStats`) of the features of uint8 batches (N, H, W, C)."""
+    from .stats import GaussianStats
+
+    stats = GaussianStats(FEATURE_DIM)
+    for batch in batches:
+        pixels = torch.from_numpy(np.array(batch, dtype=np.uint8))  # a copy: Ray hands out read-only arrays
+        stats.update(extractor(pixels).double().cpu().numpy())
+    return stats

@@ -11,22 +11,22 @@ def image_set_stats(source: str, *, num: Optional[int] = None, batch_size: int =
                     inception_path: Optional[str] = None, storage_options: Optional[dict] = None,
                     progress: bool = True) -> GaussianStats:
     """float64 feature statistics of at most `num` images of `source` (all when None)."""
-    import torch
     from tqdm import tqdm
 
     from .images import iter_image_batches, source_kind
-    from .inception import FEATURE_DIM, load_inception
+    from .inception import feature_stats, load_inception
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     options = storage_options or {}
     source_kind(source, options)  # a missing or wrong set fails before the Inception load
     extractor = load_inception(inception_path, storage_options=options)
-    stats = GaussianStats(FEATURE_DIM)
     with tqdm(desc=f"features {source}", unit="img", total=num, disable=not progress) as bar:
-        for batch in iter_image_batches(source, batch_size, num, options):
-            stats.update(extractor(torch.from_numpy(batch)).double().numpy())
-            bar.update(len(batch))
+        def counted():
+            for batch in iter_image_batches(source, batch_size, num, options):
+                yield batch
+                bar.update(len(batch))
+        stats = feature_stats(extractor, counted())
     if stats.count == 0:
         raise ValueError(f"{source}: no images")
     return stats
