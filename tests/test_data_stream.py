@@ -337,3 +337,17 @@ def test_tar_header_checks_only_when_not_verified(tmp_path):
     bad[10] ^= 0x01  # inside the first member's name: its header checksum no longer matches
     with pytest.raises(CorruptShard, match="checksum"):
         tar_members(bytes(bad), "s")
+
+
+def test_memory_estimate_counts_units_buffers_and_prefetch(tmp_path, monkeypatch):
+    """Per class: largest unit + min(shuffle buffer, owned samples); plus prefetch units; x decoded bytes."""
+    url = str(tmp_path / "ids")
+    write_shards(id_source([40] * NUM_CLASSES), url, samples_per_shard=15, progress=False)  # units 15, 15, 10
+    stream = SequenceStream(url, k=2, batch_size=2, shuffle_buffer=8, prefetch=3)
+    sample_bytes = 1 * 4 * 4  # uint8 (1, 4, 4)
+    assert stream.memory_estimate() == (NUM_CLASSES * (15 + 8) + 3 * 15) * sample_bytes
+    two_ranks = SequenceStream(url, k=2, batch_size=2, shuffle_buffer=100, prefetch=0, rank=1, world_size=2)
+    assert two_ranks.memory_estimate() == NUM_CLASSES * (15 + 15) * sample_bytes  # rank 1: shard 2 of 3 -> 15
+    monkeypatch.setattr("arflow_scale.data.stream.MEMORY_WARN_BYTES", 100)
+    with pytest.warns(RuntimeWarning, match="GiB of decoded samples"):
+        SequenceStream(url, k=2, batch_size=2)

@@ -36,15 +36,20 @@ unit plus up to P prefetched (decoded) units and `shuffle_buffer` decoded sample
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from typing import Any, Iterator
 
-from .consumer import ConsumerStream
+import numpy as np
+
+from .consumer import ConsumerStream, plan_units, unit_size
 from .manifest import Manifest, read_manifest
 from .storage import list_files
 
 STATE_VERSION = 1
 CLASS_SAMPLING = ("uniform", "proportional")
+MEMORY_WARN_BYTES = 16 << 30  # decoded samples held per consumer above which the stream warns
+log = logging.getLogger(__name__)
 
 
 def _identity(item: Any) -> Any:
@@ -102,6 +107,12 @@ class SequenceStream:
                           retry_backoff=retry_backoff, verify_checksums=verify_checksums, prefetch=prefetch)
         self.missing_shards = len(self.manifest.shards) - len(shards)
         self._state = self._fresh_state()
+        held = self.memory_estimate()
+        log.info("%s: up to %.2f GiB of decoded samples per loader worker", self.url, held / 2**30)
+        if held > MEMORY_WARN_BYTES:
+            warnings.warn(f"{self.url}: each loader worker may hold about {held / 2**30:.1f} GiB of decoded samples "
+                          f"({self.manifest.num_classes} classes x (current shard unit + shuffle buffer)); write "
+                          f"smaller shards (--samples-per-shard) or lower data.shuffle_buffer", RuntimeWarning)
 
     @classmethod
     def from_config(cls, data_cfg, k: int, seed: int, rank: int, world_size: int) -> "SequenceStream":
@@ -127,6 +138,17 @@ class SequenceStream:
             warnings.warn(f"{self.manifest.url}: skipping {len(missing)} missing shard(s): "
                           f"{[self.manifest.shards[i].path for i in missing[:5]]}", RuntimeWarning)
         return [i for i in range(len(self.manifest.shards)) if i not in set(missing)]
+
+    def memory_estimate(self) -> int:
+        """Bytes of decoded samples one consumer (rank, loader worker) can hold at once: per class its
+        largest unit and its shuffle buffer, plus `prefetch` prepared units (consumer 0's split)."""
+        spec = self._spec
+        workers = max(spec["num_workers"], 1)
+        plan = plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
+        sizes = {c: [unit_size(self.manifest, u) for u in units] for c, units in plan.items()}
+        samples = sum(max(s, default=0) + min(spec["shuffle_buffer"], sum(s)) for s in sizes.values())
+        samples += spec["prefetch"] * max((max(s, default=0) for s in sizes.values()), default=0)
+        return samples * int(np.prod(self.manifest.sample_shape)) * np.dtype(self.manifest.dtype).itemsize
 
     # ----- state -----
     def _fresh_state(self) -> dict:
