@@ -23,6 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (best of)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tf32", choices=("on", "off"), default="on",
+                        help="CUDA: fp32 matmuls on TF32 tensor cores, as training does (train.tf32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: stable on shared machines; 0 = torch default)")
 
@@ -137,6 +139,8 @@ def run(args) -> int:
     else:
         device = torch.device(args.device)
     cuda = device.type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("high" if args.tf32 == "on" else "highest")
     if not cuda and args.threads > 0:
         torch.set_num_threads(args.threads)
     dtypes = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
@@ -155,6 +159,7 @@ def run(args) -> int:
         raise ValueError(f"--k {args.k!r}: need at least one K >= 1")
     print(f"device={device} dtype={str(dtype).replace('torch.', '')} batch={args.batch} heads={args.heads} "
           f"head_dim={args.head_dim} tokens/image={args.tokens} threads={torch.get_num_threads()} "
+          f"{'tf32=' + args.tf32 + ' ' if cuda else ''}"
           f"fwd+bwd best of {args.repeats}")
     print(f"{'K':>4} {'hybrid ms':>10} {'full ms':>10} {'time x':>7} {'hybrid MiB':>11} {'full MiB':>10} {'mem x':>7}")
     rows = []

@@ -35,6 +35,7 @@ class TrainConfig:
     grad_accum: int = 1
     zero_stage: int = 2
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    tf32: bool = True  # on GPU, fp32 matmuls (the hybrid attention's linear part) use TF32 tensor cores
     ema_decay: float = 0.9999
     log_every: int = 10
     sample_every: int = 0  # EMA sample grid to MLflow every M steps (0: only at the end)

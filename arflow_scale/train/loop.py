@@ -186,6 +186,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if device.type == "cpu":  # as many threads as the worker's CPU reservation (Ray sets 1)
         torch.set_num_threads(max(1, int(cfg.cluster.resources_per_worker.get("CPU", 1))))
+    else:  # fp32 matmuls (autocast-free parts such as the hybrid attention's state) on TF32 cores
+        torch.set_float32_matmul_precision("high" if cfg.train.tf32 else "highest")
     task = arflow_task(cfg)
     precision = resolve_precision(cfg.train.precision, device.type)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
