@@ -2,6 +2,7 @@
 fault markers, grids, driver storage and inputs."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -184,3 +185,24 @@ def test_plain_loop_benchmark_reference_runs():
 
     args = Namespace(size="tiny/2", image_size=8, channels=1, k=2, batch_size=2, steps=5, threads=1)
     assert plain_loop_images_per_s(bench_config(args, 0, "/tmp/unused"), threads=1) > 0
+
+
+def test_fid_scheduler_records_unlaunchable_checkpoints_and_never_raises(tmp_path):
+    """A FID checkpoint that cannot be read (deleted by keep_last meanwhile, damaged) is recorded as an
+    error for its step; polling and finishing go on, so a finished training run is never lost."""
+    from arflow_scale.train.driver import FidScheduler, checkpoint_step
+
+    run = tmp_path / "run"
+    for step in (1, 2, 4):
+        folder = run / f"checkpoint_{step:09d}"
+        (folder / "ranks").mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({"step": step, "world_size": 1}))
+        (folder / "ranks" / "rank_0.json").write_text(
+            json.dumps({"files": {"meta.json": (folder / "meta.json").stat().st_size}}))  # complete, no EMA
+    cfg = config_from_dict({"eval": {"fid_every": 2, "fid_at_end": True}, "checkpoint": {"every": 1}})
+    scheduler = FidScheduler(cfg, str(run), {}, None, None, poll_seconds=0.01)
+    assert scheduler.run_while_polling(lambda: "trained") == "trained"
+    assert sorted(scheduler.failed) == [2, 4] and not scheduler.refs  # step 1 is not a FID step
+    results = scheduler.finish(str(run / "checkpoint_000000004"))
+    assert list(results) == ["2", "4"] and all("error" in r for r in results.values())
+    assert checkpoint_step(f"{run}/checkpoint_000000400/") == 400

@@ -108,7 +108,7 @@ class SequenceStream:
         self.missing_shards = len(self.manifest.shards) - len(shards)
         self._state = self._fresh_state()
         held = self.memory_estimate()
-        log.info("%s: up to %.2f GiB of decoded samples per loader worker", self.url, held / 2**30)
+        log.info("%s: up to %.1f MiB of decoded samples per loader worker", self.url, held / 2**20)
         if held > MEMORY_WARN_BYTES:
             warnings.warn(f"{self.url}: each loader worker may hold about {held / 2**30:.1f} GiB of decoded samples "
                           f"({self.manifest.num_classes} classes x (current shard unit + shuffle buffer)); write "

@@ -25,7 +25,8 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
 
 
 def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
-    """Join `address` / RAY_ADDRESS, else start a light local Ray (no dashboard, small object store)."""
+    """Join `address` / RAY_ADDRESS, else start a light local Ray (small object store; its dashboard on
+    127.0.0.1 also serves the State API that Ray Train's controller watchdog polls)."""
     import ray
 
     if ray.is_initialized():
@@ -36,8 +37,8 @@ def connect_ray(address: str | None, local_num_cpus: int | None = None) -> None:
         return
     temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", ".ray_tmp")).resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=False,
-             object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir))
+    ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=True,
+             dashboard_host="127.0.0.1", object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir))
 
 
 def run_folder_url(storage_path: str, name: str) -> str:
@@ -183,6 +184,11 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
     }
 
 
+def checkpoint_step(checkpoint_url: str) -> int:
+    """The step of a checkpoint folder named by `checkpoint.checkpoint_dir_name` (checkpoint_000000400)."""
+    return int(checkpoint_url.rstrip("/").rsplit("_", 1)[-1])
+
+
 class FidScheduler:
     """Driver side FID: launches `launch_fid` for every complete checkpoint at a multiple of
     eval.fid_every while training runs (polling the run folder), and for the final one with
@@ -194,26 +200,33 @@ class FidScheduler:
         self.cfg, self.run_url, self.options = cfg, run_url, storage_options
         self.tracking_uri, self.run_id, self.poll_seconds = tracking_uri, run_id, poll_seconds
         self.refs: dict[int, Any] = {}
+        self.failed: dict[int, str] = {}  # step -> why its FID could not be launched
 
-    def _launch(self, checkpoint_url: str) -> None:
+    def _launch(self, checkpoint_url: str, step: int) -> None:
+        """Launch the FID of one checkpoint; a failure (say, keep_last deleted it meanwhile) is
+        recorded for that step and never stops the training run."""
         from arflow_scale.eval.graph import PinnedEMA, launch_fid
-        from arflow_scale.train.checkpoint import read_meta
 
-        step = int(read_meta(checkpoint_url, self.options)[0]["step"])
-        if step not in self.refs:
-            log.info("FID of %s (step %d) launched", checkpoint_url, step)
+        if step in self.refs or step in self.failed:
+            return
+        try:
             # the weights are pinned now: keep_last may delete the checkpoint before the tasks run
+            loader = PinnedEMA.of(checkpoint_url, self.options)
             self.refs[step] = launch_fid(checkpoint_url, self.cfg, step, self.tracking_uri, self.run_id,
-                                         model_loader=PinnedEMA.of(checkpoint_url, self.options))
+                                         model_loader=loader)
+            log.info("FID of %s (step %d) launched", checkpoint_url, step)
+        except Exception as err:  # noqa: BLE001 - a FID problem must not fail the training run
+            log.warning("FID of %s (step %d) could not be launched: %s", checkpoint_url, step, err)
+            self.failed[step] = f"{type(err).__name__}: {err}"
 
     def _poll(self) -> None:
         from arflow_scale.train.checkpoint import is_complete, list_checkpoints
 
         every = self.cfg.eval.fid_every
         for url in list_checkpoints(self.run_url, self.options):
-            step = int(url.rsplit("_", 1)[-1])
+            step = checkpoint_step(url)
             if every and step % every == 0 and step not in self.refs and is_complete(url, self.options):
-                self._launch(url)
+                self._launch(url, step)
 
     def run_while_polling(self, fit):
         """Run `fit()` (blocking) in a thread; poll for FID checkpoints meanwhile."""
@@ -234,15 +247,15 @@ class FidScheduler:
         import ray
 
         if self.cfg.eval.fid_at_end and final_checkpoint:
-            self._launch(final_checkpoint)
-        results: dict[str, Any] = {}
+            self._launch(final_checkpoint, checkpoint_step(final_checkpoint))
+        results: dict[str, Any] = {str(step): {"error": why} for step, why in self.failed.items()}
         for step, ref in sorted(self.refs.items()):
             try:
                 results[str(step)] = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a failed evaluation must not lose a finished run
                 log.warning("FID at step %s failed: %s", step, err)
                 results[str(step)] = {"error": f"{type(err).__name__}: {err}"}
-        return results
+        return dict(sorted(results.items(), key=lambda item: int(item[0])))
 
 
 def _mark_failed(tracking_uri: str | None, run_id: str | None) -> None:
