@@ -19,8 +19,6 @@ import json
 import sys
 import time
 
-from .raw_read import COLD_PROTOCOL, RawReader
-
 SOURCES = ("synthetic", "digits", "fashion-mnist")
 FORMATS = {"latent": 32, "npy": 64, "png": 64}  # -> default --image-size
 
@@ -132,6 +130,8 @@ def bench_one(name: str, url: str, options: dict, args, note: str) -> dict:
     raw: one fsspec reader, shard after shard (the goal's reference); matched: as many concurrent
     readers as the stream has fetching (only when that is more than one).
     """
+    from .raw_read import RawReader  # registers the page-cache-dropping filesystem, for this benchmark only
+
     threads = fetch_threads(args.prefetch)
     sides = {"raw": RawReader(url, options)}
     try:
@@ -248,6 +248,8 @@ def run(args) -> int:
             print(f"data: {args.source} {args.format} {shape} {manifest['dtype']}, {samples} samples in "
                   f"{len(manifest['shards'])} shards, {stored / 1e6:.1f} MB stored ({stored / samples / 1e3:.1f} kB "
                   f"per sample)", file=sys.stderr)
+            from .raw_read import COLD_PROTOCOL
+
             cold = args.page_cache == "drop"
             results = [bench_one("local", f"{COLD_PROTOCOL}://{local_url}" if cold else local_url, {}, args,
                                  "disk reads: pages dropped after every read (both sides)" if cold
