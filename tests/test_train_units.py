@@ -218,8 +218,8 @@ def test_local_ray_dashboard_on_loopback_serves_the_state_api():
     import tempfile
 
     code = ("import ray; from ray.util.state import list_nodes; from arflow_scale.train.driver import connect_ray; "
-            "connect_ray(None, 1); print(ray._private.worker.global_worker.node.address_info['webui_url']); "
-            "print(len(list_nodes())); ray.shutdown()")
+            "connect_ray(None, 1); url = ray._private.worker.global_worker.node.address_info['webui_url']; "
+            "print(url); print(len(list_nodes(address=f'http://{url}'))); ray.shutdown()")
     short = tempfile.mkdtemp(prefix="ar", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     env = {**os.environ, "ARFLOW_RAY_TMP": short}
     env.pop("RAY_ADDRESS", None)
