@@ -79,6 +79,7 @@ class ConsumerStream:
             self.readers[int(cls)].load_state(cls_state)
         counts = self.manifest.class_counts()
         self.weights = {c: float(counts[c]) for c in self.readers}
+        self._alive_cache: tuple[int, list[int], np.ndarray] | None = None
         self._fs = None
         depth = int(spec.get("prefetch", 0))
         self.prefetcher = UnitPrefetcher(self.prepare_unit, depth) if depth > 0 else None
@@ -170,15 +171,22 @@ class ConsumerStream:
         return [(unit.shard << SAMPLE_BITS | pos, arr) for pos, arr in zip(positions, arrays)]
 
     # ----- batches -----
+    def _alive(self) -> tuple[list[int], np.ndarray]:
+        """Classes still drawn from and their cumulative class-size weights; rebuilt only when a class
+        dies (`dead` only grows), not per sequence (ImageNet has 1000 classes)."""
+        if self._alive_cache is None or self._alive_cache[0] != len(self.dead):
+            alive = [c for c in self.readers if c not in self.dead]
+            self._alive_cache = (len(self.dead), alive, np.cumsum([self.weights[c] for c in alive]))
+        return self._alive_cache[1], self._alive_cache[2]
+
     def _choose(self, rng: np.random.Generator) -> int:
-        alive = [c for c in self.readers if c not in self.dead]
+        alive, cumulative = self._alive()
         if not alive:
             raise RuntimeError(f"{self.manifest.url}: no class has usable samples left for rank "
                                f"{self.spec['rank']} worker {self.worker} ({len(self.bad)} corrupt shards)")
         if self.spec["class_sampling"] == "uniform":
             return alive[int(rng.integers(len(alive)))]
-        weights = np.asarray([self.weights[c] for c in alive])
-        return alive[int(np.searchsorted(np.cumsum(weights), rng.random() * weights.sum(), side="right"))]
+        return alive[int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))]
 
     def next_batch(self) -> tuple[Any, Any, dict]:
         """-> (images (B, K, C, H, W), labels (B,), state delta after this batch)."""
