@@ -8,8 +8,9 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
   2. model      ARFlow forward on CUDA: fp32 equals the CPU fp64 forward; one image at a time
                 through the cache equals the full forward; bf16 autocast stays close.
   3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed
-                batch lower the loss; the bf16 weights stay within rounding of the fp32 master; a checkpoint saved
-                and restored continues with the same losses as the run that went on.
+                batch lower the loss; the bf16 weights stay within rounding of the fp32 masters, and the
+                raw weights read back from the checkpoint (as `arflow export` does) are those masters;
+                a checkpoint saved and restored continues with the same losses as the run that went on.
 Prints one JSON line per check and exits non-zero if any check fails.
 
     python tools/gpu_check.py [--size S/2] [--only attention,model,deepspeed]
@@ -168,7 +169,9 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         rounding = max(max_err(module[n], master[n]) / max(float(master[n].abs().max()), 1e-12) for n in master)
         with tempfile.TemporaryDirectory() as folder:
             ckpt.save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, world_size=1,
-                            meta={"step": 20}, config_yaml="")
+                            meta={"step": 20, "zero_stage": stage}, config_yaml="")
+            exported = ckpt.load_raw_weights(folder)  # what `arflow export` reads: the fp32 masters
+            export_err = max(max_err(exported[n], master[n]) for n in master)
             went_on = _steps(engine, ema, batch, 20, 5)
             engine2 = _engine(cfg, device)
             ema2 = EMA(engine2.module, cfg.train.ema_decay)
@@ -178,9 +181,11 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         diff = max(abs(a - b) for a, b in zip(went_on, resumed))
         # bf16: the module's weights are the fp32 masters rounded (0 < error <= 2^-8 relative); fp32: the same.
         masters_ok = 0 < rounding <= 2.0 ** -8 if precision == "bf16" else rounding == 0
-        ok = losses[-1] < losses[0] and all(map(math.isfinite, losses)) and diff < 1e-2 and masters_ok
+        ok = (losses[-1] < losses[0] and all(map(math.isfinite, losses)) and diff < 1e-2 and masters_ok
+              and export_err == 0)
         report(f"deepspeed/zero{stage}_{precision}", ok, first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
                steps_per_s=round(20 / seconds, 1), bf16_weights_vs_master_rel=rounding, resume_loss_diff=diff,
+               export_vs_master=export_err,
                ema_dtype=str(next(iter(ema_full.values())).dtype))
         del engine, engine2
         if device.type == "cuda":

@@ -203,6 +203,23 @@ def load_ema_weights(checkpoint_url: str, storage_options: dict | None = None):
     return cfg, {name: t.clone() for name, t in states[0]["shadow"].items()}
 
 
+def zero0_fp32_weights(states: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """A ZeRO-0 DeepSpeed model-states file -> fp32 weights: the optimizer's fp32 masters when it kept
+    them (bf16 training: `fp32_groups`, in `param_groups` order), else the module's own weights."""
+    from arflow_scale.train.deepspeed_config import group_names
+
+    module = states["module"]
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    if not masters:
+        return {k: v.float().clone() for k, v in module.items()}
+    names = [n for group, _ in group_names({n: t.ndim for n, t in module.items()}) for n in group]
+    tensors = [t for group in masters for t in group]
+    if len(names) != len(tensors) or any(module[n].shape != t.shape for n, t in zip(names, tensors)):
+        raise ValueError(f"{where}: the fp32 master groups do not match the module's parameters "
+                         f"({len(tensors)} tensors for {len(names)} parameters)")
+    return {n: t.float().clone() for n, t in zip(names, tensors)}
+
+
 def load_raw_weights(checkpoint_url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
     """Consolidated fp32 training weights from the DeepSpeed files (zero_to_fp32), any ZeRO stage.
 
@@ -218,7 +235,7 @@ def load_raw_weights(checkpoint_url: str, storage_options: dict | None = None) -
         fs.get(f"{path.rstrip('/')}/deepspeed", local, recursive=True)
         if int(meta["zero_stage"]) == 0:
             states = safe_load(os.path.join(local, DS_TAG, "mp_rank_00_model_states.pt"))
-            return {k: v.float().clone() for k, v in states["module"].items()}
+            return zero0_fp32_weights(states, checkpoint_url)
         with weights_only_zero_to_fp32():
             state = get_fp32_state_dict_from_zero_checkpoint(local, tag=DS_TAG)
         return {k: v.float().clone() for k, v in state.items()}

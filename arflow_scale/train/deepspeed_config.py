@@ -20,16 +20,20 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
+def group_names(ndims: dict[str, int]) -> list[tuple[list[str], bool]]:
+    """{parameter name: ndim} -> [(names, decayed)] per AdamW group: matrices (ndim >= 2, decayed),
+    then the rest, each sorted; empty groups dropped. The order of `param_groups`, and so of
+    DeepSpeed's fp32 master copies."""
+    names = sorted(ndims)
+    groups = [([n for n in names if ndims[n] >= 2], True), ([n for n in names if ndims[n] < 2], False)]
+    return [(members, decayed) for members, decayed in groups if members]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (ndim >= 2) only; biases, norms, vectors get none."""
-    decay, no_decay = [], []
-    for _, param in sorted(model.named_parameters(), key=lambda item: item[0]):
-        if not param.requires_grad:
-            continue
-        (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decayed else 0.0}
+            for names, decayed in group_names({n: p.ndim for n, p in params.items()})]
 
 
 def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> dict[str, Any]:
