@@ -261,3 +261,8 @@ def test_cold_local_reads_and_raw_reader_processes(tmp_path):
     assert raw.bytes >= min(sizes) and raw.readers == 2
     with pytest.raises(RuntimeError, match="raw reader process: FileNotFoundError"):
         RawReader(str(tmp_path / "nowhere"), {}, processes=1)
+    with open(shard, "ab") as f:  # a shard no longer the size the manifest says: a reader thread's error
+        f.write(b"x")
+    threaded = RawReader(url, {}, threads=2)
+    with pytest.raises(RuntimeError, match="manifest says"):
+        threaded.run_for(0.5)

@@ -190,7 +190,8 @@ def test_plain_loop_benchmark_reference_runs():
 def test_fid_scheduler_records_unlaunchable_checkpoints_and_never_raises(tmp_path):
     """A FID checkpoint that cannot be read (deleted by keep_last meanwhile, damaged) is recorded as an
     error for its step; polling and finishing go on, so a finished training run is never lost."""
-    from arflow_scale.train.driver import FidScheduler, checkpoint_step
+    from arflow_scale.train.checkpoint import checkpoint_step
+    from arflow_scale.train.driver import FidScheduler
 
     run = tmp_path / "run"
     for step in (1, 2, 4):

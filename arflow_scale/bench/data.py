@@ -1,10 +1,11 @@
 """`arflow bench data`: SequenceStream throughput next to raw fsspec byte reading of the same shards.
 
-Both sides count STORED shard bytes. Raw reads every shard whole with fsspec `cat_file`, round-robin,
-with the stream's concurrency (`raw_read.RawReader`: one reader per DataLoader worker process, times
-the stream's fetch threads); stream MB/s = samples delivered/s x mean stored bytes per sample (tar
-overhead included, as raw). The two sides alternate in slices (raw, stream, stream, raw, ...) in one
-run, so both see the same machine load.
+Both sides count STORED shard bytes. Raw reads every shard whole with fsspec `cat_file`, round-robin
+(`raw_read.RawReader`): once with one reader (the goal's reference), and once with the stream's
+concurrency (one reader per DataLoader worker process, times the stream's fetch threads) when that is
+more than one. Stream MB/s = samples delivered/s x mean stored bytes per sample (tar overhead
+included, as raw). The sides alternate in slices (raw, matched, stream, stream, matched, raw, ...) in
+one run, so all see the same machine load.
 
 Without --manifest the benchmark writes one shard set to a temp folder (default: float32 4x32x32
 latent-like arrays, the sample the ImageNet-256 recipe streams; `--format png` for images), copies
@@ -119,17 +120,14 @@ class StreamReader:
         self.iterator.close()  # stops the prefetch thread / DataLoader workers
 
 
-def fetch_threads(prefetch: int) -> int:
-    """Shard reads a SequenceStream consumer has in flight: its prefetch threads, else its own."""
-    return min(prefetch, 2) if prefetch > 0 else 1
-
-
 def bench_one(name: str, url: str, options: dict, args, note: str) -> dict:
     """Stream and raw reading in alternating slices (raw, matched, stream, stream, matched, raw, ...).
 
     raw: one fsspec reader, shard after shard (the goal's reference); matched: as many concurrent
     readers as the stream has fetching (only when that is more than one).
     """
+    from arflow_scale.data.prefetch import fetch_threads
+
     from .raw_read import RawReader  # registers the page-cache-dropping filesystem, for this benchmark only
 
     threads = fetch_threads(args.prefetch)

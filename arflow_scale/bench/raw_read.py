@@ -71,25 +71,31 @@ class _Readers:
         self.threads, self.counter, self.lock = threads, itertools.count(first), threading.Lock()
         self.fs.cat_file(self.paths[first % len(self.paths)])  # warm the connection, like the stream
 
-    def _read_until(self, deadline: float, totals: list[int]) -> None:
-        while time.perf_counter() < deadline:
-            with self.lock:
-                i = next(self.counter) % len(self.paths)
-            data = self.fs.cat_file(self.paths[i])
-            if len(data) != self.sizes[i]:
-                raise RuntimeError(f"{self.paths[i]}: read {len(data)} bytes, manifest says {self.sizes[i]}")
-            totals.append(len(data))
+    def _read_until(self, deadline: float, totals: list[int], errors: list[BaseException]) -> None:
+        try:
+            while time.perf_counter() < deadline:
+                with self.lock:
+                    i = next(self.counter) % len(self.paths)
+                data = self.fs.cat_file(self.paths[i])
+                if len(data) != self.sizes[i]:
+                    raise RuntimeError(f"{self.paths[i]}: read {len(data)} bytes, manifest says {self.sizes[i]}")
+                totals.append(len(data))
+        except BaseException as err:  # noqa: BLE001 - re-raised by run_for in the calling thread
+            errors.append(err)
 
     def run_for(self, seconds: float) -> tuple[int, float]:
-        """Read for `seconds` -> (bytes read, seconds taken)."""
+        """Read for `seconds` -> (bytes read, seconds taken); a reader thread's error is raised here."""
         totals: list[int] = []
+        errors: list[BaseException] = []
         start = time.perf_counter()
-        workers = [threading.Thread(target=self._read_until, args=(start + seconds, totals))
+        workers = [threading.Thread(target=self._read_until, args=(start + seconds, totals, errors))
                    for _ in range(self.threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
+        if errors:
+            raise errors[0]
         return sum(totals), time.perf_counter() - start
 
 

@@ -244,8 +244,7 @@ class _ClassReader:
         self.consumer, self.cls, self.units = consumer, cls, units
         self.owned = sum(unit_size(consumer.manifest, u) for u in units)
         self.epoch, self.unit_pos, self.offset = 0, 0, 0
-        self.ids: list[int] = []  # the shuffle buffer: sample ids and, in step, their arrays
-        self.arrays: list[np.ndarray] = []
+        self.buffer: list[tuple[int, np.ndarray]] = []
         self.current: list | None = None
         self.pending_ids: list[int] | None = None  # buffered ids to re-read after load_state
         self._orders: dict[int, np.ndarray] = {}
@@ -259,12 +258,12 @@ class _ClassReader:
         return self._orders[epoch]
 
     def state(self) -> dict:
-        ids = self.pending_ids if self.pending_ids is not None else self.ids
+        ids = self.pending_ids if self.pending_ids is not None else [i for i, _ in self.buffer]
         return {"epoch": self.epoch, "unit": self.unit_pos, "offset": self.offset, "buffer": list(ids)}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.unit_pos, self.offset = int(state["epoch"]), int(state["unit"]), int(state["offset"])
-        self.pending_ids, self.ids, self.arrays, self.current = [int(i) for i in state["buffer"]], [], [], None
+        self.pending_ids, self.buffer, self.current = [int(i) for i in state["buffer"]], [], None
 
     def _materialize(self) -> None:
         """Re-read the samples a restored buffer refers to (lazily, on first use)."""
@@ -273,8 +272,7 @@ class _ClassReader:
         for shard in sorted({i >> SAMPLE_BITS for i in ids}):
             unit = next((u for u in self.units if u.shard == shard), _Unit(shard, 0, 1))
             arrays.update(self.consumer.load_unit(unit, allow_bad=True) or [])  # None: the shard went bad
-        self.ids = [i for i in ids if i in arrays]
-        self.arrays = [arrays[i] for i in self.ids]
+        self.buffer = [(i, arrays[i]) for i in ids if i in arrays]
 
     def _upcoming(self) -> _Unit | None:
         """The unit this class reads after the current one (for prefetch)."""
@@ -304,8 +302,8 @@ class _ClassReader:
     def _pick(self, k: int, rng: np.random.Generator) -> list[int] | None:
         """K buffer positions holding distinct sample ids, in random order; None if impossible."""
         chosen, seen = [], set()
-        for p in rng.permutation(len(self.ids)).tolist():
-            sample_id = self.ids[p]
+        for p in rng.permutation(len(self.buffer)).tolist():
+            sample_id = self.buffer[p][0]
             if sample_id not in seen:
                 seen.add(sample_id)
                 chosen.append(p)
@@ -319,21 +317,16 @@ class _ClassReader:
             self._materialize()
         # Never buffer more than one pass of this class: keeps draws close to once per epoch.
         capacity = max(min(self.consumer.spec["shuffle_buffer"], self.owned), k)
-        while len(self.ids) < capacity:
-            self._push(*self.read_next())
+        while len(self.buffer) < capacity:
+            self.buffer.append(self.read_next())
         reads = 0
         while (chosen := self._pick(k, rng)) is None:  # duplicates across an epoch boundary
-            self._push(*self.read_next())
+            self.buffer.append(self.read_next())
             reads += 1
             if reads > 2 * self.owned + capacity:
                 raise _ClassDead(self.cls)
-        out = [self.arrays[p] for p in chosen]
-        for p in sorted(chosen, reverse=True):  # swap-remove, ids and arrays in step
-            self.ids[p], self.arrays[p] = self.ids[-1], self.arrays[-1]
-            self.ids.pop()
-            self.arrays.pop()
+        out = [self.buffer[p][1] for p in chosen]
+        for p in sorted(chosen, reverse=True):
+            self.buffer[p] = self.buffer[-1]
+            self.buffer.pop()
         return out
-
-    def _push(self, sample_id: int, array: np.ndarray) -> None:
-        self.ids.append(sample_id)
-        self.arrays.append(array)

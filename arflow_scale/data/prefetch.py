@@ -16,6 +16,14 @@ class _Cancelled(RuntimeError):
     """The prefetcher was closed while a fetch was pending (not transient: never retried)."""
 
 
+FETCH_THREADS = 2  # background threads per consumer
+
+
+def fetch_threads(depth: int) -> int:
+    """Shard units a consumer reads at once: its prefetch threads (at most `depth`), or itself."""
+    return max(1, min(FETCH_THREADS, depth))
+
+
 class UnitPrefetcher:
     """Prepares hinted units (fetch, verify, split) in `threads` daemon threads, at most `depth`
     units ahead (prepared or in preparation), while the consumer decodes the current ones.
@@ -26,8 +34,8 @@ class UnitPrefetcher:
     not either. `close()` stops the threads and waits for the fetches in flight.
     """
 
-    def __init__(self, prepare: Callable[[_Unit, threading.Event], Any], depth: int, threads: int = 2):
-        self.prepare, self.depth, self.num_threads = prepare, depth, max(1, min(threads, depth))
+    def __init__(self, prepare: Callable[[_Unit, threading.Event], Any], depth: int):
+        self.prepare, self.depth, self.num_threads = prepare, depth, fetch_threads(depth)
         self.hints: collections.deque[_Unit] = collections.deque()
         self.ready: dict[_Unit, tuple[bool, Any]] = {}  # unit -> (ok, result or exception)
         self.in_flight: set[_Unit] = set()

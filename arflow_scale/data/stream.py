@@ -141,7 +141,8 @@ class SequenceStream:
 
     def memory_estimate(self) -> int:
         """Bytes of decoded samples one consumer (rank, loader worker) can hold at once: per class its
-        largest unit and its shuffle buffer, plus `prefetch` prepared units (consumer 0's split)."""
+        largest unit and its shuffle buffer, plus `prefetch` prepared units (computed for this rank's
+        first loader worker; the others hold about as much)."""
         spec = self._spec
         workers = max(spec["num_workers"], 1)
         plan = plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)

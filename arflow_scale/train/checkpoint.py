@@ -36,6 +36,11 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:09d}"
 
 
+def checkpoint_step(checkpoint_url: str) -> int:
+    """The step of a checkpoint folder named by `checkpoint_dir_name` (.../checkpoint_000000400)."""
+    return int(checkpoint_url.rstrip("/").rsplit("_", 1)[-1])
+
+
 # ---------------------------------------------------------------- hashing and RNG
 
 def state_dict_sha256(state_dict: dict[str, torch.Tensor]) -> str:

@@ -184,11 +184,6 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
     }
 
 
-def checkpoint_step(checkpoint_url: str) -> int:
-    """The step of a checkpoint folder named by `checkpoint.checkpoint_dir_name` (checkpoint_000000400)."""
-    return int(checkpoint_url.rstrip("/").rsplit("_", 1)[-1])
-
-
 class FidScheduler:
     """Driver side FID: launches `launch_fid` for every complete checkpoint at a multiple of
     eval.fid_every while training runs (polling the run folder), and for the final one with
@@ -220,12 +215,13 @@ class FidScheduler:
             self.failed[step] = f"{type(err).__name__}: {err}"
 
     def _poll(self) -> None:
-        from arflow_scale.train.checkpoint import is_complete, list_checkpoints
+        from arflow_scale.train.checkpoint import checkpoint_step, is_complete, list_checkpoints
 
         every = self.cfg.eval.fid_every
         for url in list_checkpoints(self.run_url, self.options):
             step = checkpoint_step(url)
-            if every and step % every == 0 and step not in self.refs and is_complete(url, self.options):
+            new = step not in self.refs and step not in self.failed
+            if every and step % every == 0 and new and is_complete(url, self.options):
                 self._launch(url, step)
 
     def run_while_polling(self, fit):
@@ -245,6 +241,8 @@ class FidScheduler:
     def finish(self, final_checkpoint: str | None) -> dict[str, Any]:
         """Launch the end-of-training FID if configured, wait for all; {step: {"fid", "n", "seconds"}}."""
         import ray
+
+        from arflow_scale.train.checkpoint import checkpoint_step
 
         if self.cfg.eval.fid_at_end and final_checkpoint:
             self._launch(final_checkpoint, checkpoint_step(final_checkpoint))

@@ -90,21 +90,12 @@ class InMemoryBatches:
 
 def wrapper_masters(optimizer) -> dict[int, torch.Tensor]:
     """{id(param): fp32 master} from DeepSpeed's mixed-precision wrapper without ZeRO (bf16 at stage
-    0): FP16_UnfusedOptimizer keeps a list of fp32 copies per param group (`fp32_groups`),
-    FP16_Optimizer one flat fp32 copy per group (`fp32_groups_flat`), both in param order; {} for
-    any other optimizer."""
-    groups = getattr(optimizer, "fp16_groups", None)
-    if groups is None:
+    0 with our torch AdamW: FP16_UnfusedOptimizer, one fp32 copy per parameter in `fp32_groups`,
+    in param-group order); {} for any other optimizer."""
+    groups, copies = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if groups is None or copies is None:
         return {}
-    masters = {}
-    if getattr(optimizer, "fp32_groups", None) is not None:
-        for params, copies in zip(groups, optimizer.fp32_groups):
-            masters.update({id(p): c for p, c in zip(params, copies)})
-    elif getattr(optimizer, "fp32_groups_flat", None) is not None:
-        for params, flat in zip(groups, optimizer.fp32_groups_flat):
-            pieces = torch.split(flat, [p.numel() for p in params])
-            masters.update({id(p): piece.view(p.shape) for p, piece in zip(params, pieces)})
-    return masters
+    return {id(p): c for params, masters in zip(groups, copies) for p, c in zip(params, masters)}
 
 
 def full_fp32_params(engine, bf16: bool) -> dict[str, torch.Tensor]:
