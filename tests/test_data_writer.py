@@ -221,9 +221,30 @@ def test_bench_data_given_manifest_and_builtin(tmp_path, capsys):
     (given,) = result["results"]
     assert code == 0 and given["stream_sequences_per_s"] > 0 and given["raw_MBps"] > 0
     assert given["ratio"] == pytest.approx(given["stream_MBps"] / given["raw_MBps"], rel=0.01, abs=1e-3)
+    bound = min(given["raw_MBps"], given["ceiling_MBps"])
+    assert given["ceiling_MBps"] > 0 and given["ratio_to_bound"] == pytest.approx(given["stream_MBps"] / bound, rel=0.01)
     code, result = run_cli(capsys, "bench", "data", "--seconds", "0.1", "--batch-size", "8")
     assert code == 0 and [r["store"] for r in result["results"]] == ["local", "s3"]
     assert result["results"][1]["url"].startswith("s3://") and all(r["ratio"] > 0 for r in result["results"])
+
+
+def test_decode_ceiling_does_the_streams_checks(tmp_path):
+    """The codec ceiling verifies and decodes what it holds, as the stream does: a shard changed after
+    its manifest was written fails it."""
+    from arflow_scale.bench.data import DecodeCeiling
+    from arflow_scale.data.decode import CorruptShard
+
+    url = str(tmp_path / "digits")
+    manifest = write_shards("digits", url, samples_per_shard=500, progress=False)
+    ceiling = DecodeCeiling(url, {}, threads=2)
+    ceiling.run_for(0.1)
+    assert ceiling.bytes >= manifest["shards"][0]["bytes"] and ceiling.mbps > 0
+    shard = tmp_path / "digits" / manifest["shards"][0]["path"]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first sample's PNG: same size, another sha256
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptShard, match="sha256"):
+        DecodeCeiling(url, {}, threads=1).run_for(0.1)
 
 
 def test_local_url_forms(tmp_path):

@@ -63,32 +63,29 @@ def shard_paths(url: str, options: dict) -> tuple[object, list[str], list[int]]:
     return fs, paths, [s.bytes for s in manifest.shards]
 
 
-class _Readers:
-    """`threads` threads of this process reading shards round-robin from a shared counter."""
+class ShardLoop:
+    """`threads` threads of this process applying `work(shard index) -> bytes done` to the shards
+    round-robin (a shared counter), in slices of time."""
 
-    def __init__(self, url: str, options: dict, threads: int, first: int = 0):
-        self.fs, self.paths, self.sizes = shard_paths(url, options)
+    def __init__(self, work, shards: int, threads: int, first: int = 0):
+        self.work, self.shards = work, shards
         self.threads, self.counter, self.lock = threads, itertools.count(first), threading.Lock()
-        self.fs.cat_file(self.paths[first % len(self.paths)])  # warm the connection, like the stream
 
-    def _read_until(self, deadline: float, totals: list[int], errors: list[BaseException]) -> None:
+    def _loop_until(self, deadline: float, totals: list[int], errors: list[BaseException]) -> None:
         try:
             while time.perf_counter() < deadline:
                 with self.lock:
-                    i = next(self.counter) % len(self.paths)
-                data = self.fs.cat_file(self.paths[i])
-                if len(data) != self.sizes[i]:
-                    raise RuntimeError(f"{self.paths[i]}: read {len(data)} bytes, manifest says {self.sizes[i]}")
-                totals.append(len(data))
+                    i = next(self.counter) % self.shards
+                totals.append(self.work(i))
         except BaseException as err:  # noqa: BLE001 - re-raised by run_for in the calling thread
             errors.append(err)
 
     def run_for(self, seconds: float) -> tuple[int, float]:
-        """Read for `seconds` -> (bytes read, seconds taken); a reader thread's error is raised here."""
+        """Work for `seconds` -> (bytes done, seconds taken); a thread's error is raised here."""
         totals: list[int] = []
         errors: list[BaseException] = []
         start = time.perf_counter()
-        workers = [threading.Thread(target=self._read_until, args=(start + seconds, totals, errors))
+        workers = [threading.Thread(target=self._loop_until, args=(start + seconds, totals, errors))
                    for _ in range(self.threads)]
         for w in workers:
             w.start()
@@ -99,11 +96,25 @@ class _Readers:
         return sum(totals), time.perf_counter() - start
 
 
+def _readers(url: str, options: dict, threads: int, first: int = 0) -> ShardLoop:
+    """Threads reading whole shards with `cat_file` (the connection warmed first, like the stream's)."""
+    fs, paths, sizes = shard_paths(url, options)
+
+    def read(i: int) -> int:
+        data = fs.cat_file(paths[i])
+        if len(data) != sizes[i]:
+            raise RuntimeError(f"{paths[i]}: read {len(data)} bytes, manifest says {sizes[i]}")
+        return len(data)
+
+    fs.cat_file(paths[first % len(paths)])
+    return ShardLoop(read, len(paths), threads, first)
+
+
 def _serve(conn, url: str, options: dict, threads: int, first: int) -> None:
     """A raw-reader process: answer each slice request (seconds) with (bytes, seconds); an error is
     sent back as text and ends the process."""
     try:
-        readers = _Readers(url, options, threads, first)
+        readers = _readers(url, options, threads, first)
         conn.send("ready")
         while (seconds := conn.recv()) is not None:
             conn.send(readers.run_for(seconds))
@@ -124,7 +135,7 @@ class RawReader:
 
     def __init__(self, url: str, options: dict, processes: int = 0, threads: int = 1):
         self.bytes, self.seconds, self.readers = 0, 0.0, max(processes, 1) * threads
-        self.local = _Readers(url, options, threads) if processes == 0 else None
+        self.local = _readers(url, options, threads) if processes == 0 else None
         self.conns, self.procs = [], []
         if processes:
             ctx = multiprocessing.get_context("spawn")  # this process runs threads: never fork it

@@ -15,7 +15,7 @@ class DataConfig:
     class_sampling: Literal["uniform", "proportional"] = "uniform"
     shuffle_buffer: int = 256  # in-class shuffle buffer, samples
     num_workers: int = 0  # DataLoader worker processes per rank
-    prefetch: int = 4  # shard units fetched ahead in background threads (0: off); output is identical
+    prefetch: int = 8  # shard units fetched ahead in background threads (0: off); output is identical
     retries: int = 5  # transient storage errors are retried this often ...
     retry_backoff: float = 0.5  # ... with exponential backoff starting here (seconds)
     skip_missing: bool = False  # a manifest naming a missing shard: error (False) or skip (True)

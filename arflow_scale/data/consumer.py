@@ -21,6 +21,9 @@ from .storage import filesystem, with_retries
 SAMPLE_BITS = 24  # sample id = shard index << 24 | position in shard
 
 
+UnitSamples = tuple[list[int], list[np.ndarray]]  # a unit's sample ids and decoded samples, in order
+
+
 class _ClassDead(RuntimeError):
     """No usable samples left for a class (all its shards corrupt)."""
 
@@ -31,6 +34,21 @@ class _Unit:
     shard: int
     offset: int
     stride: int
+
+
+def verify_and_decode(data: bytes, manifest: Manifest, shard: int, positions: range, verify: bool) -> list[np.ndarray]:
+    """Shard `shard`'s bytes -> its decoded samples at `positions`: the work a stream does per unit.
+
+    Raises CorruptShard when the size (or, with `verify`, the sha256) differs from the manifest, or
+    the bytes do not decode to what the manifest describes.
+    """
+    info = manifest.shards[shard]
+    if len(data) != info.bytes:
+        raise CorruptShard(f"{len(data)} bytes, manifest says {info.bytes} (truncated?)")
+    if verify and hashlib.sha256(data).hexdigest() != info.sha256:
+        raise CorruptShard("sha256 does not match the manifest")
+    return decode_shard(data, info.path, manifest.sample_ext, manifest.sample_shape, info.cls, info.count,
+                        positions, check_headers=not verify)
 
 
 def plan_units(manifest: Manifest, shards: list[int], consumer: int, consumers: int) -> dict[int, list[_Unit]]:
@@ -95,19 +113,18 @@ class ConsumerStream:
             self._fs = filesystem(self.manifest.url, self.spec["storage_options"])[0]
         return self._fs
 
-    def load_unit(self, unit: _Unit, allow_bad: bool = False) -> list[tuple[int, np.ndarray]] | None:
-        """Read, verify and decode a unit -> [(sample id, decoded sample)], None if corrupt."""
+    def load_unit(self, unit: _Unit, allow_bad: bool = False) -> UnitSamples | None:
+        """Read, verify and decode a unit -> (sample ids, decoded samples), None if corrupt."""
         if unit.shard in self.bad and not allow_bad:
             return None
-        info = self.manifest.shards[unit.shard]
         data = self._fetch(unit.shard)
         try:
-            return self._decode_unit(data, info, unit)
+            return self._decode_unit(data, unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             self.mark_bad(unit.shard, err)
             return None
 
-    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> list[tuple[int, np.ndarray]] | None:
+    def open_unit(self, unit: _Unit, upcoming: _Unit | None) -> UnitSamples | None:
         """A class reader's next unit (prefetched if it was), then hint `upcoming` for prefetch."""
         if unit.shard in self.bad:
             return None
@@ -123,13 +140,13 @@ class ConsumerStream:
             self.prefetcher.hint(upcoming)
         return samples
 
-    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> list[tuple[int, np.ndarray]] | Exception:
-        """Prefetch thread: fetch, verify and decode a unit -> [(sample id, decoded sample)], or the
+    def prepare_unit(self, unit: _Unit, cancel: threading.Event) -> UnitSamples | Exception:
+        """Prefetch thread: fetch, verify and decode a unit -> (sample ids, decoded samples), or the
         corrupt-shard error (reported by the consumer when it opens the unit). PNG decoding and
         hashing release the GIL, so two prefetch threads decode in parallel with the batching."""
         data = self._fetch(unit.shard, cancel)
         try:
-            return self._decode_unit(data, self.manifest.shards[unit.shard], unit)
+            return self._decode_unit(data, unit)
         except Exception as err:  # noqa: BLE001 - anything wrong inside the bytes = corrupt shard
             return err
 
@@ -159,16 +176,10 @@ class ConsumerStream:
             url = self.manifest.shard_url(self.manifest.shards[shard])
             warnings.warn(f"skipping corrupt shard {url}: {type(err).__name__}: {err}", RuntimeWarning)
 
-    def _decode_unit(self, data: bytes, info, unit: _Unit) -> list[tuple[int, np.ndarray]]:
-        if len(data) != info.bytes:
-            raise CorruptShard(f"{len(data)} bytes, manifest says {info.bytes} (truncated?)")
-        verified = self.spec["verify_checksums"]
-        if verified and hashlib.sha256(data).hexdigest() != info.sha256:
-            raise CorruptShard("sha256 does not match the manifest")
-        positions = range(unit.offset, info.count, unit.stride)
-        arrays = decode_shard(data, info.path, self.manifest.sample_ext, self.manifest.sample_shape, info.cls,
-                              info.count, positions, check_headers=not verified)
-        return [(unit.shard << SAMPLE_BITS | pos, arr) for pos, arr in zip(positions, arrays)]
+    def _decode_unit(self, data: bytes, unit: _Unit) -> UnitSamples:
+        positions = range(unit.offset, self.manifest.shards[unit.shard].count, unit.stride)
+        arrays = verify_and_decode(data, self.manifest, unit.shard, positions, self.spec["verify_checksums"])
+        return [unit.shard << SAMPLE_BITS | pos for pos in positions], arrays
 
     # ----- batches -----
     def _alive(self) -> tuple[list[int], np.ndarray]:
@@ -220,15 +231,19 @@ def assemble_batch(sequences: list[list[np.ndarray]], flips: np.ndarray | None, 
 
     pixels: uint8 (H, W, C) images -> float32 (B, K, C, H, W) in [-1, 1] (x / 127.5 - 1, in numpy:
     no intra-op threads in the loader); else stored latents (C, H, W) as they are, mirrored along W.
-    Each sample is copied once into its slot, mirrored on the way, rather than stacked then flipped.
+    Each sample is copied once into its slot, mirrored on the way, by one concatenate: (C, H, W)
+    or (H, W, C) samples joined along their first axis are the (B, K, ...) batch's memory.
     """
     first = sequences[0][0]
-    out = np.empty((len(sequences), len(sequences[0]), *first.shape), first.dtype)
     width_axis = 1 if pixels else first.ndim - 1
     mirror = (slice(None),) * width_axis + (slice(None, None, -1),)
-    for i, seq in enumerate(sequences):
-        for j, sample in enumerate(seq):
-            out[i, j] = sample[mirror] if flips is not None and flips[i, j] else sample
+    if flips is None:
+        samples = [sample for seq in sequences for sample in seq]
+    else:
+        samples = [sample[mirror] if flip else sample
+                   for seq, seq_flips in zip(sequences, flips.tolist()) for sample, flip in zip(seq, seq_flips)]
+    joined = np.concatenate(samples, axis=0)
+    out = rearrange(joined, "(b k first) ... -> b k first ...", b=len(sequences), k=len(sequences[0]))
     if not pixels:
         return out
     channels_first = rearrange(out, "b k h w c -> b k c h w")
@@ -244,8 +259,11 @@ class _ClassReader:
         self.consumer, self.cls, self.units = consumer, cls, units
         self.owned = sum(unit_size(consumer.manifest, u) for u in units)
         self.epoch, self.unit_pos, self.offset = 0, 0, 0
-        self.buffer: list[tuple[int, np.ndarray]] = []
-        self.current: list | None = None
+        # The shuffle buffer: sample ids and their samples, position by position (the ids are copied
+        # into the state after every batch, so they are kept as a list of their own).
+        self.buffer_ids: list[int] = []
+        self.buffer: list[np.ndarray] = []
+        self.current: UnitSamples | None = None
         self.pending_ids: list[int] | None = None  # buffered ids to re-read after load_state
         self._orders: dict[int, np.ndarray] = {}
 
@@ -258,12 +276,12 @@ class _ClassReader:
         return self._orders[epoch]
 
     def state(self) -> dict:
-        ids = self.pending_ids if self.pending_ids is not None else [i for i, _ in self.buffer]
+        ids = self.pending_ids if self.pending_ids is not None else self.buffer_ids
         return {"epoch": self.epoch, "unit": self.unit_pos, "offset": self.offset, "buffer": list(ids)}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.unit_pos, self.offset = int(state["epoch"]), int(state["unit"]), int(state["offset"])
-        self.pending_ids, self.buffer, self.current = [int(i) for i in state["buffer"]], [], None
+        self.pending_ids, self.buffer_ids, self.buffer, self.current = [int(i) for i in state["buffer"]], [], [], None
 
     def _materialize(self) -> None:
         """Re-read the samples a restored buffer refers to (lazily, on first use)."""
@@ -271,8 +289,11 @@ class _ClassReader:
         arrays: dict[int, np.ndarray] = {}
         for shard in sorted({i >> SAMPLE_BITS for i in ids}):
             unit = next((u for u in self.units if u.shard == shard), _Unit(shard, 0, 1))
-            arrays.update(self.consumer.load_unit(unit, allow_bad=True) or [])  # None: the shard went bad
-        self.buffer = [(i, arrays[i]) for i in ids if i in arrays]
+            loaded = self.consumer.load_unit(unit, allow_bad=True)
+            if loaded is not None:  # None: the shard went bad
+                arrays.update(zip(*loaded))
+        self.buffer_ids = [i for i in ids if i in arrays]
+        self.buffer = [arrays[i] for i in self.buffer_ids]
 
     def _upcoming(self) -> _Unit | None:
         """The unit this class reads after the current one (for prefetch)."""
@@ -280,9 +301,11 @@ class _ClassReader:
             return self.units[self.order(self.epoch)[self.unit_pos + 1]]
         return self.units[self.order(self.epoch + 1)[0]] if self.units else None
 
-    def read_next(self) -> tuple[int, np.ndarray]:
+    def _fill(self, count: int) -> None:
+        """Append this class's next `count` samples (its units in epoch order) to the buffer, a run of
+        one unit at a time."""
         bad_run = 0
-        while True:
+        while count > 0:
             if self.unit_pos >= len(self.units):
                 self.epoch, self.unit_pos, self.offset = self.epoch + 1, 0, 0
             if self.current is None:
@@ -294,16 +317,26 @@ class _ClassReader:
                         raise _ClassDead(self.cls)
                     self.unit_pos, self.offset = self.unit_pos + 1, 0
                     continue
-            if self.offset < len(self.current):
-                self.offset += 1
-                return self.current[self.offset - 1]
-            self.current, self.unit_pos, self.offset = None, self.unit_pos + 1, 0
+            ids, samples = self.current
+            if self.offset < len(ids):
+                end = min(self.offset + count, len(ids))
+                self.buffer_ids.extend(ids[self.offset: end])
+                self.buffer.extend(samples[self.offset: end])
+                count -= end - self.offset
+                self.offset, bad_run = end, 0
+            else:
+                self.current, self.unit_pos, self.offset = None, self.unit_pos + 1, 0
 
     def _pick(self, k: int, rng: np.random.Generator) -> list[int] | None:
         """K buffer positions holding distinct sample ids, in random order; None if impossible."""
+        ids = self.buffer_ids
+        order = rng.permutation(len(ids))
+        chosen = order[:k].tolist()
+        if len({ids[p] for p in chosen}) == k:  # the usual case: the first K ids are already distinct
+            return chosen
         chosen, seen = [], set()
-        for p in rng.permutation(len(self.buffer)).tolist():
-            sample_id = self.buffer[p][0]
+        for p in order.tolist():
+            sample_id = ids[p]
             if sample_id not in seen:
                 seen.add(sample_id)
                 chosen.append(p)
@@ -317,16 +350,17 @@ class _ClassReader:
             self._materialize()
         # Never buffer more than one pass of this class: keeps draws close to once per epoch.
         capacity = max(min(self.consumer.spec["shuffle_buffer"], self.owned), k)
-        while len(self.buffer) < capacity:
-            self.buffer.append(self.read_next())
+        self._fill(capacity - len(self.buffer))
         reads = 0
         while (chosen := self._pick(k, rng)) is None:  # duplicates across an epoch boundary
-            self.buffer.append(self.read_next())
+            self._fill(1)
             reads += 1
             if reads > 2 * self.owned + capacity:
                 raise _ClassDead(self.cls)
-        out = [self.buffer[p][1] for p in chosen]
+        out = [self.buffer[p] for p in chosen]
+        ids, buffer = self.buffer_ids, self.buffer
         for p in sorted(chosen, reverse=True):
-            self.buffer[p] = self.buffer[-1]
-            self.buffer.pop()
+            ids[p], buffer[p] = ids[-1], buffer[-1]
+            ids.pop()
+            buffer.pop()
         return out

@@ -25,7 +25,9 @@ counted in `skipped_shards`. A manifest naming a missing shard fails at open (or
 Prefetch and decoding. With `prefetch` = P > 0 each consumer runs two daemon threads that fetch,
 verify (size, sha256) and decode up to P upcoming units (a class hints its next unit when it opens the
 current one) while the consumer draws and batches, so storage latency and decoding overlap the
-batching; hashing and PNG decoding release the GIL, so the two threads decode in parallel. A unit is
+batching; hashing and PNG decoding release the GIL, so the two threads decode in parallel. Verified
+.npy shards laid out as our writer lays them out are split with a few whole-shard array operations
+(decode.uniform_npy_block); any other shard goes through webdataset's tar grouping. A unit is
 decoded whole before any of it is used: a shard with one undecodable sample is skipped entirely.
 Which samples a unit holds never depends on timing, so batches and state are identical for any P.
 Errors keep their meaning: a background fetch retries like a direct one and its StorageError is
@@ -42,6 +44,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from ..config.data import DataConfig
 from .consumer import ConsumerStream, plan_units, unit_size
 from .manifest import Manifest, read_manifest
 from .storage import list_files
@@ -81,10 +84,12 @@ class SequenceStream:
     """Infinite iterator of (images (B, K, C, H, W) float in [-1, 1] or latents, labels (B,) long)."""
 
     def __init__(self, manifest_url: str, k: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, flip: bool = True,
-                 class_sampling: str = "uniform", shuffle_buffer: int = 256,
-                 storage_options: dict | None = None, retries: int = 5, retry_backoff: float = 0.5,
-                 skip_missing: bool = False, verify_checksums: bool = True, prefetch: int = 4):
+                 world_size: int = 1, num_workers: int = DataConfig.num_workers, flip: bool = DataConfig.flip,
+                 class_sampling: str = DataConfig.class_sampling, shuffle_buffer: int = DataConfig.shuffle_buffer,
+                 storage_options: dict | None = None, retries: int = DataConfig.retries,
+                 retry_backoff: float = DataConfig.retry_backoff, skip_missing: bool = DataConfig.skip_missing,
+                 verify_checksums: bool = DataConfig.verify_checksums, prefetch: int = DataConfig.prefetch):
+        """Defaults are `DataConfig`'s (one source for the stream and the run config)."""
         for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
                                  ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
                                  ("retries", retries, 0), ("prefetch", prefetch, 0)):
