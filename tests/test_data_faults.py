@@ -160,6 +160,47 @@ def test_corrupt_shard_skipped_once_and_counted(data, how, verify):
     assert resumed.skipped_shards == 1 and not [w for w in caught if "c0001-00002" in str(w.message)]
 
 
+def edit_manifest(data: Path, edit) -> None:
+    manifest = json.loads((data / "manifest.json").read_text())
+    for shard in manifest["shards"]:
+        edit(shard)
+    (data / "manifest.json").write_text(json.dumps(manifest))
+
+
+def corrupt_warnings(stream: SequenceStream, batches: int) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        take(stream, batches)
+    return [str(w.message) for w in caught if "corrupt" in str(w.message)]
+
+
+def test_stream_checks_crc32_or_sha256_of_older_manifests(data):
+    """Streaming checks each shard's CRC-32; a manifest written without CRC-32s is checked by sha256;
+    `inspect --verify` (verify_shards) checks both."""
+    from arflow_scale.data.manifest import read_manifest, verify_shards
+
+    damage(data / "shards" / "c0001-00002.tar", "checksum")
+    (message,) = corrupt_warnings(SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
+    assert "c0001-00002.tar" in message and "crc32 does not match" in message
+    edit_manifest(data, lambda shard: shard.pop("crc32"))  # as written before CRC-32s were recorded
+    (message,) = corrupt_warnings(SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
+    assert "c0001-00002.tar" in message and "sha256 does not match" in message
+    assert verify_shards(read_manifest(str(data))) == [{"shard": "shards/c0001-00002.tar", "problem": "sha256 mismatch"}]
+
+
+def test_stream_relies_on_crc32_when_recorded(data):
+    """With CRC-32s recorded the stream does not hash with sha256: a manifest whose sha256s are all
+    wrong still streams every shard, while verify_shards names each one."""
+    from arflow_scale.data.manifest import read_manifest, verify_shards
+
+    edit_manifest(data, lambda shard: shard.update(sha256="0" * 64))
+    stream = SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8)
+    assert not corrupt_warnings(stream, 40) and stream.skipped_shards == 0
+    problems = verify_shards(read_manifest(str(data)))
+    assert len(problems) == len(list((data / "shards").glob("*.tar")))
+    assert {p["problem"] for p in problems} == {"sha256 mismatch"}
+
+
 def test_class_with_only_corrupt_shards_left_out(data):
     for shard in (data / "shards").glob("c0004-*.tar"):
         damage(shard, "checksum")

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def test_write_shards_one_class_per_shard(tmp_path):
     for shard in manifest["shards"]:
         raw = (tmp_path / "digits" / shard["path"]).read_bytes()
         assert len(raw) == shard["bytes"] and hashlib.sha256(raw).hexdigest() == shard["sha256"]
+        assert shard["crc32"] == zlib.crc32(raw)
         with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
             names = tar.getnames()
             classes = {tar.extractfile(n).read().decode() for n in names if n.endswith(".cls")}
@@ -201,7 +203,8 @@ def test_cli_shards_and_inspect_verify(store, tmp_path, capsys, request):
     raw = fs.cat_file(shard)
     fs.pipe_file(shard, raw[:600] + bytes([raw[600] ^ 0xFF]) + raw[601:])
     code, info = run_cli(capsys, "data", "inspect", url + "/manifest.json", "--verify")
-    assert code == 1 and info["problems"] == [{"shard": "shards/c0003-00001.tar", "problem": "sha256 mismatch"}]
+    assert code == 1 and info["problems"] == [{"shard": "shards/c0003-00001.tar",
+                                               "problem": "crc32 and sha256 mismatch"}]
 
 
 def test_cli_errors(tmp_path, capsys):
@@ -241,9 +244,9 @@ def test_decode_ceiling_does_the_streams_checks(tmp_path):
     assert ceiling.bytes >= manifest["shards"][0]["bytes"] and ceiling.mbps > 0
     shard = tmp_path / "digits" / manifest["shards"][0]["path"]
     data = bytearray(shard.read_bytes())
-    data[700] ^= 0xFF  # inside the first sample's PNG: same size, another sha256
+    data[700] ^= 0xFF  # inside the first sample's PNG: same size, other checksums
     shard.write_bytes(bytes(data))
-    with pytest.raises(CorruptShard, match="sha256"):
+    with pytest.raises(CorruptShard, match="does not match the manifest"):
         DecodeCeiling(url, {}, threads=1).run_for(0.1)
 
 

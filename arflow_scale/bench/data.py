@@ -124,7 +124,7 @@ class StreamReader:
 
 
 class DecodeCeiling:
-    """The stream's per-shard work (size and sha256 checks, decoding) on shards held in memory, in as
+    """The stream's per-shard work (size and checksum checks, decoding) on shards held in memory, in as
     many threads as the stream fetches with: what any reader that decodes could deliver on this
     machine, storage aside. (At most `max_shards` shards are held.)"""
 

@@ -43,7 +43,7 @@ def register(sub) -> None:
 
     inspect = data_sub.add_parser("inspect", help="classes, counts and bytes of a shard folder")
     inspect.add_argument("url", help="shard folder URL or its manifest.json")
-    inspect.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256")
+    inspect.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 and CRC-32")
     _add_storage_option(inspect)
     inspect.set_defaults(handler=run_inspect)
 

@@ -19,7 +19,7 @@ class DataConfig:
     retries: int = 5  # transient storage errors are retried this often ...
     retry_backoff: float = 0.5  # ... with exponential backoff starting here (seconds)
     skip_missing: bool = False  # a manifest naming a missing shard: error (False) or skip (True)
-    verify_checksums: bool = True  # sha256 of each shard checked while streaming
+    verify_checksums: bool = True  # each shard's CRC-32 (sha256 in older manifests) checked while streaming
     storage_options: dict[str, str] = field(default_factory=dict)  # fsspec options (endpoint, key...)
 
     def validate(self) -> None:

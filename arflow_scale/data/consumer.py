@@ -4,7 +4,6 @@ See `stream.py` for the split policy, the determinism scheme and the state layou
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 import warnings
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import numpy as np
 from einops import rearrange
 
 from .decode import CorruptShard, decode_shard
-from .manifest import Manifest
+from .manifest import Manifest, checksum_mismatch
 from .prefetch import UnitPrefetcher, _Cancelled
 from .storage import filesystem, with_retries
 
@@ -39,14 +38,14 @@ class _Unit:
 def verify_and_decode(data: bytes, manifest: Manifest, shard: int, positions: range, verify: bool) -> list[np.ndarray]:
     """Shard `shard`'s bytes -> its decoded samples at `positions`: the work a stream does per unit.
 
-    Raises CorruptShard when the size (or, with `verify`, the sha256) differs from the manifest, or
-    the bytes do not decode to what the manifest describes.
+    Raises CorruptShard when the size (or, with `verify`, the checksum: `checksum_mismatch`) differs
+    from the manifest, or the bytes do not decode to what the manifest describes.
     """
     info = manifest.shards[shard]
     if len(data) != info.bytes:
         raise CorruptShard(f"{len(data)} bytes, manifest says {info.bytes} (truncated?)")
-    if verify and hashlib.sha256(data).hexdigest() != info.sha256:
-        raise CorruptShard("sha256 does not match the manifest")
+    if verify and (bad := checksum_mismatch(info, data)):
+        raise CorruptShard(f"{bad[0]} does not match the manifest")
     return decode_shard(data, info.path, manifest.sample_ext, manifest.sample_shape, info.cls, info.count,
                         positions, check_headers=not verify)
 

@@ -27,7 +27,7 @@ def _ustar_members(data: bytes, url: str, check_headers: bool = True) -> list[di
     """Regular files of a plain USTAR archive (what our writer makes); None if anything else.
 
     Member data are zero-copy memoryview slices of `data`. `check_headers=False` skips the
-    per-header checksums (the caller has verified the whole shard's sha256 already).
+    per-header checksums (the caller has verified the whole shard's checksum already).
     """
     view = memoryview(data)
     members, pos, end_of_data = [], 0, len(data)
@@ -112,7 +112,7 @@ def uniform_npy_block(data: bytes, shape: tuple[int, ...], cls: int, count: int)
     whole-shard array comparisons instead of parsing 2 x count tar members in Python (most of a
     latent stream's per-sample cost). Anything else (other layouts, fields, keys, a class or shape
     that does not match) -> None, and the general path decodes the shard or names what is wrong.
-    Header checksums are not checked: only for shards whose sha256 matched the manifest.
+    Header checksums are not checked: only for shards whose checksum matched the manifest.
     """
     members, pos = {}, 0  # suffix -> (header offset in the record, size); record = first key's members
     key = None

@@ -23,7 +23,7 @@ counted in `skipped_shards`. A manifest naming a missing shard fails at open (or
 `skip_missing`).
 
 Prefetch and decoding. With `prefetch` = P > 0 each consumer runs two daemon threads that fetch,
-verify (size, sha256) and decode up to P upcoming units (a class hints its next unit when it opens the
+verify (size, checksum) and decode up to P upcoming units (a class hints its next unit when it opens the
 current one) while the consumer draws and batches, so storage latency and decoding overlap the
 batching; hashing and PNG decoding release the GIL, so the two threads decode in parallel. Verified
 .npy shards laid out as our writer lays them out are split with a few whole-shard array operations

@@ -3,13 +3,14 @@
 Layout: `<out>/shards/c<class:04d>-<n:05d>.tar`, each sample `<key>.png` (or `.npy` with an
 encoder) and `<key>.cls`; `<out>/manifest.json` is written LAST, so a folder with a manifest is
 complete. Shards stream through webdataset.TarWriter straight into fsspec file objects while a
-wrapper counts bytes and computes sha256.
+wrapper counts bytes and computes sha256 and CRC-32.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import logging
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -31,11 +32,13 @@ class _HashingWriter:
     def __init__(self, target):
         self.target = target
         self.sha256 = hashlib.sha256()
+        self.crc32 = 0
         self.size = 0
 
     def write(self, data) -> int:
         self.target.write(data)
         self.sha256.update(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
         self.size += len(data)
         return len(data)
 
@@ -138,7 +141,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                                   "cls": str(cls).encode()})
                 writer.close()
             return ShardInfo(path=rel, cls=cls, count=len(indices), bytes=sink.size,
-                             sha256=sink.sha256.hexdigest())
+                             sha256=sink.sha256.hexdigest(), crc32=sink.crc32)
 
         return with_retries(write, url, retries=retries, backoff=retry_backoff, what="write"), shape, dtype
 
