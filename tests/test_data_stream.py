@@ -107,6 +107,7 @@ def test_deterministic_given_seed(id_data):
     assert same(a, b) and not same(a, c)
 
 
+@pytest.mark.filterwarnings("ignore:.*fewer shards than:RuntimeWarning")  # shared shards on purpose
 @pytest.mark.parametrize("layout", ["8 shards/class", "1 shard/class", "3 shards/class"])
 def test_consumers_disjoint_and_see_every_class(layout, request, tmp_path):
     """4 consumers (4 ranks x 1 worker): disjoint samples, each covers every class, whether shards
@@ -132,6 +133,7 @@ def test_consumers_disjoint_and_see_every_class(layout, request, tmp_path):
     assert len(set().union(*per_rank)) == 200  # 320 draws per rank from its ~50: all covered
 
 
+@pytest.mark.filterwarnings("ignore:.*fewer shards than:RuntimeWarning")  # shared shards on purpose
 def test_two_ranks_two_workers_disjoint(id_data_one_shard):
     """world 2 x 2 DataLoader workers: batch n comes from worker n % 2; all 4 consumers disjoint."""
     consumers = {}
@@ -296,6 +298,24 @@ def test_assemble_batch_equals_stack_flip_scale():
     assert np.array_equal(assemble_batch(latents, flips, pixels=False),
                           np.where(flips[:, :, None, None, None], stacked[..., ::-1], stacked))
     assert np.array_equal(assemble_batch(latents, None, pixels=False), stacked)
+
+
+def test_read_amplification_warns_when_consumers_share_shards(id_data, id_data_one_shard, tmp_path):
+    """With fewer shards per class than consumers each consumer fetches whole shards to keep a share of
+    them: the stream says by how much and what to write instead."""
+    import warnings
+
+    with pytest.warns(RuntimeWarning, match=r"4\.0x the bytes it uses; write the shards with --min-shards-per-class 4"):
+        shared = SequenceStream(id_data_one_shard, k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
+    assert shared.read_amplification() == 4.0
+    url = str(tmp_path / "three")  # 14 + 14 + 12 per class for 4 consumers: shard 0 shared by 2
+    write_shards(id_source([40] * NUM_CLASSES), url, samples_per_shard=14, progress=False)
+    mixed = [SequenceStream(url, k=2, batch_size=2, rank=r, world_size=4) for r in range(4)]
+    assert [m.read_amplification() for m in mixed] == [2.0, 1.0, 1.0, 2.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        whole = SequenceStream(id_data[0], k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
+    assert whole.read_amplification() == 1.0
 
 
 def test_memory_estimate_counts_units_buffers_and_prefetch(tmp_path, monkeypatch):

@@ -250,6 +250,28 @@ def test_decode_ceiling_does_the_streams_checks(tmp_path):
         DecodeCeiling(url, {}, threads=1).run_for(0.1)
 
 
+def test_min_shards_per_class_splits_small_classes_evenly(tmp_path):
+    """Classes too small for `min_shards_per_class` shards of `samples_per_shard` are split into that
+    many nearly equal shards (every sample once); then no loader worker shares a shard."""
+    from arflow_scale.data import SequenceStream
+
+    url = str(tmp_path / "digits")
+    manifest = write_shards("digits", url, samples_per_shard=100, min_shards_per_class=4, progress=False)
+    counts = {}
+    for shard in manifest["shards"]:
+        counts.setdefault(shard["cls"], []).append(shard["count"])
+    sizes = np.bincount(load_source("digits").labels)
+    for cls, shard_counts in counts.items():
+        assert len(shard_counts) == 4 and sum(shard_counts) == sizes[cls]  # 174..183 -> 4 shards, not 2
+        assert max(shard_counts) - min(shard_counts) <= 1
+    assert manifest["source"]["min_shards_per_class"] == 4
+    assert SequenceStream(url, k=2, batch_size=2, rank=1, world_size=2, num_workers=2).read_amplification() == 1.0
+    big = write_shards("digits", str(tmp_path / "big"), samples_per_shard=50, min_shards_per_class=2, progress=False)
+    assert sorted({s["count"] for s in big["shards"]})[-1] == 50  # enough shards already: sizes as asked
+    with pytest.raises(ValueError, match="min_shards_per_class must be >= 1"):
+        write_shards("digits", str(tmp_path / "bad"), min_shards_per_class=0, progress=False)
+
+
 def test_local_url_forms(tmp_path):
     from arflow_scale.data.storage import is_local_url, local_path
 

@@ -25,7 +25,7 @@ def test_prepare_imagenet_writes_class_grouped_shards(tmp_path):
             Image.fromarray(pixels).save(tmp_path / "train" / cls / f"{cls}_{i}.JPEG")
     out = tmp_path / "shards"
     proc = run_tool("prepare_imagenet.py", "--root", str(tmp_path / "train"), "--out", str(out),
-                    "--image-size", "16", "--samples-per-shard", "2", "--workers", "1")
+                    "--image-size", "16", "--samples-per-shard", "2", "--min-shards-per-class", "1", "--workers", "1")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["classes"] == 2 and result["shards"] == 4  # 3 images per class, 2 per shard

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="destination URL (folder, file://, s3://)")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--min-shards-per-class", type=int, default=32,
+                        help="at least this many shards per class: the loader workers of the runs that will "
+                             "read them (ranks x data.num_workers; the recipes: 32 x 1)")
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--encoder", default=None, help="package.module:callable producing latents")
     parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
@@ -40,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     options = dict(item.split("=", 1) for item in args.storage_option)
     manifest = write_shards("imagefolder", args.out, path=args.root, image_size=args.image_size,
-                            samples_per_shard=args.samples_per_shard, workers=args.workers,
+                            samples_per_shard=args.samples_per_shard,
+                            min_shards_per_class=args.min_shards_per_class, workers=args.workers,
                             overwrite=args.overwrite, storage_options=options or None,
                             encoder=load_encoder(args.encoder) if args.encoder else None)
     print(json.dumps({"out": args.out, "shards": len(manifest["shards"]),

@@ -36,6 +36,9 @@ def register(sub) -> None:
     shards.add_argument("--path", default=None, help="source path (fashion-mnist dir, imagefolder root, .npz)")
     shards.add_argument("--image-size", type=int, default=None, help="resize / ADM center crop to this size")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
+    shards.add_argument("--min-shards-per-class", type=int, default=1,
+                        help="split smaller classes into this many shards: the loader workers of the runs "
+                             "that will read them (ranks x data.num_workers)")
     shards.add_argument("--workers", type=int, default=4, help="shards written in parallel")
     shards.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     _add_storage_option(shards)
@@ -54,7 +57,8 @@ def run_shards(args) -> int:
     start = time.perf_counter()
     try:
         manifest = write_shards(args.source, args.out, path=args.path, image_size=args.image_size,
-                                samples_per_shard=args.samples_per_shard, workers=args.workers,
+                                samples_per_shard=args.samples_per_shard,
+                                min_shards_per_class=args.min_shards_per_class, workers=args.workers,
                                 overwrite=args.overwrite,
                                 storage_options=parse_storage_options(args.storage_option))
     except StorageError as err:

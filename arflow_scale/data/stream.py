@@ -52,6 +52,7 @@ from .storage import list_files
 STATE_VERSION = 1
 CLASS_SAMPLING = ("uniform", "proportional")
 MEMORY_WARN_BYTES = 16 << 30  # decoded samples held per consumer above which the stream warns
+READ_AMPLIFICATION_WARN = 2.0  # shard bytes fetched per byte kept above which the stream warns
 log = logging.getLogger(__name__)
 
 
@@ -118,6 +119,12 @@ class SequenceStream:
             warnings.warn(f"{self.url}: each loader worker may hold about {held / 2**30:.1f} GiB of decoded samples "
                           f"({self.manifest.num_classes} classes x (current shard unit + shuffle buffer)); write "
                           f"smaller shards (--samples-per-shard) or lower data.shuffle_buffer", RuntimeWarning)
+        amplification = self.read_amplification()
+        if amplification > READ_AMPLIFICATION_WARN:
+            consumers = world_size * max(num_workers, 1)
+            warnings.warn(f"{self.url}: classes have fewer shards than the {consumers} loader workers of all ranks, "
+                          f"so each reads whole shards to keep a share of their samples: {amplification:.1f}x the "
+                          f"bytes it uses; write the shards with --min-shards-per-class {consumers}", RuntimeWarning)
 
     @classmethod
     def from_config(cls, data_cfg, k: int, seed: int, rank: int, world_size: int) -> "SequenceStream":
@@ -155,6 +162,20 @@ class SequenceStream:
         samples = sum(max(s, default=0) + min(spec["shuffle_buffer"], sum(s)) for s in sizes.values())
         samples += spec["prefetch"] * max((max(s, default=0) for s in sizes.values()), default=0)
         return samples * int(np.prod(self.manifest.sample_shape)) * np.dtype(self.manifest.dtype).itemsize
+
+    def read_amplification(self) -> float:
+        """Shard bytes one consumer fetches per epoch over the bytes of the samples it keeps (1.0 when
+        every class has at least as many shards as there are consumers; see the split policy)."""
+        spec = self._spec
+        workers = max(spec["num_workers"], 1)
+        plan = plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
+        fetched = kept = 0.0
+        for units in plan.values():
+            for unit in units:
+                shard = self.manifest.shards[unit.shard]
+                fetched += shard.bytes
+                kept += shard.bytes * unit_size(self.manifest, unit) / shard.count
+        return fetched / kept if kept else 1.0
 
     # ----- state -----
     def _fresh_state(self) -> dict:

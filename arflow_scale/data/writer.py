@@ -65,13 +65,22 @@ def _to_numpy(batch: Any) -> np.ndarray:
     return np.asarray(batch)
 
 
-def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int) -> list[tuple[int, int, np.ndarray]]:
-    """-> [(class, shard number within class, source indices)], each shard one class."""
+def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int,
+                min_shards_per_class: int = 1) -> list[tuple[int, int, np.ndarray]]:
+    """-> [(class, shard number within class, source indices)], each shard one class.
+
+    Shards of `samples_per_shard` (the last one shorter); a class that would get fewer than
+    `min_shards_per_class` shards is split into that many nearly equal ones instead (at most one
+    sample each), so that many loader workers can each stream whole shards of it.
+    """
     plan = []
     for cls in range(num_classes):
         indices = np.flatnonzero(labels == cls)
-        for n, start in enumerate(range(0, len(indices), samples_per_shard)):
-            plan.append((cls, n, indices[start: start + samples_per_shard]))
+        if -(-len(indices) // samples_per_shard) >= min_shards_per_class:
+            parts = [indices[start: start + samples_per_shard] for start in range(0, len(indices), samples_per_shard)]
+        else:
+            parts = np.array_split(indices, min(min_shards_per_class, len(indices)))
+        plan.extend((cls, n, part) for n, part in enumerate(parts))
     return plan
 
 
@@ -93,15 +102,21 @@ def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | 
 
 
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
-                 samples_per_shard: int = 1000, workers: int = 1, overwrite: bool = False,
+                 samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
+                 overwrite: bool = False,
                  storage_options: dict | None = None, encoder: Encoder | None = None,
                  progress: bool = True, retries: int = 5, retry_backoff: float = 0.5) -> dict:
     """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
 
     With `encoder`, each shard's images uint8 (N, H, W, C) are encoded to latents stored as .npy.
+    `min_shards_per_class`: at least this many shards per class (see `_shard_plan`); set it to the
+    loader workers of the runs that will read the data (ranks x data.num_workers), so that none of
+    them reads whole shards to keep a share of their samples.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if min_shards_per_class < 1:
+        raise ValueError(f"min_shards_per_class must be >= 1, got {min_shards_per_class}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     src = load_source(source, path=path, image_size=image_size) if isinstance(source, str) else source
@@ -113,7 +128,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(f"{root.rstrip('/')}/shards", exist_ok=True)
     ext = "npy" if encoder is not None else "png"
-    plan = _shard_plan(labels, len(class_names), samples_per_shard)
+    plan = _shard_plan(labels, len(class_names), samples_per_shard, min_shards_per_class)
 
     def write_one(cls: int, number: int, indices: np.ndarray) -> tuple[ShardInfo, tuple, str]:
         images = [src.image(int(i)) for i in indices]
@@ -161,6 +176,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                         shards=[info for info, _, _ in results],
                         source={"name": source if isinstance(source, str) else getattr(src, "name", "custom"),
                                 "image_size": image_size, "samples_per_shard": samples_per_shard,
+                                "min_shards_per_class": min_shards_per_class,
                                 "encoded": encoder is not None},
                         url=out_url)
     write_bytes(join_url(out_url, MANIFEST_NAME), manifest.to_json().encode(), storage_options,
