@@ -4,7 +4,10 @@ Both sides count STORED shard bytes. Raw reads every shard whole with fsspec `ca
 (`raw_read.RawReader`): once with one reader (the goal's reference), and once with the stream's
 concurrency (one reader per DataLoader worker process, times the stream's fetch threads) when that is
 more than one. Stream MB/s = samples delivered/s x mean stored bytes per sample (tar overhead
-included, as raw). The sides alternate in slices (raw, matched, stream, stream, matched, raw, ...) in
+included, as raw). A third side, the codec ceiling (`DecodeCeiling`), does the stream's per-shard
+checks and decoding on shards held in memory: when it is below the raw rate (PNG on few cores), no
+reader that decodes can reach the goal, and the stream is also reported against min(raw, ceiling).
+The sides alternate in slices (raw, matched, ceiling, stream, stream, ceiling, matched, raw, ...) in
 one run, so all see the same machine load.
 
 Without --manifest the benchmark writes one shard set to a temp folder (default: float32 4x32x32
