@@ -77,6 +77,19 @@ def zero2_crash(ray_local, digits, tmp_path_factory):
     return result, storage / "crash"
 
 
+def test_relaunch_with_another_worker_count_is_refused(zero2_reference, digits):
+    """Relaunching a run under its name with another cluster.num_workers stops with an error naming
+    the key before any worker starts (its checkpoints are partitioned per rank)."""
+    from pathlib import Path
+
+    from arflow_scale.config.base import ConfigError
+
+    run_folder = Path(zero2_reference["checkpoint"]).parent
+    with pytest.raises(ConfigError, match=r"cluster.num_workers: 1, but run .* written by 2 workers; "
+                                          r"resume with cluster.num_workers=2"):
+        run_training(digits, str(run_folder.parent), run_folder.name, "train.zero_stage=2", "cluster.num_workers=1")
+
+
 def test_zero2_crash_resumes_bit_identical(zero2_reference, zero2_crash):
     result, run_folder = zero2_crash
     ref = zero2_reference

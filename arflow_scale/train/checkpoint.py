@@ -164,6 +164,22 @@ def latest_checkpoint(run_url: str, storage_options: dict | None = None) -> str 
     return None
 
 
+def check_resume_world_size(run_url: str, storage_options: dict | None, world_size: int) -> None:
+    """A run continues from its latest checkpoint only with the number of workers that wrote it (ZeRO
+    optimizer partitions, EMA partitions and data-stream positions are per rank): else a ConfigError
+    before any worker starts, rather than DeepSpeed failing inside every worker."""
+    from arflow_scale.config.base import check
+
+    latest = latest_checkpoint(run_url, storage_options)
+    if latest is None:
+        return
+    fs, path = _fs(latest, storage_options)
+    written = int(_read_json(fs, f"{path.rstrip('/')}/meta.json")["world_size"])
+    check(written == world_size, "cluster.num_workers",
+          f"{world_size}, but run {run_url} continues from {latest}, written by {written} workers; resume "
+          f"with cluster.num_workers={written} or start a new run.name")
+
+
 def resolve_checkpoint(url: str, storage_options: dict | None = None) -> str:
     """A checkpoint folder URL, or a run folder URL (-> its latest complete checkpoint)."""
     fs, path = _fs(url, storage_options)

@@ -134,7 +134,7 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
 
     from arflow_scale.config import to_dict
     from arflow_scale.tracking import prepare_run
-    from arflow_scale.train.checkpoint import latest_checkpoint
+    from arflow_scale.train.checkpoint import check_resume_world_size, latest_checkpoint
     from arflow_scale.train.loop import train_loop_per_worker
 
     cfg = cfg if in_memory_data else prepare_inputs(cfg)
@@ -142,10 +142,11 @@ def train(cfg, address: str | None = None, in_memory_data: bool = False) -> dict
 
     check(cfg.eval.fid_every % cfg.checkpoint.every == 0, "eval.fid_every",
           f"{cfg.eval.fid_every} must be a multiple of checkpoint.every={cfg.checkpoint.every}")
-    connect_ray(address or cfg.cluster.address, cfg.cluster.local_num_cpus)
-    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cluster_has_gpus()
     run_url = run_folder_url(cfg.run.storage_path, cfg.run.name)
     options = worker_storage_options(cfg.run.storage_path, cfg.run.storage_options)
+    check_resume_world_size(run_url, options, cfg.cluster.num_workers)
+    connect_ray(address or cfg.cluster.address, cfg.cluster.local_num_cpus)
+    use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else _cluster_has_gpus()
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.run.storage_options)
     tracking_uri, run_id = prepare_run(cfg, run_url, world_size=cfg.cluster.num_workers,
                                        device="cuda" if use_gpu else "cpu", storage_options=options)
