@@ -25,6 +25,8 @@ import time
 
 from arflow_scale.config.data import DataConfig
 
+from .sides import BenchSide
+
 SOURCES = ("synthetic", "digits", "fashion-mnist")
 FORMATS = {"latent": 32, "npy": 64, "png": 64}  # -> default --image-size
 
@@ -126,7 +128,7 @@ class StreamReader:
         self.iterator.close()  # stops the prefetch thread / DataLoader workers
 
 
-class DecodeCeiling:
+class DecodeCeiling(BenchSide):
     """The stream's per-shard work (size and checksum checks, decoding) on shards held in memory, in as
     many threads as the stream fetches with: what any reader that decodes could deliver on this
     machine, storage aside. (At most `max_shards` shards are held.)"""
@@ -135,7 +137,8 @@ class DecodeCeiling:
         from arflow_scale.data.consumer import verify_and_decode
         from arflow_scale.data.manifest import read_manifest
 
-        from .raw_read import ShardLoop, shard_paths
+        from .raw_read import shard_paths
+        from .sides import ShardLoop
 
         manifest = read_manifest(url, options)
         fs, paths, _ = shard_paths(url, options)
@@ -146,19 +149,9 @@ class DecodeCeiling:
             return len(held[i])
 
         self.loop, self.threads = ShardLoop(decode, len(held), threads), threads
-        self.bytes, self.seconds = 0, 0.0
 
-    def run_for(self, seconds: float) -> None:
-        got, took = self.loop.run_for(seconds)
-        self.bytes += got
-        self.seconds += took
-
-    @property
-    def mbps(self) -> float:
-        return self.bytes / self.seconds / 1e6
-
-    def close(self) -> None:
-        pass
+    def _slice(self, seconds: float) -> tuple[int, float]:
+        return self.loop.run_for(seconds)
 
 
 def bench_one(name: str, url: str, options: dict, args, note: str) -> dict:

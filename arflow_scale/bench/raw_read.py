@@ -8,14 +8,14 @@ the benchmark can alternate it with the stream under the same machine load.
 """
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
-import threading
 import time
 
 from fsspec import register_implementation
 from fsspec.implementations.local import LocalFileSystem
+
+from .sides import BenchSide, ShardLoop
 
 COLD_PROTOCOL = "arflow-cold"
 
@@ -63,39 +63,6 @@ def shard_paths(url: str, options: dict) -> tuple[object, list[str], list[int]]:
     return fs, paths, [s.bytes for s in manifest.shards]
 
 
-class ShardLoop:
-    """`threads` threads of this process applying `work(shard index) -> bytes done` to the shards
-    round-robin (a shared counter), in slices of time."""
-
-    def __init__(self, work, shards: int, threads: int, first: int = 0):
-        self.work, self.shards = work, shards
-        self.threads, self.counter, self.lock = threads, itertools.count(first), threading.Lock()
-
-    def _loop_until(self, deadline: float, totals: list[int], errors: list[BaseException]) -> None:
-        try:
-            while time.perf_counter() < deadline:
-                with self.lock:
-                    i = next(self.counter) % self.shards
-                totals.append(self.work(i))
-        except BaseException as err:  # noqa: BLE001 - re-raised by run_for in the calling thread
-            errors.append(err)
-
-    def run_for(self, seconds: float) -> tuple[int, float]:
-        """Work for `seconds` -> (bytes done, seconds taken); a thread's error is raised here."""
-        totals: list[int] = []
-        errors: list[BaseException] = []
-        start = time.perf_counter()
-        workers = [threading.Thread(target=self._loop_until, args=(start + seconds, totals, errors))
-                   for _ in range(self.threads)]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        if errors:
-            raise errors[0]
-        return sum(totals), time.perf_counter() - start
-
-
 def _readers(url: str, options: dict, threads: int, first: int = 0) -> ShardLoop:
     """Threads reading whole shards with `cat_file` (the connection warmed first, like the stream's)."""
     fs, paths, sizes = shard_paths(url, options)
@@ -130,11 +97,11 @@ def _answer(conn):
     return reply
 
 
-class RawReader:
+class RawReader(BenchSide):
     """Whole-shard fsspec reads by `processes` x `threads` concurrent readers (see module docstring)."""
 
     def __init__(self, url: str, options: dict, processes: int = 0, threads: int = 1):
-        self.bytes, self.seconds, self.readers = 0, 0.0, max(processes, 1) * threads
+        self.readers = max(processes, 1) * threads
         self.local = _readers(url, options, threads) if processes == 0 else None
         self.conns, self.procs = [], []
         if processes:
@@ -148,21 +115,13 @@ class RawReader:
             for conn in self.conns:
                 _answer(conn)
 
-    def run_for(self, seconds: float) -> None:
+    def _slice(self, seconds: float) -> tuple[int, float]:
         if self.local is not None:
-            got, took = self.local.run_for(seconds)
-        else:
-            start = time.perf_counter()
-            for conn in self.conns:
-                conn.send(seconds)
-            got = sum(_answer(conn)[0] for conn in self.conns)
-            took = time.perf_counter() - start
-        self.bytes += got
-        self.seconds += took
-
-    @property
-    def mbps(self) -> float:
-        return self.bytes / self.seconds / 1e6
+            return self.local.run_for(seconds)
+        start = time.perf_counter()
+        for conn in self.conns:
+            conn.send(seconds)
+        return sum(_answer(conn)[0] for conn in self.conns), time.perf_counter() - start
 
     def close(self) -> None:
         for conn in self.conns:
