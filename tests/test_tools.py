@@ -73,3 +73,5 @@ def test_gpu_check_cpu_variant_bf16_deepspeed():
         check = checks[f"deepspeed/zero{stage}_bf16"]
         assert 0 < check["bf16_weights_vs_master_rel"] <= 2 ** -8  # bf16 weights = rounded fp32 masters
         assert check["export_vs_master"] == 0  # the checkpoint's raw weights are the masters, not the bf16 copy
+        if stage > 0:  # the EMA averages the fp32 masters (ZeRO-0: the bf16 weights)
+            assert check["ema_source_vs_master"] == 0

@@ -104,6 +104,22 @@ def test_ema_consolidate_zero3_partitions():
     assert torch.equal(out["w"], full)
 
 
+def test_ema_consolidate_zero12_fragments():
+    """ZeRO 1-2 layout: each rank holds the contiguous piece of a flattened parameter that falls in its
+    optimizer partition (maybe none), placed by its start."""
+    from arflow_scale.train.ema import consolidate
+
+    w, b = torch.arange(12.0).reshape(3, 4), torch.arange(3.0) + 100
+    rank0 = {"w": w.flatten()[:5], "b": torch.empty(0)}
+    rank1 = {"w": w.flatten()[5:], "b": b}
+    starts = [{"w": 0, "b": 0}, {"w": 5, "b": 0}]
+    meta = {"w": {"shape": [3, 4], "numel": 12}, "b": {"shape": [3], "numel": 3}}
+    out = consolidate([rank0, rank1], meta, starts)
+    assert torch.equal(out["w"], w) and torch.equal(out["b"], b)
+    swapped = consolidate([rank1, rank0], meta, starts[::-1])  # placement by start, not by rank order
+    assert torch.equal(swapped["w"], w) and torch.equal(swapped["b"], b)
+
+
 def test_faults_fire_once_per_run_folder(tmp_path):
     from arflow_scale.config import FaultsConfig
     from arflow_scale.train.faults import FaultInjector, InjectedFault

@@ -9,8 +9,9 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 through the cache equals the full forward; bf16 autocast stays close.
   3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed
                 batch lower the loss; the bf16 weights stay within rounding of the fp32 masters, and the
-                raw weights read back from the checkpoint (as `arflow export` does) are those masters;
-                a checkpoint saved and restored continues with the same losses as the run that went on.
+                raw weights read back from the checkpoint (as `arflow export` does) are those masters,
+                as are the weights the EMA averages under ZeRO 2 and 3; a checkpoint saved and restored
+                continues with the same losses as the run that went on.
 Prints one JSON line per check and exits non-zero if any check fails.
 
     python tools/gpu_check.py [--size S/2] [--only attention,model,deepspeed]
@@ -165,8 +166,11 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         seconds = time.perf_counter() - start
         master = full_fp32_params(engine, bf16=precision == "bf16")
         ema_full = ema.full_state_dict()
-        module = full_fp32_params(engine, bf16=False)  # the bf16 weights the forward (and the EMA) sees
+        module = full_fp32_params(engine, bf16=False)  # the bf16 weights the forward sees
         rounding = max(max_err(module[n], master[n]) / max(float(master[n].abs().max()), 1e-12) for n in master)
+        # A fresh EMA starts from what it averages: under ZeRO 1-3 the fp32 masters themselves.
+        ema_source = EMA(engine.module, 0.0).full_state_dict()
+        ema_source_err = max(max_err(ema_source[n], master[n]) for n in master)
         with tempfile.TemporaryDirectory() as folder:
             ckpt.save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, world_size=1,
                             meta={"step": 20, "zero_stage": stage}, config_yaml="")
@@ -181,11 +185,13 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         diff = max(abs(a - b) for a, b in zip(went_on, resumed))
         # bf16: the module's weights are the fp32 masters rounded (0 < error <= 2^-8 relative); fp32: the same.
         masters_ok = 0 < rounding <= 2.0 ** -8 if precision == "bf16" else rounding == 0
+        masters_ok = masters_ok and (ema_source_err == 0 if stage > 0 or precision != "bf16"
+                                     else ema_source_err <= 2.0 ** -8 * max(float(t.abs().max()) for t in master.values()))
         ok = (losses[-1] < losses[0] and all(map(math.isfinite, losses)) and diff < 1e-2 and masters_ok
               and export_err == 0)
         report(f"deepspeed/zero{stage}_{precision}", ok, first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
                steps_per_s=round(20 / seconds, 1), bf16_weights_vs_master_rel=rounding, resume_loss_diff=diff,
-               export_vs_master=export_err,
+               export_vs_master=export_err, ema_source_vs_master=ema_source_err,
                ema_dtype=str(next(iter(ema_full.values())).dtype))
         del engine, engine2
         if device.type == "cuda":

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint folder `<run>/checkpoint_<step>` (Ray merges the ranks' folders into it):
   deepspeed/        DeepSpeed `save_checkpoint` output (tag `state`): model, optimizer, scheduler
-  ema/rank_<r>.pt   EMA (rank 0 only for ZeRO 0-2; every rank's partition under ZeRO-3)
+  ema/rank_<r>.pt   EMA (rank 0 only for ZeRO 0; every rank's partition under ZeRO 1-3)
   data/rank_<r>.pt  SequenceStream.state_dict() of rank r
   rng/rank_<r>.pt   torch / numpy / python RNG states of rank r
   meta.json         step, world size, ZeRO stage, last loss, MLflow run id (rank 0)
@@ -220,7 +220,8 @@ def load_ema_weights(checkpoint_url: str, storage_options: dict | None = None):
         with fs.open(f"{path.rstrip('/')}/ema/rank_{rank}.pt", "rb") as f:
             states.append(torch.load(f, map_location="cpu", weights_only=True))
     if states[0]["partitioned"]:
-        return cfg, consolidate([s["shadow"] for s in states], states[0]["meta"])
+        starts = [s["starts"] for s in states] if "starts" in states[0] else None  # older: ZeRO-3 only
+        return cfg, consolidate([s["shadow"] for s in states], states[0]["meta"], starts)
     return cfg, {name: t.clone() for name, t in states[0]["shadow"].items()}
 
 

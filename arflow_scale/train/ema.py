@@ -1,19 +1,23 @@
-"""Exponential moving average of the weights that works under every ZeRO stage, including ZeRO-3.
+"""Exponential moving average of the weights that works under every ZeRO stage.
 
 How it works. After each optimizer step every rank updates, in fp32,
 ``shadow <- decay * shadow + (1 - decay) * weight`` over the weights *it holds locally*:
 
-- ZeRO 0, 1, 2: every rank holds the full parameters, so every rank keeps the full EMA (the ranks'
-  copies are identical; only rank 0 writes it to a checkpoint).
-- ZeRO-3: a rank holds only its partition of each parameter, ``param.ds_tensor`` (a flat slice of
-  ``ceil(numel / world)`` elements, zero-padded on the last rank). The EMA is kept over exactly that
-  slice, so it is partitioned like the weights themselves: no gather per step, no extra
-  communication, and EMA memory per rank drops with the world size like ZeRO-3's weights do. Each
-  rank saves its slice; `consolidate` (used by export / sampling) concatenates the slices in rank
-  order, drops the padding and restores ``param.ds_shape``. `full_state_dict` does the same live, with
-  one all-gather, when rank 0 needs the full EMA during training (sample grids, hashes).
+- ZeRO 0 (`layout` "full"): every rank holds the full parameters, so every rank keeps the full EMA
+  (identical copies; only rank 0 writes it to a checkpoint).
+- ZeRO 1, 2 ("fragments"): the optimizer's fp32 master weights are partitioned: a rank holds, of
+  each parameter, the contiguous piece of its flattened elements that falls in its partition
+  (DeepSpeed's ``param._hp_mapping``; none for some parameters). The EMA is kept over exactly those
+  fp32 masters, so it is exact in bf16 (not an average of bf16-rounded weights) and its memory falls
+  with the world size.
+- ZeRO-3 ("zero3"): a rank holds only its partition of each parameter, ``param.ds_tensor`` (a flat
+  slice of ``ceil(numel / world)`` elements, zero-padded on the last rank), and the EMA is kept over
+  that slice of the fp32 masters (the optimizer's `get_local_fp32_param`).
 
-The update is elementwise, so the partitioned EMA equals the EMA of the gathered weights exactly.
+A partitioned EMA records where its slice starts in each flattened parameter; `consolidate` (used by
+export / sampling from checkpoint files) and `full_state_dict` (live, one gather, when rank 0 needs
+the full EMA: sample grids, hashes) place the ranks' slices there, drop any padding and restore the
+shapes. The update is elementwise, so the partitioned EMA equals the EMA of the gathered weights.
 """
 from __future__ import annotations
 
@@ -22,9 +26,18 @@ from typing import Any
 import torch
 
 
-def _local_weight(param: torch.nn.Parameter) -> torch.Tensor:
-    """The part of `param` this rank holds: the ZeRO-3 partition, else the parameter itself."""
-    return param.ds_tensor if hasattr(param, "ds_tensor") else param.data
+def _layout(params: dict[str, torch.nn.Parameter]) -> str:
+    if any(hasattr(p, "ds_tensor") for p in params.values()):
+        return "zero3"
+    if any(hasattr(p, "_hp_mapping") for p in params.values()):
+        return "fragments"
+    return "full"
+
+
+def _dp_rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 class EMA:
@@ -33,30 +46,55 @@ class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = float(decay)
         params = dict(module.named_parameters())
-        self.partitioned = any(hasattr(p, "ds_tensor") for p in params.values())
+        self.layout = _layout(params)
+        self.partitioned = self.layout != "full"
         self.shadow: dict[str, torch.Tensor] = {
-            name: _local_weight(p).detach().float().clone() for name, p in params.items()}
+            name: self._local(p).detach().float().clone() for name, p in params.items()}
+        self.starts: dict[str, int] = {name: self._start(p) for name, p in params.items()}
         self.meta: dict[str, dict[str, Any]] = {
-            name: {"shape": list(p.ds_shape) if self.partitioned else list(p.shape),
-                   "numel": int(p.ds_numel) if self.partitioned else p.numel()}
+            name: {"shape": list(p.ds_shape) if self.layout == "zero3" else list(p.shape),
+                   "numel": int(p.ds_numel) if self.layout == "zero3" else p.numel()}
             for name, p in params.items()}
+
+    def _local(self, param: torch.nn.Parameter) -> torch.Tensor:
+        """What this rank holds of `param`: its ZeRO-3 partition, its fp32 master fragment (ZeRO 1-2;
+        empty when the rank holds none), or the parameter itself."""
+        if self.layout == "zero3":
+            optimizer = getattr(param, "_z3_optimizer", None)  # its fp32 master partition when it has one
+            master = optimizer.get_local_fp32_param(param) if optimizer is not None else None
+            return param.ds_tensor if master is None else master
+        if self.layout == "fragments":
+            mapping = param._hp_mapping
+            return mapping.get_hp_fragment() if mapping is not None else param.data.new_empty(0, dtype=torch.float32)
+        return param.data
+
+    def _start(self, param: torch.nn.Parameter) -> int:
+        """Where this rank's slice starts in the flattened parameter."""
+        if self.layout == "zero3":
+            return _dp_rank() * param.ds_tensor.numel()
+        if self.layout == "fragments" and param._hp_mapping is not None:
+            return int(param._hp_mapping.lp_fragment_address.start)
+        return 0
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * weight, for every locally held weight."""
         for name, param in module.named_parameters():
-            self.shadow[name].lerp_(_local_weight(param).detach().float(), 1.0 - self.decay)
+            local = self._local(param)
+            if local.numel():
+                self.shadow[name].lerp_(local.detach().float(), 1.0 - self.decay)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain dict of tensors/lists/numbers (loads with torch.load(weights_only=True))."""
-        return {"decay": self.decay, "partitioned": self.partitioned, "shadow": self.shadow,
-                "meta": self.meta}
+        return {"decay": self.decay, "partitioned": self.partitioned, "layout": self.layout,
+                "shadow": self.shadow, "starts": self.starts, "meta": self.meta}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.shadow) ^ set(state["shadow"])
-        if missing or bool(state["partitioned"]) != self.partitioned:
+        layout = state.get("layout", "zero3" if state["partitioned"] else "full")
+        if missing or layout != self.layout:
             raise ValueError(f"EMA state does not match the model (differing keys: {sorted(missing)[:5]}, "
-                             f"partitioned {state['partitioned']} vs {self.partitioned})")
+                             f"layout {layout} vs {self.layout})")
         for name, tensor in state["shadow"].items():
             if tensor.shape != self.shadow[name].shape:
                 raise ValueError(f"EMA state for {name}: shape {tuple(tensor.shape)} != "
@@ -64,25 +102,41 @@ class EMA:
             self.shadow[name].copy_(tensor)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full EMA weights {name: fp32 tensor}; a collective under ZeRO-3 (all ranks call it)."""
+        """The full EMA weights {name: fp32 tensor}; a collective when partitioned (all ranks call it)."""
         if not self.partitioned:
             return {name: t.clone() for name, t in self.shadow.items()}
         import torch.distributed as dist
 
         names = sorted(self.shadow)
         local = torch.cat([self.shadow[n].reshape(-1) for n in names])
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, local)
-        sizes = [self.shadow[n].numel() for n in names]
-        per_rank = [dict(zip(names, torch.split(flat, sizes))) for flat in gathered]
-        return consolidate(per_rank, self.meta)
+        layouts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(layouts, [(self.starts[n], self.shadow[n].numel()) for n in names])
+        longest = max(sum(size for _, size in layout) for layout in layouts)
+        padded = torch.cat([local, local.new_zeros(longest - local.numel())])
+        gathered = [torch.empty_like(padded) for _ in layouts]
+        dist.all_gather(gathered, padded)
+        shadows, starts = [], []
+        for flat, layout in zip(gathered, layouts):
+            pieces = torch.split(flat[: sum(size for _, size in layout)], [size for _, size in layout])
+            shadows.append(dict(zip(names, pieces)))
+            starts.append({n: start for n, (start, _) in zip(names, layout)})
+        return consolidate(shadows, self.meta, starts)
 
 
-def consolidate(per_rank_shadows: list[dict[str, torch.Tensor]],
-                meta: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """ZeRO-3 EMA slices of ranks 0..W-1 -> full tensors: concatenate, drop padding, reshape."""
+def consolidate(per_rank_shadows: list[dict[str, torch.Tensor]], meta: dict[str, dict[str, Any]],
+                per_rank_starts: list[dict[str, int]] | None = None) -> dict[str, torch.Tensor]:
+    """Partitioned EMA slices of ranks 0..W-1 -> full tensors: each slice placed where it starts in the
+    flattened parameter (without `per_rank_starts`, the ZeRO-3 layout: slices back to back), padding
+    dropped, shapes restored."""
     full = {}
     for name, info in meta.items():
-        flat = torch.cat([shadow[name].reshape(-1) for shadow in per_rank_shadows])
+        pieces = [shadow[name].reshape(-1) for shadow in per_rank_shadows]
+        if per_rank_starts is None:
+            starts = [sum(p.numel() for p in pieces[:r]) for r in range(len(pieces))]
+        else:
+            starts = [s[name] for s in per_rank_starts]
+        flat = pieces[0].new_zeros(max([info["numel"]] + [s + p.numel() for s, p in zip(starts, pieces)]))
+        for start, piece in zip(starts, pieces):
+            flat[start: start + piece.numel()] = piece
         full[name] = flat[: info["numel"]].reshape(info["shape"]).clone()
     return full
