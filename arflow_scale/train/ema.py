@@ -4,7 +4,8 @@ How it works. After each optimizer step every rank updates, in fp32,
 ``shadow <- decay * shadow + (1 - decay) * weight`` over the weights *it holds locally*:
 
 - ZeRO 0 (`layout` "full"): every rank holds the full parameters, so every rank keeps the full EMA
-  (identical copies; only rank 0 writes it to a checkpoint).
+  (identical copies; only rank 0 writes it to a checkpoint), of the optimizer's fp32 masters when
+  given them (bf16: DeepSpeed's mixed-precision wrapper keeps one per parameter).
 - ZeRO 1, 2 ("fragments"): the optimizer's fp32 master weights are partitioned: a rank holds, of
   each parameter, the contiguous piece of its flattened elements that falls in its partition
   (DeepSpeed's ``param._hp_mapping``; none for some parameters). The EMA is kept over exactly those
@@ -43,8 +44,11 @@ def _dp_rank() -> int:
 class EMA:
     """fp32 EMA over the locally held weights of `module` (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    def __init__(self, module: torch.nn.Module, decay: float, masters: dict[int, torch.Tensor] | None = None):
+        """masters: {id(param): fp32 master} kept by a mixed-precision optimizer without ZeRO (updated in
+        place every step; `loop.wrapper_masters`): the EMA averages those instead of the bf16 weights."""
         self.decay = float(decay)
+        self._masters = dict(masters or {})
         params = dict(module.named_parameters())
         self.layout = _layout(params)
         self.partitioned = self.layout != "full"
@@ -66,7 +70,7 @@ class EMA:
         if self.layout == "fragments":
             mapping = param._hp_mapping
             return mapping.get_hp_fragment() if mapping is not None else param.data.new_empty(0, dtype=torch.float32)
-        return param.data
+        return self._masters.get(id(param), param.data)
 
     def _start(self, param: torch.nn.Parameter) -> int:
         """Where this rank's slice starts in the flattened parameter."""

@@ -190,7 +190,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     probe = GradNormProbe(engine.basic_optimizer) if cfg.train.zero_stage == 0 else None
     if cfg.optim.clip == "value":
         install_value_clipping(engine.basic_optimizer, cfg.optim.clip_value)
-    ema = EMA(engine.module, cfg.train.ema_decay)
+    ema = EMA(engine.module, cfg.train.ema_decay, masters=wrapper_masters(engine.optimizer))
     if loop_config.get("in_memory_data"):
         shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
         stream = InMemoryBatches(cfg.data.batch_size, cfg.model.k, shape, cfg.model.num_classes,
