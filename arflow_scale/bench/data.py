@@ -196,7 +196,7 @@ def bench_one(name: str, url: str, options: dict, args, note: str) -> dict:
         lines.append(f"vs {matched.readers} concurrent raw readers ({matched.mbps:.2f} MB/s): "
                      f"{stream_mbps / matched.mbps:.3g}")
     lines.append(f"codec ceiling (checks + decoding from memory, {ceiling.threads} threads): {ceiling.mbps:.2f} MB/s"
-                 f"{'; below raw, so the goal is out of reach on this machine' if ceiling.mbps < 0.7 * raw.mbps else ''}"
+                 f"{'; below 0.7x raw: the goal is out of reach on this machine' if ceiling.mbps < 0.7 * raw.mbps else ''}"
                  f"; stream vs min(raw, ceiling): {stream_mbps / bound:.3g}")
     print("\n        ".join(lines + [note]), file=sys.stderr)
     result = {"store": name, "url": url, "note": note, "stream_sequences_per_s": round(seqs, 1),

@@ -12,6 +12,11 @@ class CorruptShard(ValueError):
     """A shard's bytes do not match its manifest entry or cannot be decoded."""
 
 
+def _padded(size: int) -> int:
+    """Bytes a tar member of `size` bytes occupies after its header (whole 512-byte blocks)."""
+    return (size + 511) // 512 * 512
+
+
 def _ustar_header(data: bytes, pos: int) -> tuple[str, int] | None:
     """The plain USTAR regular-file header at `pos` -> (name, size); None for anything else."""
     if data[pos + 156: pos + 157] not in (b"0", b"\0") or data[pos + 257: pos + 262] != b"ustar" \
@@ -44,7 +49,7 @@ def _ustar_members(data: bytes, url: str, check_headers: bool = True) -> list[di
         if start + size > end_of_data:
             raise CorruptShard(f"tar member {name} runs past the end of the shard (truncated)")
         members.append({"fname": name, "data": view[start: start + size], "__url__": url})
-        pos = start + (size + 511) // 512 * 512
+        pos = start + _padded(size)
     return members
 
 
@@ -98,10 +103,6 @@ def load_npy(data: bytes | memoryview) -> np.ndarray:
         raise ValueError(f".npy data holds {len(data) - offset} bytes, header needs {count * dtype.itemsize}")
     arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
     return arr.reshape(shape[::-1]).transpose() if fortran else arr.reshape(shape)
-
-
-def _padded(size: int) -> int:
-    return (size + 511) // 512 * 512
 
 
 def uniform_npy_block(data: bytes, shape: tuple[int, ...], cls: int, count: int) -> np.ndarray | None:

@@ -70,8 +70,8 @@ def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int,
     """-> [(class, shard number within class, source indices)], each shard one class.
 
     Shards of `samples_per_shard` (the last one shorter); a class that would get fewer than
-    `min_shards_per_class` shards is split into that many nearly equal ones instead (at most one
-    sample each), so that many loader workers can each stream whole shards of it.
+    `min_shards_per_class` shards is split into that many nearly equal ones instead (never more
+    shards than samples), so that many loader workers can each stream whole shards of it.
     """
     plan = []
     for cls in range(num_classes):
@@ -103,8 +103,7 @@ def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | 
 
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
-                 overwrite: bool = False,
-                 storage_options: dict | None = None, encoder: Encoder | None = None,
+                 overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
                  progress: bool = True, retries: int = 5, retry_backoff: float = 0.5) -> dict:
     """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
 
