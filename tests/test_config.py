@@ -1,11 +1,15 @@
 """Typed config: defaults, YAML + dotted overrides, errors that name file and key, secret masking."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
 from arflow_scale.config import (Config, ConfigError, config_from_dict, dump_yaml, flatten,
                                  load_config)
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_defaults_validate_and_round_trip_through_yaml(tmp_path):
@@ -96,3 +100,17 @@ def test_url_passwords_are_masked_and_stored_configs_drop_masked_values():
     restored = config_from_dict(drop_masked(stored))  # credentials then come from the environment
     assert restored.run.storage_options == {"endpoint_url": "http://h:9"}
     assert restored.model == cfg.model
+
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
+def test_shipped_configs_validate(path):
+    """Every config in configs/ loads and validates as it ships: run and model configs as run configs,
+    sweeps (and every point they expand to) as sweeps."""
+    if path.parent.name == "sweeps":
+        from arflow_scale.scaling.sweep import expand, load_sweep
+
+        sweep, folder = load_sweep(path)
+        assert all(isinstance(point.config, Config) for point in expand(sweep, folder))
+    else:
+        assert isinstance(load_config(path), Config)
