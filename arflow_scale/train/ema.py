@@ -16,8 +16,8 @@ How it works. After each optimizer step every rank updates, in fp32,
   that slice of the fp32 masters (the optimizer's `get_local_fp32_param`).
 
 A partitioned EMA records where its slice starts in each flattened parameter; `consolidate` (used by
-export / sampling from checkpoint files) and `full_state_dict` (live, one gather, when rank 0 needs
-the full EMA: sample grids, hashes) place the ranks' slices there, drop any padding and restore the
+export / sampling from checkpoint files) and `full_state_dict` (live, one gather to rank 0 when it
+needs the full EMA: sample grids, hashes) place the ranks' slices there, drop any padding and restore the
 shapes. The update is elementwise, so the partitioned EMA equals the EMA of the gathered weights.
 """
 from __future__ import annotations
@@ -105,8 +105,10 @@ class EMA:
                                  f"{tuple(self.shadow[name].shape)} (different world size?)")
             self.shadow[name].copy_(tensor)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full EMA weights {name: fp32 tensor}; a collective when partitioned (all ranks call it)."""
+    def full_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor] | None:
+        """The full EMA weights {name: fp32 tensor}; a collective when partitioned (all ranks call it).
+        With `dst`, only that rank receives them (the others get None): no rank but it holds a copy
+        of the whole model for a moment."""
         if not self.partitioned:
             return {name: t.clone() for name, t in self.shadow.items()}
         import torch.distributed as dist
@@ -117,8 +119,14 @@ class EMA:
         dist.all_gather_object(layouts, [(self.starts[n], self.shadow[n].numel()) for n in names])
         longest = max(sum(size for _, size in layout) for layout in layouts)
         padded = torch.cat([local, local.new_zeros(longest - local.numel())])
-        gathered = [torch.empty_like(padded) for _ in layouts]
-        dist.all_gather(gathered, padded)
+        receives = dst is None or dist.get_rank() == dst
+        gathered = [torch.empty_like(padded) for _ in layouts] if receives else None
+        if dst is None:
+            dist.all_gather(gathered, padded)
+        else:
+            dist.gather(padded, gathered, dst=dst)
+        if not receives:
+            return None
         shadows, starts = [], []
         for flat, layout in zip(gathered, layouts):
             pieces = torch.split(flat[: sum(size for _, size in layout)], [size for _, size in layout])

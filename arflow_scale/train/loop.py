@@ -217,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def sample_grid(step: int) -> None:
         if not (loop_config.get("tracking_uri") and run_id):  # same answer on every rank
             return
-        full_ema = ema.full_state_dict()  # collective under ZeRO-3
+        full_ema = ema.full_state_dict(dst=0)  # a collective under ZeRO 1-3; None on the other ranks
         if rank == 0 and tracker.active:
             sampler_model = model_from_weights(cfg, full_ema, device)
             labels = [i % cfg.model.num_classes for i in range(min(20, 2 * cfg.model.num_classes))]
@@ -236,10 +236,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def final_metrics(step: int) -> dict[str, Any]:
         params = full_fp32_params(engine, precision == "bf16")
-        ema_full = ema.full_state_dict()
+        ema_full = ema.full_state_dict(dst=0)  # None on the other ranks (Ray Train keeps rank 0's metrics)
         return {"step": step, "final_step": step, "final_loss": last_loss, "mlflow_run_id": run_id or "",
                 "images_per_s": images_per_step / statistics.median(step_times) if step_times else 0.0,
-                "params_sha256": ckpt.state_dict_sha256(params), "ema_sha256": ckpt.state_dict_sha256(ema_full)}
+                "params_sha256": ckpt.state_dict_sha256(params),
+                "ema_sha256": ckpt.state_dict_sha256(ema_full) if ema_full is not None else ""}
 
     data_iter = iter(stream)
     step_times: list[float] = []  # after warm-up; their median gives the run's throughput
