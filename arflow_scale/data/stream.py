@@ -151,13 +151,17 @@ class SequenceStream:
                           f"{[self.manifest.shards[i].path for i in missing[:5]]}", RuntimeWarning)
         return [i for i in range(len(self.manifest.shards)) if i not in set(missing)]
 
+    def _first_worker_plan(self) -> dict:
+        """The shard units of this rank's first loader worker, per class (`consumer.plan_units`)."""
+        spec = self._spec
+        workers = max(spec["num_workers"], 1)
+        return plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
+
     def memory_estimate(self) -> int:
         """Bytes of decoded samples one consumer (rank, loader worker) can hold at once: per class its
         largest unit and its shuffle buffer, plus `prefetch` prepared units (computed for this rank's
         first loader worker; the others hold about as much)."""
-        spec = self._spec
-        workers = max(spec["num_workers"], 1)
-        plan = plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
+        spec, plan = self._spec, self._first_worker_plan()
         sizes = {c: [unit_size(self.manifest, u) for u in units] for c, units in plan.items()}
         samples = sum(max(s, default=0) + min(spec["shuffle_buffer"], sum(s)) for s in sizes.values())
         samples += spec["prefetch"] * max((max(s, default=0) for s in sizes.values()), default=0)
@@ -166,11 +170,8 @@ class SequenceStream:
     def read_amplification(self) -> float:
         """Shard bytes one consumer fetches per epoch over the bytes of the samples it keeps (1.0 when
         every class has at least as many shards as there are consumers; see the split policy)."""
-        spec = self._spec
-        workers = max(spec["num_workers"], 1)
-        plan = plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
         fetched = kept = 0.0
-        for units in plan.values():
+        for units in self._first_worker_plan().values():
             for unit in units:
                 shard = self.manifest.shards[unit.shard]
                 fetched += shard.bytes
