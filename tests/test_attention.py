@@ -1,4 +1,4 @@
-"""Chunk-wise attention against naive references written here from ARFLOW.md, steps 2-3."""
+"""Chunk-wise attention against naive references written here from docs/arflow.md §3.2-§3.5."""
 from __future__ import annotations
 
 import math

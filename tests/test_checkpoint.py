@@ -8,7 +8,7 @@ import torch
 
 
 def test_state_dict_sha256_bitwise():
-    from arflow_scale.train.checkpoint import state_dict_sha256
+    from arflow_scale.checkpoint import state_dict_sha256
 
     sd = {"a": torch.ones(2, 2), "b": torch.zeros(3)}
     same = {"b": torch.zeros(3), "a": torch.ones(2, 2)}
@@ -22,7 +22,7 @@ def test_rng_state_roundtrip_weights_only(tmp_path):
 
     import numpy as np
 
-    from arflow_scale.train.checkpoint import rng_state, set_rng_state
+    from arflow_scale.train.rng import rng_state, set_rng_state
 
     torch.save(rng_state(), tmp_path / "rng.pt")
     expected = (torch.rand(2), np.random.rand(), random.random())
@@ -51,7 +51,7 @@ def fake_checkpoint(run, step: int, world: int, drop: str | None = None, truncat
 
 
 def test_latest_checkpoint_skips_incomplete(tmp_path):
-    from arflow_scale.train.checkpoint import is_complete, latest_checkpoint
+    from arflow_scale.checkpoint import is_complete, latest_checkpoint
 
     run = tmp_path / "run"
     assert latest_checkpoint(str(run)) is None
@@ -66,7 +66,7 @@ def test_latest_checkpoint_skips_incomplete(tmp_path):
 
 
 def test_resolve_checkpoint_errors(tmp_path):
-    from arflow_scale.train.checkpoint import resolve_checkpoint
+    from arflow_scale.checkpoint import resolve_checkpoint
 
     with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
         resolve_checkpoint(str(tmp_path / "nothing"))

@@ -88,7 +88,7 @@ def test_custom_size_requires_dimensions():
 
 
 def test_url_passwords_are_masked_and_stored_configs_drop_masked_values():
-    from arflow_scale.config.base import MASK, drop_masked, masked
+    from arflow_scale.schema import MASK, drop_masked, masked
 
     cfg = config_from_dict({}, ["tracking.uri=https://alice:s3cr3t@mlflow.internal:5000",
                                 "run.storage_options.secret=abc", "run.storage_options.endpoint_url=http://h:9"])

@@ -68,17 +68,17 @@ def seen_ids(batches) -> set[int]:
 def test_transient_errors_retried_then_clear_error(data):
     url = f"flaky://{data}"
     FlakyFileSystem.failures_left, FlakyFileSystem.failures_seen = 3, 0
-    stream = SequenceStream(url, k=3, batch_size=4, retries=4, retry_backoff=0.01)  # manifest read retried
+    stream = SequenceStream.open(url, k=3, batch_size=4, retries=4, retry_backoff=0.01)  # manifest read retried
     assert FlakyFileSystem.failures_seen == 3
     assert len(take(stream, 3)) == 3
-    fresh = SequenceStream(url, k=3, batch_size=4, retries=2, retry_backoff=0.01)
+    fresh = SequenceStream.open(url, k=3, batch_size=4, retries=2, retry_backoff=0.01)
     FlakyFileSystem.failures_left, FlakyFileSystem.failures_seen = 10**6, 0  # storage goes away
     with pytest.raises(StorageError, match=r"flaky://.*/shards/c\d{4}-\d{5}\.tar: failed after 3 attempts"):
         take(fresh, 1)
     assert FlakyFileSystem.failures_seen == 3
     # The same error surfaces through DataLoader workers (forked with the storage still broken).
     FlakyFileSystem.failures_left = 0
-    with_workers = SequenceStream(url, k=3, batch_size=4, retries=2, retry_backoff=0.01, num_workers=2)
+    with_workers = SequenceStream.open(url, k=3, batch_size=4, retries=2, retry_backoff=0.01, num_workers=2)
     FlakyFileSystem.failures_left = 10**6
     with pytest.raises(StorageError, match=r"flaky://.*/shards/c\d{4}-\d{5}\.tar: failed after 3 attempts"):
         take(with_workers, 1)
@@ -100,9 +100,9 @@ def test_real_s3_outage_retried_then_error(s3_endpoint):
     options = {"endpoint_url": endpoint, "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 2}}
     write_shards(id_source([12, 12]), f"s3://{bucket}/ids", samples_per_shard=6, progress=False,
                  storage_options=options)
-    stream = SequenceStream(f"s3://{bucket}/ids", k=3, batch_size=2, retries=6, retry_backoff=0.05,
+    stream = SequenceStream.open(f"s3://{bucket}/ids", k=3, batch_size=2, retries=6, retry_backoff=0.05,
                             storage_options=options)
-    fresh = SequenceStream(f"s3://{bucket}/ids", k=3, batch_size=2, retries=1, retry_backoff=0.05,
+    fresh = SequenceStream.open(f"s3://{bucket}/ids", k=3, batch_size=2, retries=1, retry_backoff=0.05,
                            storage_options=options)
     server.stop()
     restarted = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
@@ -141,7 +141,7 @@ def damage(path: Path, how: str) -> None:
 @pytest.mark.parametrize("how,verify", [("checksum", True), ("truncated", False), ("bad_png", False)])
 def test_corrupt_shard_skipped_once_and_counted(data, how, verify):
     damage(data / "shards" / "c0001-00002.tar", how)
-    stream = SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8, verify_checksums=verify)
+    stream = SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8, verify_checksums=verify)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = take(stream, 40)  # 960 draws from 200 samples: several passes over class 1
@@ -152,7 +152,7 @@ def test_corrupt_shard_skipped_once_and_counted(data, how, verify):
     assert not ids & shard_ids(1, 2)
     assert shard_ids(1, 3) <= ids  # the rest of the class still streams
     # A resumed stream keeps the count and does not warn again.
-    resumed = SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8, verify_checksums=verify)
+    resumed = SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8, verify_checksums=verify)
     resumed.load_state_dict(stream.state_dict())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -180,10 +180,10 @@ def test_stream_checks_crc32_or_sha256_of_older_manifests(data):
     from arflow_scale.data.manifest import read_manifest, verify_shards
 
     damage(data / "shards" / "c0001-00002.tar", "checksum")
-    (message,) = corrupt_warnings(SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
+    (message,) = corrupt_warnings(SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
     assert "c0001-00002.tar" in message and "crc32 does not match" in message
     edit_manifest(data, lambda shard: shard.pop("crc32"))  # as written before CRC-32s were recorded
-    (message,) = corrupt_warnings(SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
+    (message,) = corrupt_warnings(SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
     assert "c0001-00002.tar" in message and "sha256 does not match" in message
     assert verify_shards(read_manifest(str(data))) == [{"shard": "shards/c0001-00002.tar", "problem": "sha256 mismatch"}]
 
@@ -194,7 +194,7 @@ def test_stream_relies_on_crc32_when_recorded(data):
     from arflow_scale.data.manifest import read_manifest, verify_shards
 
     edit_manifest(data, lambda shard: shard.update(sha256="0" * 64))
-    stream = SequenceStream(str(data), k=3, batch_size=8, shuffle_buffer=8)
+    stream = SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8)
     assert not corrupt_warnings(stream, 40) and stream.skipped_shards == 0
     problems = verify_shards(read_manifest(str(data)))
     assert len(problems) == len(list((data / "shards").glob("*.tar")))
@@ -204,7 +204,7 @@ def test_stream_relies_on_crc32_when_recorded(data):
 def test_class_with_only_corrupt_shards_left_out(data):
     for shard in (data / "shards").glob("c0004-*.tar"):
         damage(shard, "checksum")
-    stream = SequenceStream(str(data), k=2, batch_size=10)
+    stream = SequenceStream.open(str(data), k=2, batch_size=10)
     with pytest.warns(RuntimeWarning):
         batches = take(stream, 10)
     assert stream.skipped_shards == PER_CLASS // PER_SHARD
@@ -214,9 +214,9 @@ def test_class_with_only_corrupt_shards_left_out(data):
 def test_missing_shard_error_or_skip(data):
     (data / "shards" / "c0002-00000.tar").unlink()
     with pytest.raises(FileNotFoundError, match=r"missing shard.*c0002-00000\.tar.*skip_missing"):
-        SequenceStream(str(data), k=2, batch_size=4)
+        SequenceStream.open(str(data), k=2, batch_size=4)
     with pytest.warns(RuntimeWarning, match="c0002-00000.tar"):
-        stream = SequenceStream(str(data), k=2, batch_size=8, skip_missing=True)
+        stream = SequenceStream.open(str(data), k=2, batch_size=8, skip_missing=True)
     assert stream.missing_shards == 1
     ids = seen_ids(take(stream, 30))
     assert not ids & shard_ids(2, 0) and shard_ids(2, 1) <= ids
@@ -226,25 +226,25 @@ def test_no_manifest_clear_error(tmp_path, s3_endpoint, make_bucket):
     (tmp_path / "stuff").mkdir()
     (tmp_path / "stuff" / "a.tar").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        SequenceStream(str(tmp_path / "stuff"), k=2, batch_size=2)
+        SequenceStream.open(str(tmp_path / "stuff"), k=2, batch_size=2)
     bucket = make_bucket()
     with pytest.raises(FileNotFoundError, match=f"s3://{bucket}/nothing: no manifest.json"):
-        SequenceStream(f"s3://{bucket}/nothing", k=2, batch_size=2)
+        SequenceStream.open(f"s3://{bucket}/nothing", k=2, batch_size=2)
 
 
 def test_malformed_manifest_names_key(data):
     text = (data / "manifest.json").read_text().replace('"sample_ext": "png"', '"sample_ext": "jpg"')
     (data / "manifest.json").write_text(text)
     with pytest.raises(ValueError, match="manifest.json: key 'sample_ext' has bad value 'jpg'"):
-        SequenceStream(str(data), k=2, batch_size=2)
+        SequenceStream.open(str(data), k=2, batch_size=2)
     (data / "manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        SequenceStream(str(data), k=2, batch_size=2)
+        SequenceStream.open(str(data), k=2, batch_size=2)
 
 
 def test_every_sample_of_healthy_data_streams(data):
     """Control for the fault tests: undamaged data streams all 200 ids, no warning, no skips."""
-    stream = SequenceStream(str(data), k=3, batch_size=8)
+    stream = SequenceStream.open(str(data), k=3, batch_size=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ids = seen_ids(take(stream, 40))
@@ -258,4 +258,4 @@ def test_manifest_shard_paths_stay_inside_the_folder(data, bad_path):
     manifest["shards"][0]["path"] = bad_path
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match=r"shards\[0\]\.path = .* must be a relative path"):
-        SequenceStream(str(data), k=2, batch_size=2)
+        SequenceStream.open(str(data), k=2, batch_size=2)

@@ -59,7 +59,7 @@ def same(a, b) -> bool:
 
 def test_sequences_same_class_distinct_and_in_range(id_data):
     url, labels = id_data
-    stream = SequenceStream(url, k=4, batch_size=6, seed=3)
+    stream = SequenceStream.open(url, k=4, batch_size=6, seed=3)
     assert stream.manifest.num_classes == NUM_CLASSES and stream.manifest.sample_shape == (1, 4, 4)
     for images, y in take(stream, 20):
         assert images.shape == (6, 4, 1, 4, 4) and images.dtype == torch.float32 and y.dtype == torch.long
@@ -72,9 +72,9 @@ def test_sequences_same_class_distinct_and_in_range(id_data):
 
 def test_flip_per_image_and_off(id_data):
     url, _ = id_data
-    flips = np.concatenate([decode(x)[1].ravel() for x, _ in take(SequenceStream(url, k=3, batch_size=8), 10)])
+    flips = np.concatenate([decode(x)[1].ravel() for x, _ in take(SequenceStream.open(url, k=3, batch_size=8), 10)])
     assert 0.3 < flips.mean() < 0.7
-    no_flip = np.concatenate([decode(x)[1].ravel() for x, _ in take(SequenceStream(url, k=3, batch_size=8, flip=False), 5)])
+    no_flip = np.concatenate([decode(x)[1].ravel() for x, _ in take(SequenceStream.open(url, k=3, batch_size=8, flip=False), 5)])
     assert not no_flip.any()
 
 
@@ -83,7 +83,7 @@ def test_class_sampling_uniform_vs_proportional(tmp_path):
     write_shards(id_source([160, 20]), url, samples_per_shard=40, progress=False)
     fractions = {}
     for mode in ("uniform", "proportional"):
-        ys = torch.cat([y for _, y in take(SequenceStream(url, k=2, batch_size=50, class_sampling=mode), 8)])
+        ys = torch.cat([y for _, y in take(SequenceStream.open(url, k=2, batch_size=50, class_sampling=mode), 8)])
         fractions[mode] = (ys == 0).float().mean().item()
     assert 0.4 < fractions["uniform"] < 0.6
     assert fractions["proportional"] > 0.8  # 160 / 180 = 0.89
@@ -91,7 +91,7 @@ def test_class_sampling_uniform_vs_proportional(tmp_path):
 
 def test_epochs_cover_every_sample_and_count(id_data):
     url, labels = id_data
-    stream = SequenceStream(url, k=4, batch_size=10, shuffle_buffer=16, class_sampling="proportional")
+    stream = SequenceStream.open(url, k=4, batch_size=10, shuffle_buffer=16, class_sampling="proportional")
     seen = np.zeros(len(labels), int)
     for images, _ in take(stream, 25):  # 1000 samples drawn from 200 -> about 5 passes
         np.add.at(seen, decode(images)[0].ravel(), 1)
@@ -101,9 +101,9 @@ def test_epochs_cover_every_sample_and_count(id_data):
 
 def test_deterministic_given_seed(id_data):
     url, _ = id_data
-    a = take(SequenceStream(url, k=3, batch_size=4, seed=5), 6)
-    b = take(SequenceStream(url, k=3, batch_size=4, seed=5), 6)
-    c = take(SequenceStream(url, k=3, batch_size=4, seed=6), 6)
+    a = take(SequenceStream.open(url, k=3, batch_size=4, seed=5), 6)
+    b = take(SequenceStream.open(url, k=3, batch_size=4, seed=5), 6)
+    c = take(SequenceStream.open(url, k=3, batch_size=4, seed=6), 6)
     assert same(a, b) and not same(a, c)
 
 
@@ -122,7 +122,7 @@ def test_consumers_disjoint_and_see_every_class(layout, request, tmp_path):
     per_rank = []
     for rank in range(4):
         ids, ys = set(), set()
-        for images, y in take(SequenceStream(url, k=2, batch_size=10, rank=rank, world_size=4, seed=1), 12):
+        for images, y in take(SequenceStream.open(url, k=2, batch_size=10, rank=rank, world_size=4, seed=1), 12):
             ids |= set(decode(images)[0].ravel().tolist())
             ys |= set(y.tolist())
         assert ys == set(range(NUM_CLASSES))
@@ -138,7 +138,7 @@ def test_two_ranks_two_workers_disjoint(id_data_one_shard):
     """world 2 x 2 DataLoader workers: batch n comes from worker n % 2; all 4 consumers disjoint."""
     consumers = {}
     for rank in range(2):
-        for n, (images, _) in enumerate(take(SequenceStream(id_data_one_shard, k=2, batch_size=10, rank=rank,
+        for n, (images, _) in enumerate(take(SequenceStream.open(id_data_one_shard, k=2, batch_size=10, rank=rank,
                                                             world_size=2, num_workers=2), 24)):
             consumers.setdefault((rank, n % 2), set()).update(decode(images)[0].ravel().tolist())
     sets = list(consumers.values())
@@ -150,8 +150,8 @@ def test_two_ranks_two_workers_disjoint(id_data_one_shard):
 def test_resume_exact(id_data, num_workers):
     url, _ = id_data
     kwargs = dict(k=3, batch_size=4, seed=11, rank=1, world_size=2, num_workers=num_workers, shuffle_buffer=8)
-    full = take(SequenceStream(url, **kwargs), 14)
-    stream = SequenceStream(url, **kwargs)
+    full = take(SequenceStream.open(url, **kwargs), 14)
+    stream = SequenceStream.open(url, **kwargs)
     it = iter(stream)
     head = [next(it) for _ in range(5)]
     state = stream.state_dict()
@@ -162,7 +162,7 @@ def test_resume_exact(id_data, num_workers):
     torch.save(state, buf)
     buf.seek(0)
     state = torch.load(buf, weights_only=True)
-    resumed = SequenceStream(url, **kwargs)
+    resumed = SequenceStream.open(url, **kwargs)
     resumed.load_state_dict(state)
     assert resumed.batches == 5
     assert same(take(resumed, 9), full[5:])
@@ -172,28 +172,28 @@ def test_resume_exact(id_data, num_workers):
 
 def test_load_state_rejects_other_settings(id_data):
     url, _ = id_data
-    state = SequenceStream(url, k=3, batch_size=4, seed=1).state_dict()
+    state = SequenceStream.open(url, k=3, batch_size=4, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed"):
-        SequenceStream(url, k=3, batch_size=4, seed=2).load_state_dict(state)
+        SequenceStream.open(url, k=3, batch_size=4, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="version"):
-        SequenceStream(url, k=3, batch_size=4, seed=1).load_state_dict({"version": 99})
+        SequenceStream.open(url, k=3, batch_size=4, seed=1).load_state_dict({"version": 99})
 
 
 def test_bad_arguments(id_data):
     url, _ = id_data
     with pytest.raises(ValueError, match="rank"):
-        SequenceStream(url, k=2, batch_size=2, rank=2, world_size=2)
+        SequenceStream.open(url, k=2, batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError, match="class_sampling"):
-        SequenceStream(url, k=2, batch_size=2, class_sampling="zipf")
+        SequenceStream.open(url, k=2, batch_size=2, class_sampling="zipf")
     with pytest.raises(ValueError, match="batch_size"):
-        SequenceStream(url, k=2, batch_size=0)
+        SequenceStream.open(url, k=2, batch_size=0)
 
 
 def test_class_too_small_for_k_left_out(tmp_path):
     url = str(tmp_path / "small")
     write_shards(id_source([30, 2]), url, samples_per_shard=100, progress=False)
     with pytest.warns(RuntimeWarning, match="fewer than K=3"):
-        batches = take(SequenceStream(url, k=3, batch_size=8), 3)
+        batches = take(SequenceStream.open(url, k=3, batch_size=8), 3)
     assert all((y == 0).all() for _, y in batches)
 
 
@@ -218,7 +218,7 @@ def test_latents_from_encoder(tmp_path):
 
     manifest = write_shards(id_source([12, 12]), url, samples_per_shard=6, encoder=encoder, progress=False)
     assert manifest["sample_ext"] == "npy" and manifest["sample_shape"] == [2, 2, 2] and manifest["dtype"] == "float32"
-    images, y = next(iter(SequenceStream(url, k=3, batch_size=4, flip=False)))
+    images, y = next(iter(SequenceStream.open(url, k=3, batch_size=4, flip=False)))
     assert images.shape == (4, 3, 2, 2, 2) and images.dtype == torch.float32
     ids = images[:, :, 0, 0, 0].numpy().astype(int)  # image row 1 (= id) survives the encoder
     assert all(len(set(s)) == 3 and all(i // 12 == label for i in s) for s, label in zip(ids, y.tolist()))
@@ -229,7 +229,7 @@ def test_s3_write_and_stream(s3_endpoint, make_bucket):
     url = f"s3://{bucket}/ids"
     write_shards(id_source([24] * 3), url, samples_per_shard=6, progress=False, workers=3)
     kwargs = dict(k=3, batch_size=4, seed=2, num_workers=2)
-    stream = SequenceStream(url, **kwargs)
+    stream = SequenceStream.open(url, **kwargs)
     it = iter(stream)
     head = [next(it) for _ in range(2)]
     state = stream.state_dict()
@@ -237,7 +237,7 @@ def test_s3_write_and_stream(s3_endpoint, make_bucket):
     for images, y in head + tail:
         ids, _ = decode(images)
         assert all((s // 24 == label).all() and len(set(s)) == 3 for s, label in zip(ids, y.tolist()))
-    resumed = SequenceStream(url + "/manifest.json", **kwargs)  # the manifest URL works too
+    resumed = SequenceStream.open(url + "/manifest.json", **kwargs)  # the manifest URL works too
     resumed.load_state_dict(state)
     assert same(take(resumed, 4), tail)
 
@@ -255,28 +255,28 @@ def test_prefetch_same_batches_and_thread_ends(id_data):
 
     url, _ = id_data
     kwargs = dict(k=3, batch_size=6, seed=4, shuffle_buffer=8)
-    direct = SequenceStream(url, prefetch=0, **kwargs)
+    direct = SequenceStream.open(url, prefetch=0, **kwargs)
     expected = take(direct, 30)  # 540 draws from 200 samples: several epochs, many unit switches
     assert not prefetch_threads()
-    stream = SequenceStream(url, prefetch=3, **kwargs)
+    stream = SequenceStream.open(url, prefetch=3, **kwargs)
     it = iter(stream)
     got = [next(it) for _ in range(12)]
     assert len(prefetch_threads()) == fetch_threads(3)
     state = stream.state_dict()
     it.close()
     assert not prefetch_threads()
-    resumed = SequenceStream(url, prefetch=3, **kwargs)
+    resumed = SequenceStream.open(url, prefetch=3, **kwargs)
     resumed.load_state_dict(state)
     got += take(resumed, 18)  # the iterator inside take() is dropped on return
     gc.collect()
     assert not prefetch_threads()
     assert same(got, expected) and state == direct_state_after(url, kwargs, 12)
     with pytest.raises(ValueError, match="prefetch"):
-        SequenceStream(url, prefetch=-1, **kwargs)
+        SequenceStream.open(url, prefetch=-1, **kwargs)
 
 
 def direct_state_after(url: str, kwargs: dict, n: int) -> dict:
-    stream = SequenceStream(url, prefetch=0, **kwargs)
+    stream = SequenceStream.open(url, prefetch=0, **kwargs)
     take(stream, n)
     return stream.state_dict()
 
@@ -306,15 +306,15 @@ def test_read_amplification_warns_when_consumers_share_shards(id_data, id_data_o
     import warnings
 
     with pytest.warns(RuntimeWarning, match=r"4\.0x the bytes it uses; write the shards with --min-shards-per-class 4"):
-        shared = SequenceStream(id_data_one_shard, k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
+        shared = SequenceStream.open(id_data_one_shard, k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
     assert shared.read_amplification() == 4.0
     url = str(tmp_path / "three")  # 14 + 14 + 12 per class for 4 consumers: shard 0 shared by 2
     write_shards(id_source([40] * NUM_CLASSES), url, samples_per_shard=14, progress=False)
-    mixed = [SequenceStream(url, k=2, batch_size=2, rank=r, world_size=4) for r in range(4)]
+    mixed = [SequenceStream.open(url, k=2, batch_size=2, rank=r, world_size=4) for r in range(4)]
     assert [m.read_amplification() for m in mixed] == [2.0, 1.0, 1.0, 2.0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        whole = SequenceStream(id_data[0], k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
+        whole = SequenceStream.open(id_data[0], k=2, batch_size=2, rank=1, world_size=2, num_workers=2)
     assert whole.read_amplification() == 1.0
 
 
@@ -322,11 +322,11 @@ def test_memory_estimate_counts_units_buffers_and_prefetch(tmp_path, monkeypatch
     """Per class: largest unit + min(shuffle buffer, owned samples); plus prefetch units; x decoded bytes."""
     url = str(tmp_path / "ids")
     write_shards(id_source([40] * NUM_CLASSES), url, samples_per_shard=15, progress=False)  # units 15, 15, 10
-    stream = SequenceStream(url, k=2, batch_size=2, shuffle_buffer=8, prefetch=3)
+    stream = SequenceStream.open(url, k=2, batch_size=2, shuffle_buffer=8, prefetch=3)
     sample_bytes = 1 * 4 * 4  # uint8 (1, 4, 4)
     assert stream.memory_estimate() == (NUM_CLASSES * (15 + 8) + 3 * 15) * sample_bytes
-    two_ranks = SequenceStream(url, k=2, batch_size=2, shuffle_buffer=100, prefetch=0, rank=1, world_size=2)
+    two_ranks = SequenceStream.open(url, k=2, batch_size=2, shuffle_buffer=100, prefetch=0, rank=1, world_size=2)
     assert two_ranks.memory_estimate() == NUM_CLASSES * (15 + 15) * sample_bytes  # rank 1: shard 2 of 3 -> 15
     monkeypatch.setattr("arflow_scale.data.stream.MEMORY_WARN_BYTES", 100)
     with pytest.warns(RuntimeWarning, match="GiB of decoded samples"):
-        SequenceStream(url, k=2, batch_size=2)
+        SequenceStream.open(url, k=2, batch_size=2)

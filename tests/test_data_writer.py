@@ -265,7 +265,7 @@ def test_min_shards_per_class_splits_small_classes_evenly(tmp_path):
         assert len(shard_counts) == 4 and sum(shard_counts) == sizes[cls]  # 174..183 -> 4 shards, not 2
         assert max(shard_counts) - min(shard_counts) <= 1
     assert manifest["source"]["min_shards_per_class"] == 4
-    assert SequenceStream(url, k=2, batch_size=2, rank=1, world_size=2, num_workers=2).read_amplification() == 1.0
+    assert SequenceStream.open(url, k=2, batch_size=2, rank=1, world_size=2, num_workers=2).read_amplification() == 1.0
     big = write_shards("digits", str(tmp_path / "big"), samples_per_shard=50, min_shards_per_class=2, progress=False)
     assert sorted({s["count"] for s in big["shards"]})[-1] == 50  # enough shards already: sizes as asked
     with pytest.raises(ValueError, match="min_shards_per_class must be >= 1"):
@@ -294,7 +294,7 @@ def test_cold_local_reads_and_raw_reader_processes(tmp_path):
     assert cold_fs.cat_file(cold_path) == Path(shard).read_bytes()
     batches = []
     for stream_url in (f"{COLD_PROTOCOL}://{url}", url):
-        it = iter(SequenceStream(stream_url, k=2, batch_size=4, seed=1))
+        it = iter(SequenceStream.open(stream_url, k=2, batch_size=4, seed=1))
         batches.append([next(it) for _ in range(3)])
         it.close()
     assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(*batches))

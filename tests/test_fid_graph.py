@@ -26,7 +26,7 @@ def run_cli(capsys, *argv: str) -> dict:
 
 
 def write_tiny_checkpoint(folder: Path, tracking_uri: str, run_id: str, step: int) -> str:
-    """A checkpoint folder as arflow_scale.train.checkpoint lays it out (EMA of a tiny digits model)."""
+    """A checkpoint folder as arflow_scale.checkpoint.layout lays it out (EMA of a tiny digits model)."""
     from arflow_scale.config import config_from_dict, dump_yaml
     from arflow_scale.model import build_model
     from arflow_scale.train.ema import EMA
@@ -123,7 +123,7 @@ def test_fid_model_cli_runs_the_ray_graph_and_logs_to_mlflow(workspace, ray_loca
         samples = npz["arr_0"]
     assert samples.shape == (8, 8, 8, 3) and samples.dtype == np.uint8
     # task 1 of the graph is reproducible in-process from its index alone
-    plan = FidPlan(num_samples=8, ref_stats=str(root / "ref.npz"), steps=2, cfg_scale=1.5, tasks=2)
+    plan = FidPlan.of(num_samples=8, ref_stats=str(root / "ref.npz"), steps=2, cfg_scale=1.5, tasks=2)
     np.testing.assert_array_equal(sample_images(workspace["checkpoint"], 1, 4, plan), samples[4:])
     # merged per-task statistics give the FID of the whole sample set in one pass
     single = fid_from_stats(image_stats(samples), GaussianStats.load(str(root / "ref.npz")))

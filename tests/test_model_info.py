@@ -33,7 +33,7 @@ def test_parameter_formula_equals_module(size, overrides):
 
 
 def test_paper_sizes_have_the_paper_parameter_counts():
-    expected_millions = {"S/2": 35, "B/2": 138, "L/2": 483, "XL/2": 712}  # ARFLOW.md
+    expected_millions = {"S/2": 35, "B/2": 138, "L/2": 483, "XL/2": 712}  # docs/arflow.md §2.6
     for size, millions in expected_millions.items():
         with torch.device("meta"):
             model = build_model(size, image_size=32, in_channels=4, num_classes=1000)

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from arflow_scale.train.safe_load import safe_load, weights_only_zero_to_fp32
+from arflow_scale.checkpoint.safe_load import safe_load, weights_only_zero_to_fp32
 
 
 class _RunsCode:

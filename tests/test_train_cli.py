@@ -22,8 +22,8 @@ def test_train_export_sample_cli(ray_local, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from arflow_scale.train.checkpoint import state_dict_sha256
-    from arflow_scale.train.export import load_exported
+    from arflow_scale.checkpoint import state_dict_sha256
+    from arflow_scale.checkpoint import load_exported
 
     code = main(["train", "--config", DEMO_CONFIG, f"run.storage_path={tmp_path}/runs",
                  "run.name=cli", f"data.manifest={tmp_path}/digits", "train.steps=3", "checkpoint.every=2",

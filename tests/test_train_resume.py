@@ -32,11 +32,11 @@ def digits(tmp_path_factory):
 
 def run_training(digits: str, storage: str, name: str, *overrides: str) -> dict:
     from arflow_scale.config import config_from_dict
-    from arflow_scale.train import train
+    from arflow_scale.train.driver import train
 
     cfg = config_from_dict({}, BASE + [f"data.manifest={digits}", f"run.storage_path={storage}",
                                        f"run.name={name}", *overrides])
-    return train(cfg)
+    return train(cfg).to_json()
 
 
 def loss_history(tracking_uri: str, run_id: str) -> dict[int, list[float]]:
@@ -82,7 +82,7 @@ def test_relaunch_with_another_worker_count_is_refused(zero2_reference, digits):
     the key before any worker starts (its checkpoints are partitioned per rank)."""
     from pathlib import Path
 
-    from arflow_scale.config.base import ConfigError
+    from arflow_scale.schema import ConfigError
 
     run_folder = Path(zero2_reference["checkpoint"]).parent
     with pytest.raises(ConfigError, match=r"cluster.num_workers: 1, but run .* written by 2 workers; "
@@ -108,6 +108,35 @@ def test_zero2_crash_resumes_bit_identical(zero2_reference, zero2_crash):
     assert [p.name for p in (run_folder / "faults").iterdir()] == ["crash-rank1-step3"]
 
 
+def test_a_checkpoint_written_before_the_typed_record_resumes(zero2_reference, digits, tmp_path):
+    """A SIGKILLed run whose newest checkpoint holds what the code before the typed checkpoint record wrote
+    (version-1 meta.json, a config without the newer keys) continues from it to the reference weights."""
+    import json
+
+    import ray.train
+    import yaml
+
+    args = (digits, str(tmp_path), "v1", "train.zero_stage=2", "run.max_failures=0", "faults.kill_rank_at_step=3",
+            "tracking.enabled=false")
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_training(*args)
+    folder = tmp_path / "v1" / "checkpoint_000000002"
+    record = json.loads((folder / "meta.json").read_text())
+    old = {"step": record["step"], "last_loss": record["last_loss"], "zero_stage": 2, "ema_partitioned": True,
+           "mlflow_run_id": None, "tracking_uri": None, "world_size": 2}
+    (folder / "meta.json").write_text(json.dumps(old, indent=1))
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    del config["model"]["family"], config["eval"]["guided_channels"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    listing = json.loads((folder / "ranks" / "rank_0.json").read_text())
+    listing["files"].update({name: (folder / name).stat().st_size for name in ("meta.json", "config.yaml")})
+    (folder / "ranks" / "rank_0.json").write_text(json.dumps(listing))
+    result = run_training(*args)
+    assert result["final_step"] == 6
+    assert (result["params_sha256"], result["ema_sha256"]) == (zero2_reference["params_sha256"],
+                                                               zero2_reference["ema_sha256"])
+
+
 def test_zero2_mlflow_one_run_after_restart(zero2_crash):
     """The restarted run logged into one MLflow run: metrics, params, tags, artifacts."""
     from mlflow.tracking import MlflowClient
@@ -130,7 +159,7 @@ def test_zero2_mlflow_one_run_after_restart(zero2_crash):
 
 
 def test_zero2_keeps_last_k_complete_checkpoints(zero2_reference):
-    from arflow_scale.train.checkpoint import is_complete, latest_checkpoint
+    from arflow_scale.checkpoint import is_complete, latest_checkpoint
 
     run_url = zero2_reference["checkpoint"].rsplit("/", 1)[0]
     assert zero2_reference["checkpoint"] == latest_checkpoint(run_url)
@@ -146,8 +175,8 @@ def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_buck
     """ZeRO-3 on S3: a SIGKILLed run fails; the same command again resumes, matches, and exports."""
     import ray.train
 
-    from arflow_scale.train.checkpoint import load_raw_weights, state_dict_sha256
-    from arflow_scale.train.export import export_checkpoint, load_exported
+    from arflow_scale.checkpoint import load_raw_weights, state_dict_sha256
+    from arflow_scale.checkpoint import export_checkpoint, load_exported
 
     bucket = make_bucket("train")
     storage = f"s3://{bucket}/runs"

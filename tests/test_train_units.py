@@ -56,7 +56,7 @@ def test_value_clipping_hook_clamps_before_step():
 
 
 def test_lr_schedule_warmup_constant_cosine():
-    from arflow_scale.train.loop import lr_factor
+    from arflow_scale.train.schedule import lr_factor
 
     const = [lr_factor(s, warmup=4, total=20, schedule="constant", min_ratio=0.0) for s in range(8)]
     assert const == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0]
@@ -65,7 +65,7 @@ def test_lr_schedule_warmup_constant_cosine():
 
 
 def test_step_generator_depends_on_seed_rank_step_micro():
-    from arflow_scale.train.loop import step_generator
+    from arflow_scale.train.rng import step_generator
 
     def draw(*key):
         return torch.rand(3, generator=step_generator(*key))
@@ -96,7 +96,7 @@ def test_ema_update_state_roundtrip():
 
 def test_ema_consolidate_zero3_partitions():
     """ZeRO-3 layout: rank r holds flat[r*ps:(r+1)*ps], the last one zero-padded."""
-    from arflow_scale.train.ema import consolidate
+    from arflow_scale.checkpoint.weights import consolidate
 
     full = torch.arange(7.0).reshape(7, 1)
     rank0, rank1 = {"w": full.flatten()[:4]}, {"w": torch.cat([full.flatten()[4:], torch.zeros(1)])}
@@ -107,7 +107,7 @@ def test_ema_consolidate_zero3_partitions():
 def test_ema_consolidate_zero12_fragments():
     """ZeRO 1-2 layout: each rank holds the contiguous piece of a flattened parameter that falls in its
     optimizer partition (maybe none), placed by its start."""
-    from arflow_scale.train.ema import consolidate
+    from arflow_scale.checkpoint.weights import consolidate
 
     w, b = torch.arange(12.0).reshape(3, 4), torch.arange(3.0) + 100
     rank0 = {"w": w.flatten()[:5], "b": torch.empty(0)}
@@ -135,7 +135,7 @@ def test_faults_fire_once_per_run_folder(tmp_path):
 
 
 def test_grid_image_layout():
-    from arflow_scale.train.export import grid_image
+    from arflow_scale.eval.grids import grid_image
 
     images = torch.linspace(-1, 1, 5 * 1 * 4 * 4).reshape(5, 1, 4, 4)
     grid = grid_image(images, nrow=3, scale=2, pad=1)
@@ -145,14 +145,14 @@ def test_grid_image_layout():
 
 def test_model_from_weights_rejects_foreign_weights():
     from arflow_scale.model import build_model
-    from arflow_scale.train.export import model_from_weights
+    from arflow_scale.tasks import task_for
 
     cfg = tiny_cfg()
     weights = {n: p.detach() + 1 for n, p in build_model(cfg.model).named_parameters()}
-    model = model_from_weights(cfg, weights)
+    model = task_for(cfg.model).model_from_weights(weights)
     assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
     with pytest.raises(ValueError, match="do not fit"):
-        model_from_weights(cfg, {"nope": torch.zeros(1)})
+        task_for(cfg.model).model_from_weights({"nope": torch.zeros(1)})
 
 
 def test_driver_storage_resolution(tmp_path, monkeypatch):
@@ -188,7 +188,7 @@ def test_prepare_inputs_absolute_manifest_and_shards(tmp_path, monkeypatch):
 
 def test_fid_every_must_be_multiple_of_checkpoint_every():
     from arflow_scale.config import ConfigError
-    from arflow_scale.train import train
+    from arflow_scale.train.driver import train
 
     with pytest.raises(ConfigError, match="eval.fid_every"):
         train(tiny_cfg("eval.fid_every=5", "checkpoint.every=2", "eval.ref_stats=x.npz", "data.manifest=/nonexistent"))
@@ -206,8 +206,8 @@ def test_plain_loop_benchmark_reference_runs():
 def test_fid_scheduler_records_unlaunchable_checkpoints_and_never_raises(tmp_path):
     """A FID checkpoint that cannot be read (deleted by keep_last meanwhile, damaged) is recorded as an
     error for its step; polling and finishing go on, so a finished training run is never lost."""
-    from arflow_scale.train.checkpoint import checkpoint_step
-    from arflow_scale.train.driver import FidScheduler
+    from arflow_scale.checkpoint import checkpoint_step
+    from arflow_scale.eval.scheduler import FidScheduler
 
     run = tmp_path / "run"
     for step in (1, 2, 4):
@@ -236,7 +236,7 @@ def test_local_ray_dashboard_on_loopback_serves_the_state_api():
     import sys
     import tempfile
 
-    code = ("import ray; from ray.util.state import list_nodes; from arflow_scale.train.driver import connect_ray; "
+    code = ("import ray; from ray.util.state import list_nodes; from arflow_scale.cluster.connect import connect_ray; "
             "connect_ray(None, 1); url = ray._private.worker.global_worker.node.address_info['webui_url']; "
             "import os; print(os.environ.get('RAY_AUTH_MODE')); "
             "print(url); print(len(list_nodes(address=f'http://{url}'))); ray.shutdown()")

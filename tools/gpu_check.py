@@ -107,24 +107,18 @@ def check_model(device: torch.device, size: str) -> None:
 
 
 def _engine(cfg, device):
-    import deepspeed
-
-    from arflow_scale.model import build_model
-    from arflow_scale.train.deepspeed_config import build_deepspeed_config, param_groups
-    from arflow_scale.train.loop import make_scheduler
+    from arflow_scale.tasks import task_for
+    from arflow_scale.train.deepspeed_config import resolve_precision
+    from arflow_scale.train.engine import build_engine
 
     torch.manual_seed(0)
-    model = build_model(cfg.model)
-    engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay),
-        config=build_deepspeed_config(cfg, 1, device.type),
-        lr_scheduler=lambda opt: make_scheduler(opt, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
-    return engine
+    precision = resolve_precision(cfg.train.precision, device.type)
+    return build_engine(cfg, task_for(cfg.model).build_model(), 1, device.type, precision).engine
 
 
 def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
     from arflow_scale.flow import flow_matching_loss
-    from arflow_scale.train.loop import step_generator
+    from arflow_scale.train.rng import step_generator
 
     x, y = batch
     losses = []
@@ -140,10 +134,12 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
 def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     import deepspeed
 
+    from arflow_scale.bench.batches import InMemoryBatches
+    from arflow_scale.checkpoint import CheckpointRecord, load_raw_weights
     from arflow_scale.config import config_from_dict
-    from arflow_scale.train import checkpoint as ckpt
     from arflow_scale.train.ema import EMA
-    from arflow_scale.train.loop import InMemoryBatches, full_fp32_params, wrapper_masters
+    from arflow_scale.train.engine import full_fp32_params, wrapper_masters
+    from arflow_scale.train.state import restore_state, save_state
 
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
                        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
@@ -172,16 +168,15 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         ema_source = EMA(engine.module, 0.0, masters=wrapper_masters(engine.optimizer)).full_state_dict()
         ema_source_err = max(max_err(ema_source[n], master[n]) for n in master)
         with tempfile.TemporaryDirectory() as folder:
-            ckpt.save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, world_size=1,
-                            meta={"step": 20, "zero_stage": stage}, config_yaml="")
-            exported = ckpt.load_raw_weights(folder)  # what `arflow export` reads: the fp32 masters
+            record = CheckpointRecord(step=20, world_size=1, zero_stage=stage, ema_layout=ema.layout)
+            save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, record=record, config_yaml="")
+            exported = load_raw_weights(folder)  # what `arflow export` reads: the fp32 masters
             export_err = max(max_err(exported[n], master[n]) for n in master)
             went_on = _steps(engine, ema, batch, 20, 5)
             engine2 = _engine(cfg, device)
             ema2 = EMA(engine2.module, cfg.train.ema_decay, masters=wrapper_masters(engine2.optimizer))
             follower = EMA(engine2.module, 0.0, masters=wrapper_masters(engine2.optimizer))  # made before the restore
-            ckpt.restore_state(folder, engine=engine2, ema=ema2, stream=InMemoryBatches(8, 4, (4, 16, 16), 10, 0),
-                               rank=0)
+            restore_state(folder, engine=engine2, ema=ema2, stream=InMemoryBatches(8, 4, (4, 16, 16), 10, 0), rank=0)
             resumed = _steps(engine2, ema2, batch, 20, 5)
             follower.update(engine2.module)  # decay 0: what the EMA averages, still the live masters?
             master2, followed = full_fp32_params(engine2, bf16=precision == "bf16"), follower.full_state_dict()

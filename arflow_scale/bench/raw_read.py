@@ -17,6 +17,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .sides import BenchSide, ShardLoop
 
+from arflow_scale.data import read_manifest
+from arflow_scale.data.storage import filesystem
+
 COLD_PROTOCOL = "arflow-cold"
 
 
@@ -54,9 +57,6 @@ register_implementation(COLD_PROTOCOL, ColdLocalFileSystem, clobber=True)
 
 def shard_paths(url: str, options: dict) -> tuple[object, list[str], list[int]]:
     """-> (filesystem, path of every shard, its manifest size)."""
-    from arflow_scale.data import read_manifest
-    from arflow_scale.data.storage import filesystem
-
     manifest = read_manifest(url, options)
     fs = filesystem(manifest.url, options)[0]
     paths = [filesystem(manifest.shard_url(s), options)[1] for s in manifest.shards]
@@ -99,7 +99,6 @@ def _answer(conn):
 
 class RawReader(BenchSide):
     """Whole-shard fsspec reads by `processes` x `threads` concurrent readers (see module docstring)."""
-
     def __init__(self, url: str, options: dict, processes: int = 0, threads: int = 1):
         self.readers = max(processes, 1) * threads
         self.local = _readers(url, options, threads) if processes == 0 else None

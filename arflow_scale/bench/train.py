@@ -11,6 +11,16 @@ import json
 import statistics
 import time
 
+import torch
+
+from arflow_scale.bench.batches import InMemoryStreams
+from arflow_scale.cluster.connect import ray_session
+from arflow_scale.config import Config, config_from_dict
+from arflow_scale.tasks import task_for
+from arflow_scale.train.driver import train
+from arflow_scale.train.deepspeed_config import clip_grads_by_value, param_groups
+from arflow_scale.train.rng import step_generator
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--size", default="tiny/2", help="model size (registry name/patch)")
@@ -23,9 +33,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--stages", default="0,2", help="ZeRO stages of our stack to measure")
 
 
-def bench_config(args, stage: int, storage: str):
-    from arflow_scale.config import config_from_dict
-
+def bench_config(args, stage: int, storage: str) -> Config:
     return config_from_dict({}, [
         f"model.size={args.size}", f"model.image_size={args.image_size}", f"model.in_channels={args.channels}",
         f"model.k={args.k}", "model.num_classes=10", f"data.batch_size={args.batch_size}",
@@ -35,10 +43,8 @@ def bench_config(args, stage: int, storage: str):
         f"run.storage_path={storage}", f"run.name=bench-zero{stage}-{int(time.time())}"])
 
 
-def plain_loop_images_per_s(cfg, threads: int) -> float:
+def plain_loop_images_per_s(cfg: Config, threads: int) -> float:
     """The reference: model + AdamW (decay on matrices) + value clipping + EMA, one process, no framework."""
-    import torch
-
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -47,27 +53,20 @@ def plain_loop_images_per_s(cfg, threads: int) -> float:
         torch.set_num_threads(previous_threads)
 
 
-def _plain_loop(cfg) -> float:
-    import torch
-
-    from arflow_scale.flow import flow_matching_loss
-    from arflow_scale.model import build_model
-    from arflow_scale.train.deepspeed_config import clip_grads_by_value, param_groups
-    from arflow_scale.train.loop import InMemoryBatches, step_generator
-
+def _plain_loop(cfg: Config) -> float:
+    task = task_for(cfg.model)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    model = task.build_model()
     optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                   betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     ema = {n: p.detach().clone() for n, p in model.named_parameters()}
-    shape = (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
-    data = iter(InMemoryBatches(cfg.data.batch_size, cfg.model.k, shape, cfg.model.num_classes, cfg.train.seed))
+    data = iter(InMemoryStreams()(cfg, task, 0, 1))
     warmup = max(1, cfg.train.steps // 5)
     step_times = []
     for step in range(1, cfg.train.steps + 1):
         started = time.perf_counter()
         x, y = next(data)
-        loss = flow_matching_loss(model, x, y, step_generator(cfg.train.seed, 0, step, 0), cfg.model.class_dropout)
+        loss = task.loss(model, x, y, step_generator(cfg.train.seed, 0, step, 0))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip_grads_by_value(optimizer, cfg.optim.clip_value)
@@ -77,31 +76,24 @@ def _plain_loop(cfg) -> float:
                 ema[name].lerp_(param, 1 - cfg.train.ema_decay)
         if step > warmup:
             step_times.append(time.perf_counter() - started)
-    return cfg.data.batch_size * cfg.model.k / statistics.median(step_times)
+    return cfg.data.batch_size * task.images_per_sample / statistics.median(step_times)
 
 
 def run(args) -> int:
     import tempfile
-
-    from arflow_scale.cli.train import run_and_release
-    from arflow_scale.train import train
-    from arflow_scale.train.driver import connect_ray
 
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="arflow_bench_train_") as storage:
         # Ray starts first so both sides run beside the same background daemons; the plain loop runs
         # before and after every stack measurement, and each stack run is compared with the mean of
         # its two neighbours (a paired measurement, robust to load drifting during the run).
-        def measure() -> tuple[list[float], dict[int, float]]:
-            connect_ray(None, None)
+        with ray_session():
             plain = [plain_loop_images_per_s(bench_config(args, 0, storage), args.threads)]
             ours = {}
             for stage in stages:
-                ours[stage] = train(bench_config(args, stage, storage), in_memory_data=True)["images_per_s"]
+                result = train(bench_config(args, stage, storage), stream_factory=InMemoryStreams())
+                ours[stage] = result.images_per_s
                 plain.append(plain_loop_images_per_s(bench_config(args, 0, storage), args.threads))
-            return plain, ours
-
-        plain, ours = run_and_release(measure)
     paired = {stage: ours[stage] / statistics.mean(plain[i:i + 2]) for i, stage in enumerate(stages)}
     best = max(plain)
     print(f"model {args.size} {args.channels}x{args.image_size}x{args.image_size}, K={args.k}, "

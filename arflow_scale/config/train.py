@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from .base import check
+from arflow_scale.schema import check
 
 
 @dataclass

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from einops import rearrange
 
+from arflow_scale.config.data import DataConfig
+
 from .decode import CorruptShard, decode_shard
 from .manifest import Manifest, checksum_mismatch
 from .prefetch import UnitPrefetcher, _Cancelled
@@ -72,25 +74,44 @@ def unit_size(manifest: Manifest, unit: _Unit) -> int:
     return len(range(unit.offset, manifest.shards[unit.shard].count, unit.stride))
 
 
+@dataclass(frozen=True)
+class StreamSpec:
+    """What every consumer of one stream reads and how: the data section, the manifest and its present
+    shards, K and the stream's place in the run (seed, rank, world size)."""
+
+    data: DataConfig
+    manifest: Manifest
+    shards: tuple[int, ...]
+    k: int
+    seed: int
+    rank: int
+    world_size: int
+
+    @property
+    def workers(self) -> int:
+        """Logical loader workers per rank (at least one, the rank itself)."""
+        return max(self.data.num_workers, 1)
+
+
 class ConsumerStream:
     """One consumer (rank, worker): builds batches and tracks its resumable state."""
 
-    def __init__(self, spec: dict, worker: int, state: dict):
+    def __init__(self, spec: StreamSpec, worker: int, state: dict):
         self.spec, self.worker = spec, worker
-        self.manifest: Manifest = spec["manifest"]
-        workers = max(spec["num_workers"], 1)
-        self.key = [spec["seed"], spec["rank"], spec["world_size"], workers, worker]
-        consumer = spec["rank"] * workers + worker
-        self.units = plan_units(self.manifest, spec["shards"], consumer, spec["world_size"] * workers)
+        self.manifest: Manifest = spec.manifest
+        workers = spec.workers
+        self.key = [spec.seed, spec.rank, spec.world_size, workers, worker]
+        consumer = spec.rank * workers + worker
+        self.units = plan_units(self.manifest, list(spec.shards), consumer, spec.world_size * workers)
         self.batch = int(state.get("batch", 0))
         self.bad = set(state.get("bad", []))
         self.dead = set(state.get("dead", []))
         self.warned: set[int] = set(self.bad)
         self.readers = {c: _ClassReader(self, c, u) for c, u in self.units.items()}
-        small = [c for c, r in self.readers.items() if r.owned < spec["k"]]
+        small = [c for c, r in self.readers.items() if r.owned < spec.k]
         if small and not state.get("batch"):
-            warnings.warn(f"{self.manifest.url}: classes {small} have fewer than K={spec['k']} samples for "
-                          f"consumer rank {spec['rank']} worker {worker}; they are left out", RuntimeWarning)
+            warnings.warn(f"{self.manifest.url}: classes {small} have fewer than K={spec.k} samples for "
+                          f"consumer rank {spec.rank} worker {worker}; they are left out", RuntimeWarning)
         self.dead |= set(small)
         for cls, cls_state in state.get("classes", {}).items():
             self.readers[int(cls)].load_state(cls_state)
@@ -98,7 +119,7 @@ class ConsumerStream:
         self.weights = {c: float(counts[c]) for c in self.readers}
         self._alive_cache: tuple[int, list[int], np.ndarray] | None = None
         self._fs = None
-        depth = int(spec.get("prefetch", 0))
+        depth = spec.data.prefetch
         self.prefetcher = UnitPrefetcher(self.prepare_unit, depth) if depth > 0 else None
 
     def close(self) -> None:
@@ -109,7 +130,7 @@ class ConsumerStream:
     # ----- shard reading -----
     def fs(self):
         if self._fs is None:
-            self._fs = filesystem(self.manifest.url, self.spec["storage_options"])[0]
+            self._fs = filesystem(self.manifest.url, self.spec.data.storage_options)[0]
         return self._fs
 
     def load_unit(self, unit: _Unit, allow_bad: bool = False) -> UnitSamples | None:
@@ -152,7 +173,7 @@ class ConsumerStream:
     def _fetch(self, shard: int, cancel: threading.Event | None = None) -> bytes:
         """A shard's bytes, retried; errors name its URL."""
         url = self.manifest.shard_url(self.manifest.shards[shard])
-        _, path = filesystem(url, self.spec["storage_options"])
+        _, path = filesystem(url, self.spec.data.storage_options)
 
         def read() -> bytes:
             if cancel is not None and cancel.is_set():
@@ -160,8 +181,8 @@ class ConsumerStream:
             return self.fs().cat_file(path)
 
         try:
-            return with_retries(read, url, retries=self.spec["retries"],
-                                backoff=self.spec["retry_backoff"], what="read")
+            return with_retries(read, url, retries=self.spec.data.retries,
+                                backoff=self.spec.data.retry_backoff, what="read")
         except FileNotFoundError:
             raise FileNotFoundError(f"{url}: shard disappeared after the stream opened") from None
 
@@ -177,7 +198,7 @@ class ConsumerStream:
 
     def _decode_unit(self, data: bytes, unit: _Unit) -> UnitSamples:
         positions = range(unit.offset, self.manifest.shards[unit.shard].count, unit.stride)
-        arrays = verify_and_decode(data, self.manifest, unit.shard, positions, self.spec["verify_checksums"])
+        arrays = verify_and_decode(data, self.manifest, unit.shard, positions, self.spec.data.verify_checksums)
         return [unit.shard << SAMPLE_BITS | pos for pos in positions], arrays
 
     # ----- batches -----
@@ -193,8 +214,8 @@ class ConsumerStream:
         alive, cumulative = self._alive()
         if not alive:
             raise RuntimeError(f"{self.manifest.url}: no class has usable samples left for rank "
-                               f"{self.spec['rank']} worker {self.worker} ({len(self.bad)} corrupt shards)")
-        if self.spec["class_sampling"] == "uniform":
+                               f"{self.spec.rank} worker {self.worker} ({len(self.bad)} corrupt shards)")
+        if self.spec.data.class_sampling == "uniform":
             return alive[int(rng.integers(len(alive)))]
         return alive[int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))]
 
@@ -205,11 +226,11 @@ class ConsumerStream:
         spec = self.spec
         rng = np.random.default_rng(self.key + [self.batch])
         labels, sequences, touched = [], [], set()
-        for _ in range(spec["batch_size"]):
+        for _ in range(spec.data.batch_size):
             while True:
                 cls = self._choose(rng)
                 try:
-                    sequences.append(self.readers[cls].draw(spec["k"], rng))
+                    sequences.append(self.readers[cls].draw(spec.k, rng))
                     break
                 except _ClassDead:
                     self.dead.add(cls)
@@ -217,7 +238,7 @@ class ConsumerStream:
                                   f"(corrupt shards); it is left out", RuntimeWarning)
             labels.append(cls)
             touched.add(cls)
-        flips = rng.random((len(sequences), spec["k"])) < 0.5 if spec["flip"] else None
+        flips = rng.random((len(sequences), spec.k)) < 0.5 if spec.data.flip else None
         images = torch.from_numpy(assemble_batch(sequences, flips, self.manifest.sample_ext == "png"))
         self.batch += 1
         delta = {"batch": self.batch, "classes": {str(c): self.readers[c].state() for c in sorted(touched)},
@@ -348,7 +369,7 @@ class _ClassReader:
         if self.pending_ids is not None:
             self._materialize()
         # Never buffer more than one pass of this class: keeps draws close to once per epoch.
-        capacity = max(min(self.consumer.spec["shuffle_buffer"], self.owned), k)
+        capacity = max(min(self.consumer.spec.data.shuffle_buffer, self.owned), k)
         self._fill(capacity - len(self.buffer))
         reads = 0
         while (chosen := self._pick(k, rng)) is None:  # duplicates across an epoch boundary

@@ -27,12 +27,31 @@ class StorageError(ConnectionError):
     """Storage stayed unreachable after all retries; the message names the URL."""
 
 
+def parse_storage_options(items: list[str] | None) -> dict[str, str]:
+    """CLI `--storage-option KEY=VALUE` items -> {key: value}; a malformed item is a ValueError naming it."""
+    options: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--storage-option {item!r}: expected key=value")
+        options[key.strip()] = value
+    return options
+
+
+def s3_endpoint(storage_options: dict[str, Any]) -> str | None:
+    """The S3 endpoint of some storage options: `endpoint_url`, `client_kwargs.endpoint_url`, else env
+    AWS_ENDPOINT_URL, else None (AWS itself)."""
+    client_kwargs = storage_options.get("client_kwargs") or {}
+    return storage_options.get("endpoint_url") or client_kwargs.get("endpoint_url") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def _s3_options(storage_options: dict[str, Any]) -> dict[str, Any]:
     """Move a flat `endpoint_url` (or env AWS_ENDPOINT_URL) into s3fs' client_kwargs."""
+    endpoint = s3_endpoint(storage_options)
     opts = dict(storage_options)
     client_kwargs = dict(opts.pop("client_kwargs", None) or {})
-    endpoint = opts.pop("endpoint_url", None) or client_kwargs.get("endpoint_url") \
-        or os.environ.get("AWS_ENDPOINT_URL")
+    opts.pop("endpoint_url", None)
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
     if client_kwargs:

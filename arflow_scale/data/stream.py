@@ -44,13 +44,14 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..config.data import DataConfig
-from .consumer import ConsumerStream, plan_units, unit_size
+from arflow_scale.config.data import DataConfig
+from arflow_scale.schema import build
+
+from .consumer import ConsumerStream, StreamSpec, plan_units, unit_size
 from .manifest import Manifest, read_manifest
 from .storage import list_files
 
 STATE_VERSION = 1
-CLASS_SAMPLING = ("uniform", "proportional")
 MEMORY_WARN_BYTES = 16 << 30  # decoded samples held per consumer above which the stream warns
 READ_AMPLIFICATION_WARN = 2.0  # shard bytes fetched per byte kept above which the stream warns
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def _identity(item: Any) -> Any:
     return item
 
 
-def _worker_dataset(spec: dict, worker_states: list[dict], start: int):
+def _worker_dataset(spec: StreamSpec, worker_states: list[dict], start: int):
     """IterableDataset whose DataLoader worker i plays logical worker (i + start) % W."""
     import torch
     from torch.utils.data import IterableDataset, get_worker_info
@@ -84,35 +85,42 @@ def _worker_dataset(spec: dict, worker_states: list[dict], start: int):
 class SequenceStream:
     """Infinite iterator of (images (B, K, C, H, W) float in [-1, 1] or latents, labels (B,) long)."""
 
-    def __init__(self, manifest_url: str, k: int, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = DataConfig.num_workers, flip: bool = DataConfig.flip,
-                 class_sampling: str = DataConfig.class_sampling, shuffle_buffer: int = DataConfig.shuffle_buffer,
-                 storage_options: dict | None = None, retries: int = DataConfig.retries,
-                 retry_backoff: float = DataConfig.retry_backoff, skip_missing: bool = DataConfig.skip_missing,
-                 verify_checksums: bool = DataConfig.verify_checksums, prefetch: int = DataConfig.prefetch):
-        """Defaults are `DataConfig`'s (one source for the stream and the run config)."""
-        for name, value, low in (("k", k, 1), ("batch_size", batch_size, 1), ("world_size", world_size, 1),
-                                 ("num_workers", num_workers, 0), ("shuffle_buffer", shuffle_buffer, 1),
-                                 ("retries", retries, 0), ("prefetch", prefetch, 0)):
+    def __init__(self, data: DataConfig, *, k: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        """data: a validated data section (`data.manifest` names the shards); k images per sequence; this
+        stream is rank `rank` of `world_size`."""
+        for name, value, low in (("k", k, 1), ("world_size", world_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"SequenceStream: {name} must be an integer >= {low}, got {value!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"SequenceStream: rank must lie in 0..{world_size - 1}, got {rank}")
-        if class_sampling not in CLASS_SAMPLING:
-            raise ValueError(f"SequenceStream: class_sampling must be one of {CLASS_SAMPLING}, got {class_sampling!r}")
-        self.url = manifest_url
-        self.storage_options = dict(storage_options or {})
-        self.manifest: Manifest = read_manifest(manifest_url, self.storage_options, retries=retries,
-                                                retry_backoff=retry_backoff)
-        shards = self._available_shards(skip_missing, retries, retry_backoff)
-        self.num_workers = num_workers
-        self._spec = dict(manifest=self.manifest, shards=shards, k=k, batch_size=batch_size, seed=seed,
-                          rank=rank, world_size=world_size, num_workers=num_workers, flip=flip,
-                          class_sampling=class_sampling, shuffle_buffer=shuffle_buffer,
-                          storage_options=self.storage_options, retries=retries,
-                          retry_backoff=retry_backoff, verify_checksums=verify_checksums, prefetch=prefetch)
+        if not data.manifest:
+            raise ValueError("data.manifest: no shard folder / manifest URL configured")
+        self.url = data.manifest
+        self.storage_options = dict(data.storage_options)
+        self.manifest: Manifest = read_manifest(data.manifest, self.storage_options, retries=data.retries,
+                                                retry_backoff=data.retry_backoff)
+        shards = self._available_shards(data.skip_missing, data.retries, data.retry_backoff)
+        self.num_workers = data.num_workers
+        self._spec = StreamSpec(data=data, manifest=self.manifest, shards=tuple(shards), k=k, seed=seed, rank=rank,
+                                world_size=world_size)
         self.missing_shards = len(self.manifest.shards) - len(shards)
         self._state = self._fresh_state()
+        self._warn_about_costs()
+
+    @classmethod
+    def from_config(cls, data: DataConfig, k: int, seed: int, rank: int, world_size: int) -> "SequenceStream":
+        """The stream of rank `rank` for a run's data section."""
+        return cls(data, k=k, seed=seed, rank=rank, world_size=world_size)
+
+    @classmethod
+    def open(cls, manifest_url: str, *, k: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+             **data_fields: Any) -> "SequenceStream":
+        """A stream over `manifest_url` with data-section fields given by name (validated as the config is,
+        a bad value naming its key); the other fields take DataConfig's defaults."""
+        return cls(build(DataConfig, {"manifest": manifest_url, **data_fields}, "data"), k=k, seed=seed,
+                   rank=rank, world_size=world_size)
+
+    def _warn_about_costs(self) -> None:
         held = self.memory_estimate()
         log.info("%s: up to %.1f MiB of decoded samples per loader worker", self.url, held / 2**20)
         if held > MEMORY_WARN_BYTES:
@@ -121,22 +129,10 @@ class SequenceStream:
                           f"smaller shards (--samples-per-shard) or lower data.shuffle_buffer", RuntimeWarning)
         amplification = self.read_amplification()
         if amplification > READ_AMPLIFICATION_WARN:
-            consumers = world_size * max(num_workers, 1)
+            consumers = self._spec.world_size * self._spec.workers
             warnings.warn(f"{self.url}: classes have fewer shards than the {consumers} loader workers of all ranks, "
                           f"so each reads whole shards to keep a share of their samples: {amplification:.1f}x the "
                           f"bytes it uses; write the shards with --min-shards-per-class {consumers}", RuntimeWarning)
-
-    @classmethod
-    def from_config(cls, data_cfg, k: int, seed: int, rank: int, world_size: int) -> "SequenceStream":
-        """Build from a DataConfig (arflow_scale.config.data)."""
-        if not data_cfg.manifest:
-            raise ValueError("data.manifest: no shard folder / manifest URL configured")
-        return cls(data_cfg.manifest, k=k, batch_size=data_cfg.batch_size, seed=seed, rank=rank,
-                   world_size=world_size, num_workers=data_cfg.num_workers, flip=data_cfg.flip,
-                   class_sampling=data_cfg.class_sampling, shuffle_buffer=data_cfg.shuffle_buffer,
-                   storage_options=dict(data_cfg.storage_options), retries=data_cfg.retries,
-                   retry_backoff=data_cfg.retry_backoff, skip_missing=data_cfg.skip_missing,
-                   verify_checksums=data_cfg.verify_checksums, prefetch=data_cfg.prefetch)
 
     def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
         """Indices of manifest shards present in storage; missing ones -> error or skip."""
@@ -154,8 +150,7 @@ class SequenceStream:
     def _first_worker_plan(self) -> dict:
         """The shard units of this rank's first loader worker, per class (`consumer.plan_units`)."""
         spec = self._spec
-        workers = max(spec["num_workers"], 1)
-        return plan_units(self.manifest, spec["shards"], spec["rank"] * workers, spec["world_size"] * workers)
+        return plan_units(self.manifest, list(spec.shards), spec.rank * spec.workers, spec.world_size * spec.workers)
 
     def memory_estimate(self) -> int:
         """Bytes of decoded samples one consumer (rank, loader worker) can hold at once: per class its
@@ -163,8 +158,8 @@ class SequenceStream:
         first loader worker; the others hold about as much)."""
         spec, plan = self._spec, self._first_worker_plan()
         sizes = {c: [unit_size(self.manifest, u) for u in units] for c, units in plan.items()}
-        samples = sum(max(s, default=0) + min(spec["shuffle_buffer"], sum(s)) for s in sizes.values())
-        samples += spec["prefetch"] * max((max(s, default=0) for s in sizes.values()), default=0)
+        samples = sum(max(s, default=0) + min(spec.data.shuffle_buffer, sum(s)) for s in sizes.values())
+        samples += spec.data.prefetch * max((max(s, default=0) for s in sizes.values()), default=0)
         return samples * int(np.prod(self.manifest.sample_shape)) * np.dtype(self.manifest.dtype).itemsize
 
     def read_amplification(self) -> float:
@@ -186,8 +181,9 @@ class SequenceStream:
 
     def _identity(self) -> dict:
         spec = self._spec
-        return {key: spec[key] for key in ("seed", "rank", "world_size", "num_workers", "k", "batch_size")} | {
-            "num_shards": len(self.manifest.shards)}
+        return {"seed": spec.seed, "rank": spec.rank, "world_size": spec.world_size,
+                "num_workers": spec.data.num_workers, "k": spec.k, "batch_size": spec.data.batch_size,
+                "num_shards": len(self.manifest.shards)}
 
     def state_dict(self) -> dict:
         """Plain python state (JSON-able) after the last delivered batch."""

@@ -12,8 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import numpy as np
+import ray
 import torch
+from mlflow.tracking import MlflowClient
 from torch import nn
+from tqdm import tqdm
+
+from arflow_scale.checkpoint import load_ema_weights
+from arflow_scale.config import Config, EvalConfig
+from arflow_scale.data.storage import filesystem
+from arflow_scale.schema import build
+from arflow_scale.tasks import SampleSettings, task_for
 
 from .frechet import fid_from_stats
 from .images import as_uint8_rgb, save_npz
@@ -23,16 +32,13 @@ from .stats import GaussianStats
 log = logging.getLogger(__name__)
 
 # checkpoint URL, storage options -> (run Config, model with the EMA weights, eval mode)
-ModelLoader = Callable[[str, Optional[dict]], tuple[Any, nn.Module]]
+ModelLoader = Callable[[str, Optional[dict]], tuple[Config, nn.Module]]
 
 
-def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Any, nn.Module]:
-    """The default loader: the checkpoint's consolidated EMA weights in a model built from its Config."""
-    from arflow_scale.train.checkpoint import load_ema_weights
-    from arflow_scale.train.export import model_from_weights
-
+def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Config, nn.Module]:
+    """The default loader: the checkpoint's consolidated EMA weights in its family's model."""
     run_cfg, state_dict = load_ema_weights(checkpoint_url, storage_options=storage_options)
-    return run_cfg, model_from_weights(run_cfg, state_dict)
+    return run_cfg, task_for(run_cfg.model).model_from_weights(state_dict)
 
 
 class PinnedEMA:
@@ -40,63 +46,43 @@ class PinnedEMA:
     survives `checkpoint.keep_last` deleting it before queued tasks start. -> (Config, model)."""
 
     def __init__(self, weights_ref):
-        self.weights_ref = weights_ref  # ObjectRef of (Config, state_dict)
+        self.weights_ref = weights_ref  # ObjectRef of CheckpointWeights
 
     @classmethod
     def of(cls, checkpoint_url: str, storage_options: Optional[dict] = None) -> "PinnedEMA":
-        import ray
-
-        from arflow_scale.train.checkpoint import load_ema_weights
-
         return cls(ray.put(load_ema_weights(checkpoint_url, storage_options=storage_options)))
 
-    def __call__(self, checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Any, nn.Module]:
-        import ray
-
-        from arflow_scale.train.export import model_from_weights
-
+    def __call__(self, checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Config, nn.Module]:
         run_cfg, state_dict = ray.get(self.weights_ref)
-        return run_cfg, model_from_weights(run_cfg, state_dict)
+        return run_cfg, task_for(run_cfg.model).model_from_weights(state_dict)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FidPlan:
-    """Everything the graph needs besides the checkpoint; built from an EvalConfig or CLI flags."""
+    """Everything the graph needs besides the checkpoint: an eval section (the protocol) and the storage
+    options of its URLs."""
 
-    num_samples: int
-    ref_stats: str
-    sampler: str = "ode"
-    steps: int = 50
-    cfg_scale: float = 1.0
-    tasks: int = 2
-    seed: int = 0
-    sample_batch_size: int = 64
-    feature_batch_size: int = 32
-    inception_path: Optional[str] = None
-    cpus_per_task: float = 1.0
-    gpus_per_task: Optional[float] = None
+    eval: EvalConfig
     storage_options: dict = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg) -> "FidPlan":
+    def from_config(cls, cfg: Config) -> "FidPlan":
         """From a whole Config: its eval section, plus run.storage_options for URLs."""
-        ev = cfg.eval
-        if not ev.ref_stats:
+        if not cfg.eval.ref_stats:
             raise ValueError("eval.ref_stats: reference statistics are required for FID "
                              "(make them with `arflow fid ref --data MANIFEST_URL --out stats.npz`)")
-        return cls(num_samples=ev.num_samples, ref_stats=ev.ref_stats, sampler=ev.sampler, steps=ev.steps,
-                   cfg_scale=ev.cfg_scale, tasks=ev.tasks, seed=ev.seed, sample_batch_size=ev.sample_batch_size,
-                   feature_batch_size=ev.feature_batch_size, inception_path=ev.inception_path,
-                   cpus_per_task=ev.cpus_per_task, gpus_per_task=ev.gpus_per_task,
-                   storage_options=dict(cfg.run.storage_options))
+        return cls(cfg.eval, dict(cfg.run.storage_options))
 
-    def validate(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
-        if not 1 <= self.tasks <= self.num_samples:
-            raise ValueError(f"tasks must be in 1..num_samples ({self.num_samples}), got {self.tasks}")
-        if self.sampler not in ("ode", "sde"):
-            raise ValueError(f"sampler must be 'ode' or 'sde', got {self.sampler!r}")
+    @classmethod
+    def of(cls, storage_options: Optional[dict] = None, **eval_fields: Any) -> "FidPlan":
+        """A plan from eval-section fields (validated like the config: a bad value names its key)."""
+        return cls(build(EvalConfig, eval_fields, "eval"), dict(storage_options or {}))
+
+    @property
+    def sample_settings(self) -> SampleSettings:
+        ev = self.eval
+        return SampleSettings(sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
+                              guided_channels=ev.guided_channels)
 
 
 def split_counts(total: int, parts: int) -> list[int]:
@@ -113,18 +99,15 @@ def task_seed(seed: int, task_index: int) -> int:
 def sample_images(checkpoint_url: str, task_index: int, count: int, plan: FidPlan,
                   model_loader: ModelLoader = load_ema_model) -> np.ndarray:
     """Task body: `count` samples as uint8 RGB (count, H, W, 3), labels uniform, seeded by task index."""
-    from arflow_scale.flow import sample
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    _, model = model_loader(checkpoint_url, plan.storage_options or None)
+    run_cfg, model = model_loader(checkpoint_url, plan.storage_options or None)
+    task = task_for(run_cfg.model)
     model = model.to(device).eval()
-    generator = torch.Generator().manual_seed(task_seed(plan.seed, task_index))
-    num_classes = model.null_class if hasattr(model, "null_class") else model.config.num_classes
-    labels = torch.randint(num_classes, (count,), generator=generator)
-    batches = []
-    for start in range(0, count, plan.sample_batch_size):
-        images = sample(model, labels[start:start + plan.sample_batch_size], sampler=plan.sampler,
-                        steps=plan.steps, cfg_scale=plan.cfg_scale, generator=generator)
+    generator = torch.Generator().manual_seed(task_seed(plan.eval.seed, task_index))
+    labels = torch.randint(task.num_classes, (count,), generator=generator)
+    batches, batch_size = [], plan.eval.sample_batch_size
+    for start in range(0, count, batch_size):
+        images = task.sample(model, labels[start:start + batch_size], plan.sample_settings, generator)
         if images.shape[1] not in (1, 3):
             raise ValueError(f"{checkpoint_url}: the model makes {images.shape[1]}-channel samples; FID needs "
                              f"1- or 3-channel images (decode latents to pixels first)")
@@ -148,8 +131,6 @@ def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional
     fid = fid_from_stats(total, reference)
     result = {"fid": fid, "n": total.count, "seconds": time.time() - started if started else None}
     if run_id:
-        from mlflow.tracking import MlflowClient
-
         try:
             MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, "fid", fid, step=step or 0)
             result["mlflow_logged"] = True
@@ -161,13 +142,11 @@ def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional
     return result
 
 
-def _task_options(plan: FidPlan) -> dict:
-    import ray
-
-    gpus = plan.gpus_per_task
+def _task_options(ev: EvalConfig) -> dict:
+    gpus = ev.gpus_per_task
     if gpus is None:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-    return {"num_cpus": plan.cpus_per_task, "num_gpus": gpus}
+    return {"num_cpus": ev.cpus_per_task, "num_gpus": gpus}
 
 
 def _reduce_with_parts(ref_stats_url, kwargs, *parts):
@@ -188,48 +167,40 @@ def build_graph(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = Non
                 tracking_uri: Optional[str] = None, run_id: Optional[str] = None,
                 model_loader: ModelLoader = load_ema_model) -> FidGraph:
     """Submit sampling, feature and reduce tasks (Ray must be initialised); returns at once."""
-    import ray
-
-    from arflow_scale.data.storage import filesystem
-
-    plan.validate()
-    fs, path = filesystem(plan.ref_stats, plan.storage_options or None)
+    ev, options = plan.eval, plan.storage_options or None
+    if not ev.ref_stats:
+        raise ValueError("eval.ref_stats: reference statistics are required for FID (--ref)")
+    fs, path = filesystem(ev.ref_stats, options)
     if not fs.isfile(path):  # fail here, not in the reduce after all the sampling
-        raise FileNotFoundError(f"{plan.ref_stats}: reference statistics not found (eval.ref_stats / --ref); "
+        raise FileNotFoundError(f"{ev.ref_stats}: reference statistics not found (eval.ref_stats / --ref); "
                                 f"make them with `arflow fid ref --data MANIFEST_URL --out stats.npz`")
     started = time.time()
-    options = _task_options(plan)
-    sampler_task = ray.remote(sample_images).options(name="fid-sample", **options)
-    feature_task = ray.remote(image_stats).options(name="fid-features", **options)
-    reduce_task = ray.remote(_reduce_with_parts).options(name="fid-reduce", num_cpus=plan.cpus_per_task)
-    counts = split_counts(plan.num_samples, plan.tasks)
+    task_options = _task_options(ev)
+    sampler_task = ray.remote(sample_images).options(name="fid-sample", **task_options)
+    feature_task = ray.remote(image_stats).options(name="fid-features", **task_options)
+    reduce_task = ray.remote(_reduce_with_parts).options(name="fid-reduce", num_cpus=ev.cpus_per_task)
+    counts = split_counts(ev.num_samples, ev.tasks)
     image_refs, stats_refs = [], []
     for index, count in enumerate(counts):
         images = sampler_task.remote(checkpoint_url, index, count, plan, model_loader)
         image_refs.append(images)
-        stats_refs.append(feature_task.remote(images, plan.inception_path, plan.feature_batch_size,
-                                              plan.storage_options or None))
-    kwargs = dict(step=step, tracking_uri=tracking_uri, run_id=run_id, started=started,
-                  storage_options=plan.storage_options or None)
-    result_ref = reduce_task.remote(plan.ref_stats, kwargs, *stats_refs)
+        stats_refs.append(feature_task.remote(images, ev.inception_path, ev.feature_batch_size, options))
+    kwargs = dict(step=step, tracking_uri=tracking_uri, run_id=run_id, started=started, storage_options=options)
+    result_ref = reduce_task.remote(ev.ref_stats, kwargs, *stats_refs)
     return FidGraph(image_refs=image_refs, stats_refs=stats_refs, counts=counts, result_ref=result_ref)
 
 
-def launch_fid(checkpoint_url: str, cfg, step: int, tracking_uri: Optional[str], run_id: Optional[str],
+def launch_fid(checkpoint_url: str, cfg: Config, step: int, tracking_uri: Optional[str], run_id: Optional[str],
                model_loader: ModelLoader = load_ema_model):
     """Non-blocking FID of a checkpoint per cfg.eval; returns the reduce's ObjectRef -> {"fid","n","seconds"}."""
-    plan = FidPlan.from_config(cfg)
-    return build_graph(checkpoint_url, plan, step=step, tracking_uri=tracking_uri, run_id=run_id,
-                       model_loader=model_loader).result_ref
+    return build_graph(checkpoint_url, FidPlan.from_config(cfg), step=step, tracking_uri=tracking_uri,
+                       run_id=run_id, model_loader=model_loader).result_ref
 
 
 def run_fid(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = None, tracking_uri: Optional[str] = None,
             run_id: Optional[str] = None, save_npz_url: Optional[str] = None, progress: bool = True,
             model_loader: ModelLoader = load_ema_model) -> dict:
     """Blocking FID with a progress bar over finished feature tasks; optionally writes the samples .npz."""
-    import ray
-    from tqdm import tqdm
-
     started = time.time()
     graph = build_graph(checkpoint_url, plan, step=step, tracking_uri=tracking_uri, run_id=run_id,
                         model_loader=model_loader)
@@ -237,7 +208,7 @@ def run_fid(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = None, t
         graph.image_refs.clear()  # let Ray free each task's images once its features are done
     count_of = {ref.hex(): n for ref, n in zip(graph.stats_refs, graph.counts)}
     pending = list(graph.stats_refs)
-    with tqdm(total=plan.num_samples, desc="fid images", unit="img", disable=not progress) as bar:
+    with tqdm(total=plan.eval.num_samples, desc="fid images", unit="img", disable=not progress) as bar:
         while pending:
             done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
             bar.update(count_of[done[0].hex()])

@@ -10,6 +10,10 @@ import numpy as np
 from einops import rearrange, repeat
 from PIL import Image
 
+from arflow_scale.data.decode import tar_members
+from arflow_scale.data.manifest import MANIFEST_NAME, read_manifest
+from arflow_scale.data.storage import filesystem, join_url, list_files, read_bytes, write_bytes
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 NPZ_KEYS = ("arr_0", "images")
 
@@ -43,9 +47,6 @@ def decode_image(data: bytes, name: str = "<image>") -> np.ndarray:
 
 def source_kind(source: str, storage_options: Optional[dict] = None) -> str:
     """'npz', 'manifest' or 'folder' for an image-set URL."""
-    from arflow_scale.data.manifest import MANIFEST_NAME
-    from arflow_scale.data.storage import filesystem, join_url
-
     if source.rstrip("/").endswith(".npz"):
         return "npz"
     if source.rstrip("/").endswith(MANIFEST_NAME):
@@ -60,8 +61,6 @@ def source_kind(source: str, storage_options: Optional[dict] = None) -> str:
 
 
 def _iter_npz(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarray]:
-    from arflow_scale.data.storage import read_bytes
-
     try:
         with np.load(io.BytesIO(read_bytes(source, storage_options)), allow_pickle=False) as npz:
             key = next((k for k in NPZ_KEYS if k in npz.files), None)
@@ -75,8 +74,6 @@ def _iter_npz(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarr
 
 
 def _iter_folder(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarray]:
-    from arflow_scale.data.storage import join_url, list_files, read_bytes
-
     names = sorted(n for n in list_files(source, storage_options) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
@@ -101,10 +98,6 @@ def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[
     """Images of a shard folder, each shard read with retries and checked against its manifest sha256
     (reference statistics must not silently include a damaged shard)."""
     import hashlib
-
-    from arflow_scale.data.decode import tar_members
-    from arflow_scale.data.manifest import read_manifest
-    from arflow_scale.data.storage import read_bytes
 
     manifest = read_manifest(source, storage_options)
     if manifest.sample_ext != "png":
@@ -168,8 +161,6 @@ def load_images(source: str, limit: Optional[int] = None, storage_options: Optio
 
 def save_npz(images: np.ndarray, url: str, storage_options: Optional[dict] = None) -> None:
     """Write uint8 (N, H, W, 3) as an ADM-evaluator-compatible samples file (`arr_0`)."""
-    from arflow_scale.data.storage import write_bytes
-
     buffer = io.BytesIO()
     np.savez(buffer, arr_0=as_uint8_rgb(images, url))
     write_bytes(url, buffer.getvalue(), storage_options)

@@ -22,6 +22,10 @@ import torch
 from einops import rearrange, repeat
 from torch import nn
 
+from arflow_scale.data.storage import read_bytes
+
+from .stats import GaussianStats
+
 INCEPTION_NAME = "inception-2015-12-05"
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 INCEPTION_ENV = "ARFLOW_INCEPTION"
@@ -58,8 +62,6 @@ def locate_inception(path: Optional[str] = None) -> str:
 
 def read_verified_weights(location: str, storage_options: Optional[dict] = None) -> bytes:
     """Bytes of the weight file at a path or fsspec URL, after checking its sha256."""
-    from arflow_scale.data.storage import read_bytes
-
     try:
         data = read_bytes(location, storage_options)
     except FileNotFoundError:
@@ -97,7 +99,6 @@ def to_uint8_images(images: torch.Tensor) -> torch.Tensor:
 
 class InceptionFeatures(nn.Module):
     """uint8 images (B, H, W, C), C in {1, 3} -> 2048-d pool3 features (B, 2048) float32."""
-
     def __init__(self, network: torch.jit.ScriptModule, device: Union[str, torch.device] = "cpu"):
         super().__init__()
         self.device = torch.device(device)
@@ -176,8 +177,6 @@ def load_inception(path: Optional[str] = None, device: Union[str, torch.device, 
 
 def feature_stats(extractor: InceptionFeatures, batches: Iterable[np.ndarray]):
     """float64 Gaussian statistics (`GaussianStats`) of the features of uint8 batches (N, H, W, C)."""
-    from .stats import GaussianStats
-
     stats = GaussianStats(FEATURE_DIM)
     for batch in batches:
         pixels = torch.from_numpy(np.array(batch, dtype=np.uint8))  # a copy: Ray hands out read-only arrays

@@ -6,15 +6,15 @@ from typing import Optional
 
 from .stats import GaussianStats
 
+from .images import iter_image_batches, source_kind
+from .inception import feature_stats, load_inception
+
 
 def image_set_stats(source: str, *, num: Optional[int] = None, batch_size: int = 32,
                     inception_path: Optional[str] = None, storage_options: Optional[dict] = None,
                     progress: bool = True) -> GaussianStats:
     """float64 feature statistics of at most `num` images of `source` (all when None)."""
     from tqdm import tqdm
-
-    from .images import iter_image_batches, source_kind
-    from .inception import feature_stats, load_inception
 
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")

@@ -10,6 +10,8 @@ from typing import Optional
 
 import numpy as np
 
+from arflow_scale.data.storage import read_bytes, write_bytes
+
 FORMAT_VERSION = 1
 
 
@@ -143,8 +145,6 @@ class GaussianStats:
 
     def save(self, url: str, storage_options: Optional[dict] = None) -> None:
         """Write an .npz (local path or fsspec URL)."""
-        from arflow_scale.data.storage import write_bytes
-
         buffer = io.BytesIO()
         np.savez(buffer, **self.to_arrays())
         write_bytes(url, buffer.getvalue(), storage_options)
@@ -152,8 +152,6 @@ class GaussianStats:
     @classmethod
     def load(cls, url: str, storage_options: Optional[dict] = None) -> "GaussianStats":
         """Read statistics from an .npz written by `save` or an ADM reference batch (`mu`, `sigma`)."""
-        from arflow_scale.data.storage import read_bytes
-
         try:
             data = read_bytes(url, storage_options)
         except (FileNotFoundError, IsADirectoryError):

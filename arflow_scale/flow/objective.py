@@ -1,4 +1,4 @@
-"""Flow-matching objective over a causal sequence of images (ARFLOW.md, "Training objective").
+"""Flow-matching objective over a causal sequence of images (docs/arflow.md §4).
 
 Per sequence: t_1..t_K ~ U[0, 1) sorted ascending (noisiest first), x_t = t x + (1 - t) eps,
 target velocity u = x - eps, plain MSE; the label is replaced by the null class with probability

@@ -1,4 +1,4 @@
-"""Autoregressive samplers: each step feeds ONE image (the current x_t) through the model cache.
+"""Autoregressive samplers (docs/arflow.md §5): each step feeds ONE image (the current x_t) through the model cache.
 
 `ode`: Euler on t in linspace(0, 1, steps + 1). `sde`: the reference Euler-Maruyama schedule
 (SiT/ARFlow): t in linspace(0, 0.96, steps), diffusion w(t) = 1 - t, drift v + w * score with

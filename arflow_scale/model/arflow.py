@@ -1,4 +1,4 @@
-"""The ARFlow transformer (ARFLOW.md): a SiT/DiT backbone over a causal sequence of K images.
+"""The ARFlow transformer (docs/arflow.md §2): a SiT/DiT backbone over a causal sequence of K images.
 
 x (B, K, C, H, W) -> per-image patch tokens (B, K, N, width) + shared 2-D sin-cos positions;
 conditioning c (B, K, width) = label + time embedding per image; adaLN-Zero blocks around the
@@ -8,7 +8,6 @@ one image (or several) at a time, carrying each layer's attention state.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import torch
@@ -17,10 +16,8 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from arflow_scale.config.base import build
-from arflow_scale.config.model import ModelConfig
-
 from .attention import chunk_attention
+from .config import ModelConfig, model_config
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from .sizes import FREQUENCY_DIM, ModelDims, resolve
 
@@ -46,7 +43,7 @@ class ARFlowCache:
 
 
 class ChunkAttention(nn.Module):
-    """ARFLOW.md attention block: q/k/v RMS norms, decay from x + c, per-head out norm, SiLU gate."""
+    """The attention block (docs/arflow.md §3.1): q/k/v RMS norms, decay from x + c, per-head out norm, SiLU gate."""
 
     def __init__(self, width: int, heads: int, mode: str):
         super().__init__()
@@ -197,17 +194,6 @@ class ARFlow(nn.Module):
         grid = d.image_size // d.patch
         return rearrange(out, "b k (gh gw) (p1 p2 c) -> b k c (gh p1) (gw p2)",
                          gh=grid, p1=d.patch, p2=d.patch)
-
-
-def model_config(size: str | ModelConfig, **overrides) -> ModelConfig:
-    """A validated ModelConfig from a size name like `XL/2` or a config, plus field overrides."""
-    if isinstance(size, ModelConfig):
-        data = {**dataclasses.asdict(size), **overrides}
-    else:
-        data = {"size": size, **overrides}
-    cfg = build(ModelConfig, data)
-    resolve(cfg)
-    return cfg
 
 
 def build_model(size: str | ModelConfig, **overrides) -> ARFlow:

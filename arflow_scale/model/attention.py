@@ -1,4 +1,4 @@
-"""Chunk-wise attention of ARFlow (ARFLOW.md, "The hybrid linear attention") and two ablations.
+"""Chunk-wise attention of ARFlow (docs/arflow.md §3) and two ablations.
 
 All functions take q, k, v of shape (B, H, L, D) (after their RMS norms), L = chunks * chunk_size,
 one chunk = one image, and return `(out (B, H, L, D), state)` so that a sequence fed chunk by chunk

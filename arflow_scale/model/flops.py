@@ -5,8 +5,7 @@ Kaplan et al.); element-wise work is ignored. Training FLOPs per sequence ~= 3 *
 """
 from __future__ import annotations
 
-from arflow_scale.config.model import ModelConfig
-
+from .config import ModelConfig
 from .sizes import FREQUENCY_DIM, ModelDims, resolve
 
 

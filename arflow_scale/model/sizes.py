@@ -1,12 +1,11 @@
-"""Size registry: DiT-style names (`S/2`, `XL/2`, `tiny/2`) and scaled variants by depth/width/heads."""
+"""Resolved architecture numbers of a model section: the registry entry with its overrides applied."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from arflow_scale.config.base import ConfigError
-from arflow_scale.config.model import SIZE_PATTERN, SIZE_TABLE, ModelConfig
+from .config import SIZE_PATTERN, SIZE_TABLE, ModelConfig
 
-SIZES = SIZE_TABLE  # name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md)
+SIZES = SIZE_TABLE  # name -> (depth, width, heads); head dim 64 for the paper sizes (docs/arflow.md §2.6)
 
 FREQUENCY_DIM = 256  # sinusoidal timestep embedding size (DiT/SiT)
 
@@ -41,20 +40,15 @@ class ModelDims:
 
 def parse_size(size: str) -> tuple[str, int]:
     """`"XL/2"` -> ("XL", 2); a bad name raises ConfigError naming the key `size`."""
+    ModelConfig(size=size).validate()
     match = SIZE_PATTERN.match(size)
-    if match is None:
-        raise ConfigError(f"size: {size!r} is not NAME/PATCH with NAME in tiny, S, B, L, XL, custom (e.g. 'XL/2')")
     return match.group(1), int(match.group(2))
 
 
 def resolve(cfg: ModelConfig) -> ModelDims:
-    """Registry entry of cfg.size with cfg.depth/width/heads overrides applied."""
-    _, patch = parse_size(cfg.size)
+    """Registry entry of cfg.size with cfg.depth/width/heads overrides applied (cfg is validated first)."""
+    cfg.validate()
     depth, width, heads = cfg.resolved_shape()
-    if width % heads != 0:
-        raise ConfigError(f"width: {width} not divisible by heads={heads}")
-    if width % 4 != 0:
-        raise ConfigError(f"width: {width} must be a multiple of 4 (2-D sin-cos position embedding)")
-    return ModelDims(depth=depth, width=width, heads=heads, patch=patch, in_channels=cfg.in_channels,
+    return ModelDims(depth=depth, width=width, heads=heads, patch=cfg.patch_size, in_channels=cfg.in_channels,
                      image_size=cfg.image_size, k=cfg.k, num_classes=cfg.num_classes,
                      mlp_hidden=int(width * cfg.mlp_ratio), attention=cfg.attention)

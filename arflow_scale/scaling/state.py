@@ -11,12 +11,19 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from mlflow.entities import Param
+from mlflow.tracking import MlflowClient
+
+from arflow_scale.config import flatten
+from arflow_scale.data.storage import filesystem, is_local_url
+from arflow_scale.schema import mask_override
+from arflow_scale.tracking import experiment_id
+from arflow_scale.tracking import resolve_tracking_uri as tracking_uri_of_run
+
 log = logging.getLogger(__name__)
 
 
 def read_json(url: str, storage_options: dict) -> Optional[dict]:
-    from arflow_scale.data.storage import filesystem
-
     fs, path = filesystem(url, storage_options)
     if not fs.exists(path):
         return None
@@ -26,8 +33,6 @@ def read_json(url: str, storage_options: dict) -> Optional[dict]:
 
 def write_json(url: str, data: dict, storage_options: dict) -> None:
     """Write JSON so a reader never sees half a file (local: temp + rename; object stores: one PUT)."""
-    from arflow_scale.data.storage import filesystem, is_local_url
-
     fs, path = filesystem(url, storage_options)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     text = json.dumps(data, indent=2, default=str)
@@ -40,23 +45,23 @@ def write_json(url: str, data: dict, storage_options: dict) -> None:
     os.replace(tmp, path)
 
 
+def absolute_url(url: str) -> str:
+    """Local paths become absolute (points may run in other processes); URLs stay."""
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def sweep_url(sweep) -> str:
+    """The sweep's folder: `<storage_path>/<name>` (sweep.json, points/, runs/, report/)."""
+    return f"{absolute_url(sweep.storage_path).rstrip('/')}/{sweep.name}"
+
+
 def resolve_tracking_uri(sweep) -> str:
     """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
-    from arflow_scale.tracking import resolve_tracking_uri as resolve
-
-    from .sweep import sweep_url
-
-    return resolve(sweep.tracking_uri, sweep_url(sweep), f"sweeps/{sweep.name}")
+    return tracking_uri_of_run(sweep.tracking_uri, sweep_url(sweep), f"sweeps/{sweep.name}")
 
 
 def ensure_parent_run(sweep, tracking_uri: str) -> str:
     """The sweep's MLflow parent run: found again through sweep.json, else created (params = sweep YAML)."""
-    from mlflow.tracking import MlflowClient
-
-    from arflow_scale.config import flatten
-
-    from .sweep import sweep_url
-
     client = MlflowClient(tracking_uri=tracking_uri)
     state_url = f"{sweep_url(sweep)}/sweep.json"
     state = read_json(state_url, sweep.storage_options) or {}
@@ -68,17 +73,8 @@ def ensure_parent_run(sweep, tracking_uri: str) -> str:
             return run.info.run_id
         except Exception:  # noqa: BLE001 - recorded in another tracking store: start a new parent
             log.warning("parent run %s not found at %s; creating a new one", state["parent_run_id"], tracking_uri)
-    experiment = client.get_experiment_by_name(sweep.experiment)
-    if experiment is None:
-        location = None
-        if tracking_uri.startswith("sqlite:///"):
-            location = (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-        experiment_id = client.create_experiment(sweep.experiment, artifact_location=location)
-    else:
-        experiment_id = experiment.experiment_id
-    run = client.create_run(experiment_id, run_name=sweep.name, tags={"arflow.sweep": sweep.name})
-    from mlflow.entities import Param
-
+    run = client.create_run(experiment_id(client, sweep.experiment), run_name=sweep.name,
+                            tags={"arflow.sweep": sweep.name})
     params = flatten(dataclasses.replace(sweep, overrides=masked_overrides(sweep.overrides)))
     client.log_batch(run.info.run_id,
                      params=[Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()])
@@ -89,6 +85,4 @@ def ensure_parent_run(sweep, tracking_uri: str) -> str:
 
 def masked_overrides(overrides: list[str]) -> list[str]:
     """`a.secret=x` -> `a.secret=***` for every secret-looking key (before logging as params)."""
-    from arflow_scale.config.base import mask_override
-
     return [mask_override(text) for text in overrides]

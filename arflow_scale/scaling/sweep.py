@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 from arflow_scale.config import Config, ConfigError, load_config
-from arflow_scale.config.base import apply_overrides, build, check, read_yaml_mapping
+from arflow_scale.schema import apply_overrides, build, check, read_yaml_mapping
 
 from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
-from .state import ensure_parent_run, read_json, resolve_tracking_uri, write_json
+from .state import absolute_url, ensure_parent_run, read_json, resolve_tracking_uri, sweep_url, write_json
 
 log = logging.getLogger(__name__)
 
@@ -130,15 +130,6 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def _absolute(url: str) -> str:
-    """Local paths become absolute (points may run in other processes); URLs stay."""
-    return url if "://" in url else str(Path(url).resolve())
-
-
-def sweep_url(sweep: SweepConfig) -> str:
-    return f"{_absolute(sweep.storage_path).rstrip('/')}/{sweep.name}"
-
-
 def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
     """The grid's points, sizes x budgets x other keys, in that nesting order."""
     base = None
@@ -171,7 +162,7 @@ def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
         if sweep.fid:
             run_overrides.append(_override("eval.fid_at_end", True))
         if cfg.data.manifest and "://" not in cfg.data.manifest:
-            run_overrides.append(_override("data.manifest", _absolute(cfg.data.manifest)))
+            run_overrides.append(_override("data.manifest", absolute_url(cfg.data.manifest)))
         cfg = load_config(base, [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items()),
                                  *run_overrides])
         from arflow_scale.model import count_parameters
@@ -204,12 +195,12 @@ def _smoothed_loss(client, run_id: str, steps: int, fallback: float) -> float:
 def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, result_url: str,
               storage_options: dict) -> dict:
     """Train one point (resuming its checkpoints), nest its run under the parent, record the result JSON."""
-    from arflow_scale.train import train
+    from arflow_scale.train.driver import train
 
     cfg = _with_tracking(point, tracking_uri, parent_run_id)
     log.info("sweep point %s: %d params, %d steps, %.3g FLOPs", point.name, point.params, point.steps, point.flops)
     result = train(cfg)
-    loss, fid, run_id = float(result["final_loss"]), None, result.get("mlflow_run_id")
+    loss, fid, run_id = result.final_loss, None, result.mlflow_run_id
     if run_id and cfg.tracking.enabled:
         from mlflow.tracking import MlflowClient
 
@@ -220,9 +211,9 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
         for key, value in ((METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss)):
             client.log_metric(run_id, key, float(value), step=point.steps)
     record = {"name": point.name, "params": point.params, "flops": point.flops, "steps": point.steps,
-              "flops_per_step": point.flops_per_step, "loss": loss, "final_loss": result["final_loss"],
+              "flops_per_step": point.flops_per_step, "loss": loss, "final_loss": result.final_loss,
               "fid": fid, "run_id": run_id, "coords": point.coords, "config_sha": point.config_sha,
-              "checkpoint": result.get("checkpoint")}
+              "checkpoint": result.checkpoint}
     write_json(result_url, record, storage_options)
     return record
 
@@ -271,7 +262,7 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
 
         prepare_inputs(todo[0].config)
     if todo and parallel != 1:
-        from arflow_scale.train.driver import connect_ray
+        from arflow_scale.cluster.connect import connect_ray
 
         connect_ray(todo[0].config.cluster.address, todo[0].config.cluster.local_num_cpus)
         parallel = parallel or auto_parallel(todo[0])

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from arflow_scale.checkpoint.layout import param_group_names
 from arflow_scale.config import Config
 
 
@@ -20,20 +21,11 @@ def resolve_precision(precision: str, device_type: str) -> str:
     return precision
 
 
-def group_names(ndims: dict[str, int]) -> list[tuple[list[str], bool]]:
-    """{parameter name: ndim} -> [(names, decayed)] per AdamW group: matrices (ndim >= 2, decayed),
-    then the rest, each sorted; empty groups dropped. The order of `param_groups`, and so of
-    DeepSpeed's fp32 master copies."""
-    names = sorted(ndims)
-    groups = [([n for n in names if ndims[n] >= 2], True), ([n for n in names if ndims[n] < 2], False)]
-    return [(members, decayed) for members, decayed in groups if members]
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (ndim >= 2) only; biases, norms, vectors get none."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     return [{"params": [params[n] for n in names], "weight_decay": weight_decay if decayed else 0.0}
-            for names, decayed in group_names({n: p.ndim for n, p in params.items()})]
+            for names, decayed in param_group_names({n: p.ndim for n, p in params.items()})]
 
 
 def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> dict[str, Any]:

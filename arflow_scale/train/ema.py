@@ -25,6 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from arflow_scale.checkpoint.weights import consolidate
 
 
 def _layout(params: dict[str, torch.nn.Parameter]) -> str:
@@ -36,8 +39,6 @@ def _layout(params: dict[str, torch.nn.Parameter]) -> str:
 
 
 def _dp_rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
@@ -46,7 +47,7 @@ class EMA:
 
     def __init__(self, module: torch.nn.Module, decay: float, masters: dict[int, torch.Tensor] | None = None):
         """masters: {id(param): fp32 master} kept by a mixed-precision optimizer without ZeRO (updated in
-        place every step; `loop.wrapper_masters`): the EMA averages those instead of the bf16 weights."""
+        place every step; `engine.wrapper_masters`): the EMA averages those instead of the bf16 weights."""
         self.decay = float(decay)
         self._masters = dict(masters or {})
         params = dict(module.named_parameters())
@@ -111,8 +112,6 @@ class EMA:
         of the whole model for a moment."""
         if not self.partitioned:
             return {name: t.clone() for name, t in self.shadow.items()}
-        import torch.distributed as dist
-
         names = sorted(self.shadow)
         local = torch.cat([self.shadow[n].reshape(-1) for n in names])
         layouts: list[Any] = [None] * dist.get_world_size()
@@ -133,22 +132,3 @@ class EMA:
             shadows.append(dict(zip(names, pieces)))
             starts.append({n: start for n, (start, _) in zip(names, layout)})
         return consolidate(shadows, self.meta, starts)
-
-
-def consolidate(per_rank_shadows: list[dict[str, torch.Tensor]], meta: dict[str, dict[str, Any]],
-                per_rank_starts: list[dict[str, int]] | None = None) -> dict[str, torch.Tensor]:
-    """Partitioned EMA slices of ranks 0..W-1 -> full tensors: each slice placed where it starts in the
-    flattened parameter (without `per_rank_starts`, the ZeRO-3 layout: slices back to back), padding
-    dropped, shapes restored."""
-    full = {}
-    for name, info in meta.items():
-        pieces = [shadow[name].reshape(-1) for shadow in per_rank_shadows]
-        if per_rank_starts is None:
-            starts = [sum(p.numel() for p in pieces[:r]) for r in range(len(pieces))]
-        else:
-            starts = [s[name] for s in per_rank_starts]
-        flat = pieces[0].new_zeros(max([info["numel"]] + [s + p.numel() for s, p in zip(starts, pieces)]))
-        for start, piece in zip(starts, pieces):
-            flat[start: start + piece.numel()] = piece
-        full[name] = flat[: info["numel"]].reshape(info["shape"]).clone()
-    return full

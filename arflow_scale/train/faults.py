@@ -10,6 +10,7 @@ import os
 import signal
 
 from arflow_scale.config import FaultsConfig
+from arflow_scale.data.storage import filesystem
 
 log = logging.getLogger(__name__)
 
@@ -17,10 +18,8 @@ log = logging.getLogger(__name__)
 class InjectedFault(RuntimeError):
     """The exception raised by `faults.crash_rank_at_step`."""
 
-
 class FaultInjector:
     """Fires the configured faults of `cfg` on rank `rank`, each at most once per run folder."""
-
     def __init__(self, cfg: FaultsConfig, run_url: str, rank: int, storage_options: dict | None = None):
         self.cfg = cfg
         self.run_url = run_url.rstrip("/")
@@ -32,8 +31,6 @@ class FaultInjector:
 
     def _claim(self, kind: str, step: int) -> bool:
         """True the first time this fault is claimed in this run folder (writes the marker)."""
-        from arflow_scale.data.storage import filesystem
-
         fs, path = filesystem(self._marker(kind, step), self.storage_options)
         if fs.exists(path):
             return False

@@ -1,15 +1,16 @@
-"""Model section: size (registry name like `XL/2`), overrides, input geometry, K, attention mode."""
+"""The model section of a run config: family, size (registry name like `XL/2`), overrides, input geometry,
+K, attention. The size registry and every geometry check live here, beside the model that needs them.
+"""
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from .base import check
+from arflow_scale.schema import build, check
 
-SIZE_PATTERN = re.compile(r"^(tiny|S|B|L|XL|custom)/(\d+)$")
-
-# name -> (depth, width, heads); head dim 64 for the paper sizes (ARFLOW.md). Read by model/sizes.py.
+# name -> (depth, width, heads); head dim 64 for the paper sizes (docs/arflow.md §2.6).
 SIZE_TABLE: dict[str, tuple[int, int, int]] = {
     "tiny": (2, 64, 2),
     "S": (12, 384, 6),
@@ -17,10 +18,13 @@ SIZE_TABLE: dict[str, tuple[int, int, int]] = {
     "L": (24, 1024, 16),
     "XL": (28, 1152, 18),
 }
+SIZE_PATTERN = re.compile(rf"^({'|'.join(SIZE_TABLE)}|custom)/(\d+)$")
+PATCH_SIZES = (1, 2, 4, 8)
 
 
 @dataclass
 class ModelConfig:
+    family: Literal["arflow"] = "arflow"  # the model family (arflow_scale.tasks) that trains on this section
     size: str = "tiny/2"  # registry name and patch size, like DiT: S/2, B/4, XL/2, tiny/2, custom/2
     depth: Optional[int] = None  # overrides of the registry entry (scaled variants)
     width: Optional[int] = None
@@ -44,8 +48,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         check(bool(SIZE_PATTERN.match(self.size)), "size",
-              f"{self.size!r} is not NAME/PATCH with NAME in tiny, S, B, L, XL, custom (e.g. 'XL/2')")
-        check(self.patch_size in (1, 2, 4, 8), "size", f"patch size {self.patch_size} not in 1, 2, 4, 8")
+              f"{self.size!r} is not NAME/PATCH with NAME in {', '.join(SIZE_TABLE)}, custom (e.g. 'XL/2')")
+        check(self.patch_size in PATCH_SIZES, "size",
+              f"patch size {self.patch_size} not in {', '.join(map(str, PATCH_SIZES))}")
         if self.size_name == "custom":
             for key in ("depth", "width", "heads"):
                 check(getattr(self, key) is not None, key, "required when size is custom/P")
@@ -78,3 +83,9 @@ class ModelConfig:
         """0 = no activation checkpointing, 1 = every block, n = every n-th block."""
         ac = self.activation_checkpointing
         return 0 if ac == "none" else 1 if ac == "all" else int(ac.split(":")[1])
+
+
+def model_config(size: str | ModelConfig, **overrides) -> ModelConfig:
+    """A validated ModelConfig from a size name like `XL/2` or a config, plus field overrides."""
+    data = {**dataclasses.asdict(size), **overrides} if isinstance(size, ModelConfig) else {"size": size, **overrides}
+    return build(ModelConfig, data)

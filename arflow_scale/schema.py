@@ -1,4 +1,4 @@
-"""Typed, validated configuration: dataclasses built from dicts, dotted overrides, flattening.
+"""Typed, validated configuration machinery: dataclasses built from dicts, dotted overrides, masking, YAML.
 
 Every section is a dataclass whose field defaults are the single source of truth. `build` turns a
 plain dict (from YAML) into a section, checking every key and type; an error names the dotted key.

@@ -1,0 +1,93 @@
+"""The typed record of a checkpoint (`meta.json`): written and read by this module only.
+
+Version 1 (no `version` key) is what checkpoints held before the record was typed: step, world_size,
+zero_stage, last_loss, ema_partitioned, mlflow_run_id, tracking_uri. Version 2 adds `version`,
+`ema_layout` (instead of the flag) and `model_family`. A record of a newer version than this code
+knows is refused with a message naming the file, never half-read.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+RECORD_VERSION = 2
+EMA_LAYOUTS = ("full", "fragments", "zero3")
+EmaLayout = Literal["full", "fragments", "zero3"]
+
+
+class CheckpointVersionError(ValueError):
+    """A checkpoint written by a newer version of arflow_scale than the one reading it."""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What a checkpoint is: its step, the run that wrote it and how its state is partitioned."""
+
+    step: int
+    world_size: int
+    zero_stage: int = 0
+    ema_layout: EmaLayout = "full"  # full: rank 0 holds it; fragments (ZeRO 1-2) / zero3: every rank a piece
+    last_loss: Optional[float] = None  # mean training loss over ranks at `step` (None before any step)
+    mlflow_run_id: Optional[str] = None
+    tracking_uri: Optional[str] = None  # the MLflow store the run logs to (passwords masked)
+    model_family: str = "arflow"
+    version: int = RECORD_VERSION
+
+    @property
+    def ema_partitioned(self) -> bool:
+        """Whether every rank saved its own piece of the EMA (else rank 0 saved all of it)."""
+        return self.ema_layout != "full"
+
+    def to_json(self) -> str:
+        """The record as meta.json text (a non-finite loss is written as null: strict JSON)."""
+        data = dataclasses.asdict(self)
+        if data["last_loss"] is not None and not math.isfinite(data["last_loss"]):
+            data["last_loss"] = None
+        return json.dumps(data, indent=1, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "meta.json") -> "CheckpointRecord":
+        """Parse meta.json text of version 1 or 2; `where` names the file in errors."""
+        try:
+            data = json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{where}: not valid JSON ({err})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        version = data.get("version", 1)
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise CheckpointVersionError(
+                f"{where}: checkpoint record version {version!r} was written by a newer arflow_scale "
+                f"(this one reads versions up to {RECORD_VERSION}); upgrade to read it")
+        return cls._from_v1(data, where) if version == 1 else cls._from_v2(data, where)
+
+    @classmethod
+    def _from_v1(cls, data: dict[str, Any], where: str) -> "CheckpointRecord":
+        zero_stage = int(data.get("zero_stage", 0))
+        partitioned = bool(data.get("ema_partitioned", False))
+        layout = "full" if not partitioned else "zero3" if zero_stage == 3 else "fragments"
+        return cls._checked(where, step=data.get("step"), world_size=data.get("world_size"), zero_stage=zero_stage,
+                            ema_layout=layout, last_loss=data.get("last_loss"),
+                            mlflow_run_id=data.get("mlflow_run_id"), tracking_uri=data.get("tracking_uri"))
+
+    @classmethod
+    def _from_v2(cls, data: dict[str, Any], where: str) -> "CheckpointRecord":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} in a version-{RECORD_VERSION} checkpoint record")
+        return cls._checked(where, **{k: v for k, v in data.items() if k != "version"})
+
+    @classmethod
+    def _checked(cls, where: str, **fields: Any) -> "CheckpointRecord":
+        for key in ("step", "world_size"):
+            if not isinstance(fields.get(key), int) or fields[key] < (0 if key == "step" else 1):
+                raise ValueError(f"{where}: {key} = {fields.get(key)!r} is not a valid {key}")
+        if fields.get("ema_layout", "full") not in EMA_LAYOUTS:
+            raise ValueError(f"{where}: ema_layout {fields['ema_layout']!r} is not one of {EMA_LAYOUTS}")
+        loss = fields.get("last_loss")
+        fields["last_loss"] = None if loss is None or not math.isfinite(float(loss)) else float(loss)
+        return cls(**fields)

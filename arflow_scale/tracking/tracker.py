@@ -1,0 +1,35 @@
+"""Rank 0's handle on its MLflow run: metrics, images, system metrics. The other ranks hold an inactive one."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import mlflow
+import numpy as np
+
+# MLflow's system-metrics monitor announces itself at INFO on every start; keep the console clean.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+
+
+class Tracker:
+    """Logs to one MLflow run; a no-op when `tracking_uri` or `run_id` is None (tracking off, rank > 0)."""
+
+    def __init__(self, tracking_uri: Optional[str], run_id: Optional[str], system_metrics: bool = True):
+        self.active = bool(tracking_uri and run_id)
+        if self.active:
+            mlflow.set_tracking_uri(tracking_uri)
+            mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.active:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        """image: uint8 array (H, W, C)."""
+        if self.active:
+            mlflow.log_image(image, artifact_file=artifact_file)
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.active:
+            mlflow.end_run(status=status)
+            self.active = False

@@ -1,0 +1,133 @@
+"""What a user watching `arflow train` sees: one clean line per log interval (or a progress bar on a
+terminal), and one line per checkpoint, resume, warning and FID result. Workers push typed events to a
+small Ray actor; the driver drains it and prints. Ray's own worker output stays off unless `-v`.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Optional, TextIO, Union
+
+import ray
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Rank 0's numbers at a log interval."""
+
+    step: int
+    total: int
+    loss: float
+    loss_name: str
+    lr: float
+    images_per_s: float
+    data_wait_fraction: float
+    eta_seconds: float
+    mfu: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """One line worth a user's attention: a checkpoint, a resume, a warning of some rank, a FID result."""
+
+    text: str
+
+
+Event = Union[StepProgress, Notice]
+
+
+@ray.remote(num_cpus=0)
+class ConsoleSink:
+    """Collects the workers' events until the driver drains them."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def push(self, event: Event) -> None:
+        self.events.append(event)
+
+    def drain(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def progress_line(p: StepProgress) -> str:
+    """`step 120/1200  loss 0.4123  lr 2.00e-03  1234 img/s  data 3%  eta 1m20s` (+ mfu when measured)."""
+    parts = [f"step {p.step}/{p.total}", f"{p.loss_name} {p.loss:.4f}", f"lr {p.lr:.2e}",
+             f"{p.images_per_s:.0f} img/s", f"data {p.data_wait_fraction:.0%}"]
+    if p.mfu is not None:
+        parts.append(f"mfu {p.mfu:.1%}")
+    parts.append(f"eta {format_seconds(p.eta_seconds)}")
+    return "  ".join(parts)
+
+
+class Console:
+    """Driver side: prints drained events to `stream` (stderr: stdout's last line is the run's JSON)."""
+
+    def __init__(self, stream: TextIO = sys.stderr, bar: Optional[bool] = None):
+        self.stream = stream
+        self.sink = ConsoleSink.remote()
+        use_bar = stream.isatty() if bar is None else bar
+        self.bar: Optional[tqdm] = tqdm(file=stream, unit="step", dynamic_ncols=True) if use_bar else None
+
+    def show(self, event: Event) -> None:
+        if isinstance(event, Notice):
+            self.write(event.text)
+        elif self.bar is not None:
+            self.bar.total = event.total
+            self.bar.n = event.step
+            self.bar.set_postfix_str(progress_line(event).split("  ", 1)[1], refresh=True)
+        else:
+            self.write(progress_line(event))
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def drain(self) -> None:
+        """Print everything the workers pushed since the last call."""
+        for event in ray.get(self.sink.drain.remote()):
+            self.show(event)
+
+    def close(self) -> None:
+        self.drain()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class SinkHandler(logging.Handler):
+    """Forwards a worker's warnings (our loggers and `warnings.warn`) to the driver's console."""
+
+    def __init__(self, sink, rank: int):
+        super().__init__(level=logging.WARNING)
+        self.sink, self.rank = sink, rank
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage().strip().splitlines()[-1 if record.name == "py.warnings" else 0]
+            self.sink.push.remote(Notice(f"rank {self.rank}: {message}"))
+        except Exception:  # noqa: BLE001 - the console must never break training
+            self.handleError(record)
+
+
+def forward_worker_warnings(sink, rank: int) -> None:
+    """Route this worker's WARNING+ records of arflow_scale and its Python warnings to the console sink."""
+    if sink is None:
+        return
+    handler = SinkHandler(sink, rank)
+    logging.captureWarnings(True)
+    for name in ("arflow_scale", "py.warnings"):
+        logging.getLogger(name).addHandler(handler)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecations are not the user's
+    warnings.filterwarnings("default", category=RuntimeWarning, module=r"arflow_scale\..*")

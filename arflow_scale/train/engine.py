@@ -1,0 +1,101 @@
+"""The DeepSpeed engine of one rank: ZeRO 0-3, AdamW param groups, the lr schedule, clipping; and reading
+its fp32 master weights back (hashes, the EMA's source)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from arflow_scale.config import Config
+
+from .deepspeed_config import build_deepspeed_config, install_value_clipping, param_groups
+from .schedule import make_scheduler
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine with what our loop adds around it."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    grad_norm_probe: Optional["GradNormProbe"]  # ZeRO-0 only: DeepSpeed reports the norm at stages 1-3
+    bf16: bool
+
+    def grad_norm(self) -> float:
+        value = self.grad_norm_probe.value if self.grad_norm_probe is not None else self.engine.get_global_grad_norm()
+        return float(value if value is not None else "nan")
+
+
+def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: str, precision: str) -> Engine:
+    """deepspeed.initialize over `model` with our config, param groups, schedule and clipping."""
+    import deepspeed  # after the worker chose its accelerator (DS_ACCELERATOR); a 4 s import
+
+    ds_config = build_deepspeed_config(cfg, world_size, device_type)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=partial(make_scheduler, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
+    probe = GradNormProbe(engine.basic_optimizer) if cfg.train.zero_stage == 0 else None
+    if cfg.optim.clip == "value":
+        install_value_clipping(engine.basic_optimizer, cfg.optim.clip_value)
+    return Engine(engine=engine, grad_norm_probe=probe, bf16=precision == "bf16")
+
+
+def wrapper_masters(optimizer) -> dict[int, torch.Tensor]:
+    """{id(param): fp32 master} from DeepSpeed's mixed-precision wrapper without ZeRO (bf16 at stage
+    0 with our torch AdamW: FP16_UnfusedOptimizer, one fp32 copy per parameter in `fp32_groups`,
+    in param-group order); {} for any other optimizer."""
+    groups, copies = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if groups is None or copies is None:
+        return {}
+    return {id(p): c for params, masters in zip(groups, copies) for p, c in zip(params, masters)}
+
+
+def full_fp32_params(engine, bf16: bool) -> dict[str, torch.Tensor]:
+    """The full fp32 weights on every rank (a collective under ZeRO): gathered under ZeRO-3, master
+    weights when training in bf16 (ZeRO 1-3 through DeepSpeed's accessor, ZeRO-0 from its
+    mixed-precision wrapper), the module's own parameters otherwise."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = dict(engine.module.named_parameters())
+    if bf16:
+        out, flat = {}, None
+        for name, param in params.items():
+            master = safe_get_full_fp32_param(param)
+            if master is None:  # no ZeRO: the wrapper optimizer holds the masters
+                flat = flat if flat is not None else wrapper_masters(engine.optimizer)
+                master = flat.get(id(param))
+            if master is None:
+                raise RuntimeError(f"no fp32 master weight for {name} in {type(engine.optimizer).__name__} "
+                                   f"(ZeRO stage {engine.zero_optimization_stage()}, bf16)")
+            out[name] = master.detach().float().cpu().clone()
+        return out
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(params.values())):
+            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+
+
+class GradNormProbe:
+    """Pre-clipping gradient norm for ZeRO stage 0 (ZeRO 1-3 report it through DeepSpeed)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.value = float("nan")
+        self.armed = True  # measured only on steps that log it: the norm is a host sync
+        optimizer.register_step_pre_hook(self._hook)
+
+    def _hook(self, optimizer, args, kwargs) -> None:
+        if not self.armed:
+            return
+        grads = [p.grad.float() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.value = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    """The mean of a scalar over all ranks (a collective)."""
+    value = value.detach().float().reshape(1).cpu().clone()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
