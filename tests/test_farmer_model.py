@@ -231,7 +231,7 @@ def test_resampling_guidance_targets_the_tilted_density():
     assert abs(toward_uncond.mean().item()) < 0.06  # scale 0 -> the unconditional N(0, 1)
 
 
-# ---------------------------------------------------------------- the prior (§3, §4, §6)
+# ---------------------------------------------------------------- the prior (§3, §4, §7)
 
 def test_kv_cache_steps_equal_the_full_causal_pass():
     net = randomized(Transformer(16, 2, 2, 32, causal=True).double(), std=0.2)
@@ -376,7 +376,7 @@ def test_bf16_autocast_loss_is_finite_and_close():
     assert abs(low.item() - ref.item()) < 0.05 * abs(ref.item())
 
 
-# ---------------------------------------------------------------- training on digits, sampling, distillation
+# ---------------------------------------------------------------- training on digits, sampling, distillation (§6-§8)
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn digits (8x8, 17 levels) as our shards hold them: uint8, then v / 127.5 - 1."""
