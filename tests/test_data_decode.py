@@ -16,7 +16,7 @@ from test_data_stream import id_source
 SHAPE = (2, 3, 5)  # (C, H, W) of the test latents: no two axes alike
 
 
-def latents(images: np.ndarray) -> np.ndarray:
+def latents(images: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """'Encoder': uint8 (N, 4, 4, 1) id images -> float32 (N, 2, 3, 5), distinct per image."""
     ids = images[:, 1, 0, 0].astype(np.float32)
     return ids[:, None, None, None] + np.linspace(0, 1, 30, dtype=np.float32).reshape(SHAPE)

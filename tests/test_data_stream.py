@@ -212,7 +212,7 @@ def test_latents_from_encoder(tmp_path):
     """An encoder's latents are stored as .npy and come back as the stored tensor."""
     url = str(tmp_path / "latents")
 
-    def encoder(images: np.ndarray) -> np.ndarray:  # uint8 (N, 4, 4, 1) -> float32 (N, 2, 2, 2)
+    def encoder(images: np.ndarray, indices: np.ndarray) -> np.ndarray:  # uint8 (N, 4, 4, 1) -> float32 (N, 2, 2, 2)
         x = images[..., 0].astype(np.float32)
         return np.stack([x[:, 1::2, ::2], x[:, ::2, 1::2] / 255.0], axis=1)
 

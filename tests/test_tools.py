@@ -35,10 +35,22 @@ def test_prepare_imagenet_writes_class_grouped_shards(tmp_path):
     assert all(s["count"] in (1, 2) for s in manifest["shards"])
 
 
-def test_prepare_imagenet_rejects_a_malformed_encoder(tmp_path):
-    proc = run_tool("prepare_imagenet.py", "--root", str(tmp_path), "--out", str(tmp_path / "o"),
-                    "--encoder", "no_colon_here")
-    assert proc.returncode != 0 and "package.module:callable" in proc.stderr
+def test_prepare_imagenet_encodes_with_a_vae_and_flip_copies(tmp_path):
+    """--vae with --flip-copy: latents of each image and of its mirror image, the VAE in the manifest."""
+    from test_vae import save_tiny_vae
+
+    for cls in ("n01", "n02"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((20, 24, 3), 60 * i + 10, np.uint8)).save(tmp_path / "train" / cls / f"{i}.JPEG")
+    vae = save_tiny_vae(tmp_path / "vae")
+    out = tmp_path / "latents"
+    proc = run_tool("prepare_imagenet.py", "--root", str(tmp_path / "train"), "--out", str(out), "--image-size", "16",
+                    "--min-shards-per-class", "1", "--workers", "1", "--vae", str(vae), "--flip-copy")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sample_shape"] == [2, 4, 4, 4] and manifest["latents"]["flip_copy"] is True
+    assert manifest["latents"]["vae"]["source"] == str(vae.resolve()) and manifest["latents"]["latent_shape"] == [4, 4, 4]
 
 
 def test_scaling_report_fits_a_csv(tmp_path):

@@ -82,16 +82,16 @@ def rgb_source(name: str, size: int):
     return ArraySource(np.repeat(images, 3, axis=-1), src.labels, src.class_names, name=name)
 
 
-def chw_pixels(images):
-    """Identity 'encoder' for --format npy: uint8 (N, H, W, C) -> uint8 (N, C, H, W)."""
+def chw_pixels(images, indices=None):
+    """Identity 'encoder' for --format npy: uint8 (N, H, W, C) -> uint8 (N, C, H, W); indices unused."""
     from einops import rearrange
 
     return rearrange(images, "n h w c -> n c h w")
 
 
-def latent_like(images):
+def latent_like(images, indices=None):
     """'Encoder' for --format latent: uint8 (N, S, S, 3) -> float32 (N, 4, S, S), a fixed 3 -> 4 channel
-    mix standardized to unit variance: the dtype, shape and bytes of SD-VAE latents (not a VAE)."""
+    mix standardized to unit variance: the dtype, shape and bytes of SD-VAE latents (not a VAE); indices unused."""
     import numpy as np
     from einops import einsum
 

@@ -239,25 +239,33 @@ class ConsumerStream:
             labels.append(cls)
             touched.add(cls)
         flips = rng.random((len(sequences), spec.k)) < 0.5 if spec.data.flip else None
-        images = torch.from_numpy(assemble_batch(sequences, flips, self.manifest.sample_ext == "png"))
+        flip_copies = self.manifest.latents is not None and self.manifest.latents.flip_copy
+        images = torch.from_numpy(assemble_batch(sequences, flips, self.manifest.sample_ext == "png", flip_copies))
         self.batch += 1
         delta = {"batch": self.batch, "classes": {str(c): self.readers[c].state() for c in sorted(touched)},
                  "bad": sorted(self.bad), "dead": sorted(self.dead)}
         return images, torch.from_numpy(np.asarray(labels, dtype=np.int64)), delta
 
 
-def assemble_batch(sequences: list[list[np.ndarray]], flips: np.ndarray | None, pixels: bool) -> np.ndarray:
+def assemble_batch(sequences: list[list[np.ndarray]], flips: np.ndarray | None, pixels: bool,
+                   flip_copies: bool = False) -> np.ndarray:
     """B sequences of K samples -> one array (B, K, ...), sample (b, k) mirrored where flips[b, k].
 
     pixels: uint8 (H, W, C) images -> float32 (B, K, C, H, W) in [-1, 1] (x / 127.5 - 1, in numpy:
     no intra-op threads in the loader); else stored latents (C, H, W) as they are, mirrored along W.
+    flip_copies: each stored sample is (2, C, H, W), its latents and its mirror image's latents; the
+    second is taken where flips[b, k], the first elsewhere (never a mirrored latent).
     Each sample is copied once into its slot, mirrored on the way, by one concatenate: (C, H, W)
     or (H, W, C) samples joined along their first axis are the (B, K, ...) batch's memory.
     """
     first = sequences[0][0]
     width_axis = 1 if pixels else first.ndim - 1
     mirror = (slice(None),) * width_axis + (slice(None, None, -1),)
-    if flips is None:
+    if flip_copies:
+        chosen = np.zeros((len(sequences), len(sequences[0])), bool) if flips is None else flips
+        samples = [sample[int(flip)] for seq, seq_flips in zip(sequences, chosen.tolist())
+                   for sample, flip in zip(seq, seq_flips)]
+    elif flips is None:
         samples = [sample for seq in sequences for sample in seq]
     else:
         samples = [sample[mirror] if flip else sample

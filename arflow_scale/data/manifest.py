@@ -4,7 +4,8 @@ A folder is a dataset only once its manifest exists (the writer writes it last).
 samples of ONE class; the manifest records its relative path, class, sample count, bytes, sha256
 and CRC-32. The stream checks the CRC-32 of every shard it reads (`checksum_mismatch`): it guards
 against corruption as well as sha256 does at a third of the cost; `arflow data inspect --verify`
-checks both.
+checks both. A latent folder encoded by our VAE path also records how (`LatentEncoding`: the VAE's
+identity, image size, latent shape, flip copies); manifests without it still read (`latents` None).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from arflow_scale.model.vae_identity import VaeIdentity
 from .storage import join_url, read_bytes
 
 FORMAT_VERSION = 1
@@ -31,16 +33,56 @@ class ShardInfo:
     crc32: int | None = None  # zlib CRC-32 of the shard; None in manifests written before it was recorded
 
 
+@dataclass(frozen=True)
+class LatentEncoding:
+    """How a latent folder was encoded: by which VAE, from which image size, into which shape."""
+    vae: VaeIdentity
+    image_size: int  # images were resized (ADM center crop) to this side before encoding
+    latent_shape: tuple[int, int, int]  # (c, h, w) of one image's latents, scale factor applied
+    flip_copy: bool = False  # each stored sample is (2, c, h, w): the image's latents, then its mirror image's
+    sample_seed: int | None = None  # vae.encode_mode "sample": the seed of the per-image posterior draws
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """Shape of one stored .npy sample."""
+        return (2, *self.latent_shape) if self.flip_copy else tuple(self.latent_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"vae": self.vae.to_dict(), "image_size": self.image_size, "latent_shape": list(self.latent_shape),
+                "flip_copy": self.flip_copy, "sample_seed": self.sample_seed}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> "LatentEncoding":
+        """Validate and build; errors name `where` (the manifest) and the bad key."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: key 'latents' has bad value {data!r}")
+        for key, kind in (("vae", dict), ("image_size", int), ("latent_shape", list), ("flip_copy", bool)):
+            if key not in data:
+                raise ValueError(f"{where}: missing key 'latents.{key}'")
+            if not isinstance(data[key], kind) or (kind is int and isinstance(data[key], bool)):
+                raise ValueError(f"{where}: key 'latents.{key}' has bad value {data[key]!r}")
+        shape = data["latent_shape"]
+        if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise ValueError(f"{where}: key 'latents.latent_shape' has bad value {shape!r} (expected [c, h, w])")
+        seed = data.get("sample_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{where}: key 'latents.sample_seed' has bad value {seed!r}")
+        return cls(vae=VaeIdentity.from_dict(data["vae"], where=f"{where}: latents.vae"),
+                   image_size=data["image_size"], latent_shape=tuple(shape), flip_copy=data["flip_copy"],
+                   sample_seed=seed)
+
+
 @dataclass
 class Manifest:
     class_names: list[str]
-    sample_shape: tuple[int, ...]  # (C, H, W) for images; the encoder's output shape for latents
+    sample_shape: tuple[int, ...]  # stored: (C, H, W) for images; the encoder's output shape for latents
     dtype: str  # stored dtype: "uint8" for png images, e.g. "float32" for npy latents
     sample_ext: str  # "png" or "npy"
     shards: list[ShardInfo]
     format_version: int = FORMAT_VERSION
     source: dict[str, Any] = field(default_factory=dict)
     url: str = ""  # folder URL this manifest was read from (not stored)
+    latents: LatentEncoding | None = None  # how the latents were encoded; None for images and other encoders
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +91,11 @@ class Manifest:
     @property
     def num_samples(self) -> int:
         return sum(s.count for s in self.shards)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image a stream yields (with flip copies: one of a stored sample's two)."""
+        return tuple(self.latents.latent_shape) if self.latents else tuple(self.sample_shape)
 
     @property
     def total_bytes(self) -> int:
@@ -68,6 +115,7 @@ class Manifest:
         out = asdict(self)
         out.pop("url")
         out["sample_shape"] = list(self.sample_shape)
+        out["latents"] = self.latents.to_dict() if self.latents else None
         return out
 
     def to_json(self) -> str:
@@ -112,9 +160,13 @@ class Manifest:
                 raise ValueError(f"{where}: shards[{i}].cls = {shard.cls} is not a class id "
                                  f"(0..{len(names) - 1})")
             shards.append(shard)
+        latents = None if data.get("latents") is None else LatentEncoding.from_dict(data["latents"], where)
+        if latents is not None and (ext != "npy" or latents.stored_shape != shape):
+            raise ValueError(f"{where}: key 'latents' describes npy samples of shape {list(latents.stored_shape)}, "
+                             f"the manifest has {ext} samples of shape {list(shape)}")
         return cls(class_names=names, sample_shape=shape, dtype=need("dtype", str), sample_ext=ext,
                    shards=shards, format_version=version, source=dict(data.get("source") or {}),
-                   url=url)
+                   url=url, latents=latents)
 
 
 def split_manifest_url(url: str) -> tuple[str, str]:

@@ -8,6 +8,9 @@ disjoint samples, and each shard is read by about C / n consumers instead of all
 consumer sees every class; a class whose share for a consumer is below K samples is left out of
 that consumer's class choice, with a warning.
 
+Flips. A flip mirrors an image (or a stored latent along W); for latents written with flip copies
+(manifest `latents.flip_copy`) it takes the stored latents of the mirror image instead.
+
 Determinism. Each class of a consumer is read epoch by epoch (its units in an order drawn from
 (seed, rank, world, W, worker, class, epoch)) into an in-class shuffle buffer of sample ids; batch j
 of a worker draws classes, buffer positions and flips from a generator seeded with

@@ -1,9 +1,10 @@
 """Write class-grouped WebDataset shards (one class per shard) plus manifest.json, to any fsspec URL.
 
 Layout: `<out>/shards/c<class:04d>-<n:05d>.tar`, each sample `<key>.png` (or `.npy` with an
-encoder) and `<key>.cls`; `<out>/manifest.json` is written LAST, so a folder with a manifest is
-complete. Shards stream through webdataset.TarWriter straight into fsspec file objects while a
-wrapper counts bytes and computes sha256 and CRC-32.
+encoder, e.g. `latents.VaeShardEncoder`) and `<key>.cls`, key `<class:04d>_<source index:08d>`;
+`<out>/manifest.json` is written LAST, so a folder with a manifest is complete. Shards stream
+through webdataset.TarWriter straight into fsspec file objects while a wrapper counts bytes and
+computes sha256 and CRC-32.
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .manifest import MANIFEST_NAME, Manifest, ShardInfo
+from .manifest import MANIFEST_NAME, LatentEncoding, Manifest, ShardInfo
 from .sources import load_source
 from .storage import filesystem, join_url, list_files, with_retries, write_bytes
 
 log = logging.getLogger(__name__)
-Encoder = Callable[[np.ndarray], Any]  # uint8 (N, H, W, C) -> array-like (N, ...) latents
+# (uint8 images (N, H, W, C), their source indices (N,)) -> array-like (N, ...) latents
+Encoder = Callable[[np.ndarray, np.ndarray], Any]
 
 
 class _HashingWriter:
@@ -104,10 +106,13 @@ def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | 
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
                  overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
-                 progress: bool = True, retries: int = 5, retry_backoff: float = 0.5) -> dict:
+                 latents: LatentEncoding | None = None, progress: bool = True, retries: int = 5,
+                 retry_backoff: float = 0.5) -> dict:
     """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
 
-    With `encoder`, each shard's images uint8 (N, H, W, C) are encoded to latents stored as .npy.
+    With `encoder`, each shard's images uint8 (N, H, W, C) and source indices are encoded to latents
+    stored as .npy; `latents` (the encoder's `encoding`) is recorded in the manifest, and every
+    encoded sample must have its stored shape.
     `min_shards_per_class`: at least this many shards per class (see `_shard_plan`); set it to the
     loader workers of the runs that will read the data (ranks x data.num_workers), so that none of
     them reads whole shards to keep a share of their samples.
@@ -118,6 +123,8 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
         raise ValueError(f"min_shards_per_class must be >= 1, got {min_shards_per_class}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if latents is not None and encoder is None:
+        raise ValueError("a latent encoding to record needs the encoder that makes it")
     src = load_source(source, path=path, image_size=image_size) if isinstance(source, str) else source
     labels = np.asarray(src.labels, dtype=np.int64)
     class_names = list(src.class_names)
@@ -132,9 +139,12 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     def write_one(cls: int, number: int, indices: np.ndarray) -> tuple[ShardInfo, tuple, str]:
         images = [src.image(int(i)) for i in indices]
         if encoder is not None:
-            encoded = _to_numpy(encoder(np.stack(images)))
+            encoded = _to_numpy(encoder(np.stack(images), indices))
             if len(encoded) != len(images):
                 raise ValueError(f"encoder returned {len(encoded)} latents for {len(images)} images")
+            if latents is not None and tuple(encoded.shape[1:]) != latents.stored_shape:
+                raise ValueError(f"class {cls}: encoder returned latents of shape {tuple(encoded.shape[1:])}, "
+                                 f"its encoding says {latents.stored_shape}")
             payloads, shape, dtype = [encode_npy(e) for e in encoded], tuple(encoded.shape[1:]), str(encoded.dtype)
         else:
             payloads = [encode_png(im) for im in images]
@@ -177,7 +187,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                                 "image_size": image_size, "samples_per_shard": samples_per_shard,
                                 "min_shards_per_class": min_shards_per_class,
                                 "encoded": encoder is not None},
-                        url=out_url)
+                        url=out_url, latents=latents)
     write_bytes(join_url(out_url, MANIFEST_NAME), manifest.to_json().encode(), storage_options,
                 retries=retries, backoff=retry_backoff)
     log.info("wrote %d shards (%d samples, %d classes) to %s", len(manifest.shards),

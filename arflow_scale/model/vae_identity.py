@@ -1,0 +1,74 @@
+"""VaeIdentity: which VAE made (or must decode) a set of latents, as a small record to store and compare.
+
+Standard library only, so a shard manifest, a checkpoint or an export can carry it without importing
+torch or diffusers; `arflow_scale.model.vae.LatentVAE.identity()` builds it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+ENCODE_MODES = ("mean", "sample")
+# Fields that name where the weights came from or how images were encoded, not what decodes latents.
+NOT_FOR_DECODING = ("source", "encode_mode")
+
+
+@dataclass(frozen=True)
+class VaeIdentity:
+    """A VAE and the latent convention around it: latents = (posterior z - shift_factor) * scale_factor."""
+    source: str  # hub id or local folder it was loaded from (informational: copies of it compare equal)
+    config_sha256: str  # sha256 of the config keys the VAE's config.json sets (not diffusers' defaults)
+    weights_sha256: str  # sha256 of its state dict as loaded (names, dtypes, shapes, bytes)
+    scale_factor: float  # latents are multiplied by this once on the way in, divided once on the way out
+    shift_factor: float  # subtracted before scaling, added back after unscaling (0.0 for SD's VAEs)
+    latent_channels: int
+    downsample: int  # pixels per latent along each side (8 for SD's VAEs)
+    image_channels: int  # channels of the images it encodes and decodes (3 = RGB)
+    encode_mode: str  # "mean": posterior mean; "sample": one posterior draw per image
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "VAE identity") -> "VaeIdentity":
+        """Validate and build; an error names `where` and the bad key or value."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{where}: expected an object with keys {[f.name for f in fields(cls)]}, got {data!r}")
+        kinds = {"source": str, "config_sha256": str, "weights_sha256": str, "scale_factor": (int, float),
+                 "shift_factor": (int, float), "latent_channels": int, "downsample": int, "image_channels": int,
+                 "encode_mode": str}
+        values = {}
+        for name, kind in kinds.items():
+            if name not in data:
+                raise ValueError(f"{where}: missing key {name!r}")
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"{where}: key {name!r} has bad value {value!r}")
+            values[name] = float(value) if kind == (int, float) else value
+        if not (math.isfinite(values["scale_factor"]) and values["scale_factor"] > 0):
+            raise ValueError(f"{where}: key 'scale_factor' has bad value {values['scale_factor']!r} (must be > 0)")
+        if not math.isfinite(values["shift_factor"]):
+            raise ValueError(f"{where}: key 'shift_factor' has bad value {values['shift_factor']!r}")
+        for name in ("latent_channels", "downsample", "image_channels"):
+            if values[name] < 1:
+                raise ValueError(f"{where}: key {name!r} has bad value {values[name]!r} (must be >= 1)")
+        if values["encode_mode"] not in ENCODE_MODES:
+            raise ValueError(f"{where}: key 'encode_mode' has bad value {values['encode_mode']!r} "
+                             f"(expected one of {ENCODE_MODES})")
+        return cls(**values)
+
+    def differences(self, other: "VaeIdentity", ignore: tuple[str, ...] = ("source",)) -> list[str]:
+        """['field: mine != other's', ...] for every field outside `ignore` that differs ([] = same)."""
+        return [f"{f.name}: {getattr(self, f.name)!r} != {getattr(other, f.name)!r}"
+                for f in fields(self) if f.name not in ignore and getattr(self, f.name) != getattr(other, f.name)]
+
+    def require_same(self, other: "VaeIdentity", mine: str = "this VAE", theirs: str = "the expected VAE",
+                     ignore: tuple[str, ...] = ("source",)) -> None:
+        """Raise ValueError naming both sides and each differing field unless they match.
+
+        ignore=NOT_FOR_DECODING when only decoding matters (e.g. a checkpoint's latents and the VAE
+        that will turn its samples into pixels)."""
+        if diff := self.differences(other, ignore):
+            raise ValueError(f"VAE mismatch between {mine} ({self.source}) and {theirs} ({other.source}): "
+                             f"{'; '.join(diff)}")
