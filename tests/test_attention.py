@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from arflow_scale.model.attention import (chunk_attention, full_attention, hybrid_attention,
-                                          intra_attention)
+                                          inter_chunk_linear, intra_attention, intra_chunk_softmax)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,6 +145,31 @@ def test_bf16_autocast_accumulates_inter_part_in_fp32():
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert (out.float() - ref).abs().max() < 0.1
     assert (state - ref_state).abs().max() < 0.05
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+def test_single_chunk_fast_path_is_identical_to_the_general_path(dtype, autocast):
+    """One chunk, no state: outputs, state and gradients bit-equal to intra + inter (log_decay's grad = 0)."""
+    inputs = random_inputs(chunks=1, dtype=dtype)
+    upstream = torch.randn(inputs[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, state = fn(*leaves)
+        (out * upstream).sum().backward()
+        return out, state, [t.grad for t in leaves]
+
+    def general(q, k, v, g):
+        inter, state = inter_chunk_linear(q, k, v, g, 5)
+        return intra_chunk_softmax(q, k, v, 5) + inter, state
+
+    fast, fast_state, fast_grads = run(lambda q, k, v, g: hybrid_attention(q, k, v, g, 5))
+    ref, ref_state, ref_grads = run(general)
+    assert fast.dtype == ref.dtype and torch.equal(fast, ref) and torch.equal(fast_state, ref_state)
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.equal(a, b)
+    assert torch.equal(fast_grads[3], torch.zeros_like(inputs[3]))
 
 
 def test_bad_inputs_are_named():
