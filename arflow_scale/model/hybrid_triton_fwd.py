@@ -1,0 +1,146 @@
+"""Triton forward kernels of the hybrid chunked attention (ARFLOW.md, "The hybrid linear attention").
+
+Two launches: `state_scan_kernel` walks the chunks of one (b, h) and writes the fp32 states S_j seen
+by every chunk plus the within-chunk cumulative log-decay; `hybrid_fwd_kernel` then does, per
+(query block, chunk, b*h), the intra-chunk softmax flash-style and adds the inter-chunk read
+(q_p * exp(gcum_p)) @ S_j in the same pass. Layouts of the fp32 work buffers (all contiguous):
+states (B*H, chunks + 1, D, D) with slot j = S_j (the last slot is spare: backward reuses it),
+gcum (B*H, L), lse (B*H, L) in log2 units of the scaled scores.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32; the interpreter's bf16 dot is wrong, so it multiplies in fp32 there."""
+    if INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        out = tl.dot(a, b, input_precision=PRECISION)
+    return out
+
+
+@triton.jit
+def state_scan_kernel(k_ptr, v_ptr, g_ptr, state_in_ptr, states_ptr, final_ptr, gcum_ptr,
+                      stride_kb, stride_kh, stride_kl, stride_kd,
+                      stride_vb, stride_vh, stride_vl, stride_vd,
+                      stride_gb, stride_gh, stride_gl,
+                      H, L, C, NUM_CHUNKS, scale,
+                      D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr,
+                      HAS_STATE_IN: tl.constexpr, STORE_STATES: tl.constexpr,
+                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (B*H, D / BLOCK_DV): S <- S * exp(mean_chunk g) + scale * K_j^T V_j over the chunks.
+
+    Each program owns BLOCK_DV columns of the (D, D) state. With STORE_STATES it writes S_j before
+    every chunk and (column block 0 only) gcum; it always writes the final state.
+    """
+    bh = tl.program_id(0)
+    col_block = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rows_d = tl.arange(0, D)
+    cols = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    tile = rows_d[:, None] * D + cols[None, :]
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    g_base = g_ptr + b * stride_gb + h * stride_gh
+    if HAS_STATE_IN:
+        state = tl.load(state_in_ptr + bh * D * D + tile)
+    else:
+        state = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
+    for j in range(NUM_CHUNKS):
+        if STORE_STATES:
+            tl.store(states_ptr + (bh * (NUM_CHUNKS + 1) + j) * D * D + tile, state)
+        kv = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
+        g_total = 0.0
+        for start in range(0, C, BLOCK_C):
+            pos = start + tl.arange(0, BLOCK_C)
+            valid = pos < C
+            tok = j * C + pos
+            k_t = tl.load(k_base + tok[None, :] * stride_kl + rows_d[:, None] * stride_kd,
+                          mask=valid[None, :], other=0.0)  # (D, BLOCK_C)
+            v_blk = tl.load(v_base + tok[:, None] * stride_vl + cols[None, :] * stride_vd,
+                            mask=valid[:, None], other=0.0)  # (BLOCK_C, BLOCK_DV)
+            kv += mm(k_t, v_blk, INTERPRET, PRECISION)
+            g = tl.load(g_base + tok * stride_gl, mask=valid, other=0.0).to(tl.float32)
+            if STORE_STATES:
+                if col_block == 0:
+                    tl.store(gcum_ptr + bh * L + tok, tl.cumsum(g, 0) + g_total, mask=valid)
+            g_total += tl.sum(g, 0)
+        state = state * tl.exp(g_total / C) + kv * scale
+    tl.store(final_ptr + bh * D * D + tile, state)
+
+
+@triton.jit
+def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd, stride_vl, stride_vd,
+                        qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax of a (BLOCK_M, D) query block over the C keys of its chunk.
+
+    Returns the normalised output (BLOCK_M, D) fp32 and the row logsumexp in log2 units.
+    """
+    dims = tl.arange(0, D)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start in range(0, C, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        valid = pos < C
+        tok = chunk_start + pos
+        k_t = tl.load(k_base + tok[None, :] * stride_kl + dims[:, None] * stride_kd,
+                      mask=valid[None, :], other=0.0)  # (D, BLOCK_N)
+        scores = mm(q, k_t, INTERPRET, PRECISION) * qk_scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(p, 1)
+        v_blk = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd,
+                        mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        acc = acc * rescale[:, None] + mm(p.to(v_blk.dtype), v_blk, INTERPRET, PRECISION)
+        row_max = new_max
+    return acc / row_sum[:, None], row_max + tl.log2(row_sum)
+
+
+@triton.jit
+def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, intra_ptr, lse_ptr,
+                      stride_qb, stride_qh, stride_ql, stride_qd,
+                      stride_kb, stride_kh, stride_kl, stride_kd,
+                      stride_vb, stride_vh, stride_vl, stride_vd,
+                      H, L, C, NUM_CHUNKS, qk_scale,
+                      D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_INTER: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j.
+
+    Writes out and lse; with HAS_INTER also the intra part alone (backward's softmax needs it).
+    """
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dims = tl.arange(0, D)
+    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = pos < C
+    tok = chunk * C + pos
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
+                mask=valid[:, None], other=0.0)
+    intra, lse = intra_softmax_block(q, k_ptr + b * stride_kb + h * stride_kh,
+                                     v_ptr + b * stride_vb + h * stride_vh, chunk * C, C,
+                                     stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                                     D, BLOCK_M, BLOCK_N, INTERPRET, PRECISION)
+    row = bh * L + tok
+    out_offsets = row[:, None] * D + dims[None, :]
+    tl.store(lse_ptr + row, lse, mask=valid)
+    if HAS_INTER:
+        tl.store(intra_ptr + out_offsets, intra.to(intra_ptr.dtype.element_ty), mask=valid[:, None])
+        gcum = tl.load(gcum_ptr + row, mask=valid, other=0.0)
+        q_decayed = q.to(tl.float32) * tl.exp(gcum)[:, None]
+        state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
+        intra += mm(q_decayed, state, INTERPRET, PRECISION)
+    tl.store(out_ptr + out_offsets, intra.to(out_ptr.dtype.element_ty), mask=valid[:, None])
