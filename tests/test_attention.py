@@ -172,6 +172,34 @@ def test_single_chunk_fast_path_is_identical_to_the_general_path(dtype, autocast
     assert torch.equal(fast_grads[3], torch.zeros_like(inputs[3]))
 
 
+def test_full_attention_flex_forward_equals_reference():
+    from arflow_scale.model.attention_flex import full_attention_flex
+
+    q, k, v, _ = (t.float() for t in random_inputs(chunks=4, chunk=5, dim=16))
+    out, (keys, values) = full_attention_flex(q, k, v, 5)
+    ref, _ = full_attention(q, k, v, 5)
+    assert (out - ref).abs().max() < 1e-5 and keys is k and values is v
+    state = (k[:, :, :10], v[:, :, :10])
+    out, (keys, _) = full_attention_flex(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], 5, state)
+    assert torch.equal(out, full_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], 5, state)[0])
+    assert keys.shape == k.shape
+
+
+def test_full_attention_flex_gradients_equal_reference():
+    from arflow_scale.model.attention_flex import full_attention_flex
+
+    if not torch.cuda.is_available():
+        pytest.skip("flex_attention has no backward on CPU (torch 2.13); this check needs CUDA")
+    q, k, v, _ = (t.float().cuda() for t in random_inputs(chunks=4, chunk=5, dim=16))
+    grads = []
+    for fn in (full_attention_flex, full_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, 5)[0].square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-4
+
+
 def test_bad_inputs_are_named():
     q, k, v, g = random_inputs()
     with pytest.raises(ValueError, match="chunk_size=6"):
@@ -184,6 +212,8 @@ def test_bad_inputs_are_named():
         hybrid_attention(q, k[:, :1], v, g, chunk_size=5)
     with pytest.raises(ValueError, match="'sparse'"):
         chunk_attention("sparse", q, k, v, g, 5)
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        chunk_attention("hybrid", q, k, v, g, 5, backend="cuda")
 
 
 def test_peak_tracker_sees_temporaries():

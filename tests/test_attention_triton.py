@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from arflow_scale.model.attention import hybrid_attention, intra_chunk_softmax
+from arflow_scale.model.attention import chunk_attention, hybrid_attention, intra_chunk_softmax
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot run")
 
@@ -136,6 +136,14 @@ def test_chunk_by_chunk_with_state_equals_whole_sequence():
     assert relative_error(parts_state, whole_state.double()) < FP32_TOL
     for a, b in zip(parts_grads, whole_grads):
         assert relative_error(a, b.double()) < FP32_TOL
+
+
+def test_backend_switch_selects_the_kernels():
+    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=5)
+    fused, fused_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="triton")
+    ref, ref_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="torch")
+    assert relative_error(fused, ref.double()) < FP32_TOL
+    assert relative_error(fused_state, ref_state.double()) < FP32_TOL
 
 
 def test_bad_inputs_are_named(monkeypatch):

@@ -8,6 +8,9 @@ with the returned state gives the same output as the whole sequence fed at once.
   chunks through a (B, H, D, D) state. Cost O(L * chunk * D + L * D^2).
 - `full_attention`: block-causal softmax over the own and all earlier chunks (state = their k, v).
 - `intra_attention`: softmax over the own chunk only (state passes through unchanged; K=1 is SiT).
+
+`chunk_attention` dispatches on the mode and a backend: these functions are the "torch" reference;
+"triton" selects `attention_triton.hybrid_attention_triton` and `attention_flex.full_attention_flex`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 MODES = ("hybrid", "full", "intra")
+BACKENDS = ("torch", "triton")
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> int:
@@ -166,12 +170,27 @@ def intra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_siz
 
 
 def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None
-                    ) -> tuple[torch.Tensor, object]:
-    """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only."""
+                    log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None,
+                    backend: str = "torch") -> tuple[torch.Tensor, object]:
+    """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only.
+
+    backend in BACKENDS: "torch" (the plain-PyTorch reference, default) or "triton": the fused
+    kernels of `attention_triton` for hybrid, compiled block-masked flex_attention for full (CUDA);
+    intra is one SDPA call either way. Callers resolve "auto" (triton on CUDA, torch elsewhere).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
+        if backend == "triton":
+            from .attention_triton import hybrid_attention_triton
+
+            return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
+        if backend == "triton":
+            from .attention_flex import full_attention_flex
+
+            return full_attention_flex(q, k, v, chunk_size, state)
         return full_attention(q, k, v, chunk_size, state)
     if mode == "intra":
         return intra_attention(q, k, v, chunk_size, state)
