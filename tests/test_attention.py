@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -235,12 +236,48 @@ def test_attention_benchmark_prints_ratios(capsys):
     from arflow_scale.cli import main
 
     code = main(["bench", "attention", "--k", "1,3", "--tokens", "16", "--heads", "2", "--head-dim", "8",
-                 "--repeats", "1", "--device", "cpu"])
+                 "--repeats", "1", "--device", "cpu", "--variants", "intra,full,hybrid,hybrid_triton"])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
-    assert [row["k"] for row in result["results"]] == [1, 3]
-    for row in result["results"]:
-        assert row["hybrid_ms"] > 0 and row["full_ms"] > 0 and row["hybrid_peak_mib"] > 0
-        assert row["time_ratio"] == pytest.approx(row["full_ms"] / row["hybrid_ms"], rel=0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    per_variant = [line for line in lines if "variant" in line]
+    assert [(line["variant"], line["k"]) for line in per_variant] == [
+        (name, k) for k in (1, 3) for name in ("intra", "full", "hybrid")]
+    assert all(line["ms"] > 0 and line["peak_mib"] > 0 for line in per_variant)
+    summary = lines[-1]
+    assert any(why in summary["skipped"]["hybrid_triton"] for why in ("head_dim 8", "not installed"))
+    assert [row["k"] for row in summary["results"]] == [1, 3]
+    for row in summary["results"]:
+        assert row["time_ratios"]["hybrid/intra"] == pytest.approx(row["hybrid_ms"] / row["intra_ms"], rel=0.05)
+        assert row["memory_ratios"]["full/hybrid"] == pytest.approx(
+            row["full_peak_mib"] / row["hybrid_peak_mib"], rel=0.05)
     assert main(["bench", "attention", "--k", "0"]) == 2
+    assert main(["bench", "attention", "--variants", "hybrid,sparse"]) == 2
+
+
+def test_attention_benchmark_smoke_runs_every_variant_without_cluster_packages():
+    """The form tools run on bare GPU machines: no Ray, MLflow or webdataset gets imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import argparse, sys\n"
+        "from arflow_scale.bench import attention\n"
+        "parser = argparse.ArgumentParser(); attention.add_arguments(parser)\n"
+        "attention.run(parser.parse_args(['--smoke', '--device', 'cpu']))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'webdataset'}))\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *lines, imported = proc.stdout.strip().splitlines()
+    assert imported == "[]"
+    summary = json.loads(lines[-1])
+    expected = ["intra", "full", "hybrid"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        expected.append("hybrid_triton")
+    assert summary["variants"] == expected and "full_flex" in summary["skipped"]
+    for row in summary["results"]:
+        assert all(row[f"{name}_ms"] > 0 for name in expected)
+        assert "hybrid/intra" in row["time_ratios"]
