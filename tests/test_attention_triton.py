@@ -167,9 +167,9 @@ def test_bad_inputs_are_named(monkeypatch):
 
 
 def test_blocks_parse_and_fit():
-    blocks = HybridBlocks.parse("fwd_m=32, num_warps=8")
-    assert blocks == HybridBlocks(fwd_m=32, num_warps=8)
+    blocks = HybridBlocks.parse("fwd_m=32, bwd_warps=8")
+    assert blocks == HybridBlocks(fwd_m=32, bwd_warps=8)
     assert blocks.fitted(4).fwd_m == 16 and blocks.fitted(256).fwd_m == 32
-    assert HybridBlocks.for_head_dim(128).num_warps == 8
+    assert HybridBlocks.for_head_dim(128).bwd_warps == 8 and HybridBlocks.for_head_dim(64) == HybridBlocks()
     with pytest.raises(ValueError, match="'fwd_x=2'"):
         HybridBlocks.parse("fwd_x=2")

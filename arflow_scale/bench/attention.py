@@ -43,7 +43,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated subset of {', '.join(VARIANTS)} (unavailable ones are skipped)")
     parser.add_argument("--triton-blocks", default="",
-                        help="tile sizes of the fused kernels, e.g. 'fwd_m=64,bwd=32,num_warps=8' (HybridBlocks)")
+                        help="tile sizes of the fused kernels, e.g. 'fwd_m=64,bwd=32,bwd_warps=8' (HybridBlocks)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, K=1,2, one repetition: checks that every variant runs (CPU-friendly)")
 

@@ -28,24 +28,28 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @dataclasses.dataclass(frozen=True)
 class HybridBlocks:
-    """Tile sizes and launch settings of the kernels (powers of two >= 16; tune with the bench).
+    """Tile sizes (powers of two >= 16) and warps per kernel; tune on the GPU with the bench.
 
     fwd_m/fwd_n: query/key block of the fused forward; bwd/bwd_sub: own block and inner-loop block of
-    the fused backward; scan: tokens per step of the forward scan; prep: rows per step of the backward
-    prep pass.
+    the fused backward; prep: rows per step of the backward prep pass; scan: tokens per step of the
+    forward scan (scan_warps also runs the reverse scan). The defaults (`for_head_dim`) were chosen
+    from sm_90 compiles (no register spills, triton 3.9), not from timings.
     """
     fwd_m: int = 128
     fwd_n: int = 64
+    fwd_warps: int = 8
     bwd: int = 64
-    bwd_sub: int = 64
-    scan: int = 64
+    bwd_sub: int = 32
+    bwd_warps: int = 4
     prep: int = 64
-    num_warps: int = 4
+    prep_warps: int = 8
+    scan: int = 64
+    scan_warps: int = 4
     num_stages: int = 2
 
     @classmethod
     def parse(cls, text: str) -> "HybridBlocks":
-        """'fwd_m=64,bwd=32,num_warps=8' -> HybridBlocks (unnamed fields keep their defaults)."""
+        """'fwd_m=64,bwd=32,bwd_warps=8' -> HybridBlocks (unnamed fields keep their defaults)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -57,14 +61,14 @@ class HybridBlocks:
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "HybridBlocks":
-        """The defaults, with 8 warps for head_dim 128 (its (block, 128) fp32 accumulators need the registers)."""
-        return cls(num_warps=8) if head_dim >= 128 else cls()
+        """The defaults; head_dim 128 gets smaller prep blocks and more warps (its fp32 tiles need the registers)."""
+        return cls(prep=32, bwd_warps=8, scan_warps=8) if head_dim >= 128 else cls()
 
     def fitted(self, chunk_size: int) -> "HybridBlocks":
         """Blocks no larger than the chunk needs and at least 16 (tl.dot's minimum); all powers of two."""
         cap = max(16, triton.next_power_of_2(chunk_size))
         sizes = {}
-        for name in ("fwd_m", "fwd_n", "bwd", "bwd_sub", "scan", "prep"):
+        for name in ("fwd_m", "fwd_n", "bwd", "bwd_sub", "prep", "scan"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"triton blocks: {name}={size} is not a power of two >= 16")
@@ -123,7 +127,7 @@ def _forward(q, k, v, log_decay, chunk_size, state, blocks):
     state_scan_kernel[(batch * heads, dim // block_dv)](
         k, v, log_decay, state_in, states, final, gcum, *k.stride(), *v.stride(), *log_decay.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5, D=dim, BLOCK_DV=block_dv, BLOCK_C=blocks.scan,
-        HAS_STATE_IN=state is not None, STORE_STATES=has_inter, num_warps=blocks.num_warps, **flags)
+        HAS_STATE_IN=state is not None, STORE_STATES=has_inter, num_warps=blocks.scan_warps, **flags)
     out = torch.empty(batch, heads, length, dim, device=q.device, dtype=q.dtype)
     intra = torch.empty_like(out) if has_inter else out
     lse = torch.empty(batch * heads, length, **f32)
@@ -131,7 +135,7 @@ def _forward(q, k, v, log_decay, chunk_size, state, blocks):
     hybrid_fwd_kernel[grid](
         q, k, v, gcum, states, out, intra, lse, *q.stride(), *k.stride(), *v.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E, D=dim, BLOCK_M=blocks.fwd_m,
-        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.num_warps,
+        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
         num_stages=blocks.num_stages, **flags)
     return out, final, _Saved(intra, lse, gcum, states)
 
@@ -206,7 +210,7 @@ def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, wan
     prep_bwd_kernel[(chunks, rows)](
         q, d_out, saved.intra, saved.gcum, saved.states, delta, dg_part, dstates, dq, *q.stride(),
         *d_out.stride(), heads, length, chunk_size, chunks, D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter,
-        num_warps=blocks.num_warps, **flags)
+        num_warps=blocks.prep_warps, **flags)
     saved.intra = None
     dfinal = d_final.to(torch.float32).contiguous() if d_final is not None else None
     dlogd = dstate_in = None
@@ -216,7 +220,7 @@ def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, wan
         dstate_in = torch.empty(batch, heads, dim, dim, **f32) if want_dstate else None
         state_grad_scan_kernel[(rows,)](
             saved.states, dstates, saved.gcum, dfinal, dlogd, dstate_in, length, chunk_size, chunks, D=dim,
-            HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.num_warps)
+            HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps)
         del dstates
         dkv, dkv_stride = saved.states[:, 1:], (chunks + 1) * dim * dim  # slot j + 1 holds dKV_j now
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
@@ -227,7 +231,7 @@ def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, wan
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), dkv_stride,
         heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E, D=dim, BLOCK=blocks.bwd,
         BLOCK_SUB=blocks.bwd_sub, HAS_INTER=has_inter, HAS_DKV=dkv is not None,
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages, **flags)
+        num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)
     dlog_decay = dg.view(batch, heads, length) if has_inter else torch.zeros(batch, heads, length, **f32)
     dstate = dstate_in if has_state and want_dstate else None
     return dq, dk, dv, dlog_decay, dstate

@@ -94,14 +94,12 @@ def state_grad_scan_kernel(states_ptr, dstates_ptr, gcum_ptr, dfinal_ptr, dlogd_
 
 
 @triton.jit
-def intra_dkdv(k, v, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C,
+def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C,
                stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
                D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Softmax backward for a (BLOCK, D) key block over its chunk's queries -> dk / scale, dv (fp32)."""
+    """Softmax backward for a (BLOCK, D) key block over its chunk's queries, added to dk / scale, dv (fp32)."""
     dims = tl.arange(0, D)
-    dk = tl.zeros([BLOCK, D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK, D], dtype=tl.float32)
     for start in range(0, C, BLOCK_SUB):
         pos = start + tl.arange(0, BLOCK_SUB)
         valid = pos < C
@@ -177,14 +175,17 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
 
     k = tl.load(k_base + tok[:, None] * stride_kl + dims[None, :] * stride_kd, mask=valid[:, None], other=0.0)
     v = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd, mask=valid[:, None], other=0.0)
-    dk, dv = intra_dkdv(k, v, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
+    if HAS_DKV:  # the inter part first: its (D, D) tile is dead before the softmax loop needs the registers
+        dkv = tl.load(dkv_ptr + bh * stride_dkv_bh + chunk * D * D + dims[:, None] * D + dims[None, :])
+        dk = mm(v.to(tl.float32), tl.trans(dkv), INTERPRET, PRECISION)
+        dv = mm(k.to(tl.float32), dkv, INTERPRET, PRECISION) * scale
+    else:
+        dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dk, dv = intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
                         stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
                         D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION)
     dk = dk * scale
-    if HAS_DKV:
-        dkv = tl.load(dkv_ptr + bh * stride_dkv_bh + chunk * D * D + dims[:, None] * D + dims[None, :])
-        dk += mm(v.to(tl.float32), tl.trans(dkv), INTERPRET, PRECISION) * scale
-        dv += mm(k.to(tl.float32), dkv, INTERPRET, PRECISION) * scale
     tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
 
