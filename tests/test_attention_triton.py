@@ -138,6 +138,19 @@ def test_chunk_by_chunk_with_state_equals_whole_sequence():
         assert relative_error(a, b.double()) < FP32_TOL
 
 
+def test_inference_forward_equals_training_forward_and_backward_runs_once():
+    """Without autograd the intra part is not kept; the outputs are the same. A second backward is refused."""
+    inputs = model_like_inputs(2, 20, 16, seed=6)
+    with torch.no_grad():
+        plain, plain_state = hybrid_attention_triton(*inputs, 20, blocks=SMALL)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out, state = hybrid_attention_triton(*leaves, 20, blocks=SMALL)
+    assert torch.equal(out.detach(), plain) and torch.equal(state.detach(), plain_state)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.sum().backward()
+
+
 def test_backend_switch_selects_the_kernels():
     q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=5)
     fused, fused_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="triton")

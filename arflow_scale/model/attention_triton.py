@@ -1,7 +1,8 @@
 """Fused Triton kernels for `hybrid_attention` (same semantics, shapes and dtypes), forward and backward.
 
-Forward, 2 launches: a per-(b, h) scan writes the fp32 states S_j before every chunk, then one fused
-kernel per (query block, chunk, b*h) does the intra-chunk softmax flash-style and adds the
+Forward, 3 launches (2 for one chunk without state): K_j^T V_j of every chunk in parallel, a per-(b, h)
+scan over (D, D) tiles that leaves the fp32 states S_j before every chunk, then one fused kernel
+per (query block, chunk, b*h) does the intra-chunk softmax flash-style and adds the
 inter-chunk read (q_p * exp(cumsum of log_decay within the chunk)) @ S_j. Backward, 3 launches: a
 per-chunk pass (softmax row terms, the inter part's dq, dS_j and log-decay gradient), a reverse scan
 over the chunks (d(K_j^T V_j) and the chunk-decay gradients), and a flash-style backward of the
@@ -20,7 +21,7 @@ import torch
 import triton
 
 from .hybrid_triton_bwd import hybrid_bwd_kernel, prep_bwd_kernel, state_grad_scan_kernel
-from .hybrid_triton_fwd import LOG2E, hybrid_fwd_kernel, state_scan_kernel
+from .hybrid_triton_fwd import LOG2E, chunk_kv_kernel, hybrid_fwd_kernel, state_scan_kernel
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -112,30 +113,37 @@ def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:
         raise ValueError(f"hybrid_attention_triton: {q.numel()} elements per tensor overflow int32 offsets")
 
 
-def _forward(q, k, v, log_decay, chunk_size, state, blocks):
-    """Launch the scan and the fused kernel -> out, new_state, and what backward keeps."""
+def _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward):
+    """Launch the chunk K^T V pass, the scan and the fused kernel -> out, new_state, what backward keeps."""
     batch, heads, length, dim = q.shape
-    chunks = length // chunk_size
+    chunks, rows = length // chunk_size, batch * heads
     has_inter = chunks > 1 or state is not None
     flags = dict(INTERPRET=interpreting(), PRECISION=_fp32_dot_precision())
     f32 = dict(device=q.device, dtype=torch.float32)
     final = torch.empty(batch, heads, dim, dim, **f32)
-    states = torch.empty(batch * heads, chunks + 1, dim, dim, **f32) if has_inter else None
-    gcum = torch.empty(batch * heads, length, **f32) if has_inter else None
-    state_in = state.to(torch.float32).contiguous() if state is not None else None
+    states = torch.empty(rows, chunks + 1, dim, dim, **f32) if has_inter else None
+    gcum = torch.empty(rows, length, **f32) if has_inter else None
     block_dv = min(dim, 32)
-    state_scan_kernel[(batch * heads, dim // block_dv)](
-        k, v, log_decay, state_in, states, final, gcum, *k.stride(), *v.stride(), *log_decay.stride(),
-        heads, length, chunk_size, chunks, dim ** -0.5, D=dim, BLOCK_DV=block_dv, BLOCK_C=blocks.scan,
-        HAS_STATE_IN=state is not None, STORE_STATES=has_inter, num_warps=blocks.scan_warps, **flags)
+    # K_j^T V_j lands in states slot j + 1 (the scan turns it into S_{j+1}), or straight in final
+    kv, kv_stride = (states[:, 1:], (chunks + 1) * dim * dim) if has_inter else (final, dim * dim)
+    chunk_kv_kernel[(chunks, rows, dim // block_dv)](
+        k, v, log_decay, kv, gcum, *k.stride(), *v.stride(), *log_decay.stride(), kv_stride,
+        heads, length, chunk_size, dim ** -0.5, D=dim, BLOCK_DV=block_dv, BLOCK_C=blocks.scan,
+        STORE_GCUM=has_inter, num_warps=blocks.scan_warps, **flags)
+    if has_inter:
+        state_in = state.to(torch.float32).contiguous() if state is not None else None
+        state_scan_kernel[(rows, dim // block_dv)](
+            states, gcum, state_in, final, length, chunk_size, chunks, D=dim, BLOCK_DV=block_dv,
+            HAS_STATE_IN=state is not None, num_warps=blocks.scan_warps)
     out = torch.empty(batch, heads, length, dim, device=q.device, dtype=q.dtype)
-    intra = torch.empty_like(out) if has_inter else out
-    lse = torch.empty(batch * heads, length, **f32)
-    grid = (triton.cdiv(chunk_size, blocks.fwd_m), chunks, batch * heads)
+    store_intra = has_inter and for_backward
+    intra = torch.empty_like(out) if store_intra else out
+    lse = torch.empty(rows, length, **f32)
+    grid = (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows)
     hybrid_fwd_kernel[grid](
         q, k, v, gcum, states, out, intra, lse, *q.stride(), *k.stride(), *v.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E, D=dim, BLOCK_M=blocks.fwd_m,
-        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
+        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, STORE_INTRA=store_intra, num_warps=blocks.fwd_warps,
         num_stages=blocks.num_stages, **flags)
     return out, final, _Saved(intra, lse, gcum, states)
 
@@ -164,16 +172,18 @@ def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         low = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(low) for t in (q, k, v))
     blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
+    for_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, log_decay, state))
     with torch.autocast(q.device.type, enabled=False):
-        return _HybridAttention.apply(q, k, v, log_decay, state, chunk_size, blocks)
+        return _HybridAttention.apply(q, k, v, log_decay, state, chunk_size, blocks, for_backward)
 
 
 class _HybridAttention(torch.autograd.Function):
     """Autograd of the fused kernels; gradients of q, k, v, log_decay and the incoming state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks):
-        out, final, saved = _forward(q, k, v, log_decay, chunk_size, state, blocks)
+    def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks, for_backward):
+        out, final, saved = _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward)
         ctx.save_for_backward(q, k, v)
         ctx.saved = saved  # intermediates (not inputs/outputs): dropped as soon as backward is done with them
         ctx.meta = (chunk_size, blocks, log_decay.dtype, state is not None,
@@ -186,6 +196,9 @@ class _HybridAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         chunk_size, blocks, decay_dtype, has_state, state_dtype = ctx.meta
         saved, ctx.saved = ctx.saved, None
+        if saved is None:
+            raise RuntimeError("hybrid_attention_triton: a second backward through the same graph "
+                               "(retain_graph=True) is not supported; the first one freed the intermediates")
         if d_out is None:
             d_out = torch.zeros_like(q)
         grads = _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state,
@@ -193,7 +206,7 @@ class _HybridAttention(torch.autograd.Function):
         dq, dk, dv, dlog_decay, dstate = grads
         dlog_decay = dlog_decay.to(decay_dtype)
         dstate = dstate.to(state_dtype) if dstate is not None else None
-        return dq, dk, dv, dlog_decay, dstate, None, None
+        return dq, dk, dv, dlog_decay, dstate, None, None, None
 
 
 def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):

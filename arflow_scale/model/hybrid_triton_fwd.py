@@ -1,11 +1,12 @@
 """Triton forward kernels of the hybrid chunked attention (ARFLOW.md, "The hybrid linear attention").
 
-Two launches: `state_scan_kernel` walks the chunks of one (b, h) and writes the fp32 states S_j seen
-by every chunk plus the within-chunk cumulative log-decay; `hybrid_fwd_kernel` then does, per
-(query block, chunk, b*h), the intra-chunk softmax flash-style and adds the inter-chunk read
-(q_p * exp(gcum_p)) @ S_j in the same pass. Layouts of the fp32 work buffers (all contiguous):
-states (B*H, chunks + 1, D, D) with slot j = S_j (the last slot is spare: backward reuses it),
-gcum (B*H, L), lse (B*H, L) in log2 units of the scaled scores.
+Three launches (two for one chunk without incoming state): `chunk_kv_kernel` computes every chunk's
+K_j^T V_j in parallel and the within-chunk cumulative log-decay; `state_scan_kernel` walks the
+chunks of one (b, h) over (D, D) tiles only, leaving the fp32 state S_j seen by every chunk;
+`hybrid_fwd_kernel` then does, per (query block, chunk, b*h), the intra-chunk softmax flash-style
+and adds the inter-chunk read (q_p * exp(gcum_p)) @ S_j in the same pass. Layouts of the fp32 work
+buffers (all contiguous): states (B*H, chunks + 1, D, D) with slot j = S_j (the last, S_chunks, is
+spare: backward reuses it), gcum (B*H, L), lse (B*H, L) in log2 units of the scaled scores.
 """
 from __future__ import annotations
 
@@ -26,53 +27,68 @@ def mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def state_scan_kernel(k_ptr, v_ptr, g_ptr, state_in_ptr, states_ptr, final_ptr, gcum_ptr,
-                      stride_kb, stride_kh, stride_kl, stride_kd,
-                      stride_vb, stride_vh, stride_vl, stride_vd,
-                      stride_gb, stride_gh, stride_gl,
-                      H, L, C, NUM_CHUNKS, scale,
-                      D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr,
-                      HAS_STATE_IN: tl.constexpr, STORE_STATES: tl.constexpr,
-                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (B*H, D / BLOCK_DV): S <- S * exp(mean_chunk g) + scale * K_j^T V_j over the chunks.
+def chunk_kv_kernel(k_ptr, v_ptr, g_ptr, kv_ptr, gcum_ptr,
+                    stride_kb, stride_kh, stride_kl, stride_kd,
+                    stride_vb, stride_vh, stride_vl, stride_vd,
+                    stride_gb, stride_gh, stride_gl, stride_kv_bh,
+                    H, L, C, scale,
+                    D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, STORE_GCUM: tl.constexpr,
+                    INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (chunks, B*H, D / BLOCK_DV): KV_j = scale * K_j^T V_j, BLOCK_DV columns per program.
 
-    Each program owns BLOCK_DV columns of the (D, D) state. With STORE_STATES it writes S_j before
-    every chunk and (column block 0 only) gcum; it always writes the final state.
+    Writes kv_ptr[bh * stride_kv_bh + j * D * D]; with STORE_GCUM, column block 0 also writes gcum.
     """
-    bh = tl.program_id(0)
-    col_block = tl.program_id(1)
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    col_block = tl.program_id(2)
     b = bh // H
     h = bh % H
     rows_d = tl.arange(0, D)
     cols = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    tile = rows_d[:, None] * D + cols[None, :]
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
     g_base = g_ptr + b * stride_gb + h * stride_gh
+    kv = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
+    g_total = 0.0
+    for start in range(0, C, BLOCK_C):
+        pos = start + tl.arange(0, BLOCK_C)
+        valid = pos < C
+        tok = chunk * C + pos
+        k_t = tl.load(k_base + tok[None, :] * stride_kl + rows_d[:, None] * stride_kd,
+                      mask=valid[None, :], other=0.0)  # (D, BLOCK_C)
+        v_blk = tl.load(v_base + tok[:, None] * stride_vl + cols[None, :] * stride_vd,
+                        mask=valid[:, None], other=0.0)  # (BLOCK_C, BLOCK_DV)
+        kv += mm(k_t, v_blk, INTERPRET, PRECISION)
+        if STORE_GCUM:
+            if col_block == 0:
+                g = tl.load(g_base + tok * stride_gl, mask=valid, other=0.0).to(tl.float32)
+                tl.store(gcum_ptr + bh * L + tok, tl.cumsum(g, 0) + g_total, mask=valid)
+                g_total += tl.sum(g, 0)
+    tl.store(kv_ptr + bh * stride_kv_bh + chunk * D * D + rows_d[:, None] * D + cols[None, :], kv * scale)
+
+
+@triton.jit
+def state_scan_kernel(states_ptr, gcum_ptr, state_in_ptr, final_ptr, L, C, NUM_CHUNKS,
+                      D: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_STATE_IN: tl.constexpr):
+    """Grid (B*H, D / BLOCK_DV): S_0 = state in; S_{j+1} = S_j * exp(mean_chunk g) + KV_j; final = S_chunks.
+
+    Slot j + 1 holds KV_j on entry (`chunk_kv_kernel`) and S_{j+1} on exit; each element is read
+    before it is overwritten by the same arithmetic that consumes it.
+    """
+    bh = tl.program_id(0)
+    col_block = tl.program_id(1)
+    rows_d = tl.arange(0, D)
+    tile = rows_d[:, None] * D + col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :]
+    slots = states_ptr + bh * (NUM_CHUNKS + 1) * D * D
     if HAS_STATE_IN:
         state = tl.load(state_in_ptr + bh * D * D + tile)
     else:
         state = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
+    tl.store(slots + tile, state)
     for j in range(NUM_CHUNKS):
-        if STORE_STATES:
-            tl.store(states_ptr + (bh * (NUM_CHUNKS + 1) + j) * D * D + tile, state)
-        kv = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
-        g_total = 0.0
-        for start in range(0, C, BLOCK_C):
-            pos = start + tl.arange(0, BLOCK_C)
-            valid = pos < C
-            tok = j * C + pos
-            k_t = tl.load(k_base + tok[None, :] * stride_kl + rows_d[:, None] * stride_kd,
-                          mask=valid[None, :], other=0.0)  # (D, BLOCK_C)
-            v_blk = tl.load(v_base + tok[:, None] * stride_vl + cols[None, :] * stride_vd,
-                            mask=valid[:, None], other=0.0)  # (BLOCK_C, BLOCK_DV)
-            kv += mm(k_t, v_blk, INTERPRET, PRECISION)
-            g = tl.load(g_base + tok * stride_gl, mask=valid, other=0.0).to(tl.float32)
-            if STORE_STATES:
-                if col_block == 0:
-                    tl.store(gcum_ptr + bh * L + tok, tl.cumsum(g, 0) + g_total, mask=valid)
-            g_total += tl.sum(g, 0)
-        state = state * tl.exp(g_total / C) + kv * scale
+        decay = tl.exp(tl.load(gcum_ptr + bh * L + j * C + C - 1) / C)
+        state = state * decay + tl.load(slots + (j + 1) * D * D + tile)
+        tl.store(slots + (j + 1) * D * D + tile, state)
     tl.store(final_ptr + bh * D * D + tile, state)
 
 
@@ -114,10 +130,12 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, intra_
                       stride_vb, stride_vh, stride_vl, stride_vd,
                       H, L, C, NUM_CHUNKS, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_INTER: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_INTER: tl.constexpr, STORE_INTRA: tl.constexpr,
+                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j.
 
-    Writes out and lse; with HAS_INTER also the intra part alone (backward's softmax needs it).
+    Writes out and lse; with STORE_INTRA also the intra part alone (backward's softmax needs it when
+    the inter part makes out differ from it).
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -137,8 +155,9 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, intra_
     row = bh * L + tok
     out_offsets = row[:, None] * D + dims[None, :]
     tl.store(lse_ptr + row, lse, mask=valid)
-    if HAS_INTER:
+    if STORE_INTRA:
         tl.store(intra_ptr + out_offsets, intra.to(intra_ptr.dtype.element_ty), mask=valid[:, None])
+    if HAS_INTER:
         gcum = tl.load(gcum_ptr + row, mask=valid, other=0.0)
         q_decayed = q.to(tl.float32) * tl.exp(gcum)[:, None]
         state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
