@@ -235,6 +235,7 @@ def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, wan
             saved.states, dstates, saved.gcum, dfinal, dlogd, dstate_in, length, chunk_size, chunks, D=dim,
             HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps)
         del dstates
+        saved.gcum = None
         dkv, dkv_stride = saved.states[:, 1:], (chunks + 1) * dim * dim  # slot j + 1 holds dKV_j now
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)

@@ -18,11 +18,16 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32; the interpreter's bf16 dot is wrong, so it multiplies in fp32 there."""
+    """a @ b accumulated in fp32; the interpreter's bf16 dot is wrong, so it multiplies in fp32 there.
+
+    PRECISION ("tf32" or "ieee") applies to fp32 operands only.
+    """
     if INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32))
-    else:
+    elif a.dtype == tl.float32:
         out = tl.dot(a, b, input_precision=PRECISION)
+    else:
+        out = tl.dot(a, b)
     return out
 
 
