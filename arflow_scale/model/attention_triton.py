@@ -33,7 +33,8 @@ class HybridBlocks:
 
     fwd_m/fwd_n: query/key block of the fused forward; bwd/bwd_sub: own block and inner-loop block of
     the fused backward; prep: rows per step of the backward prep pass; scan: tokens per step of the
-    forward scan (scan_warps also runs the reverse scan). The defaults (`for_head_dim`) were chosen
+    chunk K^T V pass, scan_dv: state columns per program of that pass and of the forward scan
+    (scan_warps runs both scans). The defaults (`for_head_dim`) were chosen
     from sm_90 compiles (no register spills, triton 3.9), not from timings.
     """
     fwd_m: int = 128
@@ -45,6 +46,7 @@ class HybridBlocks:
     prep: int = 64
     prep_warps: int = 8
     scan: int = 64
+    scan_dv: int = 32
     scan_warps: int = 4
     num_stages: int = 2
 
@@ -69,7 +71,7 @@ class HybridBlocks:
         """Blocks no larger than the chunk needs and at least 16 (tl.dot's minimum); all powers of two."""
         cap = max(16, triton.next_power_of_2(chunk_size))
         sizes = {}
-        for name in ("fwd_m", "fwd_n", "bwd", "bwd_sub", "prep", "scan"):
+        for name in ("fwd_m", "fwd_n", "bwd", "bwd_sub", "prep", "scan", "scan_dv"):
             size = getattr(self, name)
             if size < 16 or size & (size - 1):
                 raise ValueError(f"triton blocks: {name}={size} is not a power of two >= 16")
@@ -106,6 +108,9 @@ def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:
                          f"got {tuple(log_decay.shape)}")
     if state is not None and state.shape != (batch, heads, dim, dim):
         raise ValueError(f"hybrid_attention_triton: state must be (B, H, D, D), got {tuple(state.shape)}")
+    for name, tensor in (("k", k), ("v", v), ("log_decay", log_decay), ("state", state)):
+        if tensor is not None and tensor.device != q.device:
+            raise ValueError(f"hybrid_attention_triton: {name} is on {tensor.device}, q on {q.device}")
     if q.device.type != "cuda" and not interpreting():
         raise ValueError(f"hybrid_attention_triton: tensors on {q.device}; the kernels need CUDA "
                          f"(or TRITON_INTERPRET=1 set before triton is imported, for tests on CPU)")
@@ -123,7 +128,7 @@ def _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward):
     final = torch.empty(batch, heads, dim, dim, **f32)
     states = torch.empty(rows, chunks + 1, dim, dim, **f32) if has_inter else None
     gcum = torch.empty(rows, length, **f32) if has_inter else None
-    block_dv = min(dim, 32)
+    block_dv = min(dim, blocks.scan_dv)
     # K_j^T V_j lands in states slot j + 1 (the scan turns it into S_{j+1}), or straight in final
     kv, kv_stride = (states[:, 1:], (chunks + 1) * dim * dim) if has_inter else (final, dim * dim)
     chunk_kv_kernel[(chunks, rows, dim // block_dv)](
