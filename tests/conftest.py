@@ -16,6 +16,17 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _triton_interpreter_without_cuda() -> None:
+    """Without CUDA the Triton kernels' tests run in Triton's CPU interpreter, chosen before triton loads."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_triton_interpreter_without_cuda()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

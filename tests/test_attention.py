@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from arflow_scale.model.attention import (chunk_attention, full_attention, hybrid_attention,
-                                          intra_attention)
+                                          inter_chunk_linear, intra_attention, intra_chunk_softmax)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,6 +148,59 @@ def test_bf16_autocast_accumulates_inter_part_in_fp32():
     assert (state - ref_state).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+def test_single_chunk_fast_path_is_identical_to_the_general_path(dtype, autocast):
+    """One chunk, no state: outputs, state and gradients bit-equal to intra + inter (log_decay's grad = 0)."""
+    inputs = random_inputs(chunks=1, dtype=dtype)
+    upstream = torch.randn(inputs[0].shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, state = fn(*leaves)
+        (out * upstream).sum().backward()
+        return out, state, [t.grad for t in leaves]
+
+    def general(q, k, v, g):
+        inter, state = inter_chunk_linear(q, k, v, g, 5)
+        return intra_chunk_softmax(q, k, v, 5) + inter, state
+
+    fast, fast_state, fast_grads = run(lambda q, k, v, g: hybrid_attention(q, k, v, g, 5))
+    ref, ref_state, ref_grads = run(general)
+    assert fast.dtype == ref.dtype and torch.equal(fast, ref) and torch.equal(fast_state, ref_state)
+    for a, b in zip(fast_grads, ref_grads):
+        assert torch.equal(a, b)
+    assert torch.equal(fast_grads[3], torch.zeros_like(inputs[3]))
+
+
+def test_full_attention_flex_forward_equals_reference():
+    from arflow_scale.model.attention_flex import full_attention_flex
+
+    q, k, v, _ = (t.float() for t in random_inputs(chunks=4, chunk=5, dim=16))
+    out, (keys, values) = full_attention_flex(q, k, v, 5)
+    ref, _ = full_attention(q, k, v, 5)
+    assert (out - ref).abs().max() < 1e-5 and keys is k and values is v
+    state = (k[:, :, :10], v[:, :, :10])
+    out, (keys, _) = full_attention_flex(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], 5, state)
+    assert torch.equal(out, full_attention(q[:, :, 10:], k[:, :, 10:], v[:, :, 10:], 5, state)[0])
+    assert keys.shape == k.shape
+
+
+def test_full_attention_flex_gradients_equal_reference():
+    from arflow_scale.model.attention_flex import full_attention_flex
+
+    if not torch.cuda.is_available():
+        pytest.skip("flex_attention has no backward on CPU (torch 2.13); this check needs CUDA")
+    q, k, v, _ = (t.float().cuda() for t in random_inputs(chunks=4, chunk=5, dim=16))
+    grads = []
+    for fn in (full_attention_flex, full_attention):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        fn(*leaves, 5)[0].square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-4
+
+
 def test_bad_inputs_are_named():
     q, k, v, g = random_inputs()
     with pytest.raises(ValueError, match="chunk_size=6"):
@@ -159,6 +213,8 @@ def test_bad_inputs_are_named():
         hybrid_attention(q, k[:, :1], v, g, chunk_size=5)
     with pytest.raises(ValueError, match="'sparse'"):
         chunk_attention("sparse", q, k, v, g, 5)
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        chunk_attention("hybrid", q, k, v, g, 5, backend="cuda")
 
 
 def test_peak_tracker_sees_temporaries():
@@ -180,12 +236,48 @@ def test_attention_benchmark_prints_ratios(capsys):
     from arflow_scale.cli import main
 
     code = main(["bench", "attention", "--k", "1,3", "--tokens", "16", "--heads", "2", "--head-dim", "8",
-                 "--repeats", "1", "--device", "cpu"])
+                 "--repeats", "1", "--device", "cpu", "--variants", "intra,full,hybrid,hybrid_triton"])
     assert code == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    result = json.loads(lines[-1])
-    assert [row["k"] for row in result["results"]] == [1, 3]
-    for row in result["results"]:
-        assert row["hybrid_ms"] > 0 and row["full_ms"] > 0 and row["hybrid_peak_mib"] > 0
-        assert row["time_ratio"] == pytest.approx(row["full_ms"] / row["hybrid_ms"], rel=0.05)
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines() if line.startswith("{")]
+    per_variant = [line for line in lines if "variant" in line]
+    assert [(line["variant"], line["k"]) for line in per_variant] == [
+        (name, k) for k in (1, 3) for name in ("intra", "full", "hybrid")]
+    assert all(line["ms"] > 0 and line["peak_mib"] > 0 for line in per_variant)
+    summary = lines[-1]
+    assert any(why in summary["skipped"]["hybrid_triton"] for why in ("head_dim 8", "not installed"))
+    assert [row["k"] for row in summary["results"]] == [1, 3]
+    for row in summary["results"]:
+        assert row["time_ratios"]["hybrid/intra"] == pytest.approx(row["hybrid_ms"] / row["intra_ms"], rel=0.05)
+        assert row["memory_ratios"]["full/hybrid"] == pytest.approx(
+            row["full_peak_mib"] / row["hybrid_peak_mib"], rel=0.05)
     assert main(["bench", "attention", "--k", "0"]) == 2
+    assert main(["bench", "attention", "--variants", "hybrid,sparse"]) == 2
+
+
+def test_attention_benchmark_smoke_runs_every_variant_without_cluster_packages():
+    """The form tools run on bare GPU machines: no Ray, MLflow or webdataset gets imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import argparse, sys\n"
+        "from arflow_scale.bench import attention\n"
+        "parser = argparse.ArgumentParser(); attention.add_arguments(parser)\n"
+        "attention.run(parser.parse_args(['--smoke', '--device', 'cpu']))\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'mlflow', 'webdataset'}))\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    *lines, imported = proc.stdout.strip().splitlines()
+    assert imported == "[]"
+    summary = json.loads(lines[-1])
+    expected = ["intra", "full", "hybrid"]
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        expected.append("hybrid_triton")
+    assert summary["variants"] == expected and "full_flex" in summary["skipped"]
+    for row in summary["results"]:
+        assert all(row[f"{name}_ms"] > 0 for name in expected)
+        assert "hybrid/intra" in row["time_ratios"]

@@ -5,6 +5,8 @@ Runs without Ray (a single-rank NCCL group on 127.0.0.1), on the first CUDA devi
 runs the same checks in fp32 on gloo, which is how the test suite exercises this script):
   1. attention  `hybrid_attention` and `full_attention` on CUDA (fp32, bf16) against the same call
                 in fp64 on the CPU; chunk-by-chunk with its state equals the whole sequence.
+     attention_triton  the fused Triton hybrid kernels (fp32, bf16; head dims 32-128; chunks of 16,
+                196, 256 tokens): output, state and every gradient against the fp64 CPU reference.
   2. model      ARFlow forward on CUDA: fp32 equals the CPU fp64 forward; one image at a time
                 through the cache equals the full forward; bf16 autocast stays close.
   3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed
@@ -14,7 +16,7 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 continues with the same losses as the run that went on.
 Prints one JSON line per check and exits non-zero if any check fails.
 
-    python tools/gpu_check.py [--size S/2] [--only attention,model,deepspeed]
+    python tools/gpu_check.py [--size S/2] [--only attention,attention_triton,model,deepspeed]
 """
 from __future__ import annotations
 
@@ -77,6 +79,43 @@ def check_attention(device: torch.device) -> None:
         parts.append(out)
     err = rel_err(torch.cat(parts, dim=2), whole)
     report("attention/chunked_state", err < 1e-5, rel_err=err)
+
+
+def check_attention_triton(device: torch.device) -> None:
+    """The fused hybrid kernels (forward, all gradients) against `hybrid_attention` in fp64 on the CPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None or (device.type != "cuda"
+                                                       and os.environ.get("TRITON_INTERPRET") != "1"):
+        report("attention_triton", True, skipped="needs triton on CUDA (or TRITON_INTERPRET=1 on CPU)")
+        return
+    from arflow_scale.model.attention import hybrid_attention
+    from arflow_scale.model.attention_triton import hybrid_attention_triton
+
+    cuda = device.type == "cuda"
+    cases = [(torch.float32, 64, 256, 1e-4), (torch.bfloat16, 64, 256, 3e-2), (torch.bfloat16, 64, 196, 3e-2),
+             (torch.float32, 128, 196, 1e-4), (torch.bfloat16, 32, 16, 3e-2)] if cuda else \
+        [(torch.float32, 16, 20, 1e-4)]
+    for dtype, d, n, tol in cases:
+        g = torch.Generator().manual_seed(d + n)
+        b, h, chunks = 2, 4, 3
+        qkv = torch.nn.functional.rms_norm(torch.randn(b, chunks * n, 3, h, d, generator=g, dtype=torch.float64), (d,))
+        log_decay = torch.nn.functional.logsigmoid(torch.randn(b, h, chunks * n, generator=g, dtype=torch.float64)) / 16
+        state = torch.randn(b, h, d, d, generator=g, dtype=torch.float64)
+        grad_out = torch.randn(b, h, chunks * n, d, generator=g, dtype=torch.float64)
+        results = []
+        for fn, dev, dt in ((hybrid_attention, "cpu", torch.float64), (hybrid_attention_triton, device, dtype)):
+            wide = torch.float32 if dt != torch.float64 else dt
+            packed, ld, s0 = (t.to(dev, kind).clone().requires_grad_(True)
+                              for t, kind in ((qkv, dt), (log_decay, wide), (state, wide)))
+            q, k, v = (t.transpose(1, 2) for t in packed.unbind(2))  # (B, H, L, D) views, the model's strides
+            out, final = fn(q, k, v, ld, n, s0)
+            (out * grad_out.to(dev, dt)).sum().backward()
+            results.append([out, final, *packed.grad.unbind(2), ld.grad, s0.grad])
+        errs = [rel_err(a.detach(), r.detach()) for a, r in zip(results[1], results[0])]
+        names = ["out", "state", "dq", "dk", "dv", "dlog_decay", "dstate"]
+        report(f"attention_triton/{str(dtype)[6:]}_d{d}_chunk{n}", max(errs) < tol, tol=tol,
+               **{f"{name}_err": err for name, err in zip(names, errs)})
 
 
 def check_model(device: torch.device, size: str) -> None:
@@ -199,7 +238,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="S/2", help="model size for the model and deepspeed checks")
-    parser.add_argument("--only", default="attention,model,deepspeed")
+    parser.add_argument("--only", default="attention,attention_triton,model,deepspeed")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="deepspeed check: auto = bf16 on CUDA, fp32 on CPU")
@@ -213,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
-    checks = {"attention": lambda: check_attention(device), "model": lambda: check_model(device, args.size),
+    checks = {"attention": lambda: check_attention(device), "attention_triton": lambda: check_attention_triton(device),
+              "model": lambda: check_model(device, args.size),
               "deepspeed": lambda: check_deepspeed(device, args.size, precision)}
     for name in args.only.split(","):
         try:

@@ -1,16 +1,29 @@
-"""`arflow bench attention`: hybrid vs full (block-causal softmax) attention, forward + backward.
+"""`arflow bench attention`: the attention variants side by side, forward + backward, per K.
 
-For each K (images per sequence) both modes run at equal shapes (B, H, K*N, D) in one process;
-prints time, peak memory and full/hybrid ratios per K, then one JSON line. Peak memory: on CUDA
-torch.cuda.max_memory_allocated; on CPU the peak of live tensor storage, tracked by a dispatch mode.
-Times are the best of --repeats alternating runs; on CPU one thread by default, which keeps the
-numbers stable on a shared machine (both modes always run under the same settings).
+Variants at equal shapes (B, H, K*N, D), measured in one process: intra (softmax inside each image
+only: the floor, one SDPA call), full (dense block-causal softmax with a boolean mask), full_flex
+(the same on compiled flex_attention; CUDA only), hybrid (the plain-PyTorch reference) and
+hybrid_triton (the fused kernels; CUDA, or the Triton interpreter when TRITON_INTERPRET=1).
+Prints one JSON line per (variant, K), one line of ratios per K (hybrid/floor, hybrid/flex, ...),
+then one summary JSON line (the last line). Peak memory: on CUDA torch.cuda.max_memory_allocated;
+on CPU the peak of live tensor storage, tracked by a dispatch mode. Times are the best of --repeats
+runs alternating between variants; on CPU one thread by default, which keeps the numbers stable on a
+shared machine. Imports nothing beyond torch (and triton): tools run it on bare GPU machines.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 import weakref
+
+VARIANTS = ("intra", "full", "full_flex", "hybrid", "hybrid_triton")
+FLOOR = "intra"
+# numerator / denominator pairs reported per K, where both were measured
+RATIOS = (("hybrid", "intra"), ("hybrid_triton", "intra"), ("hybrid", "full_flex"),
+          ("hybrid_triton", "full_flex"), ("hybrid_triton", "hybrid"), ("full", "hybrid"))
+SMOKE = dict(k="1,2", batch=1, heads=2, head_dim=16, tokens=16, repeats=1, warmup=1)
 
 
 def add_arguments(parser) -> None:
@@ -27,6 +40,12 @@ def add_arguments(parser) -> None:
                         help="CUDA: fp32 matmuls on TF32 tensor cores, as training does (train.tf32)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (default 1: stable on shared machines; 0 = torch default)")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated subset of {', '.join(VARIANTS)} (unavailable ones are skipped)")
+    parser.add_argument("--triton-blocks", default="",
+                        help="tile sizes of the fused kernels, e.g. 'fwd_m=64,bwd=32,bwd_warps=8' (HybridBlocks)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes, K=1,2, one repetition: checks that every variant runs (CPU-friendly)")
 
 
 def _peak_tracker():
@@ -61,6 +80,36 @@ def _peak_tracker():
     return PeakStorageBytes()
 
 
+def _unavailable(args, device) -> dict[str, str]:
+    """{variant: why it cannot run here} for the variants this machine or these shapes rule out."""
+    reasons = {}
+    if device.type != "cuda":
+        reasons["full_flex"] = "needs CUDA (flex_attention has no backward on CPU)"
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if importlib.util.find_spec("triton") is None:
+        reasons["hybrid_triton"] = "triton is not installed"
+    elif device.type != "cuda" and not interpreted:
+        reasons["hybrid_triton"] = "needs CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+    elif args.head_dim not in (16, 32, 64, 128):
+        reasons["hybrid_triton"] = f"head_dim {args.head_dim} is not one of 16, 32, 64, 128"
+    return reasons
+
+
+def _attention(name: str, blocks_text: str):
+    """The variant as fn(q, k, v, log_decay, chunk) -> out (B, H, L, D)."""
+    from arflow_scale.model.attention import chunk_attention
+
+    if name == "hybrid_triton":
+        from arflow_scale.model.attention_triton import HybridBlocks, hybrid_attention_triton
+
+        blocks = HybridBlocks.parse(blocks_text) if blocks_text else None
+        return lambda q, k, v, g, chunk: hybrid_attention_triton(q, k, v, g, chunk, blocks=blocks)[0]
+    mode, backend = {"intra": ("intra", "torch"), "full": ("full", "torch"), "full_flex": ("full", "triton"),
+                     "hybrid": ("hybrid", "torch")}[name]
+    return lambda q, k, v, g, chunk: chunk_attention(mode, q, k, v, g if mode == "hybrid" else None, chunk,
+                                                     backend=backend)[0]
+
+
 def _make_inputs(batch, heads, length, head_dim, device, dtype, seed=0):
     """RMS-normalised q, k, v (B, H, L, D), log_decay (B, H, L) <= 0, upstream grad; all leaves."""
     import torch
@@ -74,70 +123,79 @@ def _make_inputs(batch, heads, length, head_dim, device, dtype, seed=0):
     return leaves, grad.to(device=device, dtype=dtype)
 
 
-def _step(mode, inputs, grad_out, chunk_size):
-    """One forward + backward of `mode` attention; gradients land on the inputs."""
-    from arflow_scale.model.attention import chunk_attention
-
-    q, k, v, log_decay = inputs
-    out, _ = chunk_attention(mode, q, k, v, log_decay if mode == "hybrid" else None, chunk_size)
-    out.backward(grad_out)
+def _step(fn, inputs, grad_out, chunk_size):
+    """One forward + backward; gradients land on the inputs and are dropped."""
+    fn(*inputs, chunk_size).backward(grad_out)
     for t in inputs:
         t.grad = None
 
 
-def _timed_step(mode, inputs, grad_out, chunk_size, cuda):
+def _timed_step(fn, inputs, grad_out, chunk_size, cuda):
     """Seconds of one fwd+bwd (synchronised on CUDA)."""
     import torch
 
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    _step(mode, inputs, grad_out, chunk_size)
+    _step(fn, inputs, grad_out, chunk_size)
     if cuda:
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def _peak_bytes(mode, inputs, grad_out, chunk_size, device):
+def _peak_bytes(fn, inputs, grad_out, chunk_size, device):
     """Peak bytes allocated by one fwd+bwd on top of the inputs."""
     import torch
 
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        _step(mode, inputs, grad_out, chunk_size)
+        _step(fn, inputs, grad_out, chunk_size)
         return torch.cuda.max_memory_allocated(device) - base
     with _peak_tracker() as tracker:
-        _step(mode, inputs, grad_out, chunk_size)
+        _step(fn, inputs, grad_out, chunk_size)
     return tracker.peak
 
 
-def _measure(k, args, device, dtype):
-    """{mode: (best seconds, peak bytes)} for hybrid and full at the same shapes.
+def _measure(k, args, device, dtype, fns):
+    """{variant: (best seconds, peak bytes)} at the same shapes, repetitions alternating between variants.
 
-    Repetitions alternate between the two modes so both see the same machine load; the best of
-    the repetitions (as timeit does) is the least disturbed by other processes.
+    Alternating lets every variant see the same machine load; the best repetition (as timeit
+    reports) is the least disturbed by other processes.
     """
     inputs, grad_out = _make_inputs(args.batch, args.heads, k * args.tokens, args.head_dim, device, dtype)
-    modes, cuda = ("hybrid", "full"), device.type == "cuda"
+    cuda = device.type == "cuda"
     for _ in range(args.warmup):
-        for mode in modes:
-            _step(mode, inputs, grad_out, args.tokens)
-    times = {mode: [] for mode in modes}
+        for fn in fns.values():
+            _step(fn, inputs, grad_out, args.tokens)
+    times = {name: [] for name in fns}
     for _ in range(args.repeats):
-        for mode in modes:
-            times[mode].append(_timed_step(mode, inputs, grad_out, args.tokens, cuda))
-    return {mode: (min(times[mode]), _peak_bytes(mode, inputs, grad_out, args.tokens, device))
-            for mode in modes}
+        for name, fn in fns.items():
+            times[name].append(_timed_step(fn, inputs, grad_out, args.tokens, cuda))
+    return {name: (min(times[name]), _peak_bytes(fn, inputs, grad_out, args.tokens, device))
+            for name, fn in fns.items()}
 
 
-def run(args) -> int:
+def _ratios(measured: dict) -> tuple[dict, dict]:
+    """Time and peak-memory ratios of RATIOS whose two variants were both measured."""
+    times, memory = {}, {}
+    for top, bottom in RATIOS:
+        if top in measured and bottom in measured:
+            (top_s, top_b), (bottom_s, bottom_b) = measured[top], measured[bottom]
+            times[f"{top}/{bottom}"] = round(top_s / bottom_s, 3)
+            memory[f"{top}/{bottom}"] = round(top_b / max(bottom_b, 1), 3)
+    return times, memory
+
+
+def _settings(args):
+    """Resolve device, dtype and the CPU/CUDA shape defaults (in place on args) -> device, dtype."""
     import torch
 
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.set_float32_matmul_precision("high" if args.tf32 == "on" else "highest")
@@ -147,34 +205,61 @@ def run(args) -> int:
               "bfloat16": torch.bfloat16}
     if args.dtype not in dtypes:
         raise ValueError(f"--dtype {args.dtype!r} is not one of {', '.join(dtypes)}")
-    dtype = dtypes[args.dtype]
     args.batch = args.batch or (8 if cuda else 1)
     args.heads = args.heads or (16 if cuda else 4)
     args.tokens = args.tokens or 256
+    return device, dtypes[args.dtype]
+
+
+def _parse_list(text: str, flag: str, known=None) -> list:
+    parts = [part.strip() for part in str(text).split(",") if part.strip()]
+    if known is not None:
+        unknown = [p for p in parts if p not in known]
+        if unknown or not parts:
+            raise ValueError(f"{flag} {text!r}: {', '.join(unknown) or 'empty'}; known: {', '.join(known)}")
+        return parts
     try:
-        ks = [int(part) for part in str(args.k).split(",") if part.strip()]
+        values = [int(part) for part in parts]
     except ValueError:
-        raise ValueError(f"--k {args.k!r} is not a comma-separated list of integers") from None
-    if not ks or min(ks) < 1:
-        raise ValueError(f"--k {args.k!r}: need at least one K >= 1")
-    print(f"device={device} dtype={str(dtype).replace('torch.', '')} batch={args.batch} heads={args.heads} "
-          f"head_dim={args.head_dim} tokens/image={args.tokens} threads={torch.get_num_threads()} "
-          f"{'tf32=' + args.tf32 + ' ' if cuda else ''}"
-          f"fwd+bwd best of {args.repeats}")
-    print(f"{'K':>4} {'hybrid ms':>10} {'full ms':>10} {'time x':>7} {'hybrid MiB':>11} {'full MiB':>10} {'mem x':>7}")
+        raise ValueError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{flag} {text!r}: need at least one K >= 1")
+    return values
+
+
+def run(args) -> int:
+    import torch
+
+    device, dtype = _settings(args)
+    ks = _parse_list(args.k, "--k")
+    wanted = _parse_list(args.variants, "--variants", VARIANTS)
+    skipped = {name: why for name, why in _unavailable(args, device).items() if name in wanted}
+    fns = {name: _attention(name, args.triton_blocks) for name in wanted if name not in skipped}
+    header = {"benchmark": "attention", "device": str(device), "device_name": _device_name(device),
+              "dtype": str(dtype).replace("torch.", ""), "batch": args.batch, "heads": args.heads,
+              "head_dim": args.head_dim, "tokens_per_image": args.tokens, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "tf32": args.tf32 if device.type == "cuda" else None}
+    print(f"# {json.dumps(header)}; skipped: {json.dumps(skipped)}", flush=True)
     rows = []
     for k in ks:
-        measured = _measure(k, args, device, dtype)
-        (hybrid_s, hybrid_bytes), (full_s, full_bytes) = measured["hybrid"], measured["full"]
-        row = {"k": k, "sequence_length": k * args.tokens,
-               "hybrid_ms": round(hybrid_s * 1e3, 3), "full_ms": round(full_s * 1e3, 3),
-               "time_ratio": round(full_s / hybrid_s, 3),
-               "hybrid_peak_mib": round(hybrid_bytes / 2**20, 3), "full_peak_mib": round(full_bytes / 2**20, 3),
-               "memory_ratio": round(full_bytes / max(hybrid_bytes, 1), 3)}
-        rows.append(row)
-        print(f"{k:>4} {row['hybrid_ms']:>10.2f} {row['full_ms']:>10.2f} {row['time_ratio']:>7.2f} "
-              f"{row['hybrid_peak_mib']:>11.2f} {row['full_peak_mib']:>10.2f} {row['memory_ratio']:>7.2f}", flush=True)
-    print(json.dumps({"benchmark": "attention", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                      "batch": args.batch, "heads": args.heads, "head_dim": args.head_dim,
-                      "tokens_per_image": args.tokens, "results": rows}))
+        measured = _measure(k, args, device, dtype, fns)
+        where = {"k": k, "sequence_length": k * args.tokens}
+        row = dict(where)
+        for name, (seconds, peak) in measured.items():
+            record = {"ms": round(seconds * 1e3, 3), "peak_mib": round(peak / 2**20, 3)}
+            print(json.dumps({"benchmark": "attention", "variant": name, **where, **record}), flush=True)
+            row.update({f"{name}_ms": record["ms"], f"{name}_peak_mib": record["peak_mib"]})
+        time_ratios, memory_ratios = _ratios(measured)
+        print(json.dumps({"benchmark": "attention", "k": k, "time_ratios": time_ratios,
+                          "memory_ratios": memory_ratios}), flush=True)
+        rows.append({**row, "time_ratios": time_ratios, "memory_ratios": memory_ratios})
+    print(json.dumps({**header, "variants": list(fns), "skipped": skipped, "results": rows}))
     return 0
+
+
+def _device_name(device) -> str:
+    import platform
+
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"

