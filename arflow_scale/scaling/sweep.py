@@ -20,7 +20,7 @@ from typing import Any, Optional
 from arflow_scale.config import Config, ConfigError, load_config
 from arflow_scale.config.base import apply_overrides, build, check, read_yaml_mapping
 
-from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
+from .points import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
 from .state import ensure_parent_run, read_json, resolve_tracking_uri, write_json
 
 log = logging.getLogger(__name__)
