@@ -102,6 +102,12 @@ def test_fit_scaling_laws_keys_and_fid_optional():
     assert set(fit_scaling_laws(points)) == {"loss_vs_params", "loss_vs_flops"}
     with pytest.raises(ValueError, match="no scaling points"):
         fit_scaling_laws([])
+    one_budget = [ScalingPoint(params=p.params, flops=1e15, loss=p.loss) for p in points]
+    with pytest.raises(ValueError, match="two distinct flops"):
+        fit_scaling_laws(one_budget)
+    notes = []
+    assert set(fit_scaling_laws(one_budget, notes=notes)) == {"loss_vs_params"}
+    assert notes == ["loss_vs_flops skipped: fit loss(flops): needs at least two distinct flops values"]
 
 
 def test_csv_roundtrip_and_errors(tmp_path):

@@ -31,8 +31,8 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
             irreducible: bool = False, tolerance: float = DEFAULT_BUDGET_TOLERANCE) -> ScalingAnalysis:
     """Fit everything the points support; intervals at `settings.confidence`."""
     points = list(points)
-    power_laws = fit_scaling_laws(points, confidence=settings.confidence, irreducible=irreducible)
     notes: list[str] = []
+    power_laws = fit_scaling_laws(points, confidence=settings.confidence, irreducible=irreducible, notes=notes)
     isoflop = fit_isoflop(points, tolerance=tolerance, settings=settings)
     notes += [f"IsoFLOP: {note}" for note in isoflop.notes]
     parametric = None

@@ -116,23 +116,26 @@ def _profile_irreducible(log_x: np.ndarray, y: np.ndarray, confidence: float) ->
     return float(res.x) if sse(float(res.x)) < sse(0.0) else 0.0
 
 
-def fit_scaling_laws(points: Sequence[ScalingPoint], *, confidence: float = 0.95,
-                     irreducible: bool = False) -> dict[str, PowerLawFit]:
-    """L(N), L(C) and (when every point has one) FID(C), keyed loss_vs_params/loss_vs_flops/fid_vs_flops."""
+def fit_scaling_laws(points: Sequence[ScalingPoint], *, confidence: float = 0.95, irreducible: bool = False,
+                     notes: Optional[list[str]] = None) -> dict[str, PowerLawFit]:
+    """L(N), L(C) and (when enough points have one) FID(C), keyed loss_vs_params/loss_vs_flops/fid_vs_flops.
+
+    A law the points cannot support (e.g. one FLOP budget: no spread in C) raises, or, given `notes`,
+    is left out with its reason appended there.
+    """
     if not points:
         raise ValueError("no scaling points to fit")
-    params = [p.params for p in points]
-    flops = [p.flops for p in points]
-    loss = [p.loss for p in points]
-    fits = {
-        "loss_vs_params": fit_power_law(params, loss, x_name="params", y_name="loss",
-                                        confidence=confidence, irreducible=irreducible),
-        "loss_vs_flops": fit_power_law(flops, loss, x_name="flops", y_name="loss",
-                                       confidence=confidence, irreducible=irreducible),
-    }
     with_fid = [p for p in points if p.fid is not None and math.isfinite(p.fid)]
+    specs = {"loss_vs_params": (points, "params", "loss"), "loss_vs_flops": (points, "flops", "loss")}
     if len(with_fid) >= (4 if irreducible else 3):
-        fits["fid_vs_flops"] = fit_power_law([p.flops for p in with_fid], [p.fid for p in with_fid],
-                                             x_name="flops", y_name="fid", confidence=confidence,
-                                             irreducible=irreducible)
+        specs["fid_vs_flops"] = (with_fid, "flops", "fid")
+    fits = {}
+    for key, (chosen, x_name, y_name) in specs.items():
+        try:
+            fits[key] = fit_power_law([getattr(p, x_name) for p in chosen], [getattr(p, y_name) for p in chosen],
+                                      x_name=x_name, y_name=y_name, confidence=confidence, irreducible=irreducible)
+        except ValueError as err:
+            if notes is None:
+                raise
+            notes.append(f"{key} skipped: {err}")
     return fits

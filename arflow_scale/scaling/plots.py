@@ -103,8 +103,8 @@ def plot_frontier(iso: IsoFlopAnalysis, path: Path) -> Path:
     budgets = np.array([p.budget for p in usable])
     grid = np.geomspace(budgets.min() / 2, budgets.max() * 2, 50) if usable else np.empty(0)
     with _figure(path, ncols=2) as (left, right):
-        panels = ((left, "n_opt", iso.n_opt_law, "tab:blue", "N_opt"), (left, "d_opt", iso.d_opt_law, "tab:orange",
-                                                                          "D_opt"),
+        panels = ((left, "n_opt", iso.n_opt_law, "tab:blue", "N_opt"),
+                  (left, "d_opt", iso.d_opt_law, "tab:orange", "D_opt"),
                   (right, "l_opt", iso.l_opt_law, "tab:green", "L_opt"))
         for ax, attr, law, colour, label in panels:
             values = np.array([getattr(p, attr).value for p in usable])

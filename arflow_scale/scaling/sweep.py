@@ -91,7 +91,7 @@ def flops_per_step(cfg: Config) -> int:
 def eval_flops(cfg: Config, steps: int) -> float:
     """FID sampling FLOPs of a run of `steps` steps: evaluations x samples x sampler steps x forward FLOPs
     of one image (the sampler calls the model on one image per step; CFG doubles the batch). Inception
-    features are left out (about 6 GFLOPs per sample, small beside sampling)."""
+    features are left out: one forward per sample, small beside the sampler's hundreds of model calls."""
     from arflow_scale.model import forward_flops
 
     runs = (steps // cfg.eval.fid_every if cfg.eval.fid_every else 0) + int(cfg.eval.fid_at_end)
