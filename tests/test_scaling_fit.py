@@ -446,3 +446,16 @@ def test_cli_csv_with_tokens(tmp_path):
     assert summary["bootstrap"] == {"resamples": 20, "seed": 1}
     assert abs(summary["isoflop"]["frontier"]["n_opt"]["b"] - ALLOCATION_A) < 0.05
     assert summary["parametric"]["alpha"]["value"] == pytest.approx(LAW["alpha"], abs=0.075)
+
+
+def test_isoflop_interval_undefined_when_few_resamples_have_a_vertex():
+    """Three sizes per budget: most resamples repeat a size and have no parabola, so no interval is
+    claimed and a note says why."""
+    points = [p for p in law_points() if abs(int(p.name.rsplit("k", 1)[1])) <= 1]
+    iso = fit_isoflop(points, settings=BootstrapSettings(resamples=100))
+    for profile in iso.profiles:
+        assert profile.status == "ok" and profile.resample_share < 0.5  # 6 of 27 draws keep 3 distinct sizes
+        assert all(math.isnan(x) for x in profile.n_opt.interval)
+    assert sum("no interval" in note for note in iso.notes) == 4
+    full = fit_isoflop(law_points(), settings=BootstrapSettings(resamples=100))
+    assert all(p.resample_share > 0.5 for p in full.profiles)

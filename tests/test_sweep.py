@@ -222,7 +222,7 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
 
     # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
     # reads the same points back from MLflow.
-    from arflow_scale.scaling.fit import points_from_mlflow
+    from arflow_scale.scaling.points import points_from_mlflow
     from arflow_scale.scaling.report import write_report
     from arflow_scale.scaling.sweep import run_sweep
 
@@ -232,6 +232,7 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
     points = points_from_mlflow(parent_run_id=state["parent_run_id"], tracking_uri=summary["tracking_uri"])
     assert sorted(p.loss for p in points) == pytest.approx(sorted(p["loss"] for p in summary["points"]))
+    assert sorted(p.tokens for p in points) == sorted(p["tokens"] for p in summary["points"])
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
     assert fitted["fits"]["loss_vs_params"]["b"] == pytest.approx(summary["fits"]["loss_vs_params"]["b"])

@@ -51,6 +51,12 @@ class BootstrapRun:
     succeeded: int
     settings: BootstrapSettings
 
+    def share(self, column: int) -> float:
+        """Fraction of the resamples whose refit gave statistic `column` (nan without resamples)."""
+        if self.settings.resamples == 0:
+            return float("nan")
+        return float(np.isfinite(self.samples[:, column]).sum()) / self.settings.resamples
+
     def interval(self, column: int) -> tuple[float, float]:
         """Percentile interval of statistic `column` (nan, nan if too few refits gave it)."""
         values = self.samples[:, column] if self.samples.size else np.empty(0)

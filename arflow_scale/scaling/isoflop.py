@@ -18,7 +18,8 @@ from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-from .bootstrap import BootstrapRun, BootstrapSettings, Estimate, bootstrap, single_threaded_blas
+from .bootstrap import (MIN_SUCCESS_FRACTION, BootstrapRun, BootstrapSettings, Estimate, bootstrap,
+                        single_threaded_blas)
 from .fit import PowerLawFit
 from .points import ScalingPoint
 
@@ -139,6 +140,7 @@ class IsoFlopProfile:
     n_opt: Estimate
     d_opt: Estimate
     l_opt: Estimate
+    resample_share: float  # fraction of bootstrap resamples whose parabola had a usable vertex
 
     @property
     def status(self) -> ProfileStatus:
@@ -225,7 +227,8 @@ def _profile(points: Sequence[ScalingPoint], group: BudgetGroup, parabola: Parab
         l_opt = run.estimate(parabola.l_opt, column + 1)
     sizes = [points[i].params for i in group.indices]
     return IsoFlopProfile(budget=group.budget, indices=group.indices, params_range=(min(sizes), max(sizes)),
-                          parabola=parabola, n_opt=n_opt, d_opt=d_opt, l_opt=l_opt)
+                          parabola=parabola, n_opt=n_opt, d_opt=d_opt, l_opt=l_opt,
+                          resample_share=run.share(column))
 
 
 def fit_isoflop(points: Sequence[ScalingPoint], *, tolerance: float = DEFAULT_BUDGET_TOLERANCE,
@@ -251,6 +254,9 @@ def fit_isoflop(points: Sequence[ScalingPoint], *, tolerance: float = DEFAULT_BU
     profiles = [_profile(points, g, p, run, 2 * j, ratio) for j, (g, p) in enumerate(zip(groups, parabolas))]
     usable = [p for p in profiles if p.status == "ok"]
     notes = [f"budget {p.budget:.3g}: {STATUS_TEXT[p.status]}" for p in profiles if p.status != "ok"]
+    notes += [f"budget {p.budget:.3g}: no interval, only {p.resample_share:.0%} of the resamples of its "
+              f"{len(p.indices)} points had a usable vertex (needs {MIN_SUCCESS_FRACTION:.0%}; sample more sizes)"
+              for p in usable if p.resample_share < MIN_SUCCESS_FRACTION]
     laws: list[Optional[PowerLawFit]] = [None, None, None]
     if len(usable) >= 2:
         coef = _frontier(budgets, parabolas, ratio)

@@ -146,6 +146,7 @@ def plot_parametric(points: Sequence[ScalingPoint], law: ParametricFit, ratio: T
         ax.plot(optimum[:, 0], optimum[:, 1], color="tab:red", lw=1.5, label="loss-optimal (N, D) per budget")
         ax.figure.colorbar(filled, ax=ax, label="predicted loss", format="%.3g")
         _log_axes(ax, "parameters N", "training tokens D")
+        ax.grid(False)  # the contour lines are the grid here
         ax.set_xlim(n_axis[0], n_axis[-1])
         ax.set_ylim(d_axis[0], d_axis[-1])
         ax.set_title(f"L = {law.E.value:.3g} + {law.A.value:.3g}/N^{law.alpha.value:.3f} + "

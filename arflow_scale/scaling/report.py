@@ -49,8 +49,8 @@ def _points_md(points: Sequence[ScalingPoint]) -> list[str]:
 
 
 def _law_row(label: str, law: PowerLawFit) -> str:
-    return (f"| {label} | {_fmt(law.a)} [{_fmt(law.a_interval[0])}, {_fmt(law.a_interval[1])}] | "
-            f"{law.b:.4f} [{law.b_interval[0]:.4f}, {law.b_interval[1]:.4f}] | {law.r2:.4f} | {law.n} |")
+    return (f"| {label} | {_est(Estimate(law.a, law.a_interval))} | {_est(Estimate(law.b, law.b_interval))} | "
+            f"{_fmt(law.r2)} | {law.n} |")
 
 
 def _d_opt_source(iso: IsoFlopAnalysis) -> str:
@@ -64,12 +64,12 @@ def _d_opt_source(iso: IsoFlopAnalysis) -> str:
 def _isoflop_md(iso: IsoFlopAnalysis) -> list[str]:
     lines = ["## IsoFLOP profiles", "", f"Grouped by {iso.grouping}; a parabola of loss in ln N per budget. "
              f"{_d_opt_source(iso)}.", "",
-             "| budget C | points | N sampled | N_opt | D_opt | L_opt | R^2 | status |",
-             "|---:|---:|---|---|---|---|---:|---|"]
+             "| budget C | points | N sampled | N_opt | D_opt | L_opt | R^2 | usable resamples | status |",
+             "|---:|---:|---|---|---|---|---:|---:|---|"]
     for p in iso.profiles:
         lines.append(f"| {_fmt(p.budget)} | {len(p.indices)} | {_fmt(p.params_range[0])} .. "
                      f"{_fmt(p.params_range[1])} | {_est(p.n_opt)} | {_est(p.d_opt)} | {_est(p.l_opt)} | "
-                     f"{_fmt(p.parabola.r2)} | {STATUS_TEXT[p.status]} |")
+                     f"{_fmt(p.parabola.r2)} | {_fmt(p.resample_share)} | {STATUS_TEXT[p.status]} |")
     lines += ["", "### Compute-optimal frontier", ""]
     if iso.n_opt_law is None:
         return lines + ["No frontier: fewer than two budgets with a usable optimum."]
@@ -144,6 +144,7 @@ def _power_law_summary(fit: PowerLawFit) -> dict:
 def _isoflop_summary(iso: IsoFlopAnalysis) -> dict:
     profiles = [{"budget": p.budget, "points": len(p.indices), "params_range": p.params_range,
                  "status": p.status, "parabola": p.parabola.coeffs, "r2": p.parabola.r2,
+                 "resample_share": p.resample_share,
                  "n_opt": p.n_opt.to_dict(), "d_opt": p.d_opt.to_dict(), "l_opt": p.l_opt.to_dict()}
                 for p in iso.profiles]
     laws = {name: (_power_law_summary(law) if law is not None else None)
