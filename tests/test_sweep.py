@@ -1,7 +1,8 @@
-"""Scaling sweeps: grid expansion and FLOP budgets (fast), and the cpu-tiny sweep end to end with an
-interrupted point resumed from its checkpoint and finished points skipped (slow)."""
+"""Scaling sweeps: grid and IsoFLOP expansion, FLOP budgets, tokens and cost (fast), and the cpu-tiny sweep
+end to end with an interrupted point resumed from its checkpoint and finished points skipped (slow)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,12 +12,14 @@ import pytest
 import yaml
 
 from arflow_scale.config import ConfigError
-from arflow_scale.model import count_parameters, forward_flops
-from arflow_scale.scaling.sweep import expand, flops_per_step, load_sweep
+from arflow_scale.model import count_parameters, forward_flops, resolve
+from arflow_scale.scaling.sweep import eval_flops, expand, flops_per_step, load_sweep, sweep_cost
 
 REPO = Path(__file__).resolve().parents[1]
 ARFLOW = str(Path(sys.executable).with_name("arflow"))
 CPU_TINY = REPO / "configs/sweeps/cpu-tiny.yaml"
+CPU_ISOFLOP = REPO / "configs/sweeps/cpu-isoflop.yaml"
+IMAGENET128 = REPO / "configs/sweeps/imagenet128.yaml"
 
 
 def test_cpu_tiny_expands_to_sizes_times_budgets(tmp_path):
@@ -63,6 +66,104 @@ def test_bad_sweep_files_name_the_key(override, message):
         expand(sweep, folder)
 
 
+def test_cpu_isoflop_expands_budgets_with_their_sizes(tmp_path):
+    sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}"])
+    assert sweep.design == "isoflop"
+    points = expand(sweep, folder)
+    levels = sweep.budget_levels()
+    assert [len(level.sizes) for level in levels] == [3, 4, 4] and len(points) == 11
+    assert levels[0].sizes == sweep.sizes  # a bare number takes the shared sizes
+    for level in levels:
+        at_budget = [p for p in points if p.budget == level.flops]
+        assert [(p.coords["depth"], p.coords["width"]) for p in at_budget] == \
+            [(s.depth, s.width) for s in level.sizes]
+    for p in points:
+        cfg = p.config
+        sequences = cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
+        assert p.steps == cfg.train.steps == round(p.budget / flops_per_step(cfg)) >= cfg.optim.warmup_steps
+        assert p.flops == p.steps * 3 * forward_flops(cfg.model) * sequences
+        assert abs(p.flops - p.budget) <= 0.5 * p.flops_per_step  # the nearest whole number of steps
+        assert p.images == sequences * cfg.model.k * p.steps
+        assert p.tokens == p.images * (cfg.model.image_size // cfg.model.patch_size) ** 2
+        assert p.coords["flops"] == p.budget and p.name.endswith(f"-f{p.budget:g}".replace("+", ""))
+    smallest = [p for p in points if p.coords["depth"] == 1 and p.coords["width"] == 32]
+    assert [p.steps for p in smallest] == pytest.approx([p.budget / smallest[0].flops_per_step for p in smallest],
+                                                        abs=0.5)
+
+
+def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
+    sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}", "budgets=[2e9, 8e9]",
+                                             "grid={optim.lr: [0.001, 0.002]}"])
+    points = expand(sweep, folder)
+    assert len(points) == 2 * 3 * 2 and {p.budget for p in points} == {2e9, 8e9}
+    assert {p.config.optim.lr for p in points} == {0.001, 0.002}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["budget.steps=[10]"], "budget: a grid setting"),
+    (["budgets=[]"], "an isoflop sweep needs at least one FLOP budget"),
+    (["budgets=[1e9, 1e9]"], "lists a budget twice"),
+    (["budgets=[-1e9]"], r"budgets\[0\]\.flops: must be > 0, got -1000000000.0"),
+    (["budgets=[1e9]", "sizes=[]"], r"budgets\[0\].sizes: no sizes"),
+    (["budgets=[{flops: 1e9, colour: red}]"], r"budgets\[0\]\.colour: unknown key"),
+    (["gpu={mfu: 0.4}"], "give both gpu.peak_tflops and gpu.mfu"),
+    (["design=grid"], "budgets: only for design: isoflop"),
+    (["design=chinchilla"], "design"),
+    (["gpu={peak_tflops: 989, mfu: 1.5}"], r"gpu.mfu: must be in \(0, 1\]"),
+])
+def test_bad_isoflop_sweep_files_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(CPU_ISOFLOP, overrides)
+
+
+def test_imagenet128_is_an_isoflop_sweep_with_its_cost(capsys):
+    from arflow_scale.cli import main
+
+    assert main(["sweep", "--config", str(IMAGENET128), "--dry-run"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    dry = json.loads(out[-1])
+    assert dry["design"] == "isoflop" and len(dry["points"]) == 20
+    assert "GPU-hours on H100 SXM bf16 dense at 989 TFLOP/s peak x MFU 0.35" in out[-2]
+    by_budget = {}
+    for p in dry["points"]:
+        by_budget.setdefault(p["budget"], []).append(p)
+        assert p["flops"] == pytest.approx(p["budget"], rel=1e-3)  # thousands of steps: rounding is small
+        assert p["gpu_hours"] == pytest.approx(p["flops"] / (989e12 * 0.35) / 3600)
+    assert sorted(by_budget) == [1e18, 3e18, 1e19, 3e19]
+    for budget, points in by_budget.items():  # five sizes each, a larger window for a larger budget
+        assert len(points) == 5 and len({p["params"] for p in points}) == 5
+    assert min(p["params"] for p in by_budget[3e19]) > min(p["params"] for p in by_budget[1e18])
+    cost = dry["cost"]
+    assert cost["train_flops"] == pytest.approx(sum(p["flops"] for p in dry["points"]))
+    assert cost["eval_flops"] > 0  # fid: true, 10k samples x 250 sampler steps per point
+    assert cost["gpu_hours"] == pytest.approx((cost["train_flops"] + cost["eval_flops"]) / (989e12 * 0.35) / 3600)
+    assert cost["assumptions"] == {"gpu": "H100 SXM bf16 dense", "peak_tflops": 989.0, "mfu": 0.35}
+
+
+def test_sweep_cost_and_fid_sampling_flops(tmp_path):
+    sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}", "fid=true",
+                                          "overrides=[cluster.num_workers=1, eval.num_samples=100, eval.steps=8]"])
+    points = expand(sweep, folder)
+    cfg = points[0].config
+    one_image = forward_flops(dataclasses.replace(cfg.model, k=1))
+    assert eval_flops(cfg, points[0].steps) == 100 * 8 * one_image  # fid_at_end: one evaluation
+    guided = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, cfg_scale=1.5, fid_every=20))
+    assert eval_flops(guided, 40) == (40 // 20 + 1) * 100 * 8 * 2 * one_image
+    cost = sweep_cost(points)
+    assert cost.points == 6 and cost.gpu_hours is None and "gpu_hours" not in cost.to_dict()
+    assert cost.tokens == sum(p.images * resolve(p.config.model).tokens_per_image for p in points)
+
+
+def test_dry_run_of_a_grid_sweep_prints_points_without_gpu_hours(capsys, tmp_path):
+    from arflow_scale.cli import main
+
+    assert main(["sweep", "--config", str(CPU_TINY), "--dry-run", f"storage_path={tmp_path}"]) == 0
+    dry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert dry["design"] == "grid" and len(dry["points"]) == 6
+    assert all(p["budget"] is None and p["tokens"] > 0 and "gpu_hours" not in p for p in dry["points"])
+    assert "gpu_hours" not in dry["cost"]
+
+
 def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
     """cpu-tiny with an absolute base, 3 sizes x 1 tiny budget, storage and tracking under tmp_path."""
     data = yaml.safe_load(CPU_TINY.read_text())
@@ -104,7 +205,7 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     assert by_name["cpu-tiny-d1w32-s3"]["run_id"] == interrupted_run  # same run, continued
     assert len({p["params"] for p in summary["points"]}) == 3
     for point in summary["points"]:
-        assert point["steps"] == 3 and point["loss"] > 0
+        assert point["steps"] == 3 and point["loss"] > 0 and point["tokens"] > 0 and point["budget"] is None
         assert (tmp_path / "sweeps/cpu-tiny/points" / f"{point['name']}.json").is_file()
 
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
@@ -121,7 +222,7 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
 
     # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
     # reads the same points back from MLflow.
-    from arflow_scale.scaling.fit import points_from_mlflow
+    from arflow_scale.scaling.points import points_from_mlflow
     from arflow_scale.scaling.report import write_report
     from arflow_scale.scaling.sweep import run_sweep
 
@@ -131,6 +232,7 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
     points = points_from_mlflow(parent_run_id=state["parent_run_id"], tracking_uri=summary["tracking_uri"])
     assert sorted(p.loss for p in points) == pytest.approx(sorted(p["loss"] for p in summary["points"]))
+    assert sorted(p.tokens for p in points) == sorted(p["tokens"] for p in summary["points"])
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
     assert fitted["fits"]["loss_vs_params"]["b"] == pytest.approx(summary["fits"]["loss_vs_params"]["b"])

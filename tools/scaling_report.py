@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Scaling-law report of a finished sweep: power-law fits L(N), L(C), FID(C) with confidence
-intervals, a markdown/CSV table and PNG plots (logged to the sweep's parent MLflow run).
+"""Scaling-law report of a finished sweep: IsoFLOP profiles and frontier, the parametric law L(N, D),
+power laws L(N), L(C), FID(C) and a held-out prediction check, with intervals; a markdown/CSV table
+and PNG plots (logged to the sweep's parent MLflow run).
 
     python tools/scaling_report.py --parent-run RUN_ID --tracking-uri sqlite:///runs/mlflow.db --out report/
     python tools/scaling_report.py --csv points.csv --out report/

@@ -5,42 +5,65 @@ import json
 
 
 def register(sub) -> None:
-    parser = sub.add_parser("sweep", help="run a scaling sweep (model size x budget x keys), resumable")
-    parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/cpu-tiny.yaml")
+    parser = sub.add_parser("sweep", help="run a scaling sweep (IsoFLOP budgets or a size x budget grid), resumable")
+    parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/cpu-isoflop.yaml")
     parser.add_argument("--parallel", type=int, default=None,
                         help="points in flight (1: one after the other in this process; 0: fit the cluster)")
     parser.add_argument("--no-report", action="store_true", help="skip the fit/report at the end")
-    parser.add_argument("--dry-run", action="store_true", help="list the points (params, steps, FLOPs) only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the points (params, steps, FLOPs, tokens) and the total cost only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the sweep file, e.g. budget.steps=[20,40]")
     parser.set_defaults(handler=run)
 
 
+def _dry_run(sweep, folder) -> dict:
+    """Print a table of the points and the total cost; return them as the JSON summary."""
+    from arflow_scale.scaling.sweep import expand, sweep_cost
+
+    points = expand(sweep, folder)
+    cost = sweep_cost(points, sweep.gpu if sweep.gpu.enabled else None)
+    rows = []
+    print(f"{'point':<48} {'params':>10} {'steps':>8} {'FLOPs':>10} {'tokens':>10}"
+          + (f" {'train GPU-h':>12}" if sweep.gpu.enabled else ""))
+    for p in points:
+        row = {**p.coords, "name": p.name, "params": p.params, "steps": p.steps, "flops": p.flops,
+               "tokens": p.tokens, "images": p.images, "budget": p.budget}  # coords' flops is the budget
+        line = f"{p.name:<48} {p.params:>10.3g} {p.steps:>8d} {p.flops:>10.3g} {p.tokens:>10.3g}"
+        if sweep.gpu.enabled:
+            row["gpu_hours"] = sweep.gpu.hours(p.flops)
+            line += f" {row['gpu_hours']:>12.3g}"
+        rows.append(row)
+        print(line)
+    total = cost.to_dict()
+    print(f"total: {cost.points} points, {cost.train_flops:.3g} training FLOPs, {cost.eval_flops:.3g} FID sampling "
+          f"FLOPs, {cost.tokens:.3g} tokens, {cost.images:.3g} images"
+          + (f"; {cost.gpu_hours:.4g} GPU-hours on {sweep.gpu.name or 'the assumed GPU'} at "
+             f"{sweep.gpu.peak_tflops:g} TFLOP/s peak x MFU {sweep.gpu.mfu:g}" if sweep.gpu.enabled else ""))
+    return {"sweep": sweep.name, "design": sweep.design, "points": rows, "cost": total}
+
+
 def run(args) -> int:
     from pathlib import Path
 
-    from arflow_scale.scaling.sweep import expand, load_sweep, run_sweep, sweep_url
+    from arflow_scale.scaling.sweep import load_sweep, run_sweep, sweep_url
 
     sweep, folder = load_sweep(args.config, args.overrides)
     if args.dry_run:
-        points = [{"name": p.name, "params": p.params, "steps": p.steps, "flops": p.flops, **p.coords}
-                  for p in expand(sweep, folder)]
-        print(json.dumps({"sweep": sweep.name, "points": points}), flush=True)
+        print(json.dumps(_dry_run(sweep, folder)), flush=True)
         return 0
     summary = run_sweep(sweep, folder, parallel=args.parallel)
     if not args.no_report and len(summary["points"]) >= 3:
-        from arflow_scale.scaling.fit import ScalingPoint
+        from arflow_scale.scaling.points import point_from_record
         from arflow_scale.scaling.report import write_report
 
         root = sweep_url(sweep)
         out = Path(root, "report") if "://" not in root else Path("runs", "sweeps", sweep.name, "report")
-        points = [ScalingPoint(params=r["params"], flops=r["flops"], loss=r["loss"], fid=r.get("fid"),
-                               name=r["name"], run_id=r.get("run_id") or "") for r in summary["points"]]
-        report = write_report(points, out, parent_run_id=summary["parent_run_id"],
-                              tracking_uri=summary["tracking_uri"])
+        report = write_report([point_from_record(r) for r in summary["points"]], out,
+                              parent_run_id=summary["parent_run_id"], tracking_uri=summary["tracking_uri"])
         summary["fits"] = report["fits"]
         summary["report_dir"] = report["out_dir"]
-    summary["points"] = [{k: r[k] for k in ("name", "params", "flops", "steps", "loss", "fid", "run_id")}
-                         for r in summary["points"]]
+    keep = ("name", "params", "flops", "steps", "tokens", "budget", "loss", "fid", "run_id")
+    summary["points"] = [{k: r.get(k) for k in keep} for r in summary["points"]]
     print(json.dumps(summary), flush=True)
     return 0

@@ -1,36 +1,17 @@
-"""Power-law fits y = a * x^b (+ c) in log space, with t-distribution confidence intervals.
+"""Single power laws y = a * x^b (+ c) in log space, with t-distribution confidence intervals.
 
-Points come from a CSV (`params`, `flops`, `loss`, optional `fid`), an MLflow experiment, or the
-nested runs under a parent run. Each point is one training run of a sweep.
+Fitted over all points together (loss vs params, loss vs FLOPs, FID vs FLOPs); the compute-optimal
+analysis is in isoflop.py and parametric.py. Points: points.py.
 """
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 
-# Metric names the sweep logs on every point's MLflow run (read back by `points_from_mlflow`).
-METRIC_PARAMS = "scaling/params"
-METRIC_FLOPS = "scaling/flops"
-METRIC_LOSS = "scaling/loss"
-METRIC_FID = "fid"
-CSV_COLUMNS = ("params", "flops", "loss")
-
-
-@dataclass
-class ScalingPoint:
-    """One finished training run: parameter count N, training FLOPs C, final loss, optional FID."""
-
-    params: float
-    flops: float
-    loss: float
-    fid: Optional[float] = None
-    name: str = ""
-    run_id: str = ""
+from .points import ScalingPoint
 
 
 @dataclass
@@ -48,6 +29,7 @@ class PowerLawFit:
     confidence: float
     c: Optional[float] = None  # irreducible term (fixed at its profile optimum when fitted)
     stderr: dict[str, float] = field(default_factory=dict)
+    interval: Literal["t", "bootstrap"] = "t"  # how a_interval / b_interval were obtained
 
     @property
     def alpha(self) -> float:
@@ -134,117 +116,26 @@ def _profile_irreducible(log_x: np.ndarray, y: np.ndarray, confidence: float) ->
     return float(res.x) if sse(float(res.x)) < sse(0.0) else 0.0
 
 
-def fit_scaling_laws(points: Sequence[ScalingPoint], *, confidence: float = 0.95,
-                     irreducible: bool = False) -> dict[str, PowerLawFit]:
-    """L(N), L(C) and (when every point has one) FID(C), keyed loss_vs_params/loss_vs_flops/fid_vs_flops."""
+def fit_scaling_laws(points: Sequence[ScalingPoint], *, confidence: float = 0.95, irreducible: bool = False,
+                     notes: Optional[list[str]] = None) -> dict[str, PowerLawFit]:
+    """L(N), L(C) and (when enough points have one) FID(C), keyed loss_vs_params/loss_vs_flops/fid_vs_flops.
+
+    A law the points cannot support (e.g. one FLOP budget: no spread in C) raises, or, given `notes`,
+    is left out with its reason appended there.
+    """
     if not points:
         raise ValueError("no scaling points to fit")
-    params = [p.params for p in points]
-    flops = [p.flops for p in points]
-    loss = [p.loss for p in points]
-    fits = {
-        "loss_vs_params": fit_power_law(params, loss, x_name="params", y_name="loss",
-                                        confidence=confidence, irreducible=irreducible),
-        "loss_vs_flops": fit_power_law(flops, loss, x_name="flops", y_name="loss",
-                                       confidence=confidence, irreducible=irreducible),
-    }
     with_fid = [p for p in points if p.fid is not None and math.isfinite(p.fid)]
+    specs = {"loss_vs_params": (points, "params", "loss"), "loss_vs_flops": (points, "flops", "loss")}
     if len(with_fid) >= (4 if irreducible else 3):
-        fits["fid_vs_flops"] = fit_power_law([p.flops for p in with_fid], [p.fid for p in with_fid],
-                                             x_name="flops", y_name="fid", confidence=confidence,
-                                             irreducible=irreducible)
+        specs["fid_vs_flops"] = (with_fid, "flops", "fid")
+    fits = {}
+    for key, (chosen, x_name, y_name) in specs.items():
+        try:
+            fits[key] = fit_power_law([getattr(p, x_name) for p in chosen], [getattr(p, y_name) for p in chosen],
+                                      x_name=x_name, y_name=y_name, confidence=confidence, irreducible=irreducible)
+        except ValueError as err:
+            if notes is None:
+                raise
+            notes.append(f"{key} skipped: {err}")
     return fits
-
-
-def _parse_number(text: str, where: str, column: str, optional: bool = False) -> Optional[float]:
-    text = (text or "").strip()
-    if not text:
-        if optional:
-            return None
-        raise ValueError(f"{where}: column {column!r} is empty")
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{where}: column {column!r} has {text!r}, not a number") from None
-
-
-def points_from_csv(path: str | Path) -> list[ScalingPoint]:
-    """Read a CSV with a header row: params, flops, loss and optionally fid, name."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: points CSV not found")
-    with path.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in CSV_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (header: {', '.join(header)})")
-        points = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): v for k, v in row.items()}
-            where = f"{path}:{line}"
-            points.append(ScalingPoint(
-                params=_parse_number(row["params"], where, "params"),
-                flops=_parse_number(row["flops"], where, "flops"),
-                loss=_parse_number(row["loss"], where, "loss"),
-                fid=_parse_number(row.get("fid", ""), where, "fid", optional=True),
-                name=(row.get("name") or "").strip(),
-            ))
-    if not points:
-        raise ValueError(f"{path}: no data rows")
-    return points
-
-
-def write_points_csv(points: Iterable[ScalingPoint], path: str | Path) -> Path:
-    """Write points with columns name, params, flops, loss, fid, run_id."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["name", "params", "flops", "loss", "fid", "run_id"])
-        for p in points:
-            writer.writerow([p.name, repr(float(p.params)), repr(float(p.flops)), repr(float(p.loss)),
-                             "" if p.fid is None else repr(float(p.fid)), p.run_id])
-    return path
-
-
-def _point_from_run(run) -> Optional[ScalingPoint]:
-    metrics = run.data.metrics
-    if not all(k in metrics for k in (METRIC_PARAMS, METRIC_FLOPS, METRIC_LOSS)):
-        return None
-    return ScalingPoint(params=metrics[METRIC_PARAMS], flops=metrics[METRIC_FLOPS],
-                        loss=metrics[METRIC_LOSS], fid=metrics.get(METRIC_FID),
-                        name=run.info.run_name or "", run_id=run.info.run_id)
-
-
-def points_from_mlflow(*, experiment: Optional[str] = None, parent_run_id: Optional[str] = None,
-                       tracking_uri: Optional[str] = None) -> list[ScalingPoint]:
-    """Finished runs carrying the `scaling/*` metrics, from an experiment or under a parent run."""
-    from mlflow.tracking import MlflowClient
-
-    if (experiment is None) == (parent_run_id is None):
-        raise ValueError("give exactly one of experiment or parent_run_id")
-    client = MlflowClient(tracking_uri=tracking_uri)
-    if parent_run_id is not None:
-        parent = client.get_run(parent_run_id)
-        experiment_ids = [parent.info.experiment_id]
-        query = f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
-        where = f"parent run {parent_run_id}"
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            raise ValueError(f"MLflow experiment {experiment!r} not found at {client.tracking_uri}")
-        experiment_ids = [exp.experiment_id]
-        query = ""
-        where = f"experiment {experiment!r}"
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    points = [p for p in (_point_from_run(r) for r in runs if r.info.status == "FINISHED") if p is not None]
-    if not points:
-        raise ValueError(f"no finished runs with metrics {METRIC_PARAMS}, {METRIC_FLOPS}, {METRIC_LOSS} in {where}")
-    return sorted(points, key=lambda p: (p.params, p.flops))

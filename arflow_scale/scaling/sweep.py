@@ -1,6 +1,7 @@
-"""Scaling sweeps: a grid of model size x budget (steps or FLOPs) x other dotted keys, each point a
-training run (`arflow_scale.train.train`) nested under one MLflow parent run. Resumable: finished
-points (result JSON) are skipped, interrupted ones continue from their checkpoints (same run name).
+"""Scaling sweeps: the points of a sweep file (design.py: an IsoFLOP design, or a grid of model size x
+budget x other dotted keys), each a training run (`arflow_scale.train.train`) nested under one MLflow
+parent run. Resumable: finished points (result JSON) are skipped, interrupted ones continue from their
+checkpoints (same run name).
 
 Layout under `<storage_path>/<name>/`: sweep.json (parent run id), points/<point>.json, runs/<point>/.
 """
@@ -13,76 +14,30 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from arflow_scale.config import Config, ConfigError, load_config
-from arflow_scale.schema import apply_overrides, build, check, read_yaml_mapping
+import ray
+from mlflow.tracking import MlflowClient
 
-from .fit import METRIC_FID, METRIC_FLOPS, METRIC_LOSS, METRIC_PARAMS
+from arflow_scale.cluster.connect import connect_ray
+from arflow_scale.config import Config, ConfigError, load_config, to_dict
+from arflow_scale.model import count_parameters, forward_flops, resolve
+from arflow_scale.schema import apply_overrides, build, read_yaml_mapping
+from arflow_scale.train.driver import TrainResult, prepare_inputs, train
+
+from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
+from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
+                     METRIC_TOKENS)
 from .state import absolute_url, ensure_parent_run, read_json, resolve_tracking_uri, sweep_url, write_json
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SizeSpec:
-    """One model size of the grid: depth x width (heads default to width // 64, at least 1)."""
-
-    depth: int
-    width: int
-    heads: Optional[int] = None
-
-    def validate(self) -> None:
-        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
-        check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
-        check(self.width % self.num_heads == 0, "heads", f"width {self.width} not divisible by {self.num_heads}")
-
-    @property
-    def num_heads(self) -> int:
-        return self.heads if self.heads is not None else max(1, self.width // 64)
-
-
-@dataclass
-class BudgetSpec:
-    """Training budgets: optimizer steps, or training FLOPs (converted to steps per model size)."""
-
-    steps: list[int] = field(default_factory=list)
-    flops: list[float] = field(default_factory=list)
-
-    def validate(self) -> None:
-        check(bool(self.steps) != bool(self.flops), "steps", "give exactly one of budget.steps or budget.flops")
-        check(all(s >= 1 for s in self.steps), "steps", f"must all be >= 1, got {self.steps}")
-        check(all(f > 0 for f in self.flops), "flops", f"must all be > 0, got {self.flops}")
-
-
-@dataclass
-class SweepConfig:
-    name: str
-    sizes: list[SizeSpec]
-    budget: BudgetSpec
-    base: Optional[str] = None  # training config YAML (relative to the sweep file, then the cwd)
-    overrides: list[str] = field(default_factory=list)  # dotted key=value for every point
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # other dotted keys -> values
-    storage_path: str = "runs/sweeps"  # local folder or URL; on multi-node clusters use s3://
-    storage_options: dict[str, str] = field(default_factory=dict)
-    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite in the sweep folder
-    experiment: str = "arflow-sweeps"
-    parallel: int = 1  # points in flight at once; 0: as many as the cluster's CPUs/GPUs fit
-    fid: bool = False  # FID of each point at its end (eval.fid_at_end)
-
-    def validate(self) -> None:
-        check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "name", f"{self.name!r}: use letters, digits, _ . -")
-        check(bool(self.sizes), "sizes", "needs at least one model size")
-        check(self.parallel >= 0, "parallel", f"must be >= 0, got {self.parallel}")
-        for key, values in self.grid.items():
-            check(isinstance(values, list) and bool(values), f"grid.{key}", f"needs a non-empty list, got {values!r}")
-
-
-@dataclass
 class SweepPoint:
-    """One training run of the grid, with its resolved config and analytic size/compute."""
+    """One training run of the sweep, with its resolved config and analytic size/compute/data."""
 
     name: str
     config: Config
@@ -90,15 +45,25 @@ class SweepPoint:
     flops_per_step: int
     steps: int
     coords: dict[str, Any]
+    budget: Optional[float] = None  # the FLOP budget it spends (isoflop, budget.flops); None for budget.steps
 
     @property
     def flops(self) -> float:
         return float(self.flops_per_step) * self.steps
 
     @property
-    def config_sha(self) -> str:
-        from arflow_scale.config import to_dict
+    def images(self) -> int:
+        """Training images seen: sequences per step x K x steps."""
+        return sequences_per_step(self.config) * self.config.model.k * self.steps
 
+    @property
+    def tokens(self) -> int:
+        """Training tokens seen: images x tokens per image (patches)."""
+
+        return self.images * resolve(self.config.model).tokens_per_image
+
+    @property
+    def config_sha(self) -> str:
         resolved = to_dict(self.config)
         resolved["tracking"].pop("uri", None)
         return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -109,16 +74,30 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     path = Path(path)
     data = read_yaml_mapping(path, "sweep file")
     try:
-        return build(SweepConfig, apply_overrides(data, list(overrides))), path.parent
+        return build(SweepConfig, normalise_budgets(apply_overrides(data, list(overrides)))), path.parent
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
 
 
-def flops_per_step(cfg: Config) -> int:
-    """Training FLOPs of one optimizer step: 3 x forward FLOPs x sequences (batch x world x accumulation)."""
-    from arflow_scale.model import forward_flops
+def sequences_per_step(cfg: Config) -> int:
+    """Sequences of one optimizer step: batch per rank x ranks x gradient accumulation."""
+    return cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
 
-    return 3 * int(forward_flops(cfg.model)) * cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
+
+def flops_per_step(cfg: Config) -> int:
+    """Training FLOPs of one optimizer step: 3 x forward FLOPs x sequences per step."""
+
+    return 3 * int(forward_flops(cfg.model)) * sequences_per_step(cfg)
+
+
+def eval_flops(cfg: Config, steps: int) -> float:
+    """FID sampling FLOPs of a run of `steps` steps: evaluations x samples x sampler steps x forward FLOPs
+    of one image (the sampler calls the model on one image per step; CFG doubles the batch). Inception
+    features are left out: one forward per sample, small beside the sampler's hundreds of model calls."""
+
+    runs = (steps // cfg.eval.fid_every if cfg.eval.fid_every else 0) + int(cfg.eval.fid_at_end)
+    per_call = forward_flops(dataclasses.replace(cfg.model, k=1)) * (2 if cfg.eval.cfg_scale != 1.0 else 1)
+    return float(runs) * cfg.eval.num_samples * cfg.eval.steps * per_call
 
 
 def _slug(value: Any) -> str:
@@ -130,51 +109,98 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
-    """The grid's points, sizes x budgets x other keys, in that nesting order."""
-    base = None
-    if sweep.base:
-        candidates = [folder / sweep.base, Path(sweep.base)]
-        base = next((c for c in candidates if c.is_file()), None)
-        if base is None:
-            raise ConfigError(f"base: training config {sweep.base!r} not found (looked in {folder} and the cwd)")
-    keys = sorted(sweep.grid)
+def _plan(sweep: SweepConfig) -> list[tuple[SizeSpec, str, float]]:
+    """(size, budget kind, amount) of every point before the grid keys, in the design's order."""
+    if sweep.design == "isoflop":
+        return [(size, "flops", level.flops) for level in sweep.budget_levels() for size in level.sizes]
     budgets = [("steps", s) for s in sweep.budget.steps] + [("flops", f) for f in sweep.budget.flops]
-    root = sweep_url(sweep)
-    points = []
-    for size, (kind, amount), values in itertools.product(sweep.sizes, budgets,
-                                                          itertools.product(*(sweep.grid[k] for k in keys))):
-        extra = dict(zip(keys, values))
-        shape = [_override("model.depth", size.depth), _override("model.width", size.width),
-                 _override("model.heads", size.num_heads)]
-        cfg = load_config(base, [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())])
-        per_step = flops_per_step(cfg)
-        steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
-        name = "-".join([sweep.name, f"d{size.depth}w{size.width}", f"{kind[0]}{_slug(amount)}",
-                         *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
-        if len(name) > 200:
-            name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
-        run_overrides = [_override("train.steps", steps), _override("run.name", name),
-                         _override("run.storage_path", f"{root}/runs"),
-                         _override("tracking.experiment", sweep.experiment)]
-        if sweep.storage_options:
-            run_overrides.append(_override("run.storage_options", sweep.storage_options))
-        if sweep.fid:
-            run_overrides.append(_override("eval.fid_at_end", True))
-        if cfg.data.manifest and "://" not in cfg.data.manifest:
-            run_overrides.append(_override("data.manifest", absolute_url(cfg.data.manifest)))
-        cfg = load_config(base, [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items()),
-                                 *run_overrides])
-        from arflow_scale.model import count_parameters
+    return [(size, kind, amount) for size in sweep.sizes for kind, amount in budgets]
 
-        points.append(SweepPoint(name=name, config=cfg, params=int(count_parameters(cfg.model)),
-                                 flops_per_step=per_step, steps=steps,
-                                 coords={"depth": size.depth, "width": size.width, kind: amount, **extra}))
+
+def _base_config(sweep: SweepConfig, folder: Path) -> Optional[Path]:
+    if not sweep.base:
+        return None
+    base = next((c for c in (folder / sweep.base, Path(sweep.base)) if c.is_file()), None)
+    if base is None:
+        raise ConfigError(f"base: training config {sweep.base!r} not found (looked in {folder} and the cwd)")
+    return base
+
+
+def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, amount: float,
+           extra: dict[str, Any]) -> SweepPoint:
+    """One point: the size's config, its steps (a FLOP budget divided by the FLOPs of one step), its run."""
+
+    shape = [_override("model.depth", size.depth), _override("model.width", size.width),
+             _override("model.heads", size.num_heads)]
+    keys = [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())]
+    cfg = load_config(base, keys)
+    per_step = flops_per_step(cfg)
+    steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
+    name = "-".join([sweep.name, f"d{size.depth}w{size.width}", f"{kind[0]}{_slug(amount)}",
+                     *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
+    if len(name) > 200:
+        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    run_overrides = [_override("train.steps", steps), _override("run.name", name),
+                     _override("run.storage_path", f"{sweep_url(sweep)}/runs"),
+                     _override("tracking.experiment", sweep.experiment)]
+    if sweep.storage_options:
+        run_overrides.append(_override("run.storage_options", sweep.storage_options))
+    if sweep.fid:
+        run_overrides.append(_override("eval.fid_at_end", True))
+    if cfg.data.manifest and "://" not in cfg.data.manifest:
+        run_overrides.append(_override("data.manifest", absolute_url(cfg.data.manifest)))
+    cfg = load_config(base, [*keys, *run_overrides])
+    return SweepPoint(name=name, config=cfg, params=int(count_parameters(cfg.model)), flops_per_step=per_step,
+                      steps=steps, coords={"depth": size.depth, "width": size.width, kind: amount, **extra},
+                      budget=float(amount) if kind == "flops" else None)
+
+
+def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
+    """The sweep's points: grid: sizes x budgets x other keys; isoflop: budgets x their sizes x other keys."""
+    base = _base_config(sweep, folder)
+    keys = sorted(sweep.grid)
+    points = [_point(sweep, base, size, kind, amount, dict(zip(keys, values)))
+              for (size, kind, amount), values in itertools.product(
+                  _plan(sweep), itertools.product(*(sweep.grid[k] for k in keys)))]
     names = [p.name for p in points]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
-        raise ConfigError(f"grid gives two points named {duplicate!r}: make the grid values distinct")
+        raise ConfigError(f"sweep gives two points named {duplicate!r}: make the sizes, budgets and grid values "
+                          "distinct")
     return points
+
+
+@dataclass(frozen=True)
+class SweepCost:
+    """What a sweep spends: training FLOPs, FID sampling FLOPs, data; GPU-hours when a GPU is assumed."""
+
+    points: int
+    train_flops: float
+    eval_flops: float
+    tokens: float
+    images: float
+    gpu: Optional[GpuSpec] = None
+
+    @property
+    def gpu_hours(self) -> Optional[float]:
+        return None if self.gpu is None else self.gpu.hours(self.train_flops + self.eval_flops)
+
+    def to_dict(self) -> dict:
+        out = {"points": self.points, "train_flops": self.train_flops, "eval_flops": self.eval_flops,
+               "tokens": self.tokens, "images": self.images}
+        if self.gpu is not None:
+            out.update(gpu_hours=self.gpu_hours, train_gpu_hours=self.gpu.hours(self.train_flops),
+                       eval_gpu_hours=self.gpu.hours(self.eval_flops),
+                       assumptions={"gpu": self.gpu.name, "peak_tflops": self.gpu.peak_tflops, "mfu": self.gpu.mfu})
+        return out
+
+
+def sweep_cost(points: list[SweepPoint], gpu: Optional[GpuSpec] = None) -> SweepCost:
+    """Totals over the points (FLOPs as counted by `forward_flops`: matmuls, 2 per multiply-add)."""
+    return SweepCost(points=len(points), train_flops=sum(p.flops for p in points),
+                     eval_flops=sum(eval_flops(p.config, p.steps) for p in points),
+                     tokens=float(sum(p.tokens for p in points)), images=float(sum(p.images for p in points)),
+                     gpu=gpu)
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -192,35 +218,51 @@ def _smoothed_loss(client, run_id: str, steps: int, fallback: float) -> float:
     return float(sum(values) / len(values)) if values else fallback
 
 
+def _held_out_loss(result: TrainResult) -> Optional[float]:
+    """The run's held-out validation loss when the trainer measured one (`val_loss`), else None."""
+    value = result.val_loss
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
 def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, result_url: str,
               storage_options: dict) -> dict:
-    """Train one point (resuming its checkpoints), nest its run under the parent, record the result JSON."""
-    from arflow_scale.train.driver import train
+    """Train one point (resuming its checkpoints), nest its run under the parent, record the result JSON.
+
+    The point's loss is the run's held-out `val_loss` when the trainer reports one, else the mean
+    training loss over its last 20% of steps (`loss_source` says which).
+    """
 
     cfg = _with_tracking(point, tracking_uri, parent_run_id)
     log.info("sweep point %s: %d params, %d steps, %.3g FLOPs", point.name, point.params, point.steps, point.flops)
     result = train(cfg)
+    val_loss = _held_out_loss(result)
     loss, fid, run_id = result.final_loss, None, result.mlflow_run_id
     if run_id and cfg.tracking.enabled:
-        from mlflow.tracking import MlflowClient
 
         client = MlflowClient(tracking_uri=tracking_uri)
-        loss = _smoothed_loss(client, run_id, point.steps, loss)
+        loss = val_loss if val_loss is not None else _smoothed_loss(client, run_id, point.steps, loss)
         fid = client.get_run(run_id).data.metrics.get(METRIC_FID)
         client.set_tag(run_id, "arflow.sweep_point", point.name)
-        for key, value in ((METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss)):
+        metrics = [(METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss),
+                   (METRIC_TOKENS, point.tokens), (METRIC_IMAGES, point.images)]
+        if point.budget is not None:
+            metrics.append((METRIC_BUDGET, point.budget))
+        for key, value in metrics:
             client.log_metric(run_id, key, float(value), step=point.steps)
+    elif val_loss is not None:
+        loss = val_loss
     record = {"name": point.name, "params": point.params, "flops": point.flops, "steps": point.steps,
-              "flops_per_step": point.flops_per_step, "loss": loss, "final_loss": result.final_loss,
-              "fid": fid, "run_id": run_id, "coords": point.coords, "config_sha": point.config_sha,
-              "checkpoint": result.checkpoint}
+              "flops_per_step": point.flops_per_step, "tokens": point.tokens, "images": point.images,
+              "budget": point.budget, "loss": loss,
+              "loss_source": "val_loss" if val_loss is not None else "train_loss_last_20pct",
+              "final_loss": result.final_loss, "fid": fid, "run_id": run_id, "coords": point.coords,
+              "config_sha": point.config_sha, "checkpoint": result.checkpoint}
     write_json(result_url, record, storage_options)
     return record
 
 
 def auto_parallel(point: SweepPoint) -> int:
     """Points the connected cluster fits at once: its CPUs (GPUs) over one point's workers' needs."""
-    import ray
 
     total = ray.cluster_resources()
     cluster = point.config.cluster
@@ -258,15 +300,12 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
               "storage_options": dict(sweep.storage_options)}
     parallel = sweep.parallel if parallel is None else parallel
     if todo:  # shards a point would write (run.prepare_data) are written once, here, not by every point
-        from arflow_scale.train.driver import prepare_inputs
 
         prepare_inputs(todo[0].config)
     if todo and parallel != 1:
-        from arflow_scale.cluster.connect import connect_ray
 
         connect_ray(todo[0].config.cluster.address, todo[0].config.cluster.local_num_cpus)
         parallel = parallel or auto_parallel(todo[0])
-    from mlflow.tracking import MlflowClient
 
     try:
         if parallel == 1:
@@ -286,7 +325,6 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
 
 def _run_parallel(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
     """Ray tasks, at most `parallel` in flight; a failed point fails the sweep after the others finish."""
-    import ray
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_point)
     pending: dict[Any, str] = {}

@@ -56,14 +56,16 @@ class TrainResult:
     mlflow_tracking_uri: Optional[str]
     images_per_s: float
     fid: dict[str, Any] = field(default_factory=dict)  # step -> {"fid", "n", "seconds"} or {"error"}
+    val_loss: Optional[float] = None  # held-out validation loss of the final weights, when measured
 
     def to_json(self) -> dict[str, Any]:
-        """A strict-JSON dict (no NaN: a non-finite loss becomes null); `fid` only when measured."""
+        """A strict-JSON dict (no NaN: a non-finite loss becomes null); `fid` and `val_loss` only when measured."""
         data = dataclasses.asdict(self)
         if data["final_loss"] is not None and not math.isfinite(data["final_loss"]):
             data["final_loss"] = None
-        if not data["fid"]:
-            del data["fid"]
+        for key in ("fid", "val_loss"):  # only when measured
+            if data[key] is None or data[key] == {}:
+                del data[key]
         return data
 
 

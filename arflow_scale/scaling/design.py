@@ -1,0 +1,133 @@
+"""Sweep files: the typed schema of a scaling sweep YAML, in its two designs.
+
+`design: grid` (default): every size x every budget (`budget.steps` or `budget.flops`) x `grid` keys.
+`design: isoflop`: a list of FLOP `budgets`; at each, the shared `sizes` (or the budget's own list,
+chosen to span its expected optimum) train for the steps that spend the budget. An optional `gpu`
+block turns the sweep's FLOPs into estimated GPU-hours for `arflow sweep --dry-run`.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from arflow_scale.schema import check
+
+
+@dataclass
+class SizeSpec:
+    """One model size: depth x width (heads default to width // 64, at least 1)."""
+
+    depth: int
+    width: int
+    heads: Optional[int] = None
+
+    def validate(self) -> None:
+        check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
+        check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
+        check(self.width % self.num_heads == 0, "heads", f"width {self.width} not divisible by {self.num_heads}")
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads if self.heads is not None else max(1, self.width // 64)
+
+
+@dataclass
+class BudgetSpec:
+    """Grid budgets: optimizer steps, or training FLOPs (converted to steps per model size)."""
+
+    steps: list[int] = field(default_factory=list)
+    flops: list[float] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(bool(self.steps) != bool(self.flops), "steps", "give exactly one of budget.steps or budget.flops")
+        check(all(s >= 1 for s in self.steps), "steps", f"must all be >= 1, got {self.steps}")
+        check(all(f > 0 for f in self.flops), "flops", f"must all be > 0, got {self.flops}")
+
+
+@dataclass
+class IsoFlopBudget:
+    """One IsoFLOP budget: training FLOPs and, optionally, its own sizes (else the sweep's `sizes`)."""
+
+    flops: float
+    sizes: list[SizeSpec] = field(default_factory=list)
+
+    def validate(self) -> None:
+        check(self.flops > 0, "flops", f"must be > 0, got {self.flops}")
+
+
+@dataclass
+class GpuSpec:
+    """Assumed accelerator for cost estimates: dense peak TFLOP/s at the training precision, and the
+    model FLOPs utilisation (MFU, counted FLOPs / peak) a point reaches. Unset: no GPU-hour estimate."""
+
+    peak_tflops: Optional[float] = None
+    mfu: Optional[float] = None
+    name: str = ""
+
+    def validate(self) -> None:
+        check((self.peak_tflops is None) == (self.mfu is None), "mfu" if self.mfu is None else "peak_tflops",
+              "give both gpu.peak_tflops and gpu.mfu (or neither)")
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops", f"must be > 0, got {self.peak_tflops}")
+        check(self.mfu is None or 0 < self.mfu <= 1, "mfu", f"must be in (0, 1], got {self.mfu}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.peak_tflops is not None
+
+    def hours(self, flops: float) -> float:
+        """GPU-hours to execute `flops` counted FLOPs at peak x MFU."""
+        if not self.enabled:
+            raise ValueError("no GPU assumed: set gpu.peak_tflops and gpu.mfu in the sweep file")
+        return flops / (self.peak_tflops * 1e12 * self.mfu) / 3600.0
+
+
+@dataclass
+class SweepConfig:
+    name: str
+    design: Literal["grid", "isoflop"] = "grid"
+    sizes: list[SizeSpec] = field(default_factory=list)  # grid: all sizes; isoflop: shared by budgets
+    budget: BudgetSpec = field(default_factory=BudgetSpec)  # grid only
+    budgets: list[IsoFlopBudget] = field(default_factory=list)  # isoflop only; in YAML a number or {flops, sizes}
+    base: Optional[str] = None  # training config YAML (relative to the sweep file, then the cwd)
+    overrides: list[str] = field(default_factory=list)  # dotted key=value for every point
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # other dotted keys -> values
+    storage_path: str = "runs/sweeps"  # local folder or URL; on multi-node clusters use s3://
+    storage_options: dict[str, str] = field(default_factory=dict)
+    tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite in the sweep folder
+    experiment: str = "arflow-sweeps"
+    parallel: int = 1  # points in flight at once; 0: as many as the cluster's CPUs/GPUs fit
+    fid: bool = False  # FID of each point at its end (eval.fid_at_end)
+    gpu: GpuSpec = field(default_factory=GpuSpec)  # for the dry run's GPU-hour estimate only
+
+    def validate(self) -> None:
+        check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "name", f"{self.name!r}: use letters, digits, _ . -")
+        check(self.parallel >= 0, "parallel", f"must be >= 0, got {self.parallel}")
+        for key, values in self.grid.items():
+            check(isinstance(values, list) and bool(values), f"grid.{key}", f"needs a non-empty list, got {values!r}")
+        if self.design == "grid":
+            check(not self.budgets, "budgets", "only for design: isoflop (a grid sweep uses budget.steps/flops)")
+            check(bool(self.sizes), "sizes", "needs at least one model size")
+            check(bool(self.budget.steps) != bool(self.budget.flops), "budget",
+                  "give exactly one of budget.steps or budget.flops")
+            return
+        check(bool(self.budgets), "budgets", "an isoflop sweep needs at least one FLOP budget")
+        check(not (self.budget.steps or self.budget.flops), "budget",
+              "a grid setting; an isoflop sweep lists its FLOP budgets under `budgets`")
+        levels = self.budget_levels()
+        for i, level in enumerate(levels):
+            check(bool(level.sizes), f"budgets[{i}].sizes", "no sizes: give the sweep's `sizes` or the budget's own")
+        flops = [level.flops for level in levels]
+        check(len(set(flops)) == len(flops), "budgets", f"lists a budget twice: {flops}")
+
+    def budget_levels(self) -> list[IsoFlopBudget]:
+        """The isoflop budgets with their sizes resolved (their own list, else the shared `sizes`)."""
+        return [IsoFlopBudget(flops=b.flops, sizes=b.sizes or list(self.sizes)) for b in self.budgets]
+
+
+def normalise_budgets(data: dict) -> dict:
+    """A sweep mapping with each bare number in `budgets` written as {flops: number} (the YAML shorthand)."""
+    budgets = data.get("budgets")
+    if not isinstance(budgets, list):
+        return data
+    return {**data, "budgets": [b if isinstance(b, dict) else {"flops": b} for b in budgets]}
