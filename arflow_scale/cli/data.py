@@ -70,6 +70,8 @@ def register(sub) -> None:
     shards.add_argument("--min-shards-per-class", type=int, default=1,
                         help="split smaller classes into this many shards: the loader workers of the runs "
                              "that will read them (ranks x data.num_workers)")
+    shards.add_argument("--val-per-class", type=int, default=0,
+                        help="hold out this many samples of every class as a validation split (never trained on)")
     shards.add_argument("--workers", type=int, default=4, help="shards written in parallel")
     shards.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     add_vae_arguments(shards)
@@ -94,6 +96,7 @@ def run_shards(args) -> int:
                                 samples_per_shard=args.samples_per_shard,
                                 min_shards_per_class=args.min_shards_per_class, workers=args.workers,
                                 overwrite=args.overwrite, storage_options=options, encoder=encoder,
+                                val_per_class=args.val_per_class,
                                 latents=encoder.encoding if encoder else None)
     except StorageError as err:
         raise ValueError(str(err)) from None

@@ -69,10 +69,13 @@ class RunConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may do
     prepare_data: Optional[str] = None  # a source name (e.g. digits): write its shards to data.manifest if missing
     prepare_samples_per_shard: int = 64
+    prepare_val_per_class: int = 0  # samples of every class held out for validation in those shards
 
     def validate(self) -> None:
         check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} must be non-empty, without '/'")
         check(bool(self.storage_path), "storage_path", "must be set")
+        check(self.prepare_val_per_class >= 0, "prepare_val_per_class",
+              f"must be >= 0, got {self.prepare_val_per_class}")
         check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
 
 

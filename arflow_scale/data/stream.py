@@ -106,7 +106,7 @@ class SequenceStream:
         self.num_workers = data.num_workers
         self._spec = StreamSpec(data=data, manifest=self.manifest, shards=tuple(shards), k=k, seed=seed, rank=rank,
                                 world_size=world_size)
-        self.missing_shards = len(self.manifest.shards) - len(shards)
+        self.missing_shards = len(self.manifest.shard_indices("train")) - len(shards)
         self._state = self._fresh_state()
         self._warn_about_costs()
 
@@ -140,7 +140,7 @@ class SequenceStream:
     def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
         """Indices of manifest shards present in storage; missing ones -> error or skip."""
         present = list_files(self.manifest.url, self.storage_options, retries=retries, backoff=backoff)
-        missing = [i for i, s in enumerate(self.manifest.shards) if s.path not in present]
+        missing = [i for i in self.manifest.shard_indices("train") if self.manifest.shards[i].path not in present]
         if missing and not skip_missing:
             first = self.manifest.shard_url(self.manifest.shards[missing[0]])
             raise FileNotFoundError(f"{self.manifest.url}: manifest names {len(missing)} missing shard(s), "
@@ -148,7 +148,7 @@ class SequenceStream:
         if missing:
             warnings.warn(f"{self.manifest.url}: skipping {len(missing)} missing shard(s): "
                           f"{[self.manifest.shards[i].path for i in missing[:5]]}", RuntimeWarning)
-        return [i for i in range(len(self.manifest.shards)) if i not in set(missing)]
+        return [i for i in self.manifest.shard_indices("train") if i not in set(missing)]
 
     def _first_worker_plan(self) -> dict:
         """The shard units of this rank's first loader worker, per class (`consumer.plan_units`)."""

@@ -56,15 +56,15 @@ class TrainResult:
     mlflow_tracking_uri: Optional[str]
     images_per_s: float
     fid: dict[str, Any] = field(default_factory=dict)  # step -> {"fid", "n", "seconds"} or {"error"}
-    val_loss: Optional[float] = None  # held-out validation loss of the final weights, when measured
+    val_loss: Optional[float] = None  # held-out validation loss of the final raw weights, when measured
+    val_loss_ema: Optional[float] = None  # ... of the final EMA weights
 
     def to_json(self) -> dict[str, Any]:
-        """A strict-JSON dict (no NaN: a non-finite loss becomes null); `fid` and `val_loss` only when measured."""
-        data = dataclasses.asdict(self)
-        if data["final_loss"] is not None and not math.isfinite(data["final_loss"]):
-            data["final_loss"] = None
-        for key in ("fid", "val_loss"):  # only when measured
-            if data[key] is None or data[key] == {}:
+        """A strict-JSON dict (a non-finite number becomes null); `fid` and `val_loss*` only when measured."""
+        data = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in dataclasses.asdict(self).items()}
+        for key in ("fid", "val_loss", "val_loss_ema"):
+            if getattr(self, key) in (None, {}):
                 del data[key]
         return data
 
@@ -124,6 +124,7 @@ def prepare_inputs(cfg: Config) -> Config:
             log.info("writing %s shards to %s", cfg.run.prepare_data, manifest)
             write_shards(cfg.run.prepare_data, manifest, image_size=cfg.model.image_size,
                          samples_per_shard=cfg.run.prepare_samples_per_shard,
+                         val_per_class=cfg.run.prepare_val_per_class,
                          storage_options=dict(cfg.data.storage_options), progress=False)
     return cfg
 
@@ -199,4 +200,5 @@ def _result(metrics: dict[str, Any], checkpoint: Optional[str], tracking: Tracki
         final_loss=float(metrics.get("final_loss", math.nan)),
         params_sha256=metrics.get("params_sha256"), ema_sha256=metrics.get("ema_sha256"),
         checkpoint=checkpoint, mlflow_run_id=tracking.run_id, mlflow_tracking_uri=recordable_uri(tracking.uri),
-        images_per_s=float(metrics.get("images_per_s", 0.0)), fid=fid)
+        images_per_s=float(metrics.get("images_per_s", 0.0)), fid=fid,
+        val_loss=metrics.get("val_loss"), val_loss_ema=metrics.get("val_loss_ema"))

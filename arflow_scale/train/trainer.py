@@ -36,6 +36,7 @@ from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_m
 from .faults import FaultInjector
 from .rng import step_generator
 from .state import restore_state, save_state
+from .validation import open_validator
 
 log = logging.getLogger(__name__)
 GRID_LABELS = 20  # images in an MLflow sample grid (two per class for up to 10 classes)
@@ -97,6 +98,9 @@ class Trainer:
                                 * self.world)
         self.throughput = Throughput(self.start_step, cfg.train.steps)
         self.skipped_shards = 0
+        self.validator = None if args.stream_factory is not None else open_validator(
+            cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
+        self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -111,6 +115,8 @@ class Trainer:
                 self.throughput.add(step, result.seconds)
                 if self.logs_at(step):
                     self.log_step(step, result)
+                if self.validates_at(step):
+                    self.log_validation(step)
                 if self.samples_at(step):
                     self.log_sample_grid(step)
                 if step == total:
@@ -119,6 +125,7 @@ class Trainer:
                     self.save(step, {"step": step, "loss": self.last_loss})
                 self.faults.after_step(step)
             if self.start_step >= total:  # a finished run launched again: report its result only
+                self.val_losses = self.validation_losses()
                 ray.train.report(self.final_metrics(self.start_step))
         except BaseException:
             self.tracker.close("FAILED")
@@ -150,6 +157,10 @@ class Trainer:
     def logs_at(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
+    def validates_at(self, step: int) -> bool:
+        every = self.cfg.eval.val_every
+        return self.validator is not None and (step == self.cfg.train.steps or bool(every and step % every == 0))
+
     def samples_at(self, step: int) -> bool:
         every = self.cfg.train.sample_every
         return step == self.cfg.train.steps or bool(every and step % every == 0)
@@ -171,6 +182,20 @@ class Trainer:
         if skipped > self.skipped_shards:
             self.notify(Notice(f"{skipped} corrupt shard(s) skipped so far on rank 0"))
             self.skipped_shards = skipped
+
+    def validation_losses(self) -> dict[str, float]:
+        """{val_loss, val_loss_ema} of the current raw and EMA weights (a collective: every rank calls it)."""
+        if self.validator is None:
+            return {}
+        raw = self.validator.evaluate(self.engine.engine.module)
+        ema_model = self.task.model_from_weights(self.ema.full_state_dict(), self.device)
+        return {"val_loss": raw, "val_loss_ema": self.validator.evaluate(ema_model)}
+
+    def log_validation(self, step: int) -> None:
+        self.val_losses = self.validation_losses()
+        self.tracker.log_metrics(self.val_losses, step=step)
+        self.notify(Notice(f"validation at step {step}: " + "  ".join(
+            f"{name} {value:.4f}" for name, value in self.val_losses.items())))
 
     def notify(self, event: Any) -> None:
         """Send an event to the driver's console (rank 0 only; fire and forget)."""
@@ -210,7 +235,7 @@ class Trainer:
         return {"step": step, "final_step": step, "final_loss": self.last_loss, "mlflow_run_id": self.run_id or "",
                 "images_per_s": self.images_per_step / self.throughput.step_seconds(math.inf),
                 "params_sha256": state_dict_sha256(params),
-                "ema_sha256": state_dict_sha256(ema_full) if ema_full is not None else ""}
+                "ema_sha256": state_dict_sha256(ema_full) if ema_full is not None else "", **self.val_losses}
 
     # ------------------------------------------------------------------ set-up helpers
     def _configure_device(self) -> None:
