@@ -13,6 +13,7 @@ import io
 import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -210,6 +211,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     manifest = Manifest(class_names=class_names, sample_shape=shape, dtype=dtype, sample_ext=ext,
                         shards=[info for info, _, _ in results],
                         source={"name": source if isinstance(source, str) else getattr(src, "name", "custom"),
+                                "path": str(Path(path).resolve()) if path else None,  # fid ref reads it again
                                 "image_size": image_size, "samples_per_shard": samples_per_shard,
                                 "min_shards_per_class": min_shards_per_class,
                                 "val_per_class": val_per_class, "encoded": encoder is not None},

@@ -21,10 +21,11 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, read_record
+from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, read_config, read_record
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
 from arflow_scale.config import Config
 from arflow_scale.data import write_shards
+from arflow_scale.data.run_vae import resolve_run_vae
 from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint
 from arflow_scale.eval.scheduler import FidScheduler
 from arflow_scale.schema import check
@@ -151,6 +152,8 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     latest_url = latest_checkpoint(run_url, options)
     latest = read_record(latest_url, options) if latest_url else None
     check_resume(cfg, run_url, latest, latest_url)
+    cfg = resolve_run_vae(cfg, read_config(latest_url, options).model if latest_url else None,
+                          read_shards=stream_factory is None)
     with ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
         return _fit(cfg, run_url, options, latest, stream_factory)
 

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from arflow_scale.checkpoint import CheckpointRecord, checkpoint_dir_name, state_dict_sha256
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
+from arflow_scale.model.decoder import Decoder
 from arflow_scale.schema import dump_yaml
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.tracking import Tracker, recordable_uri
@@ -101,6 +102,7 @@ class Trainer:
         self.validator = None if args.stream_factory is not None else open_validator(
             cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
         self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
+        self.decoder: Optional[Decoder] = None  # rank 0's, made at its first sample grid (a VAE loads once)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -210,8 +212,10 @@ class Trainer:
         if self.rank == 0 and self.tracker.active:
             model = self.task.model_from_weights(full_ema, self.device)
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
-            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0)
-            grid = sample_grid(self.task, model, labels, settings, seed=self.cfg.train.seed)
+            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
+                                      guided_channels=self.cfg.eval.guided_channels)
+            self.decoder = self.decoder or Decoder.for_model(self.cfg.model, self.device)
+            grid = sample_grid(self.task, model, labels, settings, self.decoder, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
 
     # ------------------------------------------------------------------ checkpoints
