@@ -78,6 +78,8 @@ def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int,
     plan = []
     for cls in range(num_classes):
         indices = np.flatnonzero(labels == cls)
+        if not len(indices):  # a class without images gets no shard; the manifest keeps its name
+            continue
         if -(-len(indices) // samples_per_shard) >= min_shards_per_class:
             parts = [indices[start: start + samples_per_shard] for start in range(0, len(indices), samples_per_shard)]
         else:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, TextIO, Union
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 
@@ -75,7 +76,9 @@ class Console:
 
     def __init__(self, stream: TextIO = sys.stderr, bar: Optional[bool] = None):
         self.stream = stream
-        self.sink = ConsoleSink.remote()
+        # On the driver's node: workers may lose their nodes (elastic runs), the console must not.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.sink = ConsoleSink.options(scheduling_strategy=here).remote()
         use_bar = stream.isatty() if bar is None else bar
         self.bar: Optional[tqdm] = tqdm(file=stream, unit="step", dynamic_ncols=True) if use_bar else None
 
