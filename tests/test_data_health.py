@@ -5,7 +5,6 @@ from __future__ import annotations
 import multiprocessing
 import warnings
 
-
 from arflow_scale.data import SequenceStream, write_shards
 from arflow_scale.train.data_health import DataHealth, DataHealthWatch, gather_data_health
 from test_data_faults import damage
