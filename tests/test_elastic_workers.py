@@ -24,7 +24,7 @@ def test_num_workers_maps_onto_ray_train_scaling(value, workers, elastic):
 
 
 NODE_LOSS = r"""
-import json, os, socket, sys, tempfile, threading, time
+import json, os, shutil, socket, sys, tempfile, threading, time
 from pathlib import Path
 
 os.environ["RAY_TMPDIR"] = ray_tmp = tempfile.mkdtemp(prefix="arflow-el-", dir="/tmp")  # short socket paths
@@ -82,6 +82,7 @@ if "result" in out:
     out["logged_step_1"] = sum(m.step == 1 for m in history)
 print(json.dumps(out))
 cluster.shutdown()
+shutil.rmtree(ray_tmp, ignore_errors=True)
 """
 
 
