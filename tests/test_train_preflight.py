@@ -68,7 +68,7 @@ def test_classes_never_trained_are_an_error_unless_allowed(uneven, tmp_path, cap
 
 
 def test_trained_classes_follow_the_largest_worker_count(uneven):
-    """Class 2's shards of 4 and 2 samples: 1 or 2 workers leave one of them 3 (K), 3 workers split the
+    """Class 2's shards of 4 and 2 samples: with 1 or 2 workers one worker holds at least K=3, 3 workers split the
     shards by sample (2 each); an elastic range is judged at its max."""
     def plan(workers):
         return check_data(config_from_dict({}, BASE + [f"data.manifest={uneven}", f"cluster.num_workers={workers}",
