@@ -26,6 +26,19 @@ def test_progress_line_and_eta_format():
     assert format_seconds(59.6) == "1m00s" and format_seconds(-3) == "0m00s"
 
 
+def test_console_prints_to_the_stderr_it_finds_when_made(ray_local, monkeypatch):
+    """Not to the stderr of the first import (a closed capture once a test or caller replaced it)."""
+    import io
+
+    from arflow_scale.train.console import Console, Notice
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    console = Console()
+    console.show(Notice("checkpoint somewhere"))
+    console.close()
+    assert sys.stderr.getvalue() == "checkpoint somewhere\n"
+
+
 NOISE = ("TrainingReport", "Checkpoint successfully created", "FutureWarning", "TrainController", "RayTrainWorker",
          "Started a local Ray instance", "system metrics")
 

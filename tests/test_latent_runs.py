@@ -123,7 +123,8 @@ def test_a_different_vae_is_refused_naming_both(latent_set, tmp_path, capsys):
         resolve_run_vae(latent_config(latent_set, f"model.vae={other}"))
     runs = tmp_path / "runs"
     assert main(["train", "--config", DEMO_LATENT, f"data.manifest={shards}", f"model.vae={other}",
-                 f"model.image_size={LATENT_SIDE}", f"run.storage_path={runs}"]) == 2
+                 f"model.image_size={LATENT_SIDE}", "model.k=2", "cluster.num_workers=1",
+                 f"run.storage_path={runs}"]) == 2
     err = capsys.readouterr().err
     assert "configuration error: model.vae: VAE mismatch" in err and vae in err and other in err
     assert not runs.exists()  # refused before anything started

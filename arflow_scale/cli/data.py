@@ -80,7 +80,10 @@ def register(sub) -> None:
 
     inspect = data_sub.add_parser("inspect", help="classes, counts and bytes of a shard folder")
     inspect.add_argument("url", help="shard folder URL or its manifest.json")
-    inspect.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 and CRC-32")
+    inspect.add_argument("--verify", action="store_true",
+                         help="re-read every shard: size, sha256 and CRC-32, then the stream's own checks and "
+                              "decoding of every sample (count, class, file type, shape)")
+    inspect.add_argument("--workers", type=int, default=4, help="shards verified at once")
     add_storage_option(inspect)
     inspect.set_defaults(handler=run_inspect)
 
@@ -111,12 +114,12 @@ def run_shards(args) -> int:
 
 def run_inspect(args) -> int:
     from arflow_scale.data import StorageError, read_manifest
-    from arflow_scale.data.manifest import verify_shards
+    from arflow_scale.data.verify import verify_shards
 
     options = parse_storage_options(args.storage_option)
     try:
         manifest = read_manifest(args.url, options)
-        problems = verify_shards(manifest, options) if args.verify else []
+        problems = verify_shards(manifest, options, workers=args.workers) if args.verify else []
     except StorageError as err:
         raise ValueError(str(err)) from None
     classes = []

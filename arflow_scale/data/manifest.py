@@ -6,6 +6,7 @@ and CRC-32. The stream checks the CRC-32 of every shard it reads (`checksum_mism
 against corruption as well as sha256 does at a third of the cost; `arflow data inspect --verify`
 checks both. A latent folder encoded by our VAE path also records how (`LatentEncoding`: the VAE's
 identity, image size, latent shape, flip copies); manifests without it still read (`latents` None).
+`verify.py` re-reads a folder's shards and checks them as the stream would.
 """
 from __future__ import annotations
 
@@ -216,24 +217,3 @@ def checksum_mismatch(shard: ShardInfo, data: bytes, *, thorough: bool = False) 
     if (thorough or shard.crc32 is None) and hashlib.sha256(data).hexdigest() != shard.sha256:
         bad.append("sha256")
     return bad
-
-
-def verify_shards(manifest: Manifest, storage_options: dict | None = None, *, retries: int = 5,
-                  retry_backoff: float = 0.5, workers: int = 4) -> list[dict[str, str]]:
-    """Re-read every shard and compare bytes, sha256 and CRC-32 with the manifest -> list of problems."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def check(shard: ShardInfo) -> dict[str, str] | None:
-        url = manifest.shard_url(shard)
-        try:
-            data = read_bytes(url, storage_options, retries=retries, backoff=retry_backoff)
-        except FileNotFoundError:
-            return {"shard": shard.path, "problem": "missing"}
-        if len(data) != shard.bytes:
-            return {"shard": shard.path, "problem": f"{len(data)} bytes, manifest says {shard.bytes}"}
-        if bad := checksum_mismatch(shard, data, thorough=True):
-            return {"shard": shard.path, "problem": f"{' and '.join(bad)} mismatch"}
-        return None
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [p for p in pool.map(check, manifest.shards) if p is not None]

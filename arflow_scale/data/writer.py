@@ -96,6 +96,8 @@ def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int,
     val_mask = np.zeros(len(labels), dtype=bool) if val_mask is None else val_mask
     plan = []
     for cls in range(num_classes):
+        if not (labels == cls).any():  # a class without images gets no shard; the manifest keeps its name
+            continue
         held = np.flatnonzero((labels == cls) & val_mask)
         if len(held):
             plan.append((cls, 0, held, "val"))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, TextIO, Union
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 
@@ -74,8 +75,10 @@ class Console:
     """Driver side: prints drained events to `stream` (stderr: stdout's last line is the run's JSON)."""
 
     def __init__(self, stream: Optional[TextIO] = None, bar: Optional[bool] = None):
-        self.stream = stream if stream is not None else sys.stderr  # at call time: a redirected stderr counts
-        self.sink = ConsoleSink.remote()
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of the first import
+        # On the driver's node: workers may lose their nodes (elastic runs), the console must not.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.sink = ConsoleSink.options(scheduling_strategy=here).remote()
         use_bar = self.stream.isatty() if bar is None else bar
         self.bar: Optional[tqdm] = tqdm(file=self.stream, unit="step", dynamic_ncols=True) if use_bar else None
 

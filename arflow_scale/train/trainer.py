@@ -31,6 +31,7 @@ from arflow_scale.tracking import Tracker, recordable_uri
 
 from .args import TrainingStream, WorkerArgs
 from .console import Notice, StepProgress, forward_worker_warnings
+from .data_health import DataHealthWatch, gather_data_health
 from .deepspeed_config import resolve_precision
 from .ema import EMA
 from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_masters
@@ -98,11 +99,11 @@ class Trainer:
         self.images_per_step = (cfg.data.batch_size * self.task.images_per_sample * cfg.train.grad_accum
                                 * self.world)
         self.throughput = Throughput(self.start_step, cfg.train.steps)
-        self.skipped_shards = 0
         self.validator = None if args.stream_factory is not None else open_validator(
             cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
         self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
         self.decoder: Optional[Decoder] = None  # rank 0's, made at its first sample grid (a VAE loads once)
+        self.data_health = DataHealthWatch()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -170,20 +171,19 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
     def log_step(self, step: int, result: StepResult) -> None:
         images_per_s = self.images_per_step / result.seconds
+        health = gather_data_health(self.stream)  # a collective: all ranks' corrupt shards and dropped classes
         self.tracker.log_metrics({
             self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
             "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
             "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
-            "skipped_shards": float(getattr(self.stream, "skipped_shards", 0))}, step=step)
+            **health.metrics()}, step=step)
         remaining = self.cfg.train.steps - step
         self.notify(StepProgress(
             step=step, total=self.cfg.train.steps, loss=self.last_loss, loss_name=self.task.loss_metric,
             lr=result.lr, images_per_s=images_per_s, data_wait_fraction=result.data_wait / result.seconds,
             eta_seconds=remaining * self.throughput.step_seconds(result.seconds)))
-        skipped = int(getattr(self.stream, "skipped_shards", 0))
-        if skipped > self.skipped_shards:
-            self.notify(Notice(f"{skipped} corrupt shard(s) skipped so far on rank 0"))
-            self.skipped_shards = skipped
+        if (changed := self.data_health.notice(health)) is not None:
+            self.notify(Notice(changed))
 
     def validation_losses(self) -> dict[str, float]:
         """{val_loss, val_loss_ema} of the current raw and EMA weights (a collective: every rank calls it)."""
