@@ -2,11 +2,13 @@
 
 Progress goes to stderr (one line per log interval, or a bar on a terminal); the last stdout line is one
 JSON object: final_step, final_loss, params_sha256, ema_sha256, checkpoint, mlflow_run_id,
-mlflow_tracking_uri, images_per_s (and fid when measured).
+mlflow_tracking_uri, images_per_s (and fid when measured). A run stopped by a non-finite loss or gradient
+exits with code 1 and an error naming the step.
 """
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -20,8 +22,13 @@ def register(sub) -> None:
 def handle(args) -> int:
     from arflow_scale.config import load_config
     from arflow_scale.train.driver import train
+    from arflow_scale.train.nonfinite import NonFiniteError
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, address=args.address, verbose=args.verbose)
+    try:
+        result = train(cfg, address=args.address, verbose=args.verbose)
+    except NonFiniteError as err:
+        print(f"arflow train: training diverged: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(result.to_json()), flush=True)
     return 0

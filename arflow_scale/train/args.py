@@ -13,7 +13,8 @@ ARGS_KEY = "worker"  # the key of WorkerArgs in Ray Train's train_loop_config di
 
 class TrainingStream(Protocol):
     """What the trainer draws batches from: an endless iterator of (images (B, S, C, H, W), labels (B,))
-    whose position is saved with every checkpoint."""
+    whose position is saved with every checkpoint. A stream that can continue on another number of ranks also
+    offers `load_state_dict_for(states of all old ranks, rank, world_size)` (`train.reshard.restore_stream`)."""
 
     skipped_shards: int
 
@@ -48,3 +49,16 @@ class WorkerArgs:
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> "WorkerArgs":
         return loop_config[ARGS_KEY]
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What a worker's training function returns; rank 0's is the run's result (Ray Train's `return_value`)."""
+
+    final_step: int
+    final_loss: float
+    params_sha256: str = ""
+    ema_sha256: str = ""
+    images_per_s: float = 0.0
+    mlflow_run_id: str = ""
+    error: Optional[str] = None  # the run stopped on a non-finite loss or gradient: the message naming the step
