@@ -77,8 +77,9 @@ def progress_line(p: StepProgress, show_world: bool = False) -> str:
 class Console:
     """Driver side: prints drained events to `stream` (stderr: stdout's last line is the run's JSON)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, bar: Optional[bool] = None):
-        self.stream = stream
+    def __init__(self, stream: Optional[TextIO] = None, bar: Optional[bool] = None):
+        """stream: default the current sys.stderr (looked up now: a host may have replaced it since import)."""
+        self.stream = stream = stream if stream is not None else sys.stderr
         self.sink = ConsoleSink.remote()
         use_bar = stream.isatty() if bar is None else bar
         self.bar: Optional[tqdm] = tqdm(file=stream, unit="step", dynamic_ncols=True) if use_bar else None
