@@ -24,6 +24,10 @@ def test_progress_line_and_eta_format():
                             data_wait_fraction=0.0, eta_seconds=7300, mfu=0.4512)
     assert progress_line(with_mfu).endswith("bits_per_dim 1.0000  lr 1.00e-04  10 img/s  data 0%  mfu 45.1%  eta 2h01m")
     assert format_seconds(59.6) == "1m00s" and format_seconds(-3) == "0m00s"
+    resized = StepProgress(step=5, total=9, loss=1.0, loss_name="loss", lr=1e-4, images_per_s=9.6,
+                           data_wait_fraction=0.0, eta_seconds=7, world_size=3)
+    assert progress_line(resized, show_world=True).endswith("eta 0m07s  workers 3")
+    assert "workers" not in progress_line(resized)
 
 
 def test_console_prints_to_the_stderr_it_finds_when_made(ray_local, monkeypatch):
@@ -64,6 +68,7 @@ def test_train_console_is_progress_lines_without_library_noise(tmp_path):
     progress = [line for line in lines if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["2/4", "4/4"], proc.stderr
     assert all("loss" in line and "img/s" in line and "eta" in line for line in progress)
+    assert progress[0].endswith("workers 2") and "workers" not in progress[1]  # shown when it changes
     assert sum(line.startswith("checkpoint ") for line in lines) == 2
     validations = [line for line in lines if line.startswith("validation at step ")]
     assert [line.split()[3] for line in validations] == ["2:", "4:"] and "val_loss_ema" in validations[-1]

@@ -141,3 +141,17 @@ def test_write_then_verify_storage(tmp_path):
             other.acquire()
     finally:
         lock.release()
+
+
+def test_s3_read_of_a_version_replaced_after_its_listing_reads_again(s3_endpoint, make_bucket):
+    """s3fs reads with If-Match on the ETag it last saw; a lock swapped by another driver in between is read
+    again, never an error (a race lost by the reader, as in the contention test above)."""
+    url = f"s3://{make_bucket('lock')}/runs/run/{LOCK_NAME}"
+    reader = lock_store(url, {})
+    first = reader.create(foreign_record(0, pid=1))
+    reader.fs.ls(reader.path.rsplit("/", 1)[0])  # the reader's listing now holds the first version's ETag
+    other = lock_store(url, {"skip_instance_cache": True})  # another driver: its own client
+    second = other.swap(foreign_record(0, pid=2), first)
+    assert second is not None and second != first
+    text, version = reader.read()
+    assert version == second and json.loads(text)["pid"] == 2

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from arflow_scale.checkpoint.safe_load import safe_load, weights_only_zero_to_fp32
+from arflow_scale.checkpoint.safe_load import safe_load, weights_only_torch_load, weights_only_zero_to_fp32
 
 
 class _RunsCode:
@@ -48,3 +48,17 @@ def test_zero_to_fp32_reads_weights_only_and_is_restored(tmp_path):
             zero_to_fp32.torch.load(path, map_location="cpu", weights_only=False)
         assert zero_to_fp32.torch.float32 is torch.float32
     assert zero_to_fp32.torch is torch
+
+
+def test_torch_load_is_weights_only_inside_the_window_and_restored(tmp_path):
+    """DeepSpeed's universal-checkpoint code calls torch.load(weights_only=False) in many modules."""
+    evil, plain = tmp_path / "evil.pt", tmp_path / "plain.pt"
+    torch.save({"x": _RunsCode()}, evil)
+    torch.save({"w": torch.arange(6.0)}, plain)
+    original = torch.load
+    with weights_only_torch_load():
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(evil, weights_only=False)
+        assert torch.equal(torch.load(plain, weights_only=False)["w"], torch.arange(6.0))
+    assert torch.load is original
+    assert torch.equal(safe_load(plain, mmap=True)["w"][2:4], torch.tensor([2.0, 3.0]))

@@ -50,7 +50,10 @@ def test_prepare_run_once_masked_params_and_tracker(tmp_path, monkeypatch):
     assert "hunter2" not in text and "zero_stage: 3" in text
 
     tracker = Tracker(uri, run_id, system_metrics=False)
+    assert tracker.last_step("loss") == 0
     tracker.log_metrics({"loss": 0.5, "lr": 1e-4}, step=3)
+    tracker.log_metrics({"lr": 1e-4}, step=5)
+    assert (tracker.last_step("loss"), tracker.last_step("lr")) == (3, 5)  # where a restarted run resumes logging
     tracker.log_image(np.zeros((4, 4, 3), dtype=np.uint8), "samples/x.png")
     tracker.close()
     history = client.get_metric_history(run_id, "loss")
@@ -66,7 +69,7 @@ def test_tracking_disabled_and_inactive_tracker(tmp_path):
     assert prepare_run(cfg, str(tmp_path), world_size=1, device="cpu") == (None, None)
     tracker = Tracker(None, None)
     tracker.log_metrics({"loss": 1.0}, step=1)  # rank > 0 / disabled: nothing happens
-    assert not tracker.active
+    assert not tracker.active and tracker.last_step("loss") == 0
 
 
 @pytest.mark.parametrize("bad", ["tracking.enabled=maybe", "run.name=a/b"])

@@ -133,6 +133,13 @@ def test_faults_fire_once_per_run_folder(tmp_path):
     FaultInjector(cfg, str(tmp_path), rank=1).after_step(3)  # the restarted worker: no second crash
     assert (tmp_path / "faults" / "crash-rank1-step3").is_file()
 
+    nan_at_2 = FaultsConfig(nan_loss_at_step=2, rank=1)
+    loss = torch.tensor(0.5)
+    assert FaultInjector(nan_at_2, str(tmp_path), rank=0).poison_loss(2, loss) is loss  # other rank
+    assert FaultInjector(nan_at_2, str(tmp_path), rank=1).poison_loss(1, loss) is loss  # other step
+    assert torch.isnan(FaultInjector(nan_at_2, str(tmp_path), rank=1).poison_loss(2, loss))
+    assert FaultInjector(nan_at_2, str(tmp_path), rank=1).poison_loss(2, loss) is loss  # once per run folder
+
 
 def test_grid_image_layout():
     from arflow_scale.eval.grids import grid_image

@@ -2,8 +2,10 @@
 
 Version 1 (no `version` key) is what checkpoints held before the record was typed: step, world_size,
 zero_stage, last_loss, ema_partitioned, mlflow_run_id, tracking_uri. Version 2 adds `version`,
-`ema_layout` (instead of the flag) and `model_family`. A record of a newer version than this code
-knows is refused with a message naming the file, never half-read.
+`ema_layout` (instead of the flag) and `model_family`. Version 3 adds what continuing on another number
+of workers needs: the batch layout (`micro_batch_size`, `grad_accum`), the parameter shapes and the count
+of skipped non-finite steps (older records read them as unknown: None, 0). A record of a newer version
+than this code knows is refused with a message naming the file, never half-read.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 EMA_LAYOUTS = ("full", "fragments", "zero3")
 EmaLayout = Literal["full", "fragments", "zero3"]
+V3_FIELDS = ("micro_batch_size", "grad_accum", "param_shapes", "skipped_steps")  # absent from older records
 
 
 class CheckpointVersionError(ValueError):
@@ -34,12 +37,23 @@ class CheckpointRecord:
     mlflow_run_id: Optional[str] = None
     tracking_uri: Optional[str] = None  # the MLflow store the run logs to (passwords masked)
     model_family: str = "arflow"
+    micro_batch_size: Optional[int] = None  # sequences per rank per micro-step (None: before version 3)
+    grad_accum: Optional[int] = None  # micro-steps per optimizer step
+    param_shapes: Optional[dict[str, list[int]]] = None  # {parameter name: shape} of the model
+    skipped_steps: int = 0  # non-finite steps skipped so far in the run (train.nonfinite=skip)
     version: int = RECORD_VERSION
 
     @property
     def ema_partitioned(self) -> bool:
         """Whether every rank saved its own piece of the EMA (else rank 0 saved all of it)."""
         return self.ema_layout != "full"
+
+    @property
+    def global_batch_size(self) -> Optional[int]:
+        """Sequences per optimizer step over all ranks (None when the record predates version 3)."""
+        if self.micro_batch_size is None or self.grad_accum is None:
+            return None
+        return self.micro_batch_size * self.grad_accum * self.world_size
 
     def to_json(self) -> str:
         """The record as meta.json text (a non-finite loss is written as null: strict JSON)."""
@@ -50,7 +64,7 @@ class CheckpointRecord:
 
     @classmethod
     def from_json(cls, text: str, where: str = "meta.json") -> "CheckpointRecord":
-        """Parse meta.json text of version 1 or 2; `where` names the file in errors."""
+        """Parse meta.json text of version 1, 2 or 3; `where` names the file in errors."""
         try:
             data = json.loads(text)
         except ValueError as err:
@@ -62,7 +76,7 @@ class CheckpointRecord:
             raise CheckpointVersionError(
                 f"{where}: checkpoint record version {version!r} was written by a newer arflow_scale "
                 f"(this one reads versions up to {RECORD_VERSION}); upgrade to read it")
-        return cls._from_v1(data, where) if version == 1 else cls._from_v2(data, where)
+        return cls._from_v1(data, where) if version == 1 else cls._from_v2_or_3(data, where, version)
 
     @classmethod
     def _from_v1(cls, data: dict[str, Any], where: str) -> "CheckpointRecord":
@@ -74,11 +88,11 @@ class CheckpointRecord:
                             mlflow_run_id=data.get("mlflow_run_id"), tracking_uri=data.get("tracking_uri"))
 
     @classmethod
-    def _from_v2(cls, data: dict[str, Any], where: str) -> "CheckpointRecord":
-        names = {f.name for f in dataclasses.fields(cls)}
+    def _from_v2_or_3(cls, data: dict[str, Any], where: str, version: int) -> "CheckpointRecord":
+        names = {f.name for f in dataclasses.fields(cls)} - (set() if version == 3 else set(V3_FIELDS))
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"{where}: unknown key {unknown[0]!r} in a version-{RECORD_VERSION} checkpoint record")
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} in a version-{version} checkpoint record")
         return cls._checked(where, **{k: v for k, v in data.items() if k != "version"})
 
     @classmethod
@@ -88,6 +102,15 @@ class CheckpointRecord:
                 raise ValueError(f"{where}: {key} = {fields.get(key)!r} is not a valid {key}")
         if fields.get("ema_layout", "full") not in EMA_LAYOUTS:
             raise ValueError(f"{where}: ema_layout {fields['ema_layout']!r} is not one of {EMA_LAYOUTS}")
+        for key in ("micro_batch_size", "grad_accum"):
+            if fields.get(key) is not None and (not isinstance(fields[key], int) or fields[key] < 1):
+                raise ValueError(f"{where}: {key} = {fields[key]!r} is not a positive integer")
+        if not isinstance(fields.get("skipped_steps", 0), int) or fields.get("skipped_steps", 0) < 0:
+            raise ValueError(f"{where}: skipped_steps = {fields['skipped_steps']!r} is not a count")
+        shapes = fields.get("param_shapes")
+        if shapes is not None and not (isinstance(shapes, dict) and all(
+                isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values())):
+            raise ValueError(f"{where}: param_shapes must map parameter names to lists of integers")
         loss = fields.get("last_loss")
         fields["last_loss"] = None if loss is None or not math.isfinite(float(loss)) else float(loss)
         return cls(**fields)

@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 import torch
 
+_TORCH_LOAD = torch.load  # the real loader, whatever `weights_only_torch_load` puts in its place for a while
+
 
 def deepspeed_safe_globals() -> list[type]:
     """The DeepSpeed classes that appear inside its checkpoint pickles (ZeRO 0-3, fp32 and bf16)."""
@@ -21,10 +23,11 @@ def deepspeed_safe_globals() -> list[type]:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
-def safe_load(path_or_file: Any, map_location: Any = "cpu", **_: Any) -> Any:
-    """torch.load with weights_only=True and the DeepSpeed allow-list (any weights_only arg is ignored)."""
+def safe_load(path_or_file: Any, map_location: Any = "cpu", mmap: bool = False, **_: Any) -> Any:
+    """torch.load with weights_only=True and the DeepSpeed allow-list (any weights_only arg is ignored);
+    `mmap` maps a file's tensors instead of reading them (slices are read when used)."""
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        return torch.load(path_or_file, map_location=map_location, weights_only=True)
+        return _TORCH_LOAD(path_or_file, map_location=map_location, weights_only=True, mmap=mmap or None)
 
 
 def safe_checkpoint_engine(engine) -> None:
@@ -47,6 +50,17 @@ class _WeightsOnlyTorch:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
+
+
+@contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """While open, every `torch.load` of this process is `safe_load` (not reentrant): for DeepSpeed code that
+    unpickles with weights_only=False in many modules (the universal checkpoint's conversion and loading)."""
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 @contextlib.contextmanager

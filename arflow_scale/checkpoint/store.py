@@ -6,12 +6,13 @@ present and every listed file has its size, so a crash during an upload never yi
 from __future__ import annotations
 
 import json
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import yaml
 
 from arflow_scale.config import Config, config_from_dict
-from arflow_scale.data.storage import filesystem
+from arflow_scale.data.storage import filesystem, is_local_url, local_path, with_retries
 from arflow_scale.schema import drop_masked
 
 from .layout import CHECKPOINT_NAME, CONFIG, META, rank_listing
@@ -38,6 +39,13 @@ def read_config(checkpoint_url: str, storage_options: Optional[dict] = None) -> 
     return config_from_dict(drop_masked(tree))
 
 
+def _file_sizes(fs, path: str) -> dict[str, int]:
+    """{path relative to folder `path`: size} of every file under it (one listing, not one request per file)."""
+    found = fs.find(path, detail=True)
+    return {name[len(path) + 1:]: int(info.get("size") or 0) for name, info in found.items()
+            if info.get("type", "file") == "file"}
+
+
 def is_complete(checkpoint_url: str, storage_options: Optional[dict] = None) -> bool:
     """True when meta.json and every rank's file list are present with all files at their sizes."""
     fs, path = filesystem(checkpoint_url, storage_options)
@@ -45,11 +53,11 @@ def is_complete(checkpoint_url: str, storage_options: Optional[dict] = None) -> 
     fs.invalidate_cache(path)
     try:
         record = CheckpointRecord.from_json(_read_text(fs, f"{path}/{META}"), checkpoint_url)
+        sizes = _file_sizes(fs, path)
         for rank in range(record.world_size):
             listing: dict[str, Any] = json.loads(_read_text(fs, f"{path}/{rank_listing(rank)}"))
-            for rel, size in listing["files"].items():
-                if fs.size(f"{path}/{rel}") != size:
-                    return False
+            if any(sizes.get(rel) != size for rel, size in listing["files"].items()):
+                return False
     except (FileNotFoundError, NotADirectoryError, KeyError, ValueError):
         return False
     return True
@@ -72,6 +80,24 @@ def latest_checkpoint(run_url: str, storage_options: Optional[dict] = None) -> O
         if is_complete(url, storage_options):
             return url
     return None
+
+
+def fetch_checkpoint(checkpoint_url: str, into: str | Path, storage_options: Optional[dict] = None, *,
+                     wanted: Callable[[str], bool] = lambda rel: True, retries: int = 5,
+                     backoff: float = 0.5) -> Path:
+    """A local folder holding a checkpoint's files: the folder itself when it is local, else the files for which
+    `wanted(relative path)` holds, downloaded into `into` (each retried on transient errors, then StorageError)."""
+    if is_local_url(checkpoint_url):
+        return local_path(checkpoint_url)
+    fs, path = filesystem(checkpoint_url, storage_options)
+    path = path.rstrip("/")
+    sizes = with_retries(lambda: _file_sizes(fs, path), checkpoint_url, retries=retries, backoff=backoff, what="list")
+    into = Path(into)
+    for rel in sorted(r for r in sizes if wanted(r)):
+        (into / rel).parent.mkdir(parents=True, exist_ok=True)
+        with_retries(lambda rel=rel: fs.get_file(f"{path}/{rel}", str(into / rel)),
+                     f"{checkpoint_url.rstrip('/')}/{rel}", retries=retries, backoff=backoff, what="download")
+    return into
 
 
 def resolve_checkpoint(url: str, storage_options: Optional[dict] = None) -> str:

@@ -66,11 +66,15 @@ def load_ema_weights(checkpoint_url: str, storage_options: Optional[dict] = None
     for rank in range(record.world_size) if record.ema_partitioned else [0]:
         with fs.open(f"{path.rstrip('/')}/{rank_file('ema', rank)}", "rb") as f:
             states.append(torch.load(f, map_location="cpu", weights_only=True))
-    cfg = read_config(checkpoint_url, storage_options)
+    return CheckpointWeights(read_config(checkpoint_url, storage_options), ema_from_states(states))
+
+
+def ema_from_states(states: list[dict[str, Any]]) -> StateDict:
+    """The full EMA weights from the EMA states of a checkpoint: every rank's when partitioned, else rank 0's."""
     if states[0]["partitioned"]:
         starts = [s["starts"] for s in states] if "starts" in states[0] else None  # older: ZeRO-3 only
-        return CheckpointWeights(cfg, consolidate([s["shadow"] for s in states], states[0]["meta"], starts))
-    return CheckpointWeights(cfg, {name: t.clone() for name, t in states[0]["shadow"].items()})
+        return consolidate([s["shadow"] for s in states], states[0]["meta"], starts)
+    return {name: t.clone() for name, t in states[0]["shadow"].items()}
 
 
 def zero0_fp32_weights(states: dict[str, Any], where: str) -> StateDict:

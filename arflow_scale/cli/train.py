@@ -2,8 +2,9 @@
 
 Progress goes to stderr (one line per log interval, or a bar on a terminal); the last stdout line is one
 JSON object: final_step, final_loss, params_sha256, ema_sha256, checkpoint, mlflow_run_id,
-mlflow_tracking_uri, images_per_s, classes_trained (and fid when measured). Exit codes: 2 for a configuration
-or data error found before anything starts, 3 when another `arflow train` holds the run folder.
+mlflow_tracking_uri, images_per_s, classes_trained (and fid / val_loss when measured). Exit codes: 2 for a
+configuration or data error found before anything starts, 3 when another `arflow train` holds the run folder,
+1 for a run stopped by a non-finite loss or gradient (the error names the step).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def handle(args) -> int:
     from arflow_scale.config import load_config
     from arflow_scale.train.driver import train
     from arflow_scale.train.run_lock import RunLockHeld
+    from arflow_scale.train.nonfinite import NonFiniteError
 
     cfg = load_config(args.config, args.overrides)
     try:
@@ -32,5 +34,8 @@ def handle(args) -> int:
     except RunLockHeld as err:
         print(f"arflow train: {err}", file=sys.stderr)
         return EXIT_RUN_IN_USE
+    except NonFiniteError as err:
+        print(f"arflow train: training diverged: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(result.to_json()), flush=True)
     return 0

@@ -44,6 +44,12 @@ class TrainConfig:
     sample_every: int = 0  # EMA sample grid to MLflow every M steps (0: only at the end)
     sample_steps: int = 50  # sampler steps for those grids
     seed: int = 0
+    # Sequences per optimizer step over all ranks; None: data.batch_size x cluster.num_workers x grad_accum.
+    # Kept when a run continues on another number of workers (train.elastic_batch says how).
+    global_batch_size: Optional[int] = None
+    elastic_batch: Literal["accumulate", "per_rank"] = "accumulate"  # what adapts: grad_accum or data.batch_size
+    nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient stops the run, or skips the step
+    max_skipped_steps: int = 10  # with nonfinite=skip: more skipped steps than this in a run stop it
 
     def validate(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -52,16 +58,23 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
+              f"must be >= 1 (or null), got {self.global_batch_size}")
+        check(self.max_skipped_steps >= 0, "max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
 
 
 @dataclass
 class CheckpointConfig:
     every: int = 100  # steps between checkpoints (and one at the end)
-    keep_last: int = 3
+    keep_last: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
+    upload_retries: int = 5  # a transient storage error while writing a checkpoint file is retried this often ...
+    upload_backoff: float = 1.0  # ... after 1x, 2x, 4x ... this many seconds
 
     def validate(self) -> None:
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")
         check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        check(self.upload_retries >= 0, "upload_retries", f"must be >= 0, got {self.upload_retries}")
+        check(self.upload_backoff >= 0, "upload_backoff", f"must be >= 0, got {self.upload_backoff}")
 
 
 @dataclass
@@ -146,4 +159,5 @@ class FaultsConfig:
 
     crash_rank_at_step: Optional[int] = None  # raise an exception in `rank` after this step
     kill_rank_at_step: Optional[int] = None  # SIGKILL `rank` after this step
+    nan_loss_at_step: Optional[int] = None  # the loss of `rank` at this step becomes NaN (a divergence)
     rank: int = 0

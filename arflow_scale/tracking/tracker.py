@@ -16,9 +16,17 @@ class Tracker:
 
     def __init__(self, tracking_uri: Optional[str], run_id: Optional[str], system_metrics: bool = True):
         self.active = bool(tracking_uri and run_id)
+        self.run_id = run_id
         if self.active:
             mlflow.set_tracking_uri(tracking_uri)
             mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+
+    def last_step(self, key: str) -> int:
+        """The highest step at which metric `key` was logged to the run (0: never, or tracking off)."""
+        if not self.active:
+            return 0
+        history = mlflow.tracking.MlflowClient().get_metric_history(self.run_id, key)
+        return max((m.step for m in history), default=0)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if self.active:

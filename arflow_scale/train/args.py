@@ -14,7 +14,8 @@ ARGS_KEY = "worker"  # the key of WorkerArgs in Ray Train's train_loop_config di
 
 class TrainingStream(Protocol):
     """What the trainer draws batches from: an endless iterator of (images (B, S, C, H, W), labels (B,))
-    whose position is saved with every checkpoint, and the data problems it met so far."""
+    whose position is saved with every checkpoint, and the data problems it met so far. `load_state_dicts`
+    continues from every old rank's saved state on another number of ranks (`train.reshard.restore_stream`)."""
 
     skipped_shards: int
     corrupt_shards: list[int]  # manifest indices of the corrupt shards skipped
@@ -54,3 +55,18 @@ class WorkerArgs:
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> "WorkerArgs":
         return loop_config[ARGS_KEY]
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What a worker's training function returns; rank 0's is the run's result (Ray Train's `return_value`)."""
+
+    final_step: int
+    final_loss: float
+    params_sha256: str = ""
+    ema_sha256: str = ""
+    images_per_s: float = 0.0
+    mlflow_run_id: str = ""
+    val_loss: Optional[float] = None  # held-out loss of the final raw weights, when the shards have a validation split
+    val_loss_ema: Optional[float] = None  # ... of the final EMA weights
+    error: Optional[str] = None  # the run stopped on a non-finite loss or gradient: the message naming the step

@@ -28,6 +28,7 @@ class StepProgress:
     data_wait_fraction: float
     eta_seconds: float
     mfu: Optional[float] = None
+    world_size: Optional[int] = None  # the ranks training (the console shows it when it changes)
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,16 @@ def format_seconds(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
-def progress_line(p: StepProgress) -> str:
-    """`step 120/1200  loss 0.4123  lr 2.00e-03  1234 img/s  data 3%  eta 1m20s` (+ mfu when measured)."""
+def progress_line(p: StepProgress, show_world: bool = False) -> str:
+    """`step 120/1200  loss 0.4123  lr 2.00e-03  1234 img/s  data 3%  eta 1m20s` (+ mfu when measured, + `workers
+    N` with `show_world`)."""
     parts = [f"step {p.step}/{p.total}", f"{p.loss_name} {p.loss:.4f}", f"lr {p.lr:.2e}",
              f"{p.images_per_s:.0f} img/s", f"data {p.data_wait_fraction:.0%}"]
     if p.mfu is not None:
         parts.append(f"mfu {p.mfu:.1%}")
     parts.append(f"eta {format_seconds(p.eta_seconds)}")
+    if show_world and p.world_size is not None:
+        parts.append(f"workers {p.world_size}")
     return "  ".join(parts)
 
 
@@ -81,16 +85,21 @@ class Console:
         self.sink = ConsoleSink.options(scheduling_strategy=here).remote()
         use_bar = self.stream.isatty() if bar is None else bar
         self.bar: Optional[tqdm] = tqdm(file=self.stream, unit="step", dynamic_ncols=True) if use_bar else None
+        self.world_size: Optional[int] = None  # of the last progress line
 
     def show(self, event: Event) -> None:
         if isinstance(event, Notice):
             self.write(event.text)
-        elif self.bar is not None:
+            return
+        resized = event.world_size != self.world_size  # the first line, or the run continues on another size
+        line = progress_line(event, show_world=resized)
+        self.world_size = event.world_size
+        if self.bar is not None:
             self.bar.total = event.total
             self.bar.n = event.step
-            self.bar.set_postfix_str(progress_line(event).split("  ", 1)[1], refresh=True)
+            self.bar.set_postfix_str(line.split("  ", 1)[1], refresh=True)
         else:
-            self.write(progress_line(event))
+            self.write(line)
 
     def write(self, text: str) -> None:
         if self.bar is not None:

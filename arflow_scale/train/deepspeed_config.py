@@ -28,8 +28,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
             for names, decayed in param_group_names({n: p.ndim for n, p in params.items()})]
 
 
-def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> dict[str, Any]:
-    """The DeepSpeed JSON config for `cfg` on `world_size` data-parallel ranks."""
+def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu",
+                           load_universal: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config for `cfg` on `world_size` data-parallel ranks (`cfg` holds the batch plan of that
+    world size, `train.batching.with_plan`); `load_universal`: the engine will load a universal checkpoint."""
     precision = resolve_precision(cfg.train.precision, device_type)
     micro = cfg.data.batch_size
     ds: dict[str, Any] = {
@@ -48,7 +50,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
-        "checkpoint": {"load_universal": False},
+        "checkpoint": {"load_universal": load_universal},
     }
     if cfg.train.zero_stage == 3:
         ds["zero_optimization"].update({

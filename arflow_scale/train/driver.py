@@ -4,7 +4,8 @@ typed result (`arflow train` prints it as its last JSON line).
 Storage: `run.storage_path` is any URL. Local paths and file:// go to Ray as absolute paths; s3:// goes
 through a pyarrow S3FileSystem (endpoint from `run.storage_options.endpoint_url` or AWS_ENDPOINT_URL);
 other fsspec protocols through pyarrow's FSSpecHandler. The run folder is `<storage_path>/<run.name>`;
-launching again with the same name continues from its latest checkpoint.
+launching again with the same name continues from its newest complete checkpoint, on any number of workers
+(the workers find it themselves, `train.checkpointer`; Ray Train registers no checkpoints).
 """
 from __future__ import annotations
 
@@ -17,23 +18,26 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import ray
+import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, read_config, read_record
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
-from arflow_scale.config import Config
+from arflow_scale.config import Config, ModelConfig
 from arflow_scale.data import write_shards
 from arflow_scale.data.run_vae import resolve_run_vae
-from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint
+from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint, with_retries
 from arflow_scale.eval.scheduler import FidScheduler
-from arflow_scale.schema import check
+from arflow_scale.schema import check, fail
 from arflow_scale.tasks import task_for
 from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
 
-from .args import StreamFactory, WorkerArgs
+from .args import StreamFactory, WorkerArgs, WorkerResult
+from .batching import plan_batches
 from .console import Console, Notice
+from .nonfinite import NonFiniteError
 from .preflight import DataPlan, check_data
 from .run_lock import RunLock
 from .worker import train_loop_per_worker
@@ -45,6 +49,7 @@ FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKE
                  "AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR",
                  "MLFLOW_DISABLE_TELEMETRY")
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
 
 
 @dataclass
@@ -135,16 +140,45 @@ def prepare_inputs(cfg: Config) -> Config:
     return cfg
 
 
+def model_shapes(model: ModelConfig) -> dict[str, list[int]]:
+    """{parameter name: shape} of the model a model section builds (on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        built = task_for(model).build_model()
+    return {name: list(param.shape) for name, param in built.named_parameters()}
+
+
 def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], where: Optional[str]) -> None:
-    """A run continues from its latest checkpoint only with the number of workers that wrote it (ZeRO
-    optimizer partitions, EMA partitions and data-stream positions are per rank): else a ConfigError
-    before any worker starts, rather than DeepSpeed failing inside every worker."""
-    low, high = cfg.cluster.worker_range
+    """Refuse, with a ConfigError naming the key before any worker starts, what cannot continue from the newest
+    checkpoint: another model family, ZeRO stage or parameter shape; and a global batch the configured workers
+    cannot divide. Another number of workers continues (the state is re-partitioned, `train.reshard`)."""
+    for workers in sorted(set(cfg.cluster.worker_range)):  # the fewest and the most workers of a range
+        plan_batches(cfg, workers)
     if latest is None:
         return
-    check(low <= latest.world_size <= high, "cluster.num_workers",
-          f"{cfg.cluster.num_workers}, but run {run_url} continues from {where}, written by {latest.world_size} "
-          f"workers; resume with cluster.num_workers={latest.world_size} or start a new run.name")
+    again = "resume with the settings it was written with or start a new run.name"
+    check(latest.model_family == cfg.model.family, "model.family",
+          f"{cfg.model.family!r}, but run {run_url} continues from {where}, a {latest.model_family!r} model; {again}")
+    check(latest.zero_stage == cfg.train.zero_stage, "train.zero_stage",
+          f"{cfg.train.zero_stage}, but run {run_url} continues from {where}, written at ZeRO stage "
+          f"{latest.zero_stage}; resume with train.zero_stage={latest.zero_stage} or start a new run.name")
+    theirs = latest.param_shapes if latest.param_shapes is not None else model_shapes(read_config(where).model)
+    ours = model_shapes(cfg.model)
+    differing = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
+    if differing:
+        name = differing[0]
+        fail("model", f"this config builds parameter {name} with shape {ours.get(name)}, but run {run_url} "
+                      f"continues from {where}, where it has shape {theirs.get(name)} ({len(differing)} "
+                      f"parameter(s) differ); {again}")
+
+
+def drop_ray_snapshot(run_url: str, storage_options: dict[str, Any]) -> None:
+    """Remove Ray Train's snapshot of the checkpoints it registered from the run folder: Ray no longer registers
+    ours, and a snapshot left by an earlier version (or half-written during an outage) would fail its start."""
+    url = f"{run_url.rstrip('/')}/{RAY_SNAPSHOT}"
+    fs, path = filesystem(url, storage_options)
+    if with_retries(lambda: fs.exists(path), url, what="list"):
+        log.info("removing Ray Train's checkpoint snapshot %s (the run's checkpoints are found in its folder)", url)
+        with_retries(lambda: fs.rm(path), url, what="delete")
 
 
 def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optional[StreamFactory] = None,
@@ -165,6 +199,7 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
                  missed_heartbeats=cfg.run.lock_missed_heartbeats), \
             ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
+        drop_ray_snapshot(run_url, options)
         return _fit(cfg, run_url, options, latest, stream_factory, data)
 
 
@@ -183,8 +218,7 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
         scaling_config=ScalingConfig(num_workers=cfg.cluster.scaling_workers, use_gpu=use_gpu,
                                      resources_per_worker=dict(cfg.cluster.resources_per_worker) or None),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last)))
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
     fid = FidScheduler(cfg, run_url, options, tracking.uri, tracking.run_id)
     try:
         result = fid.run_while_polling(trainer.fit, on_tick=console.drain)
@@ -192,12 +226,19 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
         console.close()
         set_run_status(tracking, "FAILED")
         raise
+    outcome: Optional[WorkerResult] = result.return_value
+    if outcome is None or outcome.error:
+        console.close()
+        set_run_status(tracking, "FAILED")
+        if outcome is None:
+            raise RuntimeError(f"training of {run_url} ended without rank 0's result")
+        raise NonFiniteError(outcome.error)
     final_checkpoint = latest_checkpoint(run_url, options)
     fid_results = fid.finish(final_checkpoint)
     for step, entry in fid_results.items():
         console.write(Notice(_fid_line(step, entry)).text)
     console.close()
-    return dataclasses.replace(_result(result.metrics or {}, final_checkpoint, tracking, fid_results),
+    return dataclasses.replace(_result(outcome, final_checkpoint, tracking, fid_results),
                                classes_trained=len(data.trained) if data else None)
 
 
@@ -207,12 +248,10 @@ def _fid_line(step: str, entry: dict[str, Any]) -> str:
     return f"FID at step {step}: {entry['fid']:.3f} ({entry['n']} samples)"
 
 
-def _result(metrics: dict[str, Any], checkpoint: Optional[str], tracking: TrackingTarget,
+def _result(outcome: WorkerResult, checkpoint: Optional[str], tracking: TrackingTarget,
             fid: dict[str, Any]) -> TrainResult:
     return TrainResult(
-        final_step=int(metrics.get("final_step", metrics.get("step", 0))),
-        final_loss=float(metrics.get("final_loss", math.nan)),
-        params_sha256=metrics.get("params_sha256"), ema_sha256=metrics.get("ema_sha256"),
-        checkpoint=checkpoint, mlflow_run_id=tracking.run_id, mlflow_tracking_uri=recordable_uri(tracking.uri),
-        images_per_s=float(metrics.get("images_per_s", 0.0)), fid=fid,
-        val_loss=metrics.get("val_loss"), val_loss_ema=metrics.get("val_loss_ema"))
+        final_step=outcome.final_step, final_loss=outcome.final_loss, params_sha256=outcome.params_sha256,
+        ema_sha256=outcome.ema_sha256, checkpoint=checkpoint, mlflow_run_id=tracking.run_id,
+        mlflow_tracking_uri=recordable_uri(tracking.uri), images_per_s=outcome.images_per_s, fid=fid,
+        val_loss=outcome.val_loss, val_loss_ema=outcome.val_loss_ema)

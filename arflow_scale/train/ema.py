@@ -81,11 +81,14 @@ class EMA:
             return int(param._hp_mapping.lp_fragment_address.start)
         return 0
 
+    def local_weights(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """{name: what this rank holds of the weight}: the pieces the EMA averages (see `_local`)."""
+        return {name: self._local(param) for name, param in module.named_parameters()}
+
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         """shadow <- decay * shadow + (1 - decay) * weight, for every locally held weight."""
-        for name, param in module.named_parameters():
-            local = self._local(param)
+        for name, local in self.local_weights(module).items():
             if local.numel():
                 self.shadow[name].lerp_(local.detach().float(), 1.0 - self.decay)
 
@@ -105,6 +108,21 @@ class EMA:
                 raise ValueError(f"EMA state for {name}: shape {tuple(tensor.shape)} != "
                                  f"{tuple(self.shadow[name].shape)} (different world size?)")
             self.shadow[name].copy_(tensor)
+
+    @torch.no_grad()
+    def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
+        """Take this rank's pieces of full EMA weights {name: tensor} (an EMA consolidated from a checkpoint
+        that another number of ranks wrote): each slice from where it starts, zero padding past the end."""
+        differing = set(self.shadow) ^ set(full)
+        if differing:
+            raise ValueError(f"EMA weights do not match the model (differing keys: {sorted(differing)[:5]})")
+        for name, shadow in self.shadow.items():
+            flat = full[name].reshape(-1)
+            if flat.numel() != self.meta[name]["numel"]:
+                raise ValueError(f"EMA weights for {name}: {flat.numel()} elements, the model has "
+                                 f"{self.meta[name]['numel']}")
+            piece = flat[self.starts[name]: self.starts[name] + shadow.numel()].float()
+            shadow.zero_().reshape(-1)[: piece.numel()].copy_(piece)
 
     def full_state_dict(self, dst: int | None = None) -> dict[str, torch.Tensor] | None:
         """The full EMA weights {name: fp32 tensor}; a collective when partitioned (all ranks call it).

@@ -13,6 +13,7 @@ from torch import nn
 from arflow_scale.config import Config
 
 from .deepspeed_config import build_deepspeed_config, install_value_clipping, param_groups
+from .nonfinite import UpdateGate
 from .schedule import make_scheduler
 
 
@@ -23,24 +24,30 @@ class Engine:
     engine: Any  # deepspeed.DeepSpeedEngine
     grad_norm_probe: Optional["GradNormProbe"]  # ZeRO-0 only: DeepSpeed reports the norm at stages 1-3
     bf16: bool
+    gate: UpdateGate  # drops a step's update when its loss or gradient is not finite (train.nonfinite)
 
     def grad_norm(self) -> float:
         value = self.grad_norm_probe.value if self.grad_norm_probe is not None else self.engine.get_global_grad_norm()
         return float(value if value is not None else "nan")
 
 
-def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: str, precision: str) -> Engine:
-    """deepspeed.initialize over `model` with our config, param groups, schedule and clipping."""
+def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: str, precision: str, *,
+                 load_universal: bool = False) -> Engine:
+    """deepspeed.initialize over `model` with our config, param groups, schedule and clipping; `load_universal`:
+    the engine will restore a universal checkpoint (another world size at ZeRO 1-2, `train.reshard`)."""
     import deepspeed  # after the worker chose its accelerator (DS_ACCELERATOR); a 4 s import
 
-    ds_config = build_deepspeed_config(cfg, world_size, device_type)
+    ds_config = build_deepspeed_config(cfg, world_size, device_type, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=partial(make_scheduler, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
+    # step pre-hooks, in this order: the norm before anything changes it, the gate before clipping makes an
+    # infinite gradient finite
     probe = GradNormProbe(engine.basic_optimizer) if cfg.train.zero_stage == 0 else None
+    gate = UpdateGate(engine.basic_optimizer, check_grads=cfg.train.zero_stage == 0)  # ZeRO 1-3: DeepSpeed checks
     if cfg.optim.clip == "value":
         install_value_clipping(engine.basic_optimizer, cfg.optim.clip_value)
-    return Engine(engine=engine, grad_norm_probe=probe, bf16=precision == "bf16")
+    return Engine(engine=engine, grad_norm_probe=probe, bf16=precision == "bf16", gate=gate)
 
 
 def wrapper_masters(optimizer) -> dict[int, torch.Tensor]:

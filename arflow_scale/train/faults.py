@@ -1,4 +1,5 @@
-"""Fault injection for tests and drills: crash (raise) or SIGKILL one rank after a given step, once.
+"""Fault injection for tests and drills: crash (raise) or SIGKILL one rank after a given step, or make its loss
+NaN at a step (a divergence), once.
 
 "Once" survives restarts: before firing, the rank writes a marker file into the run folder
 (`<run_url>/faults/<kind>-rank<r>-step<s>`), and a restarted worker that finds it does not fire again.
@@ -38,6 +39,13 @@ class FaultInjector:
         with fs.open(path, "w") as f:
             f.write("fired\n")
         return True
+
+    def poison_loss(self, step: int, loss):
+        """The loss of this rank at `step`, NaN where `faults.nan_loss_at_step` says so (once per run folder)."""
+        if self.rank == self.cfg.rank and self.cfg.nan_loss_at_step == step and self._claim("nan", step):
+            log.warning("fault injection: rank %d's loss at step %d is NaN", self.rank, step)
+            return loss * float("nan")
+        return loss
 
     def after_step(self, step: int) -> None:
         """Call after finishing optimizer step `step` (and any checkpoint of that step)."""

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from s3fs.utils import FileExpired
+
 from arflow_scale.data.storage import filesystem, is_local_url, local_path
 
 Read = Optional[tuple[str, str]]  # (text, version), None when there is no lock
@@ -89,12 +91,18 @@ class S3LockStore:
     def __init__(self, url: str, storage_options: dict[str, Any]):
         self.fs, self.path = filesystem(url, storage_options)
 
-    def read(self) -> Read:
-        try:
-            with self.fs.open(self.path, "rb") as f:  # the ETag of the version read (s3fs reads with If-Match)
-                return f.read().decode(), f.details["ETag"]
-        except FileNotFoundError:
-            return None
+    def read(self, attempts: int = 5) -> Read:
+        """The current text and ETag. s3fs reads with If-Match on the ETag its HEAD saw, so a version replaced
+        between the two (another driver's swap) raises FileExpired: that is a race lost, so read again."""
+        for _ in range(attempts):
+            try:
+                with self.fs.open(self.path, "rb") as f:
+                    return f.read().decode(), f.details["ETag"]
+            except FileNotFoundError:
+                return None
+            except FileExpired:
+                self.fs.invalidate_cache(self.path)
+        raise RuntimeError(f"{self.path}: the lock changed under {attempts} reads in a row")
 
     def create(self, text: str) -> Optional[str]:
         try:

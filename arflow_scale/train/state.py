@@ -1,5 +1,6 @@
-"""The write side of checkpoints: every rank saves its part of the training state into a local folder
-(Ray Train merges the ranks' folders into one checkpoint), and restores it. Layout: checkpoint/layout.py."""
+"""The write side of checkpoints: every rank saves its part of the training state into a local folder (the
+checkpointer uploads it into the checkpoint), and restores it on the world size that wrote it (another world
+size: `reshard`). Layout: checkpoint/layout.py."""
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ def save_state(folder: str | Path, *, engine, ema: EMA, stream, rank: int, recor
     if rank == 0:
         (folder / META).write_text(record.to_json())
         (folder / CONFIG).write_text(config_yaml)
+    write_listing(folder, rank)
+
+
+def write_listing(folder: str | Path, rank: int) -> None:
+    """Rank `rank`'s file list: every file in its local checkpoint folder with its size (written last)."""
+    folder = Path(folder)
     files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
              if p.is_file() and p.parent != folder / "ranks"}
+    (folder / "ranks").mkdir(parents=True, exist_ok=True)
     (folder / rank_listing(rank)).write_text(json.dumps({"rank": rank, "files": files}))
 
 
@@ -40,15 +48,20 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def restore_state(folder: str | Path, *, engine, ema: EMA, stream, rank: int) -> CheckpointRecord:
-    """Load this rank's state from a local checkpoint folder; returns its record."""
-    folder = Path(folder)
-    record = CheckpointRecord.from_json((folder / META).read_text(), str(folder / META))
+def load_engine(folder: str | Path, engine) -> None:
+    """DeepSpeed's own load of the engine state in a local checkpoint folder (weights-only)."""
     safe_checkpoint_engine(engine)
-    load_path, _ = engine.load_checkpoint(str(folder / DEEPSPEED), tag=DS_TAG,
+    load_path, _ = engine.load_checkpoint(str(Path(folder) / DEEPSPEED), tag=DS_TAG,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
     if load_path is None:
         raise FileNotFoundError(f"{folder}/{DEEPSPEED}: DeepSpeed found no checkpoint with tag {DS_TAG!r}")
+
+
+def restore_state(folder: str | Path, *, engine, ema: EMA, stream, rank: int) -> CheckpointRecord:
+    """Load this rank's state from a local checkpoint folder written by this world size; returns its record."""
+    folder = Path(folder)
+    record = CheckpointRecord.from_json((folder / META).read_text(), str(folder / META))
+    load_engine(folder, engine)
     ema.load_state_dict(_load(folder / rank_file("ema", rank if ema.partitioned else 0)))
     stream.load_state_dict(_load(folder / rank_file("data", rank)))
     set_rng_state(_load(folder / rank_file("rng", rank)))

@@ -2,8 +2,10 @@
 
 The model family comes from the config (`model.family`, arflow_scale.tasks): the trainer never names one.
 Every random choice of step s, micro-step m on rank r comes from a CPU generator seeded with (seed, r, s, m),
-and the stream's position is part of the checkpoint, so a resumed run draws the same data, noise and label
-dropout as an uninterrupted one.
+and the stream's position is part of the checkpoint, so a run resumed on the same number of workers draws the
+same data, noise and label dropout as an uninterrupted one. On another number of workers the checkpoint is
+re-partitioned (`train.reshard`) and the global batch stays the configured one (`train.batching`). The trainer
+owns its checkpoints (`train.checkpointer`); Ray Train sees metrics and rank 0's `WorkerResult`.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import ray.train
@@ -21,7 +24,8 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from arflow_scale.checkpoint import CheckpointRecord, checkpoint_dir_name, state_dict_sha256
+from arflow_scale.checkpoint import CheckpointRecord, state_dict_sha256
+from arflow_scale.checkpoint.layout import files_of_rank
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
 from arflow_scale.model.decoder import Decoder
@@ -29,13 +33,17 @@ from arflow_scale.schema import dump_yaml
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.tracking import Tracker, recordable_uri
 
-from .args import TrainingStream, WorkerArgs
+from .args import TrainingStream, WorkerArgs, WorkerResult
+from .batching import plan_batches, with_plan
+from .checkpointer import Checkpointer
 from .console import Notice, StepProgress, forward_worker_warnings
 from .data_health import DataHealthWatch, gather_data_health
 from .deepspeed_config import resolve_precision
 from .ema import EMA
 from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_masters
 from .faults import FaultInjector
+from .nonfinite import NonFiniteError, NonFiniteGuard, weights_finite
+from .reshard import RESHARD_PATHS, needs_universal, restore_resharded
 from .rng import step_generator
 from .state import restore_state, save_state
 from .validation import open_validator
@@ -73,31 +81,37 @@ class Trainer:
     """Builds one rank's engine, EMA, stream and tracker from WorkerArgs, then trains (`fit`)."""
 
     def __init__(self, args: WorkerArgs):
-        self.args, cfg = args, args.config
-        self.cfg = cfg
+        self.args = args
         context = ray.train.get_context()
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        self.plan = plan_batches(args.config, self.world)
+        self.cfg = cfg = with_plan(args.config, self.plan)  # this world size's micro-batch and accumulation
         self.device = ray.train.torch.get_device()
         self._configure_device()
         forward_worker_warnings(args.console_sink, self.rank)
         self.task = task_for(cfg.model)
         self.precision = resolve_precision(cfg.train.precision, self.device.type)
+        self.checkpointer = Checkpointer(args.run_url, args.storage_options, cfg.checkpoint, self.rank)
+        latest_url, latest = self.checkpointer.latest()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, self.task.build_model(), self.world, self.device.type, self.precision)
+        self.engine = build_engine(cfg, self.task.build_model(), self.world, self.device.type, self.precision,
+                                   load_universal=needs_universal(latest, self.world))
         self.ema = EMA(self.engine.engine.module, cfg.train.ema_decay,
                        masters=wrapper_masters(self.engine.engine.optimizer))
         self.stream = self._open_stream()
-        self.record = self._restore()
+        self.record = self._restore(latest_url, latest)
         self.start_step = self.record.step if self.record else 0
         self.last_loss = self.record.last_loss if self.record and self.record.last_loss is not None else math.nan
+        skipped = self.record.skipped_steps if self.record else 0
+        self.guard = NonFiniteGuard(cfg.train, self.engine.gate, skipped=skipped)
         tracking = args.tracking
         self.run_id = (self.record.mlflow_run_id if self.record else None) or tracking.run_id
         self.tracker = Tracker(tracking.uri, self.run_id, cfg.tracking.system_metrics) if self.rank == 0 \
             else Tracker(None, None)
+        self.logged_until = self.tracker.last_step(self.task.loss_metric)  # steps redone after a restart: logged
         self.faults = FaultInjector(cfg.faults, args.run_url, self.rank, args.storage_options)
-        self.config_yaml = dump_yaml(cfg, mask_secrets=True)  # stored in every checkpoint
-        self.images_per_step = (cfg.data.batch_size * self.task.images_per_sample * cfg.train.grad_accum
-                                * self.world)
+        self.config_yaml = dump_yaml(args.config, mask_secrets=True)  # stored in every checkpoint
+        self.images_per_step = self.plan.global_batch * self.task.images_per_sample
         self.throughput = Throughput(self.start_step, cfg.train.steps)
         self.validator = None if args.stream_factory is not None else open_validator(
             cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
@@ -106,7 +120,9 @@ class Trainer:
         self.data_health = DataHealthWatch()
 
     # ------------------------------------------------------------------ the loop
-    def fit(self) -> None:
+    def fit(self) -> WorkerResult:
+        """Train from the restored step to `train.steps` (a finished run launched again only reports); a
+        non-finite loss, gradient or weight ends it with a result whose `error` names the step."""
         total = self.cfg.train.steps
         self.data = iter(self.stream)
         self.engine.engine.train()
@@ -122,19 +138,22 @@ class Trainer:
                     self.log_validation(step)
                 if self.samples_at(step):
                     self.log_sample_grid(step)
-                if step == total:
-                    self.save(step, self.final_metrics(step))
-                elif step % self.cfg.checkpoint.every == 0:
-                    self.save(step, {"step": step, "loss": self.last_loss})
+                if step == total or step % self.cfg.checkpoint.every == 0:
+                    self.save(step)
                 self.faults.after_step(step)
-            if self.start_step >= total:  # a finished run launched again: report its result only
+            if self.start_step >= total and self.validator is not None:  # a finished run launched again
                 self.val_losses = self.validation_losses()
-                ray.train.report(self.final_metrics(self.start_step))
+            outcome = self.final_result(max(self.start_step, total))
+        except NonFiniteError as err:  # every rank decided it together: a result, not a failure Ray would retry
+            self.tracker.close("FAILED")
+            return WorkerResult(final_step=self.start_step, final_loss=math.nan, mlflow_run_id=self.run_id or "",
+                                error=str(err))
         except BaseException:
             self.tracker.close("FAILED")
             raise
         self.tracker.close("FINISHED")
         dist.barrier()
+        return outcome
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over grad_accum micro-batches."""
@@ -143,17 +162,22 @@ class Trainer:
         lr = engine.get_lr()[0]
         if self.engine.grad_norm_probe is not None:
             self.engine.grad_norm_probe.armed = self.logs_at(step)
-        for micro in range(self.cfg.train.grad_accum):
+        accum = self.cfg.train.grad_accum
+        for micro in range(accum):
             fetch = time.perf_counter()
             images, labels = next(self.data)
             images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
             data_wait += time.perf_counter() - fetch
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 loss = self.task.loss(engine, images, labels, step_generator(self.cfg.train.seed, self.rank, step, micro))
+            loss = self.faults.poison_loss(step, loss)
             engine.backward(loss)
-            engine.step()
             losses.append(loss.detach())
-        self.ema.update(engine.module)
+            if micro == accum - 1:  # the optimizer steps next: every rank agrees whether it may
+                loss_finite = self.guard.before_update(losses)
+            engine.step()
+        if self.guard.after_update(step, engine, loss_finite, losses):
+            self.ema.update(engine.module)
         return StepResult(losses=losses, lr=lr, seconds=time.perf_counter() - started, data_wait=data_wait)
 
     # ------------------------------------------------------------------ when
@@ -172,16 +196,18 @@ class Trainer:
     def log_step(self, step: int, result: StepResult) -> None:
         images_per_s = self.images_per_step / result.seconds
         health = gather_data_health(self.stream)  # a collective: all ranks' corrupt shards and dropped classes
-        self.tracker.log_metrics({
-            self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
-            "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
-            "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
-            **health.metrics()}, step=step)
+        if step > self.logged_until:  # a step redone after a restart keeps the values logged the first time
+            self.tracker.log_metrics({
+                self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
+                "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
+                "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
+                "skipped_steps": float(self.guard.skipped), "world_size": float(self.world),
+                **health.metrics()}, step=step)
         remaining = self.cfg.train.steps - step
         self.notify(StepProgress(
             step=step, total=self.cfg.train.steps, loss=self.last_loss, loss_name=self.task.loss_metric,
             lr=result.lr, images_per_s=images_per_s, data_wait_fraction=result.data_wait / result.seconds,
-            eta_seconds=remaining * self.throughput.step_seconds(result.seconds)))
+            eta_seconds=remaining * self.throughput.step_seconds(result.seconds), world_size=self.world))
         if (changed := self.data_health.notice(health)) is not None:
             self.notify(Notice(changed))
 
@@ -195,7 +221,8 @@ class Trainer:
 
     def log_validation(self, step: int) -> None:
         self.val_losses = self.validation_losses()
-        self.tracker.log_metrics(self.val_losses, step=step)
+        if step > self.logged_until:
+            self.tracker.log_metrics(self.val_losses, step=step)
         self.notify(Notice(f"validation at step {step}: " + "  ".join(
             f"{name} {value:.4f}" for name, value in self.val_losses.items())))
 
@@ -219,27 +246,34 @@ class Trainer:
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, step: int, metrics: dict[str, Any]) -> None:
-        """Every rank writes its part and reports it; Ray registers the checkpoint once all ranks did."""
+    def save(self, step: int) -> None:
+        """Every rank writes its part and the checkpointer uploads it (then prunes); Ray Train gets the metrics.
+        Non-finite weights are never saved: the run stops instead, naming the step."""
+        module = self.engine.engine.module
+        held = list(self.ema.local_weights(module).values()) + list(self.ema.shadow.values())
+        if not weights_finite(held, self.device):
+            raise NonFiniteError(f"step {step}: the weights or their EMA are not finite; checkpoint "
+                                 f"{self.checkpointer.url(step)} not saved")
         record = CheckpointRecord(
             step=step, world_size=self.world, zero_stage=self.cfg.train.zero_stage, ema_layout=self.ema.layout,
-            last_loss=self.last_loss, mlflow_run_id=self.run_id,
-            tracking_uri=recordable_uri(self.args.tracking.uri), model_family=self.task.family)
-        with tempfile.TemporaryDirectory(prefix=f"arflow_ckpt_r{self.rank}_") as folder:
-            save_state(folder, engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank,
-                       record=record, config_yaml=self.config_yaml)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                             checkpoint_dir_name=checkpoint_dir_name(step))
-        self.notify(Notice(f"checkpoint {self.args.run_url.rstrip('/')}/{checkpoint_dir_name(step)}"))
+            last_loss=self.last_loss, mlflow_run_id=self.run_id, tracking_uri=recordable_uri(self.args.tracking.uri),
+            model_family=self.task.family, micro_batch_size=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
+            param_shapes={name: list(meta["shape"]) for name, meta in self.ema.meta.items()},
+            skipped_steps=self.guard.skipped)
+        url = self.checkpointer.save(step, lambda folder: save_state(
+            folder, engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank, record=record,
+            config_yaml=self.config_yaml))
+        ray.train.report({"step": step, "loss": self.last_loss})  # metrics only, on every rank
+        self.notify(Notice(f"checkpoint {url}"))
 
-    def final_metrics(self, step: int) -> dict[str, Any]:
-        """The run's result (rank 0's dict is the one Ray Train keeps); hashes gather the full weights."""
+    def final_result(self, step: int) -> WorkerResult:
+        """The run's result (rank 0's is the one Ray Train keeps); hashes gather the full weights."""
         params = full_fp32_params(self.engine.engine, self.engine.bf16)
         ema_full = self.ema.full_state_dict(dst=0)  # None on the other ranks
-        return {"step": step, "final_step": step, "final_loss": self.last_loss, "mlflow_run_id": self.run_id or "",
-                "images_per_s": self.images_per_step / self.throughput.step_seconds(math.inf),
-                "params_sha256": state_dict_sha256(params),
-                "ema_sha256": state_dict_sha256(ema_full) if ema_full is not None else "", **self.val_losses}
+        return WorkerResult(final_step=step, final_loss=self.last_loss, params_sha256=state_dict_sha256(params),
+                            ema_sha256=state_dict_sha256(ema_full) if ema_full is not None else "",
+                            images_per_s=self.images_per_step / self.throughput.step_seconds(math.inf),
+                            mlflow_run_id=self.run_id or "", **self.val_losses)
 
     # ------------------------------------------------------------------ set-up helpers
     def _configure_device(self) -> None:
@@ -256,12 +290,27 @@ class Trainer:
         return SequenceStream.from_config(self.cfg.data, k=self.task.images_per_sample, seed=self.cfg.train.seed,
                                           rank=self.rank, world_size=self.world)
 
-    def _restore(self) -> Optional[CheckpointRecord]:
-        restored = ray.train.get_checkpoint()
-        if restored is None:
+    def _restore(self, url: Optional[str], record: Optional[CheckpointRecord]) -> Optional[CheckpointRecord]:
+        """Restore the run folder's newest complete checkpoint: exactly on the world size that wrote it,
+        re-partitioned on another (`train.reshard`)."""
+        if url is None or record is None:
             return None
-        with restored.as_directory() as folder:
-            record = restore_state(folder, engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank)
-        log.info("rank %d resumed from %s at step %d", self.rank, restored.path, record.step)
-        self.notify(Notice(f"resumed from {restored.path} at step {record.step}"))
+        same_world = record.world_size == self.world
+        wanted = files_of_rank(self.rank, record.ema_partitioned) if same_world else (lambda rel: True)
+        kwargs = dict(engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank)
+        with tempfile.TemporaryDirectory(prefix=f"arflow_restore_r{self.rank}_") as scratch:
+            folder = self.checkpointer.fetch(url, Path(scratch) / "checkpoint", wanted)
+            if same_world:
+                restore_state(folder, **kwargs)
+            else:
+                restore_resharded(folder, record=record, world_size=self.world, scratch=Path(scratch) / "work",
+                                  **kwargs)
+        log.info("rank %d resumed from %s at step %d", self.rank, url, record.step)
+        how = "" if same_world else (f" on {self.world} worker(s) (written by {record.world_size}; "
+                                     f"{RESHARD_PATHS[record.zero_stage]})")
+        self.notify(Notice(f"resumed from {url} at step {record.step}{how}"))
+        old_batch = record.global_batch_size
+        if old_batch not in (None, self.plan.global_batch):
+            self.notify(Notice(f"the global batch changes from {old_batch} to {self.plan.global_batch} sequences "
+                               f"(train.global_batch_size={old_batch} keeps it)"))
         return record
