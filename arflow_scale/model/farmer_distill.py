@@ -4,6 +4,8 @@
 predicts the image in one pass, x = unpatchify(z + head(h)); it replaces the flow's
 flow_blocks * (N - 1) sequential steps at sampling time. Its training pairs come cheap from the
 flow's parallel forward pass: for a dequantized image x~, (F(x~), x~) is an exact (z, F^-1(z)).
+`FarmerOneStep` is the distillation stage's model: the student trains beside a frozen teacher and
+samples with the teacher's prior.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from .causal_transformer import Transformer
 from .embeddings import LabelEmbedder, sincos_pos_embed_2d
-from .farmer import dequantize
+from .farmer import FARMER, dequantize
 from .farmer_flow import FarmerFlow, check_labels, unpatchify
 from .farmer_sizes import FarmerArgs
 
@@ -71,3 +73,37 @@ def distill_loss(student: FarmerInverseStudent, flow: FarmerFlow, x_or_z: torch.
             raise ValueError(f"distill_loss: x_or_z must be images (B, C, H, W) or latents (B, N, D), "
                              f"got {tuple(x_or_z.shape)}")
     return F.mse_loss(student(z, labels), target)
+
+
+class FarmerOneStep(nn.Module):
+    """The distillation stage: a trainable `student` (args: the student's FarmerArgs) beside a frozen FARMER
+    `teacher` (its EMA weights).
+
+    Only the student is registered: parameters, state_dict, a DeepSpeed engine, the EMA and checkpoints see
+    it alone; the teacher is held by reference (no gradient, eval mode) and follows the student's device.
+    forward(x, y, generator) is `distill_loss` on exact pairs (F(x~), x~); `sample` is FARMER's sampling
+    with the student in place of the sequential inverse.
+    """
+
+    def __init__(self, teacher: FARMER, args: FarmerArgs):
+        super().__init__()
+        self.student = FarmerInverseStudent(args)
+        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())  # not a submodule
+
+    def _teacher_on(self, device: torch.device) -> FARMER:
+        if self.teacher.prior.pos.device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1], labels (B,) -> mean squared pixel error of the student's inverse."""
+        return distill_loss(self.student, self._teacher_on(x.device).flow, x, y, generator)
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, cfg_scale: float = 1.0, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None, candidates: Optional[int] = None,
+               denoise: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]: the teacher's prior sample, then one student pass (FARMER.sample)."""
+        teacher = self._teacher_on(self.student.head.weight.device)
+        return teacher.sample(labels, cfg_scale, temperature, generator, candidates, student=self.student,
+                              denoise=denoise)
