@@ -21,7 +21,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, read_record
+from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, pin_teacher, read_record
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
 from arflow_scale.config import Config
 from arflow_scale.data import write_shards
@@ -150,6 +150,7 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     latest_url = latest_checkpoint(run_url, options)
     latest = read_record(latest_url, options) if latest_url else None
     check_resume(cfg, run_url, latest, latest_url)
+    cfg = pin_teacher(cfg, options, latest_url)  # a distillation stage: its teacher, fixed for the whole run
     with ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
         return _fit(cfg, run_url, options, latest, stream_factory)
 

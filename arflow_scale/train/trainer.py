@@ -21,11 +21,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from arflow_scale.checkpoint import CheckpointRecord, checkpoint_dir_name, state_dict_sha256
+from arflow_scale.checkpoint import CheckpointRecord, checkpoint_dir_name, run_task, state_dict_sha256
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
 from arflow_scale.schema import dump_yaml
-from arflow_scale.tasks import SampleSettings, task_for
+from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
 
 from .args import TrainingStream, WorkerArgs
@@ -77,7 +77,7 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self._configure_device()
         forward_worker_warnings(args.console_sink, self.rank)
-        self.task = task_for(cfg.model)
+        self.task = run_task(cfg, args.storage_options)
         self.precision = resolve_precision(cfg.train.precision, self.device.type)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.engine = build_engine(cfg, self.task.build_model(), self.world, self.device.type, self.precision)
