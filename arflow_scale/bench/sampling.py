@@ -12,7 +12,7 @@ import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -121,8 +121,8 @@ def run(args) -> int:
     model = _model(args, device)
     labels = torch.arange(args.batch) % model.teacher.args.num_classes
     speed = sample_speed(model, labels, cfg_scale=args.cfg_scale, temperature=args.temperature, rounds=args.rounds)
-    result: dict[str, Optional[object]] = {"checkpoint": args.checkpoint, "size": None if args.checkpoint else args.size,
-                                           "threads": torch.get_num_threads(), **speed.to_json()}
+    result = {"checkpoint": args.checkpoint, "size": None if args.checkpoint else args.size,
+              "threads": torch.get_num_threads(), **speed.to_json()}
     print(f"{'side':<28} {'s/batch':>10} {'img/s':>10}")
     print(f"{'prior + sequential inverse':<28} {speed.sequential_seconds:>10.4f} "
           f"{speed.images / speed.sequential_seconds:>10.1f}")

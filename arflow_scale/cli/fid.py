@@ -35,6 +35,8 @@ def register(sub) -> None:
     model.add_argument("--checkpoint", required=True, help="checkpoint folder URL, or a run folder (latest)")
     model.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
     model.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
+    model.add_argument("--temperature", type=float, default=EvalConfig.temperature,
+                       help="sampling temperature (FARMER)")
     model.add_argument("--guided-channels", type=int, default=EvalConfig.guided_channels,
                        help="guide only the first N channels (default: all)")
     model.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
@@ -110,7 +112,8 @@ def run_model(args) -> int:
     options = parse_storage_options(args.storage_option)
     plan = FidPlan.of(options, num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler,
                       steps=args.steps, cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
-                      tasks=args.tasks, seed=args.seed, sample_batch_size=args.sample_batch_size,
+                      temperature=args.temperature, tasks=args.tasks, seed=args.seed,
+                      sample_batch_size=args.sample_batch_size,
                       feature_batch_size=args.batch_size, inception_path=args.inception)
     target, step = (TrackingTarget(None, None), None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
     with ray_session(args.ray_address, dashboard=False):
