@@ -44,6 +44,7 @@ class FarmerConfig:
     flow_conditioning: Optional[bool] = None  # None: an unconditional flow
     cfg_candidates: Optional[int] = None  # proposals per token of the resampling guidance (None: 16)
     student_depth: Optional[int] = None  # the one-step inverse student (None: flow_blocks * flow_depth)
+    distill_prior_fraction: Optional[float] = None  # distillation pairs from prior samples, not data (None: 0)
 
     def overrides(self) -> dict:
         """The keys that are set, as FarmerArgs fields."""

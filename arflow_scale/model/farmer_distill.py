@@ -96,8 +96,22 @@ class FarmerOneStep(nn.Module):
         return self.teacher
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
-        """Images (B, C, H, W) in [-1, 1], labels (B,) -> mean squared pixel error of the student's inverse."""
-        return distill_loss(self.student, self._teacher_on(x.device).flow, x, y, generator)
+        """Images (B, C, H, W) in [-1, 1], labels (B,) -> mean squared pixel error of the student's inverse.
+
+        The first round(distill_prior_fraction * B) pairs are the teacher prior's samples for those labels
+        (temperature 1) against the sequential inverse, the latents sampling feeds the student; the rest come
+        from the images, (F(x~), x~). Draw order from `generator`: the images' dequantization, then the prior.
+        """
+        teacher = self._teacher_on(x.device)
+        batch = x.shape[0]
+        drawn = round(self.student.args.distill_prior_fraction * batch)
+        if drawn == 0:
+            return distill_loss(self.student, teacher.flow, x, y, generator)
+        data = distill_loss(self.student, teacher.flow, x[drawn:], y[drawn:], generator) if drawn < batch else 0.0
+        with torch.no_grad():
+            z = teacher.prior.sample(y[:drawn], generator=generator)
+        prior = distill_loss(self.student, teacher.flow, z, y[:drawn])
+        return (prior * drawn + data * (batch - drawn)) / batch
 
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, cfg_scale: float = 1.0, temperature: float = 1.0,

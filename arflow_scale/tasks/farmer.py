@@ -16,7 +16,7 @@ from arflow_scale.model.farmer_flops import (count_parameters, count_student_par
 
 from .base import ModelTask, SampleSettings, StateDict
 
-STUDENT_ONLY = ("student_depth",)  # FarmerArgs fields a distillation stage may set apart from its teacher
+STUDENT_ONLY = ("student_depth", "distill_prior_fraction")  # FarmerArgs a distillation stage sets apart
 
 
 def one_image(images: torch.Tensor) -> torch.Tensor:
@@ -95,8 +95,10 @@ class FarmerDistillTask(FarmerTask):
         return FarmerOneStep(self.teacher, self.args)
 
     def forward_flops(self) -> int:
-        """One image through the teacher flow's forward (the pair) and the student."""
-        return flow_forward_flops(self.args) + student_forward_flops(self.args)
+        """One image's pair (the flow forward, or for prior pairs a prior sample and the inverse: about one
+        forward pass of each, §7) and the student."""
+        prior_share = self.args.distill_prior_fraction * prior_forward_flops(self.args)
+        return int(flow_forward_flops(self.args) + prior_share + student_forward_flops(self.args))
 
     def count_parameters(self) -> int:
         return count_student_parameters(self.args)
