@@ -4,7 +4,7 @@ student, side by side on the same labels and the same prior draws (docs/farmer.m
 With `--checkpoint` (a distillation stage's checkpoint or run folder) it times that student and its teacher
 and reports how far the student's images are from the sequential inverse's; without, a FARMER of `--size`
 with fresh weights (timings do not depend on the weights). Rounds alternate between the sides; each side's
-time is the median over rounds. Prints one JSON line.
+time is the median over rounds, by wall clock and by this process's CPU time. Prints one JSON line.
 """
 from __future__ import annotations
 
@@ -22,39 +22,50 @@ from arflow_scale.model.farmer_sizes import farmer_args
 
 
 @dataclass(frozen=True)
-class SampleSpeed:
-    """Median seconds per batch of `images` samples on `device`, per side."""
+class SideSeconds:
+    """Median seconds per batch of each side."""
 
-    images: int
-    device: str
-    sequential_seconds: float  # prior + the flow's sequential inverse
-    student_seconds: float  # prior + one student pass
-    inverse_seconds: float  # the sequential inverse alone, on the same latents
-    student_pass_seconds: float  # the student alone
-    mean_abs_diff: float  # |student image - sequential image|, same prior draws, pixels in [-1, 1]
+    sequential: float  # prior + the flow's sequential inverse
+    student: float  # prior + one student pass
+    inverse: float  # the sequential inverse alone, on the same latents
+    student_pass: float  # the student alone
 
     @property
     def speedup(self) -> float:
-        return self.sequential_seconds / self.student_seconds
+        return self.sequential / self.student
 
     @property
     def inverse_speedup(self) -> float:
-        return self.inverse_seconds / self.student_pass_seconds
+        return self.inverse / self.student_pass
+
+
+@dataclass(frozen=True)
+class SampleSpeed:
+    """Both sides on `images` samples on `device`: wall-clock seconds, and this process's CPU seconds (all
+    threads; steadier than the wall clock on a shared machine)."""
+
+    images: int
+    device: str
+    wall: SideSeconds
+    cpu: SideSeconds
+    mean_abs_diff: float  # |student image - sequential image|, same prior draws, pixels in [-1, 1]
 
     def to_json(self) -> dict:
-        return {**asdict(self), "sequential_images_per_s": self.images / self.sequential_seconds,
-                "student_images_per_s": self.images / self.student_seconds, "speedup": self.speedup,
-                "inverse_speedup": self.inverse_speedup}
+        return {**asdict(self), "sequential_images_per_s": self.images / self.wall.sequential,
+                "student_images_per_s": self.images / self.wall.student, "speedup": self.wall.speedup,
+                "inverse_speedup": self.wall.inverse_speedup, "cpu_speedup": self.cpu.speedup,
+                "cpu_inverse_speedup": self.cpu.inverse_speedup}
 
 
-def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, torch.Tensor]:
+def _timed(fn: Callable[[], torch.Tensor], device: torch.device) -> tuple[float, float, torch.Tensor]:
+    """(wall seconds, process CPU seconds, output) of one call."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
+    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 @torch.no_grad()
@@ -65,22 +76,30 @@ def sample_speed(model: FarmerOneStep, labels: torch.Tensor, *, cfg_scale: float
     teacher, device = model.teacher, model.student.head.weight.device
     labels = labels.to(device)
     flow_labels = labels if teacher.args.flow_conditioning else None
-    sides: dict[str, list[float]] = {"sequential": [], "student": [], "inverse": [], "student_pass": []}
+
+    def prior_draw():
+        return teacher.prior.sample(labels, cfg_scale, temperature, torch.Generator().manual_seed(seed))
+
+    sides = {
+        "sequential": lambda: teacher.sample(labels, cfg_scale, temperature, torch.Generator().manual_seed(seed)),
+        "student": lambda: model.sample(labels, cfg_scale, temperature, torch.Generator().manual_seed(seed)),
+    }
+    walls: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
+    outputs: dict[str, torch.Tensor] = {}
     for _ in range(rounds):
-        seconds, slow = _timed(lambda: teacher.sample(labels, cfg_scale, temperature,
-                                                      torch.Generator().manual_seed(seed)), device)
-        sides["sequential"].append(seconds)
-        seconds, fast = _timed(lambda: model.sample(labels, cfg_scale, temperature,
-                                                    torch.Generator().manual_seed(seed)), device)
-        sides["student"].append(seconds)
-        z = teacher.prior.sample(labels, cfg_scale, temperature, torch.Generator().manual_seed(seed))
-        sides["inverse"].append(_timed(lambda: teacher.flow.inverse(z, flow_labels), device)[0])
-        sides["student_pass"].append(_timed(lambda: model.student(z, flow_labels), device)[0])
-    median = {side: statistics.median(times) for side, times in sides.items()}
-    return SampleSpeed(images=labels.shape[0], device=str(device), sequential_seconds=median["sequential"],
-                       student_seconds=median["student"], inverse_seconds=median["inverse"],
-                       student_pass_seconds=median["student_pass"],
-                       mean_abs_diff=float((fast.float() - slow.float()).abs().mean()))
+        z = prior_draw()
+        sides["inverse"] = lambda: teacher.flow.inverse(z, flow_labels)
+        sides["student_pass"] = lambda: model.student(z, flow_labels)
+        for side, fn in sides.items():
+            wall, cpu, outputs[side] = _timed(fn, device)
+            walls.setdefault(side, []).append(wall)
+            cpus.setdefault(side, []).append(cpu)
+    diff = (outputs["student"].float() - outputs["sequential"].float()).abs().mean()
+    return SampleSpeed(images=labels.shape[0], device=str(device),
+                       wall=SideSeconds(**{side: statistics.median(t) for side, t in walls.items()}),
+                       cpu=SideSeconds(**{side: statistics.median(t) for side, t in cpus.items()}),
+                       mean_abs_diff=float(diff))
 
 
 def add_arguments(parser) -> None:
@@ -123,11 +142,13 @@ def run(args) -> int:
     speed = sample_speed(model, labels, cfg_scale=args.cfg_scale, temperature=args.temperature, rounds=args.rounds)
     result = {"checkpoint": args.checkpoint, "size": None if args.checkpoint else args.size,
               "threads": torch.get_num_threads(), **speed.to_json()}
-    print(f"{'side':<28} {'s/batch':>10} {'img/s':>10}")
-    print(f"{'prior + sequential inverse':<28} {speed.sequential_seconds:>10.4f} "
-          f"{speed.images / speed.sequential_seconds:>10.1f}")
-    print(f"{'prior + student':<28} {speed.student_seconds:>10.4f} {speed.images / speed.student_seconds:>10.1f}")
-    print(f"speedup {speed.speedup:.2f}x (inverse alone {speed.inverse_speedup:.1f}x); "
-          f"student vs sequential images: mean |diff| {speed.mean_abs_diff:.4f}")
+    print(f"{'side':<28} {'wall s/batch':>12} {'img/s':>10} {'CPU s/batch':>12}")
+    for side, name in (("sequential", "prior + sequential inverse"), ("student", "prior + student"),
+                       ("inverse", "sequential inverse alone"), ("student_pass", "student alone")):
+        wall, cpu = getattr(speed.wall, side), getattr(speed.cpu, side)
+        print(f"{name:<28} {wall:>12.4f} {speed.images / wall:>10.1f} {cpu:>12.4f}")
+    print(f"speedup {speed.wall.speedup:.2f}x wall, {speed.cpu.speedup:.2f}x CPU (inverse alone "
+          f"{speed.wall.inverse_speedup:.1f}x, {speed.cpu.inverse_speedup:.1f}x); student vs sequential images: "
+          f"mean |diff| {speed.mean_abs_diff:.4f}")
     print(json.dumps(result), flush=True)
     return 0
