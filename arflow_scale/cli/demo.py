@@ -55,7 +55,8 @@ def handle(args) -> int:
     run_cfg, ema = load_ema_weights(result.checkpoint)
     task = run_task(run_cfg)
     labels = [label for _ in range(2) for label in range(task.num_classes)]
-    settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale)
+    settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale,
+                              temperature=cfg.eval.temperature)
     grid = sample_grid(task, task.model_from_weights(ema), labels, settings, seed=cfg.train.seed,
                        nrow=task.num_classes)
     grid_path = str(out / name / "samples.png")

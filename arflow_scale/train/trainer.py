@@ -185,7 +185,8 @@ class Trainer:
         if self.rank == 0 and self.tracker.active:
             model = self.task.model_from_weights(full_ema, self.device)
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
-            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0)
+            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
+                                      temperature=self.cfg.eval.temperature)
             grid = sample_grid(self.task, model, labels, settings, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
 
