@@ -51,9 +51,6 @@ class FarmerConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-FAMILIES = ("arflow", "farmer")
-
-
 @dataclass
 class ModelConfig:
     family: Literal["arflow", "farmer"] = "arflow"  # the model family (arflow_scale.tasks) that trains on this section

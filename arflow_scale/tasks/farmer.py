@@ -47,6 +47,7 @@ class FarmerTask(ModelTask):
 
     def sample(self, model: nn.Module, labels: torch.Tensor, settings: SampleSettings,
                generator: torch.Generator) -> torch.Tensor:
+        """FARMER.sample, or FarmerOneStep.sample for a distilled run's model (the same arguments)."""
         return model.sample(labels, cfg_scale=settings.cfg_scale, temperature=settings.temperature,
                             generator=generator)
 
