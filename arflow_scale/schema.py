@@ -42,6 +42,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        choices = [arg for arg in args if arg is not type(None)]
+        if len(choices) == 1:  # Optional[X]: X's own error names what is wrong
+            return _coerce(value, choices[0], key)
         errors = []
         for arg in args:
             if arg is type(None):
@@ -109,6 +112,10 @@ def build(cls: type, data: dict | None, prefix: str = "") -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         fail(f"{where}{unknown[0]}", f"unknown key (known keys: {', '.join(sorted(names))})")
+    required = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in data
+                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        fail(f"{prefix}.{required[0]}" if prefix else required[0], "missing key (it has no default)")
     kwargs = {}
     for name in names:
         if name in data:

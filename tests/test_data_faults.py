@@ -177,7 +177,8 @@ def corrupt_warnings(stream: SequenceStream, batches: int) -> list[str]:
 def test_stream_checks_crc32_or_sha256_of_older_manifests(data):
     """Streaming checks each shard's CRC-32; a manifest written without CRC-32s is checked by sha256;
     `inspect --verify` (verify_shards) checks both."""
-    from arflow_scale.data.manifest import read_manifest, verify_shards
+    from arflow_scale.data.manifest import read_manifest
+    from arflow_scale.data.verify import verify_shards
 
     damage(data / "shards" / "c0001-00002.tar", "checksum")
     (message,) = corrupt_warnings(SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8), 40)
@@ -191,7 +192,8 @@ def test_stream_checks_crc32_or_sha256_of_older_manifests(data):
 def test_stream_relies_on_crc32_when_recorded(data):
     """With CRC-32s recorded the stream does not hash with sha256: a manifest whose sha256s are all
     wrong still streams every shard, while verify_shards names each one."""
-    from arflow_scale.data.manifest import read_manifest, verify_shards
+    from arflow_scale.data.manifest import read_manifest
+    from arflow_scale.data.verify import verify_shards
 
     edit_manifest(data, lambda shard: shard.update(sha256="0" * 64))
     stream = SequenceStream.open(str(data), k=3, batch_size=8, shuffle_buffer=8)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from arflow_scale.cli import main
 from arflow_scale.data import read_manifest, write_shards
-from arflow_scale.data.manifest import split_manifest_url, verify_shards
+from arflow_scale.data.manifest import split_manifest_url
+from arflow_scale.data.verify import verify_shards
 from arflow_scale.data.sources import (ArraySource, ImageFolderSource, center_crop, digits_source,
                                        fashion_mnist_source, load_source, npz_source)
 from arflow_scale.data.storage import filesystem, list_files, read_bytes, with_retries, write_bytes

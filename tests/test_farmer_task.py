@@ -57,6 +57,7 @@ def test_farmer_section_builds_the_registry_args_with_its_overrides():
     (["model.family=arflow", "model.k=5", "model.farmer.noise_std=0.1"],
      "model.farmer: FARMER's keys apply to model.family: farmer only"),
     (["eval.temperature=-0.5"], "eval.temperature: must be >= 0"),
+    (["model.vae=runs/tiny-vae"], "model.vae: 'runs/tiny-vae': FARMER models pixels"),
 ])
 def test_bad_farmer_sections_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
@@ -94,6 +95,29 @@ def test_task_loss_is_the_models_objective_on_single_image_samples():
     assert torch.equal(loss, expected) and loss.dim() == 0
     with pytest.raises(ValueError, match=r"one image per sample: images must be \(B, 1, C, H, W\)"):
         task.loss(model, images.expand(4, 2, 1, 8, 8), labels, torch.Generator())
+
+
+def test_validation_losses_score_each_image_from_its_own_seed():
+    """Held-out bits/dim per image: image b's dequantization from seeds[b] alone, no label dropped, so an
+    image scores the same alone and in any batch; the distillation stage scores its student's pixel MSE."""
+    from arflow_scale.tasks.farmer import dequantize_each
+
+    task = task_for(farmer_cfg().model)
+    torch.manual_seed(0)
+    model = randomized(task.build_model(), std=0.05)
+    images, labels = torch.rand(3, 1, 1, 8, 8) * 2 - 1, torch.tensor([2, 4, 6])
+    batch = task.validation_losses(model, images, labels, [11, 12, 13])
+    alone = task.validation_losses(model, images[1:2], labels[1:2], [12])
+    assert batch.shape == (3,) and torch.allclose(batch[1:2], alone, rtol=1e-6)
+    assert torch.allclose(alone[0], model.bits_per_dim(images[1, 0:1], labels[1:2], torch.Generator().manual_seed(12)))
+    stage = task.student_task(task, model.state_dict())
+    one_step = stage.build_model()
+    mse = stage.validation_losses(one_step, images, labels, [11, 12, 13])
+    x_tilde = dequantize_each(images[:, 0], [11, 12, 13])
+    z, _ = stage.teacher.flow(x_tilde)
+    assert torch.allclose(mse, (one_step.student(z) - x_tilde).pow(2).flatten(1).mean(dim=1))
+    with pytest.raises(ValueError, match="2 seeds for 3 images"):
+        dequantize_each(images[:, 0], [1, 2])
 
 
 def test_task_sampling_reads_cfg_scale_and_temperature():

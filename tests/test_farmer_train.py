@@ -45,7 +45,7 @@ def workspace(tmp_path_factory):
     from arflow_scale.data import write_shards
 
     root = tmp_path_factory.mktemp("farmer")
-    write_shards("digits", str(root / "digits"), samples_per_shard=64, progress=False)
+    write_shards("digits", str(root / "digits"), samples_per_shard=64, val_per_class=5, progress=False)
     return root
 
 
@@ -81,6 +81,8 @@ def test_training_lowers_the_logged_bits_per_dim(teacher):
     late = [v[0] for step, v in bits.items() if step > TEACHER_STEPS - 50]
     assert np.mean(late) < BITS_PER_DIM_BELOW, late
     assert teacher["final_step"] == TEACHER_STEPS and teacher["final_loss"] == pytest.approx(bits[TEACHER_STEPS][0])
+    # held-out bits/dim of the 50 validation digits (uniform dequantization, no label dropped), raw and EMA
+    assert 0 < teacher["val_loss"] < BITS_PER_DIM_BELOW and 0 < teacher["val_loss_ema"] < 8.0, teacher
     client = MlflowClient(teacher["mlflow_tracking_uri"])
     grids = [a.path for a in client.list_artifacts(teacher["mlflow_run_id"], "samples")]
     assert grids == ["samples/ema_step_0000150.png", "samples/ema_step_0000300.png"]
@@ -150,6 +152,7 @@ def test_distilled_student_reproduces_the_teachers_inverse(teacher, student, wor
     from arflow_scale.model.farmer_flow import unpatchify
 
     assert student["final_step"] == 240
+    assert 0 < student["val_loss"] < 0.05, student  # held-out pixel MSE on exact data pairs
     run_cfg = read_config(student["checkpoint"])
     assert run_cfg.distill.teacher == teacher["checkpoint"]  # the run folder, pinned to its newest checkpoint
     # resumed exactly: the replayed steps 90..120 logged the same loss twice
@@ -193,12 +196,13 @@ def test_a_relaunch_with_another_teacher_is_refused(teacher, student, workspace)
         train_config(workspace, "farmer-distill-demo.yaml", "student", f"distill.teacher={other}", "train.steps=300")
 
 
-def test_an_exported_teacher_serves_the_stage(teacher, workspace):
+def test_export_and_an_exported_teacher_serves_the_stage(teacher, workspace):
     from arflow_scale.checkpoint import export_checkpoint, load_ema_weights, pin_teacher, run_task
     from arflow_scale.config import load_config
 
     exported = workspace / "teacher.safetensors"
-    export_checkpoint(teacher["checkpoint"], str(exported), include_raw=False)
+    info = export_checkpoint(teacher["checkpoint"], str(exported))  # consolidated from ZeRO-2's partitions
+    assert (info["params_sha256"], info["ema_sha256"]) == (teacher["params_sha256"], teacher["ema_sha256"])
     cfg = pin_teacher(load_config(CONFIGS / "farmer-distill-demo.yaml", [f"distill.teacher={exported}"]))
     assert cfg.distill.teacher == str(exported)
     weights = load_ema_weights(teacher["checkpoint"]).weights

@@ -58,6 +58,21 @@ def test_adm_reference_file_with_mu_sigma(tmp_path):
         ref.merge(GaussianStats.from_features(rng.normal(size=(4, 8))))
 
 
+def test_adm_virtual_reference_batch_layout_reads_mu_sigma_only(tmp_path):
+    """ADM's VIRTUAL_imagenet{128,256}_labeled.npz: arr_0 (reference images), mu, sigma, mu_s, sigma_s.
+    Only mu and sigma are read: here arr_0 is an object array that cannot load without pickle."""
+    rng = np.random.default_rng(3)
+    mu, root = rng.normal(size=8), rng.normal(size=(8, 8))
+    images = np.empty(2, dtype=object)
+    images[:] = [np.zeros((4, 4, 3), np.uint8), None]
+    np.savez(tmp_path / "VIRTUAL_imagenet256_labeled.npz", arr_0=images, mu=mu, sigma=root @ root.T,
+             mu_s=rng.normal(size=4), sigma_s=np.eye(4))
+    ref = GaussianStats.load(str(tmp_path / "VIRTUAL_imagenet256_labeled.npz"))
+    assert not ref.mergeable and ref.dim == 8
+    np.testing.assert_array_equal(ref.mean(), mu)
+    np.testing.assert_array_equal(ref.cov(), root @ root.T)
+
+
 def test_bad_inputs_give_clear_errors(tmp_path):
     stats = GaussianStats(4)
     with pytest.raises(ValueError, match=r"expected features \(N, 4\)"):

@@ -1,5 +1,6 @@
-"""Scaling sweeps: grid and IsoFLOP expansion, FLOP budgets, tokens and cost (fast), and the cpu-tiny sweep
-end to end with an interrupted point resumed from its checkpoint and finished points skipped (slow)."""
+"""Scaling sweeps: grid and IsoFLOP expansion, FLOP budgets, tokens and cost (fast), and the CPU IsoFLOP sweep
+end to end with an interrupted point resumed from its checkpoint, finished points skipped and every point scored
+by its held-out validation loss (slow)."""
 from __future__ import annotations
 
 import dataclasses
@@ -165,13 +166,14 @@ def test_dry_run_of_a_grid_sweep_prints_points_without_gpu_hours(capsys, tmp_pat
 
 
 def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
-    """cpu-tiny with an absolute base, 3 sizes x 1 tiny budget, storage and tracking under tmp_path."""
-    data = yaml.safe_load(CPU_TINY.read_text())
-    data["base"] = str((CPU_TINY.parent / data["base"]).resolve())
-    data["budget"] = {"steps": [3]}
+    """cpu-isoflop with an absolute base, one tiny budget over 3 sizes (16, 5 and 2 steps), digits with a
+    validation split, storage and tracking under tmp_path."""
+    data = yaml.safe_load(CPU_ISOFLOP.read_text())
+    data["base"] = str((CPU_ISOFLOP.parent / data["base"]).resolve())
+    data["budgets"] = [6e8]
     data["storage_path"] = str(tmp_path / "sweeps")
     data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1",
+    data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1", "eval.val_sequences=20",
                          f"data.manifest={tmp_path / 'digits'}", *extra_overrides]
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -183,16 +185,16 @@ def _arflow(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
+def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(tmp_path):
     from mlflow.tracking import MlflowClient
 
     # 1: the first point crashes after its step-2 checkpoint (an interrupted sweep).
     crashed = _arflow("sweep", "--config", str(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")))
     assert crashed.returncode != 0
-    state = json.loads((tmp_path / "sweeps/cpu-tiny/sweep.json").read_text())
-    first = sorted((tmp_path / "sweeps/cpu-tiny/runs").iterdir())
-    assert [p.name for p in first] == ["cpu-tiny-d1w32-s3"]
-    assert not (tmp_path / "sweeps/cpu-tiny/points").exists()
+    state = json.loads((tmp_path / "sweeps/cpu-isoflop/sweep.json").read_text())
+    first = sorted((tmp_path / "sweeps/cpu-isoflop/runs").iterdir())
+    assert [p.name for p in first] == ["cpu-isoflop-d1w16-f6e08"]
+    assert not (tmp_path / "sweeps/cpu-isoflop/points").exists()
     interrupted_run = json.loads((first[0] / "mlflow_run.json").read_text())["run_id"]
 
     # 2: rerun (fault removed): the interrupted point resumes, the other two run as 2 concurrent Ray tasks.
@@ -202,23 +204,29 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     assert summary["parent_run_id"] == state["parent_run_id"]
     assert len(summary["ran"]) == 3 and summary["skipped"] == []
     by_name = {p["name"]: p for p in summary["points"]}
-    assert by_name["cpu-tiny-d1w32-s3"]["run_id"] == interrupted_run  # same run, continued
-    assert len({p["params"] for p in summary["points"]}) == 3
-    for point in summary["points"]:
-        assert point["steps"] == 3 and point["loss"] > 0 and point["tokens"] > 0 and point["budget"] is None
-        assert (tmp_path / "sweeps/cpu-tiny/points" / f"{point['name']}.json").is_file()
-
+    assert by_name["cpu-isoflop-d1w16-f6e08"]["run_id"] == interrupted_run  # same run, continued
+    sweep, folder = load_sweep(_sweep_file(tmp_path))
+    assert [p["steps"] for p in summary["points"]] == [p.steps for p in expand(sweep, folder)]
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    for point in summary["points"]:
+        assert point["budget"] == 6e8 and point["tokens"] > 0
+        assert (tmp_path / "sweeps/cpu-isoflop/points" / f"{point['name']}.json").is_file()
+        record = json.loads((tmp_path / "sweeps/cpu-isoflop/points" / f"{point['name']}.json").read_text())
+        assert record["loss_source"] == "val_loss"  # each point is scored by its held-out loss ...
+        val = client.get_metric_history(point["run_id"], "val_loss")  # ... the one its run logged at its end
+        assert [(m.step, m.value) for m in val] == [(point["steps"], pytest.approx(point["loss"]))]
+
     history = client.get_metric_history(interrupted_run, "loss")
-    assert sorted({m.step for m in history}) == [1, 2, 3]  # steps 1-2 before the crash, 3 after resuming
+    steps = by_name["cpu-isoflop-d1w16-f6e08"]["steps"]
+    assert {m.step for m in history} == set(range(1, steps + 1))  # steps 1-2 before the crash, the rest after
     children = client.search_runs([client.get_run(state["parent_run_id"]).info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{state['parent_run_id']}'")
     assert {r.info.run_name for r in children} == set(by_name)
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
-    assert {"scaling/scaling.md", "scaling/loss_vs_params.png"} <= \
+    assert {"scaling/scaling.md", "scaling/loss_vs_params.png", "scaling/isoflop.png"} <= \
         {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
-    assert set(summary["fits"]) >= {"loss_vs_params", "loss_vs_flops"}
+    assert set(summary["fits"]) >= {"loss_vs_params"}
 
     # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
     # reads the same points back from MLflow.
@@ -226,7 +234,6 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     from arflow_scale.scaling.report import write_report
     from arflow_scale.scaling.sweep import run_sweep
 
-    sweep, folder = load_sweep(_sweep_file(tmp_path))
     rerun = run_sweep(sweep, folder)
     assert rerun["ran"] == [] and len(rerun["skipped"]) == 3
     assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
@@ -235,7 +242,6 @@ def test_cpu_tiny_sweep_resumes_and_skips(tmp_path):
     assert sorted(p.tokens for p in points) == sorted(p["tokens"] for p in summary["points"])
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
-    assert fitted["fits"]["loss_vs_params"]["b"] == pytest.approx(summary["fits"]["loss_vs_params"]["b"])
 
 
 def test_auto_parallel_fits_points_to_cluster_cpus(ray_local, tmp_path):

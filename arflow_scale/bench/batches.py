@@ -18,6 +18,8 @@ class InMemoryBatches:
         self.images = torch.rand((batch_size, images_per_sample, *image_shape), generator=generator) * 2 - 1
         self.labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
         self.batches, self.skipped_shards = 0, 0
+        self.corrupt_shards: list[int] = []
+        self.dropped_classes: list[int] = []
 
     def __iter__(self):
         while True:
@@ -29,6 +31,10 @@ class InMemoryBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.batches = int(state["batches"])
+
+    def load_state_dicts(self, states: list[dict[str, int]]) -> None:
+        """Any world size: continue the count of the rank that drew most."""
+        self.batches = max(int(state["batches"]) for state in states)
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,8 @@ import time
 import torch
 
 from arflow_scale.bench.batches import InMemoryStreams
-from arflow_scale.cluster.connect import ray_session
 from arflow_scale.config import Config, config_from_dict
 from arflow_scale.tasks import task_for
-from arflow_scale.train.driver import train
 from arflow_scale.train.deepspeed_config import clip_grads_by_value, param_groups
 from arflow_scale.train.rng import step_generator
 
@@ -81,6 +79,9 @@ def _plain_loop(cfg: Config) -> float:
 
 def run(args) -> int:
     import tempfile
+
+    from arflow_scale.cluster.connect import ray_session  # Ray and the driver: not at parser build (arflow --help)
+    from arflow_scale.train.driver import train
 
     stages = [int(s) for s in args.stages.split(",") if s.strip()]
     with tempfile.TemporaryDirectory(prefix="arflow_bench_train_") as storage:

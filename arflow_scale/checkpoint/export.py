@@ -2,10 +2,12 @@
 
 One file holds the EMA weights under the model's own parameter names (they load straight into the
 family's model), the raw training weights under `raw.<name>`, and in its metadata the resolved config
-YAML (secrets masked), the checkpoint it came from and both hashes.
+YAML (secrets masked), the checkpoint it came from, both hashes and, for a latent model, `vae`: the JSON
+identity of the VAE that decodes its samples (also in the config, `model.vae_identity`).
 """
 from __future__ import annotations
 
+import json
 from typing import Any, NamedTuple, Optional
 
 import torch
@@ -19,6 +21,7 @@ from .store import resolve_checkpoint
 from .weights import StateDict, load_ema_weights, load_raw_weights, state_dict_sha256
 
 RAW_PREFIX = "raw."
+VAE_KEY = "vae"  # metadata key of the VAE identity (JSON), latent models only
 
 
 class ExportedWeights(NamedTuple):
@@ -44,6 +47,9 @@ def export_checkpoint(checkpoint_url: str, out_path: str, storage_options: Optio
         info["params_sha256"] = state_dict_sha256(raw)
     metadata = {"config": dump_yaml(cfg, mask_secrets=True), "checkpoint": checkpoint_url,
                 **{k: v for k, v in info.items() if k.endswith("sha256")}}
+    if cfg.model.vae_identity is not None:
+        metadata[VAE_KEY] = json.dumps(cfg.model.vae_identity.to_dict())
+        info["vae"] = cfg.model.vae
     save_file(tensors, out_path, metadata=metadata)
     return info
 

@@ -15,7 +15,7 @@ from arflow_scale.schema import ConfigError
 from arflow_scale.tasks import ModelTask, task_for
 
 from .export import load_exported
-from .store import read_config, resolve_checkpoint
+from .store import resolve_checkpoint
 from .weights import CheckpointWeights, load_ema_weights
 
 EXPORTED_SUFFIX = ".safetensors"
@@ -43,16 +43,16 @@ def run_task(cfg: Config, storage_options: Optional[dict] = None) -> ModelTask:
     return task.student_task(task_for(teacher_cfg.model), weights)
 
 
-def pin_teacher(cfg: Config, storage_options: Optional[dict] = None, resumed_from: Optional[str] = None) -> Config:
+def pin_teacher(cfg: Config, storage_options: Optional[dict] = None, resumed: Optional[Config] = None) -> Config:
     """Before a run starts: `distill.teacher` pinned to one checkpoint folder (a run folder's newest complete
-    one; local paths made absolute) and checked to fit the model section; a run continuing from its checkpoint
-    `resumed_from` keeps the teacher that checkpoint was distilled from (or none). A ConfigError names
-    `distill.teacher` otherwise."""
-    earlier = read_config(resumed_from, storage_options).distill.teacher if resumed_from else None
+    one; local paths made absolute) and checked to fit the model section; a run that continues from a
+    checkpoint (whose config is `resumed`) keeps the teacher it was distilled from (or none). A ConfigError
+    names `distill.teacher` otherwise."""
+    earlier = resumed.distill.teacher if resumed is not None else None
     url = cfg.distill.teacher
     if not url:
         if earlier:
-            raise ConfigError(f"distill.teacher: unset, but the run continues from {resumed_from}, distilled from "
+            raise ConfigError(f"distill.teacher: unset, but the run continues from a checkpoint distilled from "
                               f"{earlier}; pass distill.teacher={earlier} or start a new run.name")
         return cfg
     try:
@@ -64,8 +64,8 @@ def pin_teacher(cfg: Config, storage_options: Optional[dict] = None, resumed_fro
     except (ValueError, FileNotFoundError) as err:
         text = str(err)
         raise ConfigError(text if text.startswith("distill.teacher") else f"distill.teacher: {text}") from None
-    if resumed_from is not None and earlier != pinned:
-        raise ConfigError(f"distill.teacher: {pinned}, but the run continues from {resumed_from}, "
-                          f"{f'distilled from {earlier}' if earlier else 'not a distillation stage'}; "
+    if resumed is not None and earlier != pinned:
+        raise ConfigError(f"distill.teacher: {pinned}, but the run continues from a checkpoint "
+                          f"{f'distilled from {earlier}' if earlier else 'that is not a distillation stage'}; "
                           f"pass the teacher it was distilled from or start a new run.name")
     return cfg

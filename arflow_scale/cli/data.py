@@ -70,6 +70,8 @@ def register(sub) -> None:
     shards.add_argument("--min-shards-per-class", type=int, default=1,
                         help="split smaller classes into this many shards: the loader workers of the runs "
                              "that will read them (ranks x data.num_workers)")
+    shards.add_argument("--val-per-class", type=int, default=0,
+                        help="hold out this many samples of every class as a validation split (never trained on)")
     shards.add_argument("--workers", type=int, default=4, help="shards written in parallel")
     shards.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
     add_vae_arguments(shards)
@@ -78,7 +80,10 @@ def register(sub) -> None:
 
     inspect = data_sub.add_parser("inspect", help="classes, counts and bytes of a shard folder")
     inspect.add_argument("url", help="shard folder URL or its manifest.json")
-    inspect.add_argument("--verify", action="store_true", help="re-read every shard and check its sha256 and CRC-32")
+    inspect.add_argument("--verify", action="store_true",
+                         help="re-read every shard: size, sha256 and CRC-32, then the stream's own checks and "
+                              "decoding of every sample (count, class, file type, shape)")
+    inspect.add_argument("--workers", type=int, default=4, help="shards verified at once")
     add_storage_option(inspect)
     inspect.set_defaults(handler=run_inspect)
 
@@ -94,6 +99,7 @@ def run_shards(args) -> int:
                                 samples_per_shard=args.samples_per_shard,
                                 min_shards_per_class=args.min_shards_per_class, workers=args.workers,
                                 overwrite=args.overwrite, storage_options=options, encoder=encoder,
+                                val_per_class=args.val_per_class,
                                 latents=encoder.encoding if encoder else None)
     except StorageError as err:
         raise ValueError(str(err)) from None
@@ -108,12 +114,12 @@ def run_shards(args) -> int:
 
 def run_inspect(args) -> int:
     from arflow_scale.data import StorageError, read_manifest
-    from arflow_scale.data.manifest import verify_shards
+    from arflow_scale.data.verify import verify_shards
 
     options = parse_storage_options(args.storage_option)
     try:
         manifest = read_manifest(args.url, options)
-        problems = verify_shards(manifest, options) if args.verify else []
+        problems = verify_shards(manifest, options, workers=args.workers) if args.verify else []
     except StorageError as err:
         raise ValueError(str(err)) from None
     classes = []

@@ -27,6 +27,7 @@ def handle(args) -> int:
     from arflow_scale.config import load_config
     from arflow_scale.eval.grids import sample_grid, save_png
     from arflow_scale.eval.reference import image_set_stats
+    from arflow_scale.model.decoder import Decoder
     from arflow_scale.tasks import SampleSettings
     from arflow_scale.train.driver import train
     from arflow_scale.train.driver import prepare_inputs
@@ -57,8 +58,8 @@ def handle(args) -> int:
     labels = [label for _ in range(2) for label in range(task.num_classes)]
     settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale,
                               temperature=cfg.eval.temperature)
-    grid = sample_grid(task, task.model_from_weights(ema), labels, settings, seed=cfg.train.seed,
-                       nrow=task.num_classes)
+    grid = sample_grid(task, task.model_from_weights(ema), labels, settings, Decoder.for_model(run_cfg.model, "cpu"),
+                       seed=cfg.train.seed, nrow=task.num_classes)
     grid_path = str(out / name / "samples.png")
     save_png(grid, grid_path)
     print(f"trained {result.final_step} steps in {seconds:.0f} s, final loss {result.final_loss:.4f}")

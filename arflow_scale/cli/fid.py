@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-from arflow_scale.cli.options import add_storage_option, parse_storage_options
+from arflow_scale.cli.options import (add_guided_channels_option, add_storage_option, guided_channels,
+                                     parse_storage_options)
 from arflow_scale.config import EvalConfig
 
 
@@ -25,9 +26,13 @@ def register(sub) -> None:
     fid_sub = parser.add_subparsers(dest="fid_command", required=True, metavar="FID_COMMAND")
 
     ref = fid_sub.add_parser("ref", help="reference statistics (.npz) of a shard folder / image set")
-    ref.add_argument("--data", required=True, help="shard folder or manifest URL (also: PNG folder, .npz)")
+    ref.add_argument("--data", required=True,
+                     help="shard folder or manifest URL (latent shards: the source images they record), an image "
+                          "folder (sub-folders too, e.g. ImageNet train/), or an .npz")
     ref.add_argument("--out", required=True, help="output statistics .npz (path or URL)")
     ref.add_argument("--num", type=int, default=None, help="use N images (class-proportional); default all")
+    ref.add_argument("--image-size", type=int, default=None,
+                     help="image folder: ADM center crop to this side first, as `arflow data shards --image-size`")
     _add_extractor_args(ref)
     ref.set_defaults(handler=run_ref)
 
@@ -35,10 +40,9 @@ def register(sub) -> None:
     model.add_argument("--checkpoint", required=True, help="checkpoint folder URL, or a run folder (latest)")
     model.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
     model.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
-    model.add_argument("--temperature", type=float, default=EvalConfig.temperature,
-                       help="sampling temperature (FARMER)")
-    model.add_argument("--guided-channels", type=int, default=EvalConfig.guided_channels,
-                       help="guide only the first N channels (default: all)")
+    model.add_argument("--temperature", type=float, default=None,
+                       help="sampling temperature (FARMER; default: the run's eval.temperature)")
+    add_guided_channels_option(model)
     model.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
     model.add_argument("--steps", type=int, default=EvalConfig.steps)
     model.add_argument("--ref", required=True, help="reference statistics .npz (ours or ADM mu/sigma)")
@@ -63,8 +67,8 @@ def register(sub) -> None:
 def _set_stats(source: str, args, options: dict):
     from arflow_scale.eval.reference import image_set_stats
 
-    return image_set_stats(source, num=args.num, batch_size=args.batch_size,
-                           inception_path=args.inception, storage_options=options)
+    return image_set_stats(source, num=args.num, batch_size=args.batch_size, inception_path=args.inception,
+                           storage_options=options, image_size=getattr(args, "image_size", None))
 
 
 def run_ref(args) -> int:
@@ -105,14 +109,18 @@ def checkpoint_run(checkpoint_url: str, options: dict):
 
 
 def run_model(args) -> int:
+    from arflow_scale.checkpoint import read_config, resolve_checkpoint
     from arflow_scale.cluster.connect import ray_session
     from arflow_scale.eval.graph import FidPlan, run_fid
     from arflow_scale.tracking import TrackingTarget
 
     options = parse_storage_options(args.storage_option)
+    run_eval = read_config(resolve_checkpoint(args.checkpoint, options), options).eval
     plan = FidPlan.of(options, num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler,
-                      steps=args.steps, cfg_scale=args.cfg_scale, guided_channels=args.guided_channels,
-                      temperature=args.temperature, tasks=args.tasks, seed=args.seed,
+                      steps=args.steps, cfg_scale=args.cfg_scale,
+                      guided_channels=guided_channels(args.guided_channels, run_eval.guided_channels),
+                      temperature=run_eval.temperature if args.temperature is None else args.temperature,
+                      tasks=args.tasks, seed=args.seed,
                       sample_batch_size=args.sample_batch_size,
                       feature_batch_size=args.batch_size, inception_path=args.inception)
     target, step = (TrackingTarget(None, None), None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)

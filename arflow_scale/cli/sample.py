@@ -1,9 +1,11 @@
-"""`arflow sample --checkpoint URL --labels 0,1,2 --out grid.png`: an EMA sample grid from a checkpoint."""
+"""`arflow sample --checkpoint URL --labels 0,1,2 --out grid.png`: an EMA sample grid from a checkpoint,
+decoded to pixels by the run's VAE when it models latents."""
 from __future__ import annotations
 
 import json
 
-from arflow_scale.cli.options import add_storage_option, parse_storage_options
+from arflow_scale.cli.options import (add_guided_channels_option, add_storage_option, guided_channels,
+                                     parse_storage_options)
 from arflow_scale.config import EvalConfig
 
 
@@ -16,10 +18,9 @@ def register(sub) -> None:
     parser.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
     parser.add_argument("--steps", type=int, default=EvalConfig.steps)
     parser.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
-    parser.add_argument("--temperature", type=float, default=EvalConfig.temperature,
-                        help="sampling temperature (FARMER; 1.0 samples the model exactly)")
-    parser.add_argument("--guided-channels", type=int, default=None,
-                        help="guide only the first N channels (default: all)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="sampling temperature (FARMER; 1.0 is exact; default: the run's eval.temperature)")
+    add_guided_channels_option(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: up to 10)")
     parser.add_argument("--raw", action="store_true", help="use the raw training weights instead of the EMA")
@@ -42,10 +43,11 @@ def handle(args) -> int:
 
     from arflow_scale.checkpoint import load_ema_weights, load_exported, load_raw_weights, run_task
     from arflow_scale.eval.grids import sample_grid, save_png
+    from arflow_scale.model.decoder import Decoder
     from arflow_scale.tasks import SampleSettings
 
     labels = parse_labels(args.labels)
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise ValueError(f"--temperature: must be >= 0, got {args.temperature}")
     options = parse_storage_options(args.storage_option)
     if args.checkpoint.endswith(".safetensors"):
@@ -59,11 +61,16 @@ def handle(args) -> int:
     bad = [label for label in labels if not 0 <= label < task.num_classes]
     if bad:
         raise ValueError(f"--labels: {bad} outside 0..{task.num_classes - 1} (model.num_classes)")
-    model = task.model_from_weights(weights, "cuda" if torch.cuda.is_available() else "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = task.model_from_weights(weights, device)
     settings = SampleSettings(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                              guided_channels=args.guided_channels, temperature=args.temperature)
-    grid = sample_grid(task, model, labels, settings, seed=args.seed, nrow=args.nrow)
+                              guided_channels=guided_channels(args.guided_channels, cfg.eval.guided_channels),
+                              temperature=cfg.eval.temperature if args.temperature is None else args.temperature)
+    grid = sample_grid(task, model, labels, settings, Decoder.for_model(cfg.model, device), seed=args.seed,
+                       nrow=args.nrow)
     save_png(grid, args.out, options)
     print(json.dumps({"out": args.out, "labels": labels, "sampler": args.sampler, "steps": args.steps,
-                      "cfg_scale": args.cfg_scale, "temperature": args.temperature, "seed": args.seed}), flush=True)
+                      "cfg_scale": args.cfg_scale, "temperature": settings.temperature,
+                      "guided_channels": settings.guided_channels, "vae": cfg.model.vae, "seed": args.seed}),
+          flush=True)
     return 0

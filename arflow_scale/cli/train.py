@@ -2,11 +2,15 @@
 
 Progress goes to stderr (one line per log interval, or a bar on a terminal); the last stdout line is one
 JSON object: final_step, final_loss, params_sha256, ema_sha256, checkpoint, mlflow_run_id,
-mlflow_tracking_uri, images_per_s (and fid when measured).
+mlflow_tracking_uri, images_per_s, classes_trained (and fid when measured). Exit codes: 2 for a configuration
+or data error found before anything starts, 3 when another `arflow train` holds the run folder.
 """
 from __future__ import annotations
 
 import json
+import sys
+
+EXIT_RUN_IN_USE = 3
 
 
 def register(sub) -> None:
@@ -20,8 +24,13 @@ def register(sub) -> None:
 def handle(args) -> int:
     from arflow_scale.config import load_config
     from arflow_scale.train.driver import train
+    from arflow_scale.train.run_lock import RunLockHeld
 
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, address=args.address, verbose=args.verbose)
+    try:
+        result = train(cfg, address=args.address, verbose=args.verbose)
+    except RunLockHeld as err:
+        print(f"arflow train: {err}", file=sys.stderr)
+        return EXIT_RUN_IN_USE
     print(json.dumps(result.to_json()), flush=True)
     return 0

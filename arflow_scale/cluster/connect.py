@@ -1,9 +1,13 @@
 """The one way this project connects to Ray: join a cluster, or start a light local one.
 
-A local Ray binds its dashboard to 127.0.0.1 (it also serves the State API that Ray Train's controller
-polls); its internal gRPC ports listen on the node IP, guarded by Ray's token authentication (README,
-Security). Worker output is streamed to the driver only when `verbose`: by default the driver's console
-shows our own progress lines (train/console.py), not Ray's.
+A local Ray listens on 127.0.0.1 only: its node IP is the loopback address, so GCS, raylet, object manager,
+workers, the dashboard (which also serves the State API that Ray Train's controller polls), the dashboard
+and runtime-env agents and every Prometheus `/metrics` endpoint bind 127.0.0.1. Ray 2.60 turns a loopback
+node IP into the machine's address unless it believes it runs where Ray has no multi-node clusters
+(macOS, Windows: `ray_constants.ENABLE_RAY_CLUSTER`, read from RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when ray
+is imported); `_loopback_node` clears that flag while the local Ray starts. A joined cluster keeps its own
+settings (README, Security). Worker output is streamed to the driver only when `verbose`: by default the
+driver's console shows our own progress lines (train/console.py), not Ray's.
 """
 from __future__ import annotations
 
@@ -14,8 +18,10 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import ray
+from ray._private import ray_constants
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+LOCAL_NODE_IP = "127.0.0.1"  # a local Ray's node IP: every port it opens listens on loopback only
 RAY_TMP_ENV = "ARFLOW_RAY_TMP"  # where the local Ray keeps its sockets and logs (default ./.ray_tmp)
 
 
@@ -32,10 +38,27 @@ def connect_ray(address: Optional[str] = None, local_num_cpus: Optional[int] = N
         return True
     temp_dir = Path(os.environ.get(RAY_TMP_ENV, ".ray_tmp")).resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=dashboard,
-             dashboard_host="127.0.0.1", object_store_memory=LOCAL_OBJECT_STORE_BYTES, _temp_dir=str(temp_dir),
-             log_to_driver=verbose, logging_level=level)
+    with _loopback_node():
+        ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=dashboard,
+                 dashboard_host=LOCAL_NODE_IP, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 _temp_dir=str(temp_dir), _node_ip_address=LOCAL_NODE_IP, log_to_driver=verbose, logging_level=level)
     return True
+
+
+@contextmanager
+def _loopback_node() -> Iterator[None]:
+    """While a local Ray starts: keep a loopback node IP as it is (see the module docstring)."""
+    saved = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    if saved is None:  # another Ray version: its ports then follow its own defaults (README, Security)
+        logging.getLogger(__name__).warning("this Ray has no ENABLE_RAY_CLUSTER flag; the local Ray may listen "
+                                            "on the machine's address")
+        yield
+        return
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 @contextmanager

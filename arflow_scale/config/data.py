@@ -20,6 +20,7 @@ class DataConfig:
     retry_backoff: float = 0.5  # ... with exponential backoff starting here (seconds)
     skip_missing: bool = False  # a manifest naming a missing shard: error (False) or skip (True)
     verify_checksums: bool = True  # each shard's CRC-32 (sha256 in older manifests) checked while streaming
+    require_all_classes: bool = True  # a class no loader worker can draw K samples from: error (True) or warning
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (endpoint, key, config_kwargs...)
 
     def validate(self) -> None:

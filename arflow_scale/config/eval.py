@@ -9,6 +9,9 @@ from arflow_scale.schema import check
 
 @dataclass
 class EvalConfig:
+    val_every: int = 0  # steps between held-out validation losses (0: only at the end); needs a validation split
+    val_sequences: int = 64  # held-out sequences (a function of the manifest and train.seed, never of the world size)
+    val_batch_size: int = 16  # sequences per validation forward pass
     fid_every: int = 0  # steps; 0: no FID during training
     fid_at_end: bool = False
     num_samples: int = 2048
@@ -27,6 +30,9 @@ class EvalConfig:
     gpus_per_task: Optional[float] = None  # None: 1 when the Ray cluster has GPUs, else 0
 
     def validate(self) -> None:
+        check(self.val_every >= 0, "val_every", f"must be >= 0, got {self.val_every}")
+        check(self.val_sequences >= 1, "val_sequences", f"must be >= 1, got {self.val_sequences}")
+        check(self.val_batch_size >= 1, "val_batch_size", f"must be >= 1, got {self.val_batch_size}")
         check(self.fid_every >= 0, "fid_every", f"must be >= 0, got {self.fid_every}")
         check(self.num_samples >= 1, "num_samples", f"must be >= 1, got {self.num_samples}")
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")

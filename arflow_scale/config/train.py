@@ -1,10 +1,13 @@
 """Training sections: optimizer, schedule, ZeRO, checkpoints, run storage, Ray cluster, tracking, faults."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
-from arflow_scale.schema import check
+from arflow_scale.schema import check, fail
+
+WORKER_RANGE = re.compile(r"\s*(\d+)\s*\.\.\s*(\d+)\s*")  # cluster.num_workers "min..max"
 
 
 @dataclass
@@ -69,23 +72,63 @@ class RunConfig:
     max_failures: int = 0  # worker-group restarts Ray Train may do
     prepare_data: Optional[str] = None  # a source name (e.g. digits): write its shards to data.manifest if missing
     prepare_samples_per_shard: int = 64
+    prepare_val_per_class: int = 0  # samples of every class held out for validation in those shards
+    lock_heartbeat_seconds: float = 10.0  # the driver refreshes its run lock (<run folder>/run.lock) this often
+    lock_missed_heartbeats: int = 6  # a lock not refreshed for this many heartbeats is stale (its holder died)
 
     def validate(self) -> None:
         check(bool(self.name) and "/" not in self.name, "name", f"{self.name!r} must be non-empty, without '/'")
         check(bool(self.storage_path), "storage_path", "must be set")
+        check(self.prepare_val_per_class >= 0, "prepare_val_per_class",
+              f"must be >= 0, got {self.prepare_val_per_class}")
         check(self.max_failures >= -1, "max_failures", f"must be >= -1 (-1: unlimited), got {self.max_failures}")
+        check(self.lock_heartbeat_seconds > 0, "lock_heartbeat_seconds",
+              f"must be positive, got {self.lock_heartbeat_seconds}")
+        check(self.lock_missed_heartbeats >= 2, "lock_missed_heartbeats",
+              f"must be >= 2, got {self.lock_missed_heartbeats}")
 
 
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # Ray address; None: RAY_ADDRESS, else a light local Ray
-    num_workers: int = 2
+    # Ray Train workers: N, or "min..max" (elastic: Ray starts as many as the cluster fits, at least min, and
+    # after losing workers continues on the remaining ones while at least min are left)
+    num_workers: Union[int, str] = 2
     use_gpu: Optional[bool] = None  # None: auto (GPU if the cluster has them)
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     local_num_cpus: Optional[int] = None  # CPUs of the local Ray started when no address is given
 
     def validate(self) -> None:
-        check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        low, high = self.worker_range
+        check(low >= 1, "num_workers", f"must be >= 1, got {self.num_workers!r}")
+        check(high >= low, "num_workers", f"{self.num_workers!r}: the range's max is below its min")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; (N, N) for a plain number."""
+        if isinstance(self.num_workers, int):
+            return self.num_workers, self.num_workers
+        match = WORKER_RANGE.fullmatch(self.num_workers)
+        if match is None:
+            fail("num_workers", f"{self.num_workers!r} is neither a number of workers nor a range min..max")
+        return int(match.group(1)), int(match.group(2))
+
+    @property
+    def elastic(self) -> bool:
+        low, high = self.worker_range
+        return high > low
+
+    @property
+    def scaling_workers(self) -> Union[int, tuple[int, int]]:
+        """Ray Train's `ScalingConfig(num_workers=...)`: N, or (min, max) for an elastic range."""
+        return self.worker_range if self.elastic else self.worker_range[0]
+
+    @property
+    def fixed_workers(self) -> int:
+        """The number of workers where it must be known before the run starts (sweeps' FLOP counts)."""
+        check(not self.elastic, "cluster.num_workers", f"{self.num_workers!r}: a fixed number of workers is "
+              f"needed here (a range min..max is for single elastic runs)")
+        return self.worker_range[0]
 
 
 @dataclass

@@ -14,27 +14,15 @@ from einops import rearrange
 
 from arflow_scale.config.data import DataConfig
 
+from .class_reader import ClassDead, ClassReader
 from .decode import CorruptShard, decode_shard
 from .manifest import Manifest, checksum_mismatch
 from .prefetch import UnitPrefetcher, _Cancelled
+from .sample_sets import ClassSampleSets
 from .storage import filesystem, with_retries
-
-SAMPLE_BITS = 24  # sample id = shard index << 24 | position in shard
-
+from .units import SAMPLE_BITS, _Unit, plan_units
 
 UnitSamples = tuple[list[int], list[np.ndarray]]  # a unit's sample ids and decoded samples, in order
-
-
-class _ClassDead(RuntimeError):
-    """No usable samples left for a class (all its shards corrupt)."""
-
-
-@dataclass(frozen=True)
-class _Unit:
-    """Samples of shard `shard` at positions p with p % stride == offset."""
-    shard: int
-    offset: int
-    stride: int
 
 
 def verify_and_decode(data: bytes, manifest: Manifest, shard: int, positions: range, verify: bool) -> list[np.ndarray]:
@@ -50,28 +38,6 @@ def verify_and_decode(data: bytes, manifest: Manifest, shard: int, positions: ra
         raise CorruptShard(f"{bad[0]} does not match the manifest")
     return decode_shard(data, info.path, manifest.sample_ext, manifest.sample_shape, info.cls, info.count,
                         positions, check_headers=not verify)
-
-
-def plan_units(manifest: Manifest, shards: list[int], consumer: int, consumers: int) -> dict[int, list[_Unit]]:
-    """This consumer's units per class (policy in the module docstring)."""
-    by_class: dict[int, list[int]] = {c: [] for c in range(manifest.num_classes)}
-    for idx in shards:
-        by_class[manifest.shards[idx].cls].append(idx)
-    plan = {}
-    for cls, idxs in by_class.items():
-        n = len(idxs)
-        if n >= consumers:  # whole shards: shard j -> consumer j % C
-            plan[cls] = [_Unit(s, 0, 1) for j, s in enumerate(idxs) if j % consumers == consumer]
-        elif n:  # shard c % n, shared by the consumers c' = c (mod n), split by sample position
-            sharing = len(range(consumer % n, consumers, n))
-            plan[cls] = [_Unit(idxs[consumer % n], consumer // n, sharing)]
-        else:
-            plan[cls] = []
-    return plan
-
-
-def unit_size(manifest: Manifest, unit: _Unit) -> int:
-    return len(range(unit.offset, manifest.shards[unit.shard].count, unit.stride))
 
 
 @dataclass(frozen=True)
@@ -107,7 +73,8 @@ class ConsumerStream:
         self.bad = set(state.get("bad", []))
         self.dead = set(state.get("dead", []))
         self.warned: set[int] = set(self.bad)
-        self.readers = {c: _ClassReader(self, c, u) for c, u in self.units.items()}
+        self._sample_sets: ClassSampleSets | None = None
+        self.readers = {c: ClassReader(self, c, u) for c, u in self.units.items()}
         small = [c for c, r in self.readers.items() if r.owned < spec.k]
         if small and not state.get("batch"):
             warnings.warn(f"{self.manifest.url}: classes {small} have fewer than K={spec.k} samples for "
@@ -126,6 +93,12 @@ class ConsumerStream:
         """Stop the prefetch thread (waits for the fetch in flight)."""
         if self.prefetcher is not None:
             self.prefetcher.close()
+
+    def sample_sets(self) -> ClassSampleSets:
+        """The codec of the per-class sample-id sets in resized states (built on first use)."""
+        if self._sample_sets is None:
+            self._sample_sets = ClassSampleSets(self.manifest)
+        return self._sample_sets
 
     # ----- shard reading -----
     def fs(self):
@@ -232,7 +205,7 @@ class ConsumerStream:
                 try:
                     sequences.append(self.readers[cls].draw(spec.k, rng))
                     break
-                except _ClassDead:
+                except ClassDead:
                     self.dead.add(cls)
                     warnings.warn(f"{self.manifest.url}: class {cls} has no usable samples left "
                                   f"(corrupt shards); it is left out", RuntimeWarning)
@@ -278,117 +251,3 @@ def assemble_batch(sequences: list[list[np.ndarray]], flips: np.ndarray | None, 
     scaled = np.empty(channels_first.shape, np.float32)
     np.divide(channels_first, np.float32(127.5), out=scaled)
     return np.subtract(scaled, np.float32(1.0), out=scaled)
-
-
-class _ClassReader:
-    """One class of one consumer: epochs over its units feeding an in-class shuffle buffer."""
-
-    def __init__(self, consumer: ConsumerStream, cls: int, units: list[_Unit]):
-        self.consumer, self.cls, self.units = consumer, cls, units
-        self.owned = sum(unit_size(consumer.manifest, u) for u in units)
-        self.epoch, self.unit_pos, self.offset = 0, 0, 0
-        # The shuffle buffer: sample ids and their samples, position by position (the ids are copied
-        # into the state after every batch, so they are kept as a list of their own).
-        self.buffer_ids: list[int] = []
-        self.buffer: list[np.ndarray] = []
-        self.current: UnitSamples | None = None
-        self.pending_ids: list[int] | None = None  # buffered ids to re-read after load_state
-        self._orders: dict[int, np.ndarray] = {}
-
-    def order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 2:
-                self._orders.clear()
-            rng = np.random.default_rng(self.consumer.key + [self.cls, epoch])
-            self._orders[epoch] = rng.permutation(len(self.units))
-        return self._orders[epoch]
-
-    def state(self) -> dict:
-        ids = self.pending_ids if self.pending_ids is not None else self.buffer_ids
-        return {"epoch": self.epoch, "unit": self.unit_pos, "offset": self.offset, "buffer": list(ids)}
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.unit_pos, self.offset = int(state["epoch"]), int(state["unit"]), int(state["offset"])
-        self.pending_ids, self.buffer_ids, self.buffer, self.current = [int(i) for i in state["buffer"]], [], [], None
-
-    def _materialize(self) -> None:
-        """Re-read the samples a restored buffer refers to (lazily, on first use)."""
-        ids, self.pending_ids = self.pending_ids, None
-        arrays: dict[int, np.ndarray] = {}
-        for shard in sorted({i >> SAMPLE_BITS for i in ids}):
-            unit = next((u for u in self.units if u.shard == shard), _Unit(shard, 0, 1))
-            loaded = self.consumer.load_unit(unit, allow_bad=True)
-            if loaded is not None:  # None: the shard went bad
-                arrays.update(zip(*loaded))
-        self.buffer_ids = [i for i in ids if i in arrays]
-        self.buffer = [arrays[i] for i in self.buffer_ids]
-
-    def _upcoming(self) -> _Unit | None:
-        """The unit this class reads after the current one (for prefetch)."""
-        if self.unit_pos + 1 < len(self.units):
-            return self.units[self.order(self.epoch)[self.unit_pos + 1]]
-        return self.units[self.order(self.epoch + 1)[0]] if self.units else None
-
-    def _fill(self, count: int) -> None:
-        """Append this class's next `count` samples (its units in epoch order) to the buffer, a run of
-        one unit at a time."""
-        bad_run = 0
-        while count > 0:
-            if self.unit_pos >= len(self.units):
-                self.epoch, self.unit_pos, self.offset = self.epoch + 1, 0, 0
-            if self.current is None:
-                unit = self.units[self.order(self.epoch)[self.unit_pos]]
-                self.current = self.consumer.open_unit(unit, self._upcoming())
-                if self.current is None:
-                    bad_run += 1
-                    if bad_run > len(self.units):
-                        raise _ClassDead(self.cls)
-                    self.unit_pos, self.offset = self.unit_pos + 1, 0
-                    continue
-            ids, samples = self.current
-            if self.offset < len(ids):
-                end = min(self.offset + count, len(ids))
-                self.buffer_ids.extend(ids[self.offset: end])
-                self.buffer.extend(samples[self.offset: end])
-                count -= end - self.offset
-                self.offset, bad_run = end, 0
-            else:
-                self.current, self.unit_pos, self.offset = None, self.unit_pos + 1, 0
-
-    def _pick(self, k: int, rng: np.random.Generator) -> list[int] | None:
-        """K buffer positions holding distinct sample ids, in random order; None if impossible."""
-        ids = self.buffer_ids
-        order = rng.permutation(len(ids))
-        chosen = order[:k].tolist()
-        if len({ids[p] for p in chosen}) == k:  # the usual case: the first K ids are already distinct
-            return chosen
-        chosen, seen = [], set()
-        for p in order.tolist():
-            sample_id = ids[p]
-            if sample_id not in seen:
-                seen.add(sample_id)
-                chosen.append(p)
-                if len(chosen) == k:
-                    return chosen
-        return None
-
-    def draw(self, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-        """K samples with distinct ids, removed from the buffer (refilled first)."""
-        if self.pending_ids is not None:
-            self._materialize()
-        # Never buffer more than one pass of this class: keeps draws close to once per epoch.
-        capacity = max(min(self.consumer.spec.data.shuffle_buffer, self.owned), k)
-        self._fill(capacity - len(self.buffer))
-        reads = 0
-        while (chosen := self._pick(k, rng)) is None:  # duplicates across an epoch boundary
-            self._fill(1)
-            reads += 1
-            if reads > 2 * self.owned + capacity:
-                raise _ClassDead(self.cls)
-        out = [self.buffer[p] for p in chosen]
-        ids, buffer = self.buffer_ids, self.buffer
-        for p in sorted(chosen, reverse=True):
-            ids[p], buffer[p] = ids[-1], buffer[-1]
-            ids.pop()
-            buffer.pop()
-        return out

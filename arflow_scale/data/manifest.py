@@ -6,6 +6,7 @@ and CRC-32. The stream checks the CRC-32 of every shard it reads (`checksum_mism
 against corruption as well as sha256 does at a third of the cost; `arflow data inspect --verify`
 checks both. A latent folder encoded by our VAE path also records how (`LatentEncoding`: the VAE's
 identity, image size, latent shape, flip copies); manifests without it still read (`latents` None).
+`verify.py` re-reads a folder's shards and checks them as the stream would.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .storage import join_url, read_bytes
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SAMPLE_EXTENSIONS = ("png", "npy")
+SPLITS = ("train", "val")  # val shards are held out: never streamed for training, read by the validation set
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     crc32: int | None = None  # zlib CRC-32 of the shard; None in manifests written before it was recorded
+    split: str = "train"  # "train", or "val" for held-out validation shards
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,17 @@ class Manifest:
     def total_bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
-    def class_counts(self) -> list[int]:
-        """Samples per class, index = class id."""
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Samples per class in `split`, index = class id."""
         counts = [0] * self.num_classes
         for shard in self.shards:
-            counts[shard.cls] += shard.count
+            if shard.split == split:
+                counts[shard.cls] += shard.count
         return counts
+
+    def shard_indices(self, split: str) -> list[int]:
+        """Indices (into `shards`) of the shards of one split."""
+        return [i for i, shard in enumerate(self.shards) if shard.split == split]
 
     def shard_url(self, shard: ShardInfo) -> str:
         return join_url(self.url, shard.path)
@@ -147,9 +155,11 @@ class Manifest:
                 crc32 = raw.get("crc32")
                 shard = ShardInfo(path=str(raw["path"]), cls=int(raw["cls"]), count=int(raw["count"]),
                                   bytes=int(raw["bytes"]), sha256=str(raw["sha256"]),
-                                  crc32=None if crc32 is None else int(crc32))
+                                  crc32=None if crc32 is None else int(crc32), split=str(raw.get("split", "train")))
                 if shard.crc32 is not None and not 0 <= shard.crc32 < 2 ** 32:
                     raise ValueError(f"crc32 {shard.crc32} is not a 32-bit checksum")
+                if shard.split not in SPLITS:
+                    raise ValueError(f"split {shard.split!r} is not one of {SPLITS}")
             except (KeyError, TypeError, ValueError) as err:
                 raise ValueError(f"{where}: shards[{i}] is malformed ({err!r}): {raw!r}") from None
             parts = shard.path.replace("\\", "/").split("/")
@@ -207,24 +217,3 @@ def checksum_mismatch(shard: ShardInfo, data: bytes, *, thorough: bool = False) 
     if (thorough or shard.crc32 is None) and hashlib.sha256(data).hexdigest() != shard.sha256:
         bad.append("sha256")
     return bad
-
-
-def verify_shards(manifest: Manifest, storage_options: dict | None = None, *, retries: int = 5,
-                  retry_backoff: float = 0.5, workers: int = 4) -> list[dict[str, str]]:
-    """Re-read every shard and compare bytes, sha256 and CRC-32 with the manifest -> list of problems."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    def check(shard: ShardInfo) -> dict[str, str] | None:
-        url = manifest.shard_url(shard)
-        try:
-            data = read_bytes(url, storage_options, retries=retries, backoff=retry_backoff)
-        except FileNotFoundError:
-            return {"shard": shard.path, "problem": "missing"}
-        if len(data) != shard.bytes:
-            return {"shard": shard.path, "problem": f"{len(data)} bytes, manifest says {shard.bytes}"}
-        if bad := checksum_mismatch(shard, data, thorough=True):
-            return {"shard": shard.path, "problem": f"{' and '.join(bad)} mismatch"}
-        return None
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return [p for p in pool.map(check, manifest.shards) if p is not None]

@@ -20,6 +20,22 @@ samples are re-read lazily on resume. With W > 0 DataLoader workers, batch n com
 n % W, each worker ships a state delta with every batch, and the state reflects only delivered
 batches, so resuming after batch n continues with exactly batch n + 1.
 
+Another world size. `load_state_dicts` takes the states of all ranks of a run (any world size, any number
+of loader workers) and continues the whole run's position, not a rank's (`resume.py`): per class, what
+every old consumer had consumed in its current pass (read, or skipped after an earlier resize, and not
+still in its shuffle buffer) is skipped in one *resized pass* of the new consumers, which reads every
+other sample of the class once (buffered, never drawn samples included); full passes follow. The bound:
+  - reads: no sample is read twice within a pass, none is lost (each sample's read count after the
+    resized pass is what it would be after the old consumers had finished their passes; old consumers
+    that were a pass apart stay a pass apart);
+  - draws: as without a resize, a consumer draws from its shuffle buffer of capacity C = max(min(
+    shuffle_buffer, its share of the class), K), so of the first m samples a new consumer draws from a
+    class (m = what its resized pass holds) at most C come from the pass after it and may repeat an
+    earlier draw; the others are distinct samples of the resized pass (tests/test_data_resize.py).
+The new consumers' class choices, buffer positions and flips come from (seed, new rank, new world size,
+W, worker, j), with j continuing from the largest old batch count: seeded and reproducible, but not the
+batches an uninterrupted run would have drawn. Corrupt shards found before stay skipped.
+
 Faults. Transient storage errors are retried (storage.with_retries) then raise StorageError naming
 the shard URL. A corrupt / truncated / checksum-mismatched shard is skipped with one warning and
 counted in `skipped_shards`. A manifest naming a missing shard fails at open (or is skipped with
@@ -43,6 +59,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -50,11 +67,12 @@ import numpy as np
 from arflow_scale.config.data import DataConfig
 from arflow_scale.schema import build
 
-from .consumer import ConsumerStream, StreamSpec, plan_units, unit_size
+from .consumer import ConsumerStream, StreamSpec
 from .manifest import Manifest, read_manifest
+from .resume import STATE_VERSION, resized_worker_states
 from .storage import list_files
+from .units import plan_units, unit_size
 
-STATE_VERSION = 1
 MEMORY_WARN_BYTES = 16 << 30  # decoded samples held per consumer above which the stream warns
 READ_AMPLIFICATION_WARN = 2.0  # shard bytes fetched per byte kept above which the stream warns
 log = logging.getLogger(__name__)
@@ -106,7 +124,7 @@ class SequenceStream:
         self.num_workers = data.num_workers
         self._spec = StreamSpec(data=data, manifest=self.manifest, shards=tuple(shards), k=k, seed=seed, rank=rank,
                                 world_size=world_size)
-        self.missing_shards = len(self.manifest.shards) - len(shards)
+        self.missing_shards = len(self.manifest.shard_indices("train")) - len(shards)
         self._state = self._fresh_state()
         self._warn_about_costs()
 
@@ -140,7 +158,7 @@ class SequenceStream:
     def _available_shards(self, skip_missing: bool, retries: int, backoff: float) -> list[int]:
         """Indices of manifest shards present in storage; missing ones -> error or skip."""
         present = list_files(self.manifest.url, self.storage_options, retries=retries, backoff=backoff)
-        missing = [i for i, s in enumerate(self.manifest.shards) if s.path not in present]
+        missing = [i for i in self.manifest.shard_indices("train") if self.manifest.shards[i].path not in present]
         if missing and not skip_missing:
             first = self.manifest.shard_url(self.manifest.shards[missing[0]])
             raise FileNotFoundError(f"{self.manifest.url}: manifest names {len(missing)} missing shard(s), "
@@ -148,7 +166,7 @@ class SequenceStream:
         if missing:
             warnings.warn(f"{self.manifest.url}: skipping {len(missing)} missing shard(s): "
                           f"{[self.manifest.shards[i].path for i in missing[:5]]}", RuntimeWarning)
-        return [i for i in range(len(self.manifest.shards)) if i not in set(missing)]
+        return [i for i in self.manifest.shard_indices("train") if i not in set(missing)]
 
     def _first_worker_plan(self) -> dict:
         """The shard units of this rank's first loader worker, per class (`consumer.plan_units`)."""
@@ -201,6 +219,21 @@ class SequenceStream:
                 raise ValueError(f"SequenceStream state: {key} = {state.get(key)!r} but this stream has {value!r}")
         self._state = copy.deepcopy(state)
 
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        """Continue a run from the saved states of ALL its ranks (any order), on any world size and number of
+        loader workers. The same world size and loader workers: exactly `load_state_dict` of this rank's
+        state (bit-identical batches). Otherwise every class continues its pass without the samples any old
+        rank had consumed in it (the bound on repeats is in the module docstring); seed, K and the manifest
+        must be the run's, batch_size may differ."""
+        spec = self._spec
+        if all(isinstance(s, dict) and s.get("world_size") == spec.world_size
+               and s.get("num_workers") == spec.data.num_workers for s in states) \
+                and sorted(s.get("rank") for s in states) == list(range(spec.world_size)):
+            self.load_state_dict(next(s for s in states if s["rank"] == spec.rank))
+            return
+        batch, workers = resized_worker_states(spec, states, len(self.manifest.shards))
+        self._state = {**self._fresh_state(), "batches": batch * spec.workers, "workers": workers}
+
     def _apply(self, worker: int, delta: dict) -> None:
         record = self._state["workers"][worker]
         record["batch"] = delta["batch"]
@@ -217,6 +250,17 @@ class SequenceStream:
     def skipped_shards(self) -> int:
         """Distinct corrupt shards skipped so far (a counter the trainer can log)."""
         return len({s for w in self._state["workers"] for s in w["bad"]})
+
+    @property
+    def corrupt_shards(self) -> list[int]:
+        """Manifest indices of the corrupt shards this rank skipped so far."""
+        return sorted({s for w in self._state["workers"] for s in w["bad"]})
+
+    @property
+    def dropped_classes(self) -> list[int]:
+        """Classes some loader worker of this rank no longer draws from (its share is below K samples, or
+        all its shards of the class are corrupt)."""
+        return sorted({c for w in self._state["workers"] for c in w["dead"]})
 
     @property
     def epoch(self) -> int:

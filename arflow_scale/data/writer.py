@@ -13,6 +13,7 @@ import io
 import logging
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -67,22 +68,45 @@ def _to_numpy(batch: Any) -> np.ndarray:
     return np.asarray(batch)
 
 
+VAL_SEED = 0  # the held-out samples of a class are a seeded choice: the same folder, the same split
+
+
+def held_out(labels: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+    """Bool (N,): `per_class` samples of every class held out for validation (a fixed seeded choice; a class
+    keeps at least one training sample)."""
+    mask = np.zeros(len(labels), dtype=bool)
+    rng = np.random.default_rng(VAL_SEED)
+    for cls in range(num_classes):
+        indices = np.flatnonzero(labels == cls)
+        take = min(per_class, max(len(indices) - 1, 0))
+        mask[rng.choice(indices, size=take, replace=False)] = True
+    return mask
+
+
 def _shard_plan(labels: np.ndarray, num_classes: int, samples_per_shard: int,
-                min_shards_per_class: int = 1) -> list[tuple[int, int, np.ndarray]]:
-    """-> [(class, shard number within class, source indices)], each shard one class.
+                min_shards_per_class: int = 1, val_mask: np.ndarray | None = None
+                ) -> list[tuple[int, int, np.ndarray, str]]:
+    """-> [(class, shard number within class, source indices, split)], each shard one class and one split.
 
     Shards of `samples_per_shard` (the last one shorter); a class that would get fewer than
     `min_shards_per_class` shards is split into that many nearly equal ones instead (never more
-    shards than samples), so that many loader workers can each stream whole shards of it.
+    shards than samples), so that many loader workers can each stream whole shards of it. Held-out
+    samples (`val_mask`) go into one validation shard per class.
     """
+    val_mask = np.zeros(len(labels), dtype=bool) if val_mask is None else val_mask
     plan = []
     for cls in range(num_classes):
-        indices = np.flatnonzero(labels == cls)
+        if not (labels == cls).any():  # a class without images gets no shard; the manifest keeps its name
+            continue
+        held = np.flatnonzero((labels == cls) & val_mask)
+        if len(held):
+            plan.append((cls, 0, held, "val"))
+        indices = np.flatnonzero((labels == cls) & ~val_mask)
         if -(-len(indices) // samples_per_shard) >= min_shards_per_class:
             parts = [indices[start: start + samples_per_shard] for start in range(0, len(indices), samples_per_shard)]
         else:
             parts = np.array_split(indices, min(min_shards_per_class, len(indices)))
-        plan.extend((cls, n, part) for n, part in enumerate(parts))
+        plan.extend((cls, n, part, "train") for n, part in enumerate(parts))
     return plan
 
 
@@ -106,8 +130,8 @@ def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | 
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
                  overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
-                 latents: LatentEncoding | None = None, progress: bool = True, retries: int = 5,
-                 retry_backoff: float = 0.5) -> dict:
+                 latents: LatentEncoding | None = None, val_per_class: int = 0, progress: bool = True,
+                 retries: int = 5, retry_backoff: float = 0.5) -> dict:
     """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
 
     With `encoder`, each shard's images uint8 (N, H, W, C) and source indices are encoded to latents
@@ -116,6 +140,8 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     `min_shards_per_class`: at least this many shards per class (see `_shard_plan`); set it to the
     loader workers of the runs that will read the data (ranks x data.num_workers), so that none of
     them reads whole shards to keep a share of their samples.
+    `val_per_class`: that many samples of every class (a fixed seeded choice) go into validation shards
+    (`split: val` in the manifest), which training never streams.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -123,6 +149,8 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
         raise ValueError(f"min_shards_per_class must be >= 1, got {min_shards_per_class}")
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if val_per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
     if latents is not None and encoder is None:
         raise ValueError("a latent encoding to record needs the encoder that makes it")
     src = load_source(source, path=path, image_size=image_size) if isinstance(source, str) else source
@@ -134,9 +162,10 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(f"{root.rstrip('/')}/shards", exist_ok=True)
     ext = "npy" if encoder is not None else "png"
-    plan = _shard_plan(labels, len(class_names), samples_per_shard, min_shards_per_class)
+    val_mask = held_out(labels, len(class_names), val_per_class)
+    plan = _shard_plan(labels, len(class_names), samples_per_shard, min_shards_per_class, val_mask)
 
-    def write_one(cls: int, number: int, indices: np.ndarray) -> tuple[ShardInfo, tuple, str]:
+    def write_one(cls: int, number: int, indices: np.ndarray, split: str) -> tuple[ShardInfo, tuple, str]:
         images = [src.image(int(i)) for i in indices]
         if encoder is not None:
             encoded = _to_numpy(encoder(np.stack(images), indices))
@@ -151,7 +180,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
             shape, dtype = (images[0].shape[2], images[0].shape[0], images[0].shape[1]), "uint8"
             if any(im.shape != images[0].shape for im in images):
                 raise ValueError(f"class {cls}: images of different shapes; pass image_size to resize")
-        rel = f"shards/c{cls:04d}-{number:05d}.tar"
+        rel = f"shards/{'c' if split == 'train' else 'v'}{cls:04d}-{number:05d}.tar"
         url = join_url(out_url, rel)
 
         def write() -> ShardInfo:
@@ -165,7 +194,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                                   "cls": str(cls).encode()})
                 writer.close()
             return ShardInfo(path=rel, cls=cls, count=len(indices), bytes=sink.size,
-                             sha256=sink.sha256.hexdigest(), crc32=sink.crc32)
+                             sha256=sink.sha256.hexdigest(), crc32=sink.crc32, split=split)
 
         return with_retries(write, url, retries=retries, backoff=retry_backoff, what="write"), shape, dtype
 
@@ -184,9 +213,10 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     manifest = Manifest(class_names=class_names, sample_shape=shape, dtype=dtype, sample_ext=ext,
                         shards=[info for info, _, _ in results],
                         source={"name": source if isinstance(source, str) else getattr(src, "name", "custom"),
+                                "path": str(Path(path).resolve()) if path else None,  # fid ref reads it again
                                 "image_size": image_size, "samples_per_shard": samples_per_shard,
                                 "min_shards_per_class": min_shards_per_class,
-                                "encoded": encoder is not None},
+                                "val_per_class": val_per_class, "encoded": encoder is not None},
                         url=out_url, latents=latents)
     write_bytes(join_url(out_url, MANIFEST_NAME), manifest.to_json().encode(), storage_options,
                 retries=retries, backoff=retry_backoff)

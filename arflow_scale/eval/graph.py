@@ -1,8 +1,9 @@
 """FID as a Ray task graph: T sampling tasks -> T feature tasks -> one reduce (Frechet distance, MLflow).
 
-Each sampling task loads the EMA weights itself, draws uniform class labels and noise from (seed, task
-index) and returns uint8 images; each feature task turns one task's images into mergeable Gaussian
-statistics; the reduce merges them, compares with the reference statistics and logs `fid`.
+Each sampling task loads the EMA weights itself (and, for a latent model, the run's VAE once), draws uniform
+class labels and noise from (seed, task index), decodes each batch to pixels on its device and returns uint8
+images; each feature task turns one task's images into mergeable Gaussian statistics; the reduce merges
+them, compares with the reference statistics and logs `fid`.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from arflow_scale.checkpoint import load_ema_weights, run_task
 from arflow_scale.config import Config, EvalConfig
 from arflow_scale.data.storage import filesystem
+from arflow_scale.model.decoder import Decoder
 from arflow_scale.schema import build
 from arflow_scale.tasks import SampleSettings, task_for
 
@@ -98,19 +100,21 @@ def task_seed(seed: int, task_index: int) -> int:
 
 def sample_images(checkpoint_url: str, task_index: int, count: int, plan: FidPlan,
                   model_loader: ModelLoader = load_ema_model) -> np.ndarray:
-    """Task body: `count` samples as uint8 RGB (count, H, W, 3), labels uniform, seeded by task index."""
+    """Task body: `count` samples as uint8 RGB (count, H, W, 3) at the data's pixel resolution (latents
+    decoded by the run's VAE), labels uniform, seeded by task index."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_cfg, model = model_loader(checkpoint_url, plan.storage_options or None)
     task = task_for(run_cfg.model)
     model = model.to(device).eval()
+    decoder = Decoder.for_model(run_cfg.model, device)
     generator = torch.Generator().manual_seed(task_seed(plan.eval.seed, task_index))
     labels = torch.randint(task.num_classes, (count,), generator=generator)
     batches, batch_size = [], plan.eval.sample_batch_size
     for start in range(0, count, batch_size):
-        images = task.sample(model, labels[start:start + batch_size], plan.sample_settings, generator)
+        images = decoder(task.sample(model, labels[start:start + batch_size], plan.sample_settings, generator))
         if images.shape[1] not in (1, 3):
-            raise ValueError(f"{checkpoint_url}: the model makes {images.shape[1]}-channel samples; FID needs "
-                             f"1- or 3-channel images (decode latents to pixels first)")
+            raise ValueError(f"{checkpoint_url}: the model makes {images.shape[1]}-channel samples and its run "
+                             f"names no VAE to decode them (model.vae); FID needs 1- or 3-channel images")
         batches.append(as_uint8_rgb(to_uint8_images(images.clamp(-1, 1)).numpy(), checkpoint_url))
     return np.concatenate(batches)
 

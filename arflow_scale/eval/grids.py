@@ -1,5 +1,5 @@
-"""Sample grids: one sample per label from a model family, laid out as a uint8 picture (MLflow sample
-grids, `arflow sample`, the demo)."""
+"""Sample grids: one sample per label from a model family, decoded to pixels, laid out as a uint8 picture
+(MLflow sample grids, `arflow sample`, the demo)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -11,6 +11,7 @@ from PIL import Image
 from torch import nn
 
 from arflow_scale.data.storage import filesystem
+from arflow_scale.model.decoder import Decoder
 from arflow_scale.tasks import ModelTask, SampleSettings
 
 GRID_SIDE = 64  # small images are upscaled (nearest) until a cell is about this wide
@@ -32,13 +33,15 @@ def grid_image(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) ->
     return ((grid + 1) * 127.5).round().to(torch.uint8).numpy()
 
 
-def sample_grid(task: ModelTask, model: nn.Module, labels: list[int], settings: SampleSettings, *, seed: int = 0,
-                nrow: Optional[int] = None) -> np.ndarray:
-    """Sample one image per label with `model` (bf16 autocast on CUDA) -> a uint8 grid (H, W, 3)."""
+def sample_grid(task: ModelTask, model: nn.Module, labels: list[int], settings: SampleSettings, decoder: Decoder,
+                *, seed: int = 0, nrow: Optional[int] = None) -> np.ndarray:
+    """Sample one image per label with `model` (bf16 autocast on CUDA), decode them to pixels (fp32) -> a
+    uint8 grid (H, W, 3) whose cells are images at the data's pixel resolution (upscaled when small)."""
     device = next(model.parameters()).device
     label_tensor = torch.tensor(labels, dtype=torch.long, device=device)
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        images = task.sample(model, label_tensor, settings, torch.Generator().manual_seed(seed))
+        samples = task.sample(model, label_tensor, settings, torch.Generator().manual_seed(seed))
+    images = decoder(samples.float())
     side = images.shape[-1]
     return grid_image(images, nrow=nrow or min(len(labels), 10), scale=max(1, GRID_SIDE // side))
 

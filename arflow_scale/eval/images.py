@@ -1,5 +1,7 @@
-"""Image sets for FID: a folder of PNG/JPEG files, an .npz (`arr_0` NHWC uint8, or `images`), or a
-shard folder (its manifest) written by `arflow data shards`. Everything becomes uint8 RGB (N, H, W, 3).
+"""Image sets for FID: a folder of PNG/JPEG files (optionally ADM-center-cropped to one size), an .npz
+(`arr_0` NHWC uint8, or `images`), or a shard folder (its manifest) written by `arflow data shards`: the
+images of a PNG shard folder, the source images a latent shard folder was encoded from (the manifest's
+`source`, at its encoding's image size). Everything becomes uint8 RGB (N, H, W, 3).
 """
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from einops import rearrange, repeat
 from PIL import Image
 
 from arflow_scale.data.decode import tar_members
-from arflow_scale.data.manifest import MANIFEST_NAME, read_manifest
+from arflow_scale.data.manifest import MANIFEST_NAME, Manifest, read_manifest
+from arflow_scale.data.sources import SOURCES, center_crop, load_source
 from arflow_scale.data.storage import filesystem, join_url, list_files, read_bytes, write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -36,13 +39,22 @@ def as_uint8_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def decode_image(data: bytes, name: str = "<image>") -> np.ndarray:
-    """Encoded image bytes -> uint8 (H, W, 3)."""
+def decode_image(data: bytes, name: str = "<image>", image_size: Optional[int] = None) -> np.ndarray:
+    """Encoded image bytes -> uint8 (H, W, 3); with `image_size`, ADM's center crop to that side (as the
+    shard writer's sources crop)."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+            rgb = image.convert("RGB")
+            return center_crop(rgb, image_size) if image_size else np.asarray(rgb, dtype=np.uint8)
     except Exception as err:  # noqa: BLE001 - PIL raises many kinds
         raise ValueError(f"{name}: not a readable image ({err})") from None
+
+
+def spread_indices(total: int, limit: Optional[int]) -> list[int]:
+    """All of 0..total-1, or `limit` of them evenly spread (class-sorted sets keep every class's share)."""
+    if limit is None or limit >= total:
+        return list(range(total))
+    return [(i * total) // limit for i in range(limit)]
 
 
 def source_kind(source: str, storage_options: Optional[dict] = None) -> str:
@@ -73,13 +85,32 @@ def _iter_npz(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarr
     yield as_uint8_rgb(images, f"{source}[{key}]")
 
 
-def _iter_folder(source: str, storage_options: Optional[dict]) -> Iterator[np.ndarray]:
+def _iter_folder(source: str, limit: Optional[int], storage_options: Optional[dict],
+                 image_size: Optional[int]) -> Iterator[np.ndarray]:
+    """Every image file under the folder (sub-folders too, e.g. ImageNet's root/<class>/), in name order;
+    `limit` of them evenly spread."""
     names = sorted(n for n in list_files(source, storage_options) if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
         raise ValueError(f"{source}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in this folder")
-    for name in names:
-        url = join_url(source, name)
-        yield rearrange(decode_image(read_bytes(url, storage_options), url), "h w c -> 1 h w c")
+    for index in spread_indices(len(names), limit):
+        url = join_url(source, names[index])
+        yield rearrange(decode_image(read_bytes(url, storage_options), url, image_size), "h w c -> 1 h w c")
+
+
+def _iter_recorded_source(manifest: Manifest, limit: Optional[int]) -> Iterator[np.ndarray]:
+    """The images a latent shard folder was encoded from, read again from the source its manifest records
+    and resized as the writer resized them (FID references are images, never decoded latents)."""
+    record, size = manifest.source, manifest.latents.image_size
+    name, path = str(record.get("name") or ""), record.get("path")
+    kind, _, named_path = name.partition(":")  # a source object's name, e.g. "imagefolder:/data/train"
+    path = path or named_path or None
+    if kind not in SOURCES or (kind in ("imagefolder", "npz") and not path):
+        raise ValueError(f"{manifest.url}: latent shards whose manifest does not record where their source "
+                         f"images are (source {record}); compute the reference statistics from the images: "
+                         f"arflow fid ref --data IMAGE_FOLDER --image-size {size}")
+    src = load_source(kind, path, image_size=size)
+    for index in spread_indices(len(src), limit):
+        yield as_uint8_rgb(src.image(index)[None], f"{name}[{index}]")
 
 
 def shard_quotas(counts: list[int], limit: Optional[int]) -> list[int]:
@@ -100,9 +131,13 @@ def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[
     import hashlib
 
     manifest = read_manifest(source, storage_options)
+    if manifest.latents is not None:
+        yield from _iter_recorded_source(manifest, limit)
+        return
     if manifest.sample_ext != "png":
-        raise ValueError(f"{source}: shards hold {manifest.sample_ext} latents, not images; FID needs images "
-                         f"(decode the latents first)")
+        raise ValueError(f"{source}: shards hold {manifest.sample_ext} samples without a recorded encoding, not "
+                         f"images; compute the reference statistics from the source images: "
+                         f"arflow fid ref --data IMAGE_FOLDER --image-size N")
     # Shards are class-grouped: a subset takes a proportional share of every shard, so classes stay balanced.
     for shard, quota in zip(manifest.shards, shard_quotas([s.count for s in manifest.shards], limit)):
         if quota == 0:
@@ -118,26 +153,33 @@ def _iter_manifest(source: str, limit: Optional[int], storage_options: Optional[
 
 
 def iter_image_batches(source: str, batch_size: int = 256, limit: Optional[int] = None,
-                       storage_options: Optional[dict] = None) -> Iterator[np.ndarray]:
-    """uint8 RGB batches (B, H, W, 3) of an image set, at most `limit` images in all."""
+                       storage_options: Optional[dict] = None, image_size: Optional[int] = None
+                       ) -> Iterator[np.ndarray]:
+    """uint8 RGB batches (B, H, W, 3) of an image set, at most `limit` images in all; `image_size`: center
+    crop an image folder's images to this side (only for folders)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if image_size is not None and image_size < 1:
+        raise ValueError(f"image size must be >= 1, got {image_size}")
     kind = source_kind(source, storage_options)
+    if image_size and kind != "folder":
+        raise ValueError(f"{source}: an image size applies to a folder of images only (a shard folder or an "
+                         f".npz holds images of one size; latent shards use the size they were encoded at)")
     if kind == "npz":
         pieces = _iter_npz(source, storage_options)
     elif kind == "manifest":
         pieces = _iter_manifest(source, limit, storage_options)
     else:
-        pieces = _iter_folder(source, storage_options)
+        pieces = _iter_folder(source, limit, storage_options, image_size)
     pending: list[np.ndarray] = []
     pending_count, emitted, shape = 0, 0, None
     for piece in pieces:
         shape = shape or piece.shape[1:]
         if piece.shape[1:] != shape:
             raise ValueError(f"{source}: images differ in size ({shape} and {piece.shape[1:]}); "
-                             f"FID needs one size per set")
+                             f"FID needs one size per set (center crop them with an image size)")
         if limit is not None:
             piece = piece[: limit - emitted - pending_count]
         pending.append(piece)

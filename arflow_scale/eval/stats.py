@@ -1,7 +1,9 @@
 """Mergeable Gaussian statistics of Inception features: float64 count, sum and sum of outer products.
 
 Partial statistics computed by many tasks merge exactly (up to float64 rounding) into the statistics
-of the whole set. Reference files in the ADM evaluator format (`mu`, `sigma`) load as fixed moments.
+of the whole set. Reference files in the ADM evaluator format (`mu`, `sigma`) load as fixed moments:
+ADM's `VIRTUAL_imagenet{64,128,256,512}_labeled.npz` also hold `mu_s`/`sigma_s` (spatial features) and
+their reference images (`arr_0`), which are never read.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ from typing import Optional
 
 import numpy as np
 
-from arflow_scale.data.storage import read_bytes, write_bytes
+from arflow_scale.data.storage import filesystem, with_retries, write_bytes
 
 FORMAT_VERSION = 1
+STATS_KEYS = ("count", "sum", "outer", "mu", "sigma")  # the arrays `load` reads; any others are skipped
 
 
 class GaussianStats:
@@ -151,14 +154,18 @@ class GaussianStats:
 
     @classmethod
     def load(cls, url: str, storage_options: Optional[dict] = None) -> "GaussianStats":
-        """Read statistics from an .npz written by `save` or an ADM reference batch (`mu`, `sigma`)."""
+        """Read statistics from an .npz written by `save` or an ADM reference batch (`mu`, `sigma`); only
+        the statistics' arrays are read from storage (an ADM batch's images, `arr_0`, are not)."""
+        fs, path = filesystem(url, storage_options)
+
+        def read() -> dict[str, Optional[np.ndarray]]:
+            with fs.open(path, "rb") as f, np.load(f, allow_pickle=False) as npz:
+                return {key: npz[key] if key in STATS_KEYS else None for key in npz.files}  # others unread
+
         try:
-            data = read_bytes(url, storage_options)
+            arrays = with_retries(read, url)
         except (FileNotFoundError, IsADirectoryError):
             raise FileNotFoundError(f"{url}: statistics file not found") from None
-        try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
         except Exception as err:  # noqa: BLE001 - any parse failure is a bad file
             raise ValueError(f"{url}: not a readable .npz statistics file ({err})") from None
         return cls.from_arrays(arrays, source=url)

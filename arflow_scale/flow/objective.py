@@ -55,3 +55,21 @@ def flow_matching_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     x_t, target = interpolate(x, eps, t)
     velocity = model(x_t, t.to(x.dtype), y)
     return F.mse_loss(velocity.float(), target.float())
+
+
+def sequence_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Per-sequence flow-matching MSE (B,) for held-out evaluation: sequence b's noise levels and noise come from
+    a generator seeded with seeds[b] alone and no label is dropped, so a sequence scores the same in any batch
+    of the same shape."""
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"sequence_losses: {len(seeds)} seeds for {x.shape[0]} sequences")
+    levels, noise = [], []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        levels.append(draw_noise_levels(1, x.shape[1], generator)[0])
+        noise.append(torch.randn(x.shape[1:], generator=generator, dtype=torch.float32))
+    t = torch.stack(levels).to(x.device)
+    eps = torch.stack(noise).to(device=x.device, dtype=x.dtype)
+    x_t, target = interpolate(x, eps, t)
+    velocity = model(x_t, t.to(x.dtype), y)
+    return (velocity.float() - target.float()).pow(2).flatten(1).mean(dim=1)

@@ -1,10 +1,12 @@
 """The model section of a run config: family, size (registry name like `XL/2`), overrides, input geometry,
-K, attention, and FARMER's knobs (`model.farmer`). The size registries and every geometry check live in the
-model package, beside the model that needs them; `validate` dispatches on the family.
+K, attention, the VAE whose latents it models, and FARMER's knobs (`model.farmer`). The size registries and
+every geometry check live in the model package, beside the model that needs them; `validate` dispatches on
+the family.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -12,6 +14,7 @@ from typing import Literal, Optional
 from arflow_scale.schema import build, check, fail
 
 from .farmer_sizes import FarmerArgs, farmer_args
+from .vae_identity import VaeIdentity
 
 # name -> (depth, width, heads); head dim 64 for the paper sizes (docs/arflow.md §2.6).
 SIZE_TABLE: dict[str, tuple[int, int, int]] = {
@@ -66,6 +69,13 @@ class ModelConfig:
     activation_checkpointing: str = "none"  # "none", "all", or "every:N" (every N-th block)
     class_dropout: float = 0.1  # label dropout per sequence, for CFG
     mlp_ratio: float = 4.0
+    # Latent models: the diffusers AutoencoderKL folder or hub id that decodes samples to pixels; null for
+    # pixel models, or to take the VAE the shards' manifest records (`arflow train` fills it in).
+    vae: Optional[str] = None
+    vae_scale_factor: Optional[float] = None  # latents = z * this; null: the VAE config's (0.18215 for SD)
+    # The VAE's identity (hashes, scale, shapes), filled in by `arflow train` from the VAE or the manifest and
+    # checked wherever the VAE is loaded again (sample grids, FID, a resumed run); not meant to be written.
+    vae_identity: Optional[VaeIdentity] = None
     farmer: FarmerConfig = dataclasses.field(default_factory=FarmerConfig)  # family farmer only
 
     @property
@@ -105,6 +115,21 @@ class ModelConfig:
         ac = self.activation_checkpointing
         ok = ac in ("none", "all") or (re.fullmatch(r"every:[1-9]\d*", ac) is not None)
         check(ok, "activation_checkpointing", f"{ac!r} is not 'none', 'all' or 'every:N'")
+        self._validate_vae()
+
+    def _validate_vae(self) -> None:
+        scale, identity = self.vae_scale_factor, self.vae_identity
+        check(scale is None or (math.isfinite(scale) and scale > 0), "vae_scale_factor",
+              f"must be a positive number (or null for the VAE's own), got {scale}")
+        check(self.vae is None or bool(self.vae.strip()), "vae", "must name a folder or hub id, or be null")
+        if identity is None:
+            return
+        check(self.vae is not None, "vae_identity", "is set but model.vae names no VAE")
+        check(scale is None or scale == identity.scale_factor, "vae_scale_factor",
+              f"{scale} differs from the scale factor {identity.scale_factor} of the run's VAE "
+              f"(model.vae_identity, {identity.source})")
+        check(self.in_channels == identity.latent_channels, "in_channels",
+              f"{self.in_channels}, but the VAE {identity.source} makes {identity.latent_channels}-channel latents")
 
     def resolved_shape(self) -> tuple[int, int, int]:
         """(depth, width, heads): the registry entry of `size` with the overrides applied."""
@@ -140,6 +165,8 @@ def validate_farmer(cfg: ModelConfig) -> None:
               "an ARFlow registry override; FARMER's shapes are model.farmer keys (e.g. farmer.flow_width)")
     check(cfg.activation_checkpointing == "none", "activation_checkpointing",
           f"{cfg.activation_checkpointing!r}: FARMER has no activation checkpointing; use none")
+    check(cfg.vae is None and cfg.vae_identity is None, "vae",
+          f"{cfg.vae!r}: FARMER models pixels (its bits/dim count the 256 levels of uint8 shards); use image shards")
     try:
         farmer_args_of(cfg)
     except ValueError as err:

@@ -90,7 +90,8 @@ class FarmerOneStep(nn.Module):
         self.student = FarmerInverseStudent(args)
         object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())  # not a submodule
 
-    def _teacher_on(self, device: torch.device) -> FARMER:
+    def teacher_on(self, device: torch.device) -> FARMER:
+        """The frozen teacher, moved to `device` first when it is elsewhere."""
         if self.teacher.prior.pos.device != device:
             self.teacher.to(device)
         return self.teacher
@@ -102,7 +103,7 @@ class FarmerOneStep(nn.Module):
         (temperature 1) against the sequential inverse, the latents sampling feeds the student; the rest come
         from the images, (F(x~), x~). Draw order from `generator`: the images' dequantization, then the prior.
         """
-        teacher = self._teacher_on(x.device)
+        teacher = self.teacher_on(x.device)
         batch = x.shape[0]
         drawn = round(self.student.args.distill_prior_fraction * batch)
         if drawn == 0:
@@ -118,6 +119,6 @@ class FarmerOneStep(nn.Module):
                generator: Optional[torch.Generator] = None, candidates: Optional[int] = None,
                denoise: bool = True) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1]: the teacher's prior sample, then one student pass (FARMER.sample)."""
-        teacher = self._teacher_on(self.student.head.weight.device)
+        teacher = self.teacher_on(self.student.head.weight.device)
         return teacher.sample(labels, cfg_scale, temperature, generator, candidates, student=self.student,
                               denoise=denoise)

@@ -1,13 +1,15 @@
 """VaeIdentity: which VAE made (or must decode) a set of latents, as a small record to store and compare.
 
-Standard library only, so a shard manifest, a checkpoint or an export can carry it without importing
-torch or diffusers; `arflow_scale.model.vae.LatentVAE.identity()` builds it.
+No torch or diffusers here, so a shard manifest, a run config (`model.vae_identity`), a checkpoint or an
+export can carry it cheaply; `arflow_scale.model.vae.LatentVAE.identity()` builds it.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
+
+from arflow_scale.schema import check
 
 ENCODE_MODES = ("mean", "sample")
 # Fields that name where the weights came from or how images were encoded, not what decodes latents.
@@ -46,17 +48,29 @@ class VaeIdentity:
             if isinstance(value, bool) or not isinstance(value, kind):
                 raise ValueError(f"{where}: key {name!r} has bad value {value!r}")
             values[name] = float(value) if kind == (int, float) else value
-        if not (math.isfinite(values["scale_factor"]) and values["scale_factor"] > 0):
-            raise ValueError(f"{where}: key 'scale_factor' has bad value {values['scale_factor']!r} (must be > 0)")
-        if not math.isfinite(values["shift_factor"]):
-            raise ValueError(f"{where}: key 'shift_factor' has bad value {values['shift_factor']!r}")
+        identity = cls(**values)
+        for key, why in identity.problems():
+            raise ValueError(f"{where}: key {key!r} has bad value {values[key]!r} ({why})")
+        return identity
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(key, what a good value is) for every value out of range ([] = a usable identity)."""
+        found = []
+        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+            found.append(("scale_factor", "must be > 0"))
+        if not math.isfinite(self.shift_factor):
+            found.append(("shift_factor", "must be finite"))
         for name in ("latent_channels", "downsample", "image_channels"):
-            if values[name] < 1:
-                raise ValueError(f"{where}: key {name!r} has bad value {values[name]!r} (must be >= 1)")
-        if values["encode_mode"] not in ENCODE_MODES:
-            raise ValueError(f"{where}: key 'encode_mode' has bad value {values['encode_mode']!r} "
-                             f"(expected one of {ENCODE_MODES})")
-        return cls(**values)
+            if getattr(self, name) < 1:
+                found.append((name, "must be >= 1"))
+        if self.encode_mode not in ENCODE_MODES:
+            found.append(("encode_mode", f"expected one of {ENCODE_MODES}"))
+        return found
+
+    def validate(self) -> None:
+        """As a config section (`model.vae_identity`): a bad value is a ConfigError naming its key."""
+        for key, why in self.problems():
+            check(False, key, f"bad value {getattr(self, key)!r} ({why})")
 
     def differences(self, other: "VaeIdentity", ignore: tuple[str, ...] = ("source",)) -> list[str]:
         """['field: mine != other's', ...] for every field outside `ignore` that differs ([] = same)."""

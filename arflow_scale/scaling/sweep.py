@@ -81,7 +81,7 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 def sequences_per_step(cfg: Config) -> int:
     """Sequences of one optimizer step: batch per rank x ranks x gradient accumulation."""
-    return cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
+    return cfg.data.batch_size * cfg.cluster.fixed_workers * cfg.train.grad_accum
 
 
 def flops_per_step(cfg: Config) -> int:
@@ -269,7 +269,7 @@ def auto_parallel(point: SweepPoint) -> int:
     per_worker = dict(cluster.resources_per_worker)
     use_gpu = cluster.use_gpu if cluster.use_gpu is not None else total.get("GPU", 0) > 0
     kind = "GPU" if use_gpu else "CPU"
-    need = cluster.num_workers * per_worker.get(kind, 1.0)
+    need = cluster.worker_range[1] * per_worker.get(kind, 1.0)
     return max(1, int(total.get(kind, 0) // need))
 
 

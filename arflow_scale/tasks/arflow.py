@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from arflow_scale.flow import flow_matching_loss, sample
+from arflow_scale.flow import flow_matching_loss, sample, sequence_losses
 from arflow_scale.model import build_model, count_parameters, forward_flops, resolve
 
 from .base import ModelTask, SampleSettings
@@ -22,6 +22,10 @@ class ARFlowTask(ModelTask):
     def loss(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
              generator: torch.Generator) -> torch.Tensor:
         return flow_matching_loss(model, images, labels, generator, self.model_cfg.class_dropout)
+
+    def validation_losses(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          seeds: list[int]) -> torch.Tensor:
+        return sequence_losses(model, images, labels, seeds)
 
     def sample(self, model: nn.Module, labels: torch.Tensor, settings: SampleSettings,
                generator: torch.Generator) -> torch.Tensor:

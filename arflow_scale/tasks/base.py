@@ -47,6 +47,12 @@ class ModelTask(ABC):
         every random draw from the CPU `generator` (a resumed run draws the same)."""
 
     @abstractmethod
+    def validation_losses(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          seeds: list[int]) -> torch.Tensor:
+        """Per-sample held-out loss (B,) in the unit of `loss_metric`; sample b's random draws come from seeds[b]
+        alone (no dropout), so a sample scores the same in every batch of the same shape."""
+
+    @abstractmethod
     def sample(self, model: nn.Module, labels: torch.Tensor, settings: SampleSettings,
                generator: torch.Generator) -> torch.Tensor:
         """Images (B, C, H, W) in the data space of the shards (pixels in [-1, 1], or latents) for labels (B,)."""

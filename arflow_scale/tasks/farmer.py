@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from arflow_scale.model.config import ModelConfig, farmer_args_of
-from arflow_scale.model.farmer import FARMER
+from arflow_scale.model.farmer import FARMER, bits_per_dim_from_log_density, dequantize
 from arflow_scale.model.farmer_distill import FarmerOneStep
 from arflow_scale.model.farmer_flops import (count_parameters, count_student_parameters, flow_forward_flops,
                                              forward_flops, prior_forward_flops, student_forward_flops)
@@ -27,6 +27,13 @@ def one_image(images: torch.Tensor) -> torch.Tensor:
     return images[:, 0]
 
 
+def dequantize_each(x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    """Images (B, C, H, W) uniformly dequantized sample by sample, sample b's noise from seeds[b] alone."""
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"dequantize_each: {len(seeds)} seeds for {x.shape[0]} images")
+    return torch.cat([dequantize(x[b:b + 1], torch.Generator().manual_seed(seed)) for b, seed in enumerate(seeds)])
+
+
 class FarmerTask(ModelTask):
     """The joint stage: flow and prior trained together on bits/dim of uniformly dequantized pixels."""
 
@@ -35,6 +42,9 @@ class FarmerTask(ModelTask):
 
     def __init__(self, model_cfg: ModelConfig):
         super().__init__(model_cfg)
+        if model_cfg.vae is not None:  # `arflow train` takes a VAE from latent shards' manifest
+            raise ValueError(f"model.vae: {model_cfg.vae!r}: FARMER models pixels (its bits/dim count the 256 "
+                             f"levels of uint8 shards); train it on image shards")
         self.args = farmer_args_of(model_cfg)
 
     def build_model(self) -> nn.Module:
@@ -44,6 +54,13 @@ class FarmerTask(ModelTask):
              generator: torch.Generator) -> torch.Tensor:
         """The model's forward (it computes its own objective, so DeepSpeed's hooks see the whole pass)."""
         return model(one_image(images), labels, generator)
+
+    def validation_losses(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          seeds: list[int]) -> torch.Tensor:
+        """Held-out bits/dim per image (B,): one uniform dequantization from seeds[b], no noise, no label
+        dropped (the discrete bound of §5)."""
+        x_tilde = dequantize_each(one_image(images), seeds)
+        return bits_per_dim_from_log_density(model.log_density(x_tilde, labels), self.args.num_dims)
 
     def sample(self, model: nn.Module, labels: torch.Tensor, settings: SampleSettings,
                generator: torch.Generator) -> torch.Tensor:
@@ -94,6 +111,14 @@ class FarmerDistillTask(FarmerTask):
 
     def build_model(self) -> nn.Module:
         return FarmerOneStep(self.teacher, self.args)
+
+    def validation_losses(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                          seeds: list[int]) -> torch.Tensor:
+        """Held-out mean squared pixel error per image (B,) on exact data pairs (F(x~), x~), x~ from seeds[b]."""
+        x_tilde = dequantize_each(one_image(images), seeds)
+        flow_labels = labels if self.args.flow_conditioning else None
+        z, _ = model.teacher_on(x_tilde.device).flow(x_tilde, flow_labels)
+        return (model.student(z, flow_labels).float() - x_tilde.float()).pow(2).flatten(1).mean(dim=1)
 
     def forward_flops(self) -> int:
         """One image's pair (the flow forward, or for prior pairs a prior sample and the inverse: about one

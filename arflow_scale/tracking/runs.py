@@ -47,10 +47,12 @@ def read_run_id(run_url: str, storage_options: Optional[dict] = None,
     return None
 
 
-def prepare_run(cfg: Config, run_url: str, *, world_size: int, device: str, storage_options: Optional[dict] = None,
-                latest: Optional[CheckpointRecord] = None) -> TrackingTarget:
+def prepare_run(cfg: Config, run_url: str, *, world_size: int | str, device: str,
+                storage_options: Optional[dict] = None, latest: Optional[CheckpointRecord] = None,
+                extra_params: Optional[dict[str, str]] = None) -> TrackingTarget:
     """Driver side: create (or find again) this training run's MLflow run. `latest` is the record of the run
-    folder's newest complete checkpoint, when the caller has read it."""
+    folder's newest complete checkpoint, when the caller has read it; `extra_params` are logged beside the
+    config's (what the driver found out, e.g. the classes trained)."""
     if not cfg.tracking.enabled:
         return TrackingTarget(None, None)
     uri = resolve_tracking_uri(cfg.tracking.uri, run_url, cfg.run.name)
@@ -69,7 +71,8 @@ def prepare_run(cfg: Config, run_url: str, *, world_size: int, device: str, stor
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
     run_id = client.create_run(experiment_id(client, cfg.tracking.experiment), run_name=cfg.run.name,
                                tags=tags).info.run_id
-    params = [Param(k, ("" if v is None else str(v))[:PARAM_CHARS]) for k, v in flatten(cfg).items()]
+    flat = {**flatten(cfg), **(extra_params or {})}
+    params = [Param(k, ("" if v is None else str(v))[:PARAM_CHARS]) for k, v in flat.items()]
     for start in range(0, len(params), PARAM_BATCH):
         client.log_batch(run_id, params=params[start:start + PARAM_BATCH])
     client.log_text(run_id, dump_yaml(cfg, mask_secrets=True), "config/resolved.yaml")

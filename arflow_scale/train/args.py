@@ -1,6 +1,7 @@
 """What the driver hands every Ray Train worker: typed arguments, and the stream interface a trainer draws from."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol
 
@@ -13,15 +14,20 @@ ARGS_KEY = "worker"  # the key of WorkerArgs in Ray Train's train_loop_config di
 
 class TrainingStream(Protocol):
     """What the trainer draws batches from: an endless iterator of (images (B, S, C, H, W), labels (B,))
-    whose position is saved with every checkpoint."""
+    whose position is saved with every checkpoint, and the data problems it met so far."""
 
     skipped_shards: int
+    corrupt_shards: list[int]  # manifest indices of the corrupt shards skipped
+    dropped_classes: list[int]  # classes some loader worker of this rank no longer draws from
 
     def __iter__(self): ...
 
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+    def load_state_dicts(self, states: Sequence[dict]) -> None:
+        """Continue from the saved states of every rank of a run, on any world size."""
 
 
 class StreamFactory(Protocol):

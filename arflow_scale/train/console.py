@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional, TextIO, Union
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from tqdm.auto import tqdm
 
 
@@ -73,11 +74,13 @@ def progress_line(p: StepProgress) -> str:
 class Console:
     """Driver side: prints drained events to `stream` (stderr: stdout's last line is the run's JSON)."""
 
-    def __init__(self, stream: TextIO = sys.stderr, bar: Optional[bool] = None):
-        self.stream = stream
-        self.sink = ConsoleSink.remote()
-        use_bar = stream.isatty() if bar is None else bar
-        self.bar: Optional[tqdm] = tqdm(file=stream, unit="step", dynamic_ncols=True) if use_bar else None
+    def __init__(self, stream: Optional[TextIO] = None, bar: Optional[bool] = None):
+        self.stream = stream if stream is not None else sys.stderr  # the stderr of now, not of the first import
+        # On the driver's node: workers may lose their nodes (elastic runs), the console must not.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.sink = ConsoleSink.options(scheduling_strategy=here).remote()
+        use_bar = self.stream.isatty() if bar is None else bar
+        self.bar: Optional[tqdm] = tqdm(file=self.stream, unit="step", dynamic_ncols=True) if use_bar else None
 
     def show(self, event: Event) -> None:
         if isinstance(event, Notice):

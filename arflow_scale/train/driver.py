@@ -21,17 +21,21 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, pin_teacher, read_record
+from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
 from arflow_scale.config import Config
 from arflow_scale.data import write_shards
+from arflow_scale.data.run_vae import resolve_run_vae
 from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint
 from arflow_scale.eval.scheduler import FidScheduler
 from arflow_scale.schema import check
+from arflow_scale.tasks import task_for
 from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
 
 from .args import StreamFactory, WorkerArgs
 from .console import Console, Notice
+from .preflight import DataPlan, check_data
+from .run_lock import RunLock
 from .worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -56,15 +60,17 @@ class TrainResult:
     mlflow_tracking_uri: Optional[str]
     images_per_s: float
     fid: dict[str, Any] = field(default_factory=dict)  # step -> {"fid", "n", "seconds"} or {"error"}
-    val_loss: Optional[float] = None  # held-out validation loss of the final weights, when measured
+    val_loss: Optional[float] = None  # held-out validation loss of the final raw weights, when measured
+    val_loss_ema: Optional[float] = None  # ... of the final EMA weights
+    classes_trained: Optional[int] = None  # classes of the manifest the run draws from (None: no shard stream)
 
     def to_json(self) -> dict[str, Any]:
-        """A strict-JSON dict (no NaN: a non-finite loss becomes null); `fid` and `val_loss` only when measured."""
-        data = dataclasses.asdict(self)
-        if data["final_loss"] is not None and not math.isfinite(data["final_loss"]):
-            data["final_loss"] = None
-        for key in ("fid", "val_loss"):  # only when measured
-            if data[key] is None or data[key] == {}:
+        """A strict-JSON dict (a non-finite number becomes null); `fid`, `val_loss*` and `classes_trained` only
+        when known."""
+        data = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                for key, value in dataclasses.asdict(self).items()}
+        for key in ("fid", "val_loss", "val_loss_ema", "classes_trained"):
+            if getattr(self, key) in (None, {}):
                 del data[key]
         return data
 
@@ -124,6 +130,7 @@ def prepare_inputs(cfg: Config) -> Config:
             log.info("writing %s shards to %s", cfg.run.prepare_data, manifest)
             write_shards(cfg.run.prepare_data, manifest, image_size=cfg.model.image_size,
                          samples_per_shard=cfg.run.prepare_samples_per_shard,
+                         val_per_class=cfg.run.prepare_val_per_class,
                          storage_options=dict(cfg.data.storage_options), progress=False)
     return cfg
 
@@ -132,34 +139,41 @@ def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], 
     """A run continues from its latest checkpoint only with the number of workers that wrote it (ZeRO
     optimizer partitions, EMA partitions and data-stream positions are per rank): else a ConfigError
     before any worker starts, rather than DeepSpeed failing inside every worker."""
+    low, high = cfg.cluster.worker_range
     if latest is None:
         return
-    check(latest.world_size == cfg.cluster.num_workers, "cluster.num_workers",
+    check(low <= latest.world_size <= high, "cluster.num_workers",
           f"{cfg.cluster.num_workers}, but run {run_url} continues from {where}, written by {latest.world_size} "
           f"workers; resume with cluster.num_workers={latest.world_size} or start a new run.name")
 
 
 def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optional[StreamFactory] = None,
           verbose: bool = False) -> TrainResult:
-    """Run training for `cfg` on Ray (joining `address`, else starting a local Ray for the run)."""
+    """Run training for `cfg` on Ray (joining `address`, else starting a local Ray for the run). Everything that
+    can be checked is checked before the run folder is touched; then the run lock is held for the run."""
     cfg = cfg if stream_factory is not None else prepare_inputs(cfg)
     check(cfg.eval.fid_every % cfg.checkpoint.every == 0, "eval.fid_every",
           f"{cfg.eval.fid_every} must be a multiple of checkpoint.every={cfg.checkpoint.every}")
+    data = check_data(cfg, task_for(cfg.model).images_per_sample) if stream_factory is None else None
     run_url = run_folder_url(cfg.run.storage_path, cfg.run.name)
     options = worker_storage_options(cfg.run.storage_path, cfg.run.storage_options)
     latest_url = latest_checkpoint(run_url, options)
     latest = read_record(latest_url, options) if latest_url else None
     check_resume(cfg, run_url, latest, latest_url)
-    cfg = pin_teacher(cfg, options, latest_url)  # a distillation stage: its teacher, fixed for the whole run
-    with ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
-        return _fit(cfg, run_url, options, latest, stream_factory)
+    resumed = read_config(latest_url, options) if latest_url else None
+    cfg = resolve_run_vae(cfg, resumed.model if resumed else None, read_shards=stream_factory is None)
+    cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
+    with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
+                 missed_heartbeats=cfg.run.lock_missed_heartbeats), \
+            ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
+        return _fit(cfg, run_url, options, latest, stream_factory, data)
 
 
 def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[CheckpointRecord],
-         stream_factory: Optional[StreamFactory]) -> TrainResult:
+         stream_factory: Optional[StreamFactory], data: Optional[DataPlan]) -> TrainResult:
     use_gpu = cfg.cluster.use_gpu if cfg.cluster.use_gpu is not None else cluster_has_gpus()
     tracking = prepare_run(cfg, run_url, world_size=cfg.cluster.num_workers, device="cuda" if use_gpu else "cpu",
-                           storage_options=options, latest=latest)
+                           storage_options=options, latest=latest, extra_params=data.params() if data else None)
     console = Console()
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     args = WorkerArgs(config=cfg, run_url=run_url, storage_options=options, tracking=tracking,
@@ -167,7 +181,7 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.run.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=args.loop_config(),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.num_workers, use_gpu=use_gpu,
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.scaling_workers, use_gpu=use_gpu,
                                      resources_per_worker=dict(cfg.cluster.resources_per_worker) or None),
         run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures),
@@ -184,7 +198,8 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
     for step, entry in fid_results.items():
         console.write(Notice(_fid_line(step, entry)).text)
     console.close()
-    return _result(result.metrics or {}, final_checkpoint, tracking, fid_results)
+    return dataclasses.replace(_result(result.metrics or {}, final_checkpoint, tracking, fid_results),
+                               classes_trained=len(data.trained) if data else None)
 
 
 def _fid_line(step: str, entry: dict[str, Any]) -> str:
@@ -200,4 +215,5 @@ def _result(metrics: dict[str, Any], checkpoint: Optional[str], tracking: Tracki
         final_loss=float(metrics.get("final_loss", math.nan)),
         params_sha256=metrics.get("params_sha256"), ema_sha256=metrics.get("ema_sha256"),
         checkpoint=checkpoint, mlflow_run_id=tracking.run_id, mlflow_tracking_uri=recordable_uri(tracking.uri),
-        images_per_s=float(metrics.get("images_per_s", 0.0)), fid=fid)
+        images_per_s=float(metrics.get("images_per_s", 0.0)), fid=fid,
+        val_loss=metrics.get("val_loss"), val_loss_ema=metrics.get("val_loss_ema"))

@@ -24,18 +24,21 @@ import torch.distributed as dist
 from arflow_scale.checkpoint import CheckpointRecord, checkpoint_dir_name, run_task, state_dict_sha256
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
+from arflow_scale.model.decoder import Decoder
 from arflow_scale.schema import dump_yaml
 from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
 
 from .args import TrainingStream, WorkerArgs
 from .console import Notice, StepProgress, forward_worker_warnings
+from .data_health import DataHealthWatch, gather_data_health
 from .deepspeed_config import resolve_precision
 from .ema import EMA
 from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_masters
 from .faults import FaultInjector
 from .rng import step_generator
 from .state import restore_state, save_state
+from .validation import open_validator
 
 log = logging.getLogger(__name__)
 GRID_LABELS = 20  # images in an MLflow sample grid (two per class for up to 10 classes)
@@ -96,7 +99,11 @@ class Trainer:
         self.images_per_step = (cfg.data.batch_size * self.task.images_per_sample * cfg.train.grad_accum
                                 * self.world)
         self.throughput = Throughput(self.start_step, cfg.train.steps)
-        self.skipped_shards = 0
+        self.validator = None if args.stream_factory is not None else open_validator(
+            cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
+        self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
+        self.decoder: Optional[Decoder] = None  # rank 0's, made at its first sample grid (a VAE loads once)
+        self.data_health = DataHealthWatch()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> None:
@@ -111,6 +118,8 @@ class Trainer:
                 self.throughput.add(step, result.seconds)
                 if self.logs_at(step):
                     self.log_step(step, result)
+                if self.validates_at(step):
+                    self.log_validation(step)
                 if self.samples_at(step):
                     self.log_sample_grid(step)
                 if step == total:
@@ -119,6 +128,7 @@ class Trainer:
                     self.save(step, {"step": step, "loss": self.last_loss})
                 self.faults.after_step(step)
             if self.start_step >= total:  # a finished run launched again: report its result only
+                self.val_losses = self.validation_losses()
                 ray.train.report(self.final_metrics(self.start_step))
         except BaseException:
             self.tracker.close("FAILED")
@@ -150,6 +160,10 @@ class Trainer:
     def logs_at(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps
 
+    def validates_at(self, step: int) -> bool:
+        every = self.cfg.eval.val_every
+        return self.validator is not None and (step == self.cfg.train.steps or bool(every and step % every == 0))
+
     def samples_at(self, step: int) -> bool:
         every = self.cfg.train.sample_every
         return step == self.cfg.train.steps or bool(every and step % every == 0)
@@ -157,20 +171,33 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
     def log_step(self, step: int, result: StepResult) -> None:
         images_per_s = self.images_per_step / result.seconds
+        health = gather_data_health(self.stream)  # a collective: all ranks' corrupt shards and dropped classes
         self.tracker.log_metrics({
             self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
             "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
             "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
-            "skipped_shards": float(getattr(self.stream, "skipped_shards", 0))}, step=step)
+            **health.metrics()}, step=step)
         remaining = self.cfg.train.steps - step
         self.notify(StepProgress(
             step=step, total=self.cfg.train.steps, loss=self.last_loss, loss_name=self.task.loss_metric,
             lr=result.lr, images_per_s=images_per_s, data_wait_fraction=result.data_wait / result.seconds,
             eta_seconds=remaining * self.throughput.step_seconds(result.seconds)))
-        skipped = int(getattr(self.stream, "skipped_shards", 0))
-        if skipped > self.skipped_shards:
-            self.notify(Notice(f"{skipped} corrupt shard(s) skipped so far on rank 0"))
-            self.skipped_shards = skipped
+        if (changed := self.data_health.notice(health)) is not None:
+            self.notify(Notice(changed))
+
+    def validation_losses(self) -> dict[str, float]:
+        """{val_loss, val_loss_ema} of the current raw and EMA weights (a collective: every rank calls it)."""
+        if self.validator is None:
+            return {}
+        raw = self.validator.evaluate(self.engine.engine.module)
+        ema_model = self.task.model_from_weights(self.ema.full_state_dict(), self.device)
+        return {"val_loss": raw, "val_loss_ema": self.validator.evaluate(ema_model)}
+
+    def log_validation(self, step: int) -> None:
+        self.val_losses = self.validation_losses()
+        self.tracker.log_metrics(self.val_losses, step=step)
+        self.notify(Notice(f"validation at step {step}: " + "  ".join(
+            f"{name} {value:.4f}" for name, value in self.val_losses.items())))
 
     def notify(self, event: Any) -> None:
         """Send an event to the driver's console (rank 0 only; fire and forget)."""
@@ -186,8 +213,10 @@ class Trainer:
             model = self.task.model_from_weights(full_ema, self.device)
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
             settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
+                                      guided_channels=self.cfg.eval.guided_channels,
                                       temperature=self.cfg.eval.temperature)
-            grid = sample_grid(self.task, model, labels, settings, seed=self.cfg.train.seed)
+            self.decoder = self.decoder or Decoder.for_model(self.cfg.model, self.device)
+            grid = sample_grid(self.task, model, labels, settings, self.decoder, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
 
     # ------------------------------------------------------------------ checkpoints
@@ -211,7 +240,7 @@ class Trainer:
         return {"step": step, "final_step": step, "final_loss": self.last_loss, "mlflow_run_id": self.run_id or "",
                 "images_per_s": self.images_per_step / self.throughput.step_seconds(math.inf),
                 "params_sha256": state_dict_sha256(params),
-                "ema_sha256": state_dict_sha256(ema_full) if ema_full is not None else ""}
+                "ema_sha256": state_dict_sha256(ema_full) if ema_full is not None else "", **self.val_losses}
 
     # ------------------------------------------------------------------ set-up helpers
     def _configure_device(self) -> None:

@@ -1,0 +1,56 @@
+"""The local Ray that `arflow train` starts listens on loopback only: every socket of its processes, the
+Prometheus /metrics endpoints included (listed with psutil in a separate driver process)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from conftest import REPO
+
+DRIVER = """
+import json, urllib.request
+import psutil, ray
+from arflow_scale.cluster.connect import ray_session
+
+with ray_session(local_num_cpus=1):
+    ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+    me = psutil.Process()
+    processes = {p.pid: p for p in [me, *me.children(recursive=True)]}
+    found = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in processes:
+            try:
+                name = processes[c.pid].name()
+            except psutil.Error:
+                name = "?"
+            metrics = None
+            if c.laddr.ip in ("127.0.0.1", "::ffff:127.0.0.1"):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{c.laddr.port}/metrics", timeout=3) as r:
+                        metrics = r.status == 200 and b"ray_" in r.read()
+                except Exception:
+                    metrics = False
+            found.append([c.laddr.ip, c.laddr.port, name, metrics])
+print(json.dumps(found))
+"""
+
+
+def test_local_ray_listens_on_loopback_only(tmp_path):
+    ray_tmp = tempfile.mkdtemp(prefix="arflow-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ARFLOW_RAY_TMP": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    sockets = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(sockets) >= 6, f"too few of Ray's listening sockets seen: {sockets}"
+    exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    assert any(s[3] for s in sockets), f"no Prometheus /metrics endpoint among {sockets}"

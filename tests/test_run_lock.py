@@ -1,0 +1,143 @@
+"""The run lock: one driver per run folder, on a local folder and on a real S3 endpoint (moto server)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from arflow_scale.train.lock_store import lock_store
+from arflow_scale.train.run_lock import LOCK_NAME, LockRecord, RunLock, RunLockHeld
+from conftest import REPO
+
+
+def foreign_record(heartbeat_age: float, host: str = "another-host", pid: int = 4321) -> str:
+    now = time.time()
+    return LockRecord(owner="theirs", host=host, pid=pid, pid_namespace="0", started=now - 100,
+                      heartbeat=now - heartbeat_age, heartbeat_seconds=1.0, missed_heartbeats=3).to_text()
+
+
+@pytest.fixture(params=["local", "s3"])
+def run_url(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "run")
+    request.getfixturevalue("s3_endpoint")
+    return f"s3://{request.getfixturevalue('make_bucket')('lock')}/runs/run"
+
+
+def read_lock(run_url: str) -> dict:
+    return json.loads(lock_store(f"{run_url}/{LOCK_NAME}", {}).read()[0])
+
+
+def test_second_driver_is_refused_until_the_first_releases(run_url):
+    with RunLock(run_url, heartbeat_seconds=30) as first:
+        assert read_lock(run_url)["owner"] == first.record.owner
+        with pytest.raises(RunLockHeld, match=rf"run folder {run_url} is in use by another `arflow train` "
+                                              rf"\(host {socket.gethostname()}, pid {os.getpid()}, started .* "
+                                              r"last heartbeat \d+ s ago\); a lock without a heartbeat for 180 s"):
+            RunLock(run_url).acquire()
+    assert lock_store(f"{run_url}/{LOCK_NAME}", {}).read() is None  # released: the file is gone
+    with RunLock(run_url):
+        pass
+
+
+def test_heartbeat_refreshes_and_a_lost_lock_is_reported(run_url, caplog):
+    lock = RunLock(run_url, heartbeat_seconds=0.2)
+    lock.acquire()
+    try:
+        first = read_lock(run_url)["heartbeat"]
+        time.sleep(1.0)
+        assert read_lock(run_url)["heartbeat"] > first
+        lock_store(f"{run_url}/{LOCK_NAME}", {}).swap(foreign_record(0), lock.version)  # another driver took it
+        assert lock.lost.wait(5)
+        assert "the run lock was taken over (host another-host, pid 4321" in caplog.text
+    finally:
+        lock.release()
+    assert read_lock(run_url)["owner"] == "theirs"  # a lost lock is not deleted on release
+
+
+@pytest.mark.parametrize("age, stale", [(10.0, True), (0.0, False)])
+def test_a_lock_without_heartbeats_is_stale(run_url, age, stale):
+    """The holder's own settings (1 s x 3 missed) decide: a 10 s old heartbeat is stale, a fresh one is not."""
+    assert lock_store(f"{run_url}/{LOCK_NAME}", {}).create(foreign_record(age)) is not None
+    if stale:
+        with RunLock(run_url, heartbeat_seconds=30) as lock:
+            assert read_lock(run_url)["owner"] == lock.record.owner
+    else:
+        with pytest.raises(RunLockHeld, match="host another-host, pid 4321"):
+            RunLock(run_url).acquire()
+
+
+HOLDER = """
+import sys, time
+from arflow_scale.train.run_lock import RunLock
+RunLock(sys.argv[1], heartbeat_seconds=600).acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_holder_on_this_host_frees_the_lock_at_once(tmp_path):
+    """A driver SIGKILLed while holding the lock (its heartbeat still fresh) does not block the next one."""
+    run_url = str(tmp_path / "run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, run_url], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLockHeld, match=f"pid {holder.pid}"):
+            RunLock(run_url).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with RunLock(run_url) as lock:
+        assert read_lock(run_url)["owner"] == lock.record.owner
+
+
+def _contend(run_url: str, barrier, results) -> None:
+    barrier.wait()
+    try:
+        lock = RunLock(run_url, heartbeat_seconds=30)
+        lock.acquire()
+        results.put(("won", lock.record.owner))
+        time.sleep(5)  # hold it while the others try
+        lock.release()
+    except RunLockHeld:
+        results.put(("refused", None))
+
+
+@pytest.mark.parametrize("start", ["absent", "stale"])
+def test_of_drivers_starting_together_exactly_one_wins(run_url, start):
+    if start == "stale":
+        lock_store(f"{run_url}/{LOCK_NAME}", {}).create(foreign_record(60))
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(5), context.Queue()
+    workers = [context.Process(target=_contend, args=(run_url, barrier, results)) for _ in range(5)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    outcomes = [results.get(timeout=5) for _ in workers]
+    assert sorted(kind for kind, _ in outcomes) == ["refused"] * 4 + ["won"]
+
+
+def test_write_then_verify_storage(tmp_path):
+    """Storage without conditional writes (here fsspec's memory://) reads its write back before it counts."""
+    from arflow_scale.train.lock_store import VerifiedLockStore
+
+    lock = RunLock("memory://runs/verified", heartbeat_seconds=30)
+    assert isinstance(lock.store, VerifiedLockStore)
+    lock.store.settle_seconds = 0.05
+    lock.acquire()
+    try:
+        other = RunLock("memory://runs/verified")
+        other.store.settle_seconds = 0.05
+        with pytest.raises(RunLockHeld):
+            other.acquire()
+    finally:
+        lock.release()
