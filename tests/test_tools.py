@@ -80,7 +80,7 @@ def test_gpu_check_cpu_variant_bf16_deepspeed():
     checks = {line["check"]: line for line in lines if "check" in line}
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])
     assert {"deepspeed/zero0_bf16", "deepspeed/zero2_bf16", "deepspeed/zero3_bf16", "model/cache_vs_full",
-            "attention/float32"} <= set(checks)
+            "attention/float32", "farmer/log_density_fp32_vs_cpu_fp64", "farmer/deepspeed_zero3_fp32"} <= set(checks)
     for stage in (0, 2, 3):
         check = checks[f"deepspeed/zero{stage}_bf16"]
         assert 0 < check["bf16_weights_vs_master_rel"] <= 2 ** -8  # bf16 weights = rounded fp32 masters

@@ -14,9 +14,13 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 raw weights read back from the checkpoint (as `arflow export` does) are those masters,
                 as are the weights the EMA averages; a checkpoint saved and restored
                 continues with the same losses as the run that went on.
+  4. farmer     FARMER (tiny/2 on 16x16x3) on the device: its log-density in fp32 equals the CPU fp64
+                one, the flow inverts its forward, bf16 autocast stays close, guided sampling and the
+                one-step student give images in range; then its training objective under our DeepSpeed
+                config at ZeRO 0, 2 and 3 (bf16 autocast on CUDA, fp32 on CPU) falls on a fixed batch.
 Prints one JSON line per check and exits non-zero if any check fails.
 
-    python tools/gpu_check.py [--size S/2] [--only attention,attention_triton,model,deepspeed]
+    python tools/gpu_check.py [--size S/2] [--only attention,attention_triton,model,deepspeed,farmer]
 """
 from __future__ import annotations
 
@@ -170,9 +174,18 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
     return losses
 
 
-def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
+def _single_rank_group(device: torch.device) -> None:
+    """One-rank process group on 127.0.0.1 (NCCL on CUDA, gloo on CPU); once per process."""
     import deepspeed
 
+    if torch.distributed.is_initialized():
+        return
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
+                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     from arflow_scale.bench.batches import InMemoryBatches
     from arflow_scale.checkpoint import CheckpointRecord, load_raw_weights
     from arflow_scale.config import config_from_dict
@@ -180,9 +193,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     from arflow_scale.train.engine import full_fp32_params, wrapper_masters
     from arflow_scale.train.state import restore_state, save_state
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    _single_rank_group(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for stage in (0, 2, 3):
         cfg = config_from_dict({
@@ -235,10 +246,69 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
             torch.cuda.empty_cache()
 
 
+def check_farmer(device: torch.device, precision: str) -> None:
+    from arflow_scale.config import config_from_dict
+    from arflow_scale.model.farmer import FARMER
+    from arflow_scale.model.farmer_distill import FarmerOneStep
+    from arflow_scale.tasks import task_for
+    from arflow_scale.train.rng import step_generator
+
+    model_keys = {"family": "farmer", "size": "tiny/2", "image_size": 16, "in_channels": 3, "num_classes": 10, "k": 1}
+    task = task_for(config_from_dict({"model": model_keys}).model)
+    torch.manual_seed(0)
+    model = FARMER(task.args)
+    for p in model.parameters():  # non-zero flow heads: the zero-initialised blocks would hide errors
+        torch.nn.init.normal_(p, std=0.02)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1, torch.tensor([0, 3, 5, 10])  # 10: the null class
+    with torch.no_grad():
+        ref = model.double().log_density(x.double(), y)
+        gpu = model.float().to(device)
+        out = gpu.log_density(x.to(device), y.to(device))
+        z, _ = gpu.flow(x.to(device))
+        back = gpu.flow.inverse(z)
+        labels = y[:3].to(device)
+        images = gpu.sample(labels, cfg_scale=2.0, temperature=0.9, generator=torch.Generator().manual_seed(2))
+        fast = FarmerOneStep(gpu, task.args).to(device).sample(labels, generator=torch.Generator().manual_seed(2))
+    loss32 = gpu.loss(x.to(device), y.to(device), torch.Generator().manual_seed(3))
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        loss16 = gpu.loss(x.to(device), y.to(device), torch.Generator().manual_seed(3))
+    report("farmer/log_density_fp32_vs_cpu_fp64", rel_err(out, ref) < 1e-4, rel_err=rel_err(out, ref))
+    report("farmer/inverse_of_forward", max_err(back, x) < 1e-4, max_err=max_err(back, x))
+    report("farmer/bf16_autocast_loss", abs(float(loss16 - loss32)) < 5e-2 * abs(float(loss32)),
+           fp32=float(loss32), bf16=float(loss16))
+    in_range = all(bool(torch.isfinite(t).all()) and float(t.abs().max()) <= 1 for t in (images, fast))
+    report("farmer/guided_and_one_step_samples", in_range and images.shape == fast.shape == (3, 3, 16, 16))
+    _single_rank_group(device)
+    # As the trainer: fp32 images under bf16 autocast. CPU autocast leaves layer_norm to its kernel, which
+    # refuses the fp32 activations with bf16 weights, so the CPU variant trains FARMER in fp32.
+    precision = precision if device.type == "cuda" else "fp32"
+    for stage in (0, 2, 3):
+        cfg = config_from_dict({"model": model_keys, "data": {"batch_size": 8},
+                                "optim": {"lr": 2e-3, "warmup_steps": 0, "clip": "norm", "clip_value": 1.0},
+                                "train": {"steps": 30, "zero_stage": stage, "precision": precision},
+                                "cluster": {"use_gpu": device.type == "cuda"}})
+        engine = _engine(cfg, device)
+        batch = (torch.rand(8, 1, 3, 16, 16, generator=g) * 2 - 1).to(device), (torch.arange(8) % 10).to(device)
+        losses = []
+        for step in range(15):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = task.loss(engine, *batch, step_generator(0, 0, step, 0))
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        ok = losses[-1] < losses[0] and all(map(math.isfinite, losses))
+        report(f"farmer/deepspeed_zero{stage}_{precision}", ok, first_bits_per_dim=round(losses[0], 4),
+               last_bits_per_dim=round(losses[-1], 4))
+        del engine
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="S/2", help="model size for the model and deepspeed checks")
-    parser.add_argument("--only", default="attention,attention_triton,model,deepspeed")
+    parser.add_argument("--only", default="attention,attention_triton,model,deepspeed,farmer")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="deepspeed check: auto = bf16 on CUDA, fp32 on CPU")
@@ -254,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
     checks = {"attention": lambda: check_attention(device), "attention_triton": lambda: check_attention_triton(device),
               "model": lambda: check_model(device, args.size),
-              "deepspeed": lambda: check_deepspeed(device, args.size, precision)}
+              "deepspeed": lambda: check_deepspeed(device, args.size, precision),
+              "farmer": lambda: check_farmer(device, precision)}
     for name in args.only.split(","):
         try:
             checks[name]()

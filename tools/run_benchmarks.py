@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-BENCHMARKS = ("attention", "data", "train", "fid")
+BENCHMARKS = ("attention", "data", "train", "fid", "sampling")
 
 
 def main(argv: list[str] | None = None) -> int:

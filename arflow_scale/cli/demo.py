@@ -23,12 +23,12 @@ def register(sub) -> None:
 
 
 def handle(args) -> int:
-    from arflow_scale.checkpoint import load_ema_weights
+    from arflow_scale.checkpoint import load_ema_weights, run_task
     from arflow_scale.config import load_config
     from arflow_scale.eval.grids import sample_grid, save_png
     from arflow_scale.eval.reference import image_set_stats
     from arflow_scale.model.decoder import Decoder
-    from arflow_scale.tasks import SampleSettings, task_for
+    from arflow_scale.tasks import SampleSettings
     from arflow_scale.train.driver import train
     from arflow_scale.train.driver import prepare_inputs
 
@@ -54,9 +54,10 @@ def handle(args) -> int:
     result = train(cfg, verbose=args.verbose)
     seconds = time.perf_counter() - started
     run_cfg, ema = load_ema_weights(result.checkpoint)
-    task = task_for(run_cfg.model)
+    task = run_task(run_cfg)
     labels = [label for _ in range(2) for label in range(task.num_classes)]
-    settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale)
+    settings = SampleSettings(sampler="ode", steps=cfg.train.sample_steps, cfg_scale=args.cfg_scale,
+                              temperature=cfg.eval.temperature)
     grid = sample_grid(task, task.model_from_weights(ema), labels, settings, Decoder.for_model(run_cfg.model, "cpu"),
                        seed=cfg.train.seed, nrow=task.num_classes)
     grid_path = str(out / name / "samples.png")

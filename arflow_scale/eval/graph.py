@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 from tqdm import tqdm
 
-from arflow_scale.checkpoint import load_ema_weights
+from arflow_scale.checkpoint import load_ema_weights, run_task
 from arflow_scale.config import Config, EvalConfig
 from arflow_scale.data.storage import filesystem
 from arflow_scale.model.decoder import Decoder
@@ -40,7 +40,7 @@ ModelLoader = Callable[[str, Optional[dict]], tuple[Config, nn.Module]]
 def load_ema_model(checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Config, nn.Module]:
     """The default loader: the checkpoint's consolidated EMA weights in its family's model."""
     run_cfg, state_dict = load_ema_weights(checkpoint_url, storage_options=storage_options)
-    return run_cfg, task_for(run_cfg.model).model_from_weights(state_dict)
+    return run_cfg, run_task(run_cfg, storage_options).model_from_weights(state_dict)
 
 
 class PinnedEMA:
@@ -56,7 +56,7 @@ class PinnedEMA:
 
     def __call__(self, checkpoint_url: str, storage_options: Optional[dict] = None) -> tuple[Config, nn.Module]:
         run_cfg, state_dict = ray.get(self.weights_ref)
-        return run_cfg, task_for(run_cfg.model).model_from_weights(state_dict)
+        return run_cfg, run_task(run_cfg, storage_options).model_from_weights(state_dict)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ class FidPlan:
     def sample_settings(self) -> SampleSettings:
         ev = self.eval
         return SampleSettings(sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
-                              guided_channels=ev.guided_channels)
+                              guided_channels=ev.guided_channels, temperature=ev.temperature)
 
 
 def split_counts(total: int, parts: int) -> list[int]:

@@ -1,6 +1,7 @@
 """The model section of a run config: family, size (registry name like `XL/2`), overrides, input geometry,
-K, attention, and the VAE whose latents it models. The size registry and every geometry check live here,
-beside the model that needs them.
+K, attention, the VAE whose latents it models, and FARMER's knobs (`model.farmer`). The size registries and
+every geometry check live in the model package, beside the model that needs them; `validate` dispatches on
+the family.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from arflow_scale.schema import build, check
+from arflow_scale.schema import build, check, fail
 
+from .farmer_sizes import FarmerArgs, farmer_args
 from .vae_identity import VaeIdentity
 
 # name -> (depth, width, heads); head dim 64 for the paper sizes (docs/arflow.md §2.6).
@@ -27,17 +29,43 @@ PATCH_SIZES = (1, 2, 4, 8)
 
 
 @dataclass
+class FarmerConfig:
+    """FARMER's own keys (`model.farmer`, family farmer only): overrides of its size registry entry and of
+    `FarmerArgs`; None keeps the registry's or FarmerArgs' value (docs/farmer.md §9), the one source of those
+    defaults. Size, geometry, classes, class_dropout and mlp_ratio come from the model section itself."""
+
+    flow_blocks: Optional[int] = None
+    flow_depth: Optional[int] = None
+    flow_width: Optional[int] = None
+    flow_heads: Optional[int] = None
+    prior_depth: Optional[int] = None
+    prior_width: Optional[int] = None
+    prior_heads: Optional[int] = None
+    mixture_components: Optional[int] = None
+    informative_channels: Optional[int] = None  # None: max(1, token_dim // 6)
+    noise_std: Optional[float] = None  # training Gaussian noise on top of dequantization (None: 0)
+    flow_conditioning: Optional[bool] = None  # None: an unconditional flow
+    cfg_candidates: Optional[int] = None  # proposals per token of the resampling guidance (None: 16)
+    student_depth: Optional[int] = None  # the one-step inverse student (None: flow_blocks * flow_depth)
+    distill_prior_fraction: Optional[float] = None  # distillation pairs from prior samples, not data (None: 0)
+
+    def overrides(self) -> dict:
+        """The keys that are set, as FarmerArgs fields."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
 class ModelConfig:
-    family: Literal["arflow"] = "arflow"  # the model family (arflow_scale.tasks) that trains on this section
+    family: Literal["arflow", "farmer"] = "arflow"  # the model family (arflow_scale.tasks) that trains on this section
     size: str = "tiny/2"  # registry name and patch size, like DiT: S/2, B/4, XL/2, tiny/2, custom/2
     depth: Optional[int] = None  # overrides of the registry entry (scaled variants)
     width: Optional[int] = None
     heads: Optional[int] = None
     in_channels: int = 3  # 3 for pixels, 4 for SD-VAE latents
     image_size: int = 8  # pixels (or latent side)
-    k: int = 5  # images per sequence
+    k: int = 5  # images per sequence (ARFlow); FARMER models one image per sample and requires 1
     num_classes: int = 10
-    attention: Literal["hybrid", "full", "intra"] = "hybrid"
+    attention: Literal["hybrid", "full", "intra"] = "hybrid"  # ARFlow's; FARMER's attention is causal softmax
     activation_checkpointing: str = "none"  # "none", "all", or "every:N" (every N-th block)
     class_dropout: float = 0.1  # label dropout per sequence, for CFG
     mlp_ratio: float = 4.0
@@ -48,6 +76,7 @@ class ModelConfig:
     # The VAE's identity (hashes, scale, shapes), filled in by `arflow train` from the VAE or the manifest and
     # checked wherever the VAE is loaded again (sample grids, FID, a resumed run); not meant to be written.
     vae_identity: Optional[VaeIdentity] = None
+    farmer: FarmerConfig = dataclasses.field(default_factory=FarmerConfig)  # family farmer only
 
     @property
     def patch_size(self) -> int:
@@ -58,6 +87,10 @@ class ModelConfig:
         return SIZE_PATTERN.match(self.size).group(1)
 
     def validate(self) -> None:
+        if self.family == "farmer":
+            validate_farmer(self)
+            return
+        check(self.farmer == FarmerConfig(), "farmer", "FARMER's keys apply to model.family: farmer only")
         check(bool(SIZE_PATTERN.match(self.size)), "size",
               f"{self.size!r} is not NAME/PATCH with NAME in {', '.join(SIZE_TABLE)}, custom (e.g. 'XL/2')")
         check(self.patch_size in PATCH_SIZES, "size",
@@ -109,6 +142,36 @@ class ModelConfig:
         """0 = no activation checkpointing, 1 = every block, n = every n-th block."""
         ac = self.activation_checkpointing
         return 0 if ac == "none" else 1 if ac == "all" else int(ac.split(":")[1])
+
+
+def farmer_args_of(cfg: ModelConfig) -> FarmerArgs:
+    """The FarmerArgs of a FARMER model section (ValueError naming the FarmerArgs field on a bad value)."""
+    return farmer_args(cfg.size, image_size=cfg.image_size, in_channels=cfg.in_channels, num_classes=cfg.num_classes,
+                       class_dropout=cfg.class_dropout, mlp_ratio=cfg.mlp_ratio, **cfg.farmer.overrides())
+
+
+def _farmer_key(field: str) -> str:
+    """The model-section key of a FarmerArgs field named in an error."""
+    if field in ("size", "patch"):
+        return "size"
+    return f"farmer.{field}" if field in {f.name for f in dataclasses.fields(FarmerConfig)} else field
+
+
+def validate_farmer(cfg: ModelConfig) -> None:
+    """A FARMER section: one image per sample, no ARFlow-only keys, and its registry's geometry checks."""
+    check(cfg.k == 1, "k", f"{cfg.k}, but FARMER models one image per sample: set model.k: 1")
+    for key in ("depth", "width", "heads"):
+        check(getattr(cfg, key) is None, key,
+              "an ARFlow registry override; FARMER's shapes are model.farmer keys (e.g. farmer.flow_width)")
+    check(cfg.activation_checkpointing == "none", "activation_checkpointing",
+          f"{cfg.activation_checkpointing!r}: FARMER has no activation checkpointing; use none")
+    check(cfg.vae is None and cfg.vae_identity is None, "vae",
+          f"{cfg.vae!r}: FARMER models pixels (its bits/dim count the 256 levels of uint8 shards); use image shards")
+    try:
+        farmer_args_of(cfg)
+    except ValueError as err:
+        field, _, message = str(err).partition(": ")
+        fail(_farmer_key(field), message)
 
 
 def model_config(size: str | ModelConfig, **overrides) -> ModelConfig:

@@ -97,6 +97,12 @@ class FARMER(nn.Module):
         y = drop_labels(y, self.args.class_dropout, self.null_class, generator)
         return bits_per_dim_from_log_density(self.log_density(x_tilde, y), self.args.num_dims).mean()
 
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator],
+                noise_std: Optional[float] = None) -> torch.Tensor:
+        """The training objective `loss` (scalar bits/dim): a wrapping engine that hooks forward (DeepSpeed,
+        ZeRO-3's parameter gathering) computes it."""
+        return self.loss(x, y, generator, noise_std)
+
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, cfg_scale: float = 1.0, temperature: float = 1.0,
                generator: Optional[torch.Generator] = None, candidates: Optional[int] = None,

@@ -4,6 +4,8 @@
 predicts the image in one pass, x = unpatchify(z + head(h)); it replaces the flow's
 flow_blocks * (N - 1) sequential steps at sampling time. Its training pairs come cheap from the
 flow's parallel forward pass: for a dequantized image x~, (F(x~), x~) is an exact (z, F^-1(z)).
+`FarmerOneStep` is the distillation stage's model: the student trains beside a frozen teacher and
+samples with the teacher's prior.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from torch import nn
 
 from .causal_transformer import Transformer
 from .embeddings import LabelEmbedder, sincos_pos_embed_2d
-from .farmer import dequantize
+from .farmer import FARMER, dequantize
 from .farmer_flow import FarmerFlow, check_labels, unpatchify
 from .farmer_sizes import FarmerArgs
 
@@ -71,3 +73,52 @@ def distill_loss(student: FarmerInverseStudent, flow: FarmerFlow, x_or_z: torch.
             raise ValueError(f"distill_loss: x_or_z must be images (B, C, H, W) or latents (B, N, D), "
                              f"got {tuple(x_or_z.shape)}")
     return F.mse_loss(student(z, labels), target)
+
+
+class FarmerOneStep(nn.Module):
+    """The distillation stage: a trainable `student` (args: the student's FarmerArgs) beside a frozen FARMER
+    `teacher` (its EMA weights).
+
+    Only the student is registered: parameters, state_dict, a DeepSpeed engine, the EMA and checkpoints see
+    it alone; the teacher is held by reference (no gradient, eval mode) and follows the student's device.
+    forward(x, y, generator) is `distill_loss` on exact pairs (F(x~), x~); `sample` is FARMER's sampling
+    with the student in place of the sequential inverse.
+    """
+
+    def __init__(self, teacher: FARMER, args: FarmerArgs):
+        super().__init__()
+        self.student = FarmerInverseStudent(args)
+        object.__setattr__(self, "teacher", teacher.requires_grad_(False).eval())  # not a submodule
+
+    def teacher_on(self, device: torch.device) -> FARMER:
+        """The frozen teacher, moved to `device` first when it is elsewhere."""
+        if self.teacher.prior.pos.device != device:
+            self.teacher.to(device)
+        return self.teacher
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1], labels (B,) -> mean squared pixel error of the student's inverse.
+
+        The first round(distill_prior_fraction * B) pairs are the teacher prior's samples for those labels
+        (temperature 1) against the sequential inverse, the latents sampling feeds the student; the rest come
+        from the images, (F(x~), x~). Draw order from `generator`: the images' dequantization, then the prior.
+        """
+        teacher = self.teacher_on(x.device)
+        batch = x.shape[0]
+        drawn = round(self.student.args.distill_prior_fraction * batch)
+        if drawn == 0:
+            return distill_loss(self.student, teacher.flow, x, y, generator)
+        data = distill_loss(self.student, teacher.flow, x[drawn:], y[drawn:], generator) if drawn < batch else 0.0
+        with torch.no_grad():
+            z = teacher.prior.sample(y[:drawn], generator=generator)
+        prior = distill_loss(self.student, teacher.flow, z, y[:drawn])
+        return (prior * drawn + data * (batch - drawn)) / batch
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, cfg_scale: float = 1.0, temperature: float = 1.0,
+               generator: Optional[torch.Generator] = None, candidates: Optional[int] = None,
+               denoise: bool = True) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]: the teacher's prior sample, then one student pass (FARMER.sample)."""
+        teacher = self.teacher_on(self.student.head.weight.device)
+        return teacher.sample(labels, cfg_scale, temperature, generator, candidates, student=self.student,
+                              denoise=denoise)

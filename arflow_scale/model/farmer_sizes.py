@@ -56,6 +56,7 @@ class FarmerArgs:
     flow_conditioning: bool = False  # False: unconditional flow (JetFormer); True: class-conditioned (TarFlow)
     cfg_candidates: int = 16  # M of the resampling guidance
     student_depth: Optional[int] = None  # one-step inverse student; None -> flow_blocks * flow_depth
+    distill_prior_fraction: float = 0.0  # share of a distillation batch drawn from the prior (§8)
 
     def __post_init__(self) -> None:
         for name in ("patch", "flow_blocks", "flow_depth", "flow_width", "flow_heads", "prior_depth",
@@ -84,6 +85,8 @@ class FarmerArgs:
             _fail("mlp_ratio", f"must be positive, got {self.mlp_ratio}")
         if not self.noise_std >= 0:
             _fail("noise_std", f"must be >= 0, got {self.noise_std}")
+        if not 0.0 <= self.distill_prior_fraction <= 1.0:
+            _fail("distill_prior_fraction", f"must be in [0, 1], got {self.distill_prior_fraction}")
         if not 0.0 <= self.class_dropout < 1.0:
             _fail("class_dropout", f"must be in [0, 1), got {self.class_dropout}")
 

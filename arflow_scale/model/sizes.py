@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from arflow_scale.schema import check
+
 from .config import SIZE_PATTERN, SIZE_TABLE, ModelConfig
 
 SIZES = SIZE_TABLE  # name -> (depth, width, heads); head dim 64 for the paper sizes (docs/arflow.md §2.6)
@@ -47,6 +49,7 @@ def parse_size(size: str) -> tuple[str, int]:
 
 def resolve(cfg: ModelConfig) -> ModelDims:
     """Registry entry of cfg.size with cfg.depth/width/heads overrides applied (cfg is validated first)."""
+    check(cfg.family == "arflow", "family", f"resolve() reads ARFlow sections, got {cfg.family!r} (see tasks)")
     cfg.validate()
     depth, width, heads = cfg.resolved_shape()
     return ModelDims(depth=depth, width=width, heads=heads, patch=cfg.patch_size, in_channels=cfg.in_channels,

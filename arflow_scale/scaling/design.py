@@ -16,13 +16,24 @@ from arflow_scale.schema import check
 
 @dataclass
 class SizeSpec:
-    """One model size: depth x width (heads default to width // 64, at least 1)."""
+    """One model size: depth x width (ARFlow; heads default to width // 64, at least 1), and/or other keys of
+    the model section (`model`, e.g. FARMER's {farmer.flow_width: 32, ...}) with a `name` for point names."""
 
-    depth: int
-    width: int
+    depth: Optional[int] = None
+    width: Optional[int] = None
     heads: Optional[int] = None
+    model: dict[str, Any] = field(default_factory=dict)  # dotted keys under `model.` set for this size
+    name: Optional[str] = None  # in point names; default d<depth>w<width>
 
     def validate(self) -> None:
+        check((self.depth is None) == (self.width is None), "width" if self.width is None else "depth",
+              "give depth and width together (or neither, with model keys)")
+        check(self.depth is not None or bool(self.model), "model", "a size needs depth and width, or model keys")
+        check(self.depth is not None or self.name is not None, "name", "required when a size has no depth/width")
+        check(self.name is None or bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.name)), "name",
+              f"{self.name!r}: use letters, digits, _ . -")
+        if self.depth is None:
+            return
         check(self.depth >= 1, "depth", f"must be >= 1, got {self.depth}")
         check(self.width >= 1, "width", f"must be >= 1, got {self.width}")
         check(self.width % self.num_heads == 0, "heads", f"width {self.width} not divisible by {self.num_heads}")
@@ -30,6 +41,20 @@ class SizeSpec:
     @property
     def num_heads(self) -> int:
         return self.heads if self.heads is not None else max(1, self.width // 64)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.name is not None else f"d{self.depth}w{self.width}"
+
+    def overrides(self) -> dict[str, Any]:
+        """{dotted config key: value} this size sets."""
+        shape = {} if self.depth is None else {"model.depth": self.depth, "model.width": self.width,
+                                               "model.heads": self.num_heads}
+        return {**shape, **{f"model.{key}": value for key, value in self.model.items()}}
+
+    def coords(self) -> dict[str, Any]:
+        """What identifies the size among a sweep's points."""
+        return {"depth": self.depth, "width": self.width} if self.depth is not None else {"size": self.label}
 
 
 @dataclass

@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from arflow_scale.cluster.connect import connect_ray
 from arflow_scale.config import Config, ConfigError, load_config, to_dict
-from arflow_scale.model import count_parameters, forward_flops, resolve
 from arflow_scale.schema import apply_overrides, build, read_yaml_mapping
+from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
@@ -53,14 +53,14 @@ class SweepPoint:
 
     @property
     def images(self) -> int:
-        """Training images seen: sequences per step x K x steps."""
-        return sequences_per_step(self.config) * self.config.model.k * self.steps
+        """Training images seen: sequences per step x images per sequence (ARFlow's K) x steps."""
+        return sequences_per_step(self.config) * task_for(self.config.model).images_per_sample * self.steps
 
     @property
     def tokens(self) -> int:
         """Training tokens seen: images x tokens per image (patches)."""
 
-        return self.images * resolve(self.config.model).tokens_per_image
+        return self.images * task_for(self.config.model).tokens_per_image
 
     @property
     def config_sha(self) -> str:
@@ -87,17 +87,18 @@ def sequences_per_step(cfg: Config) -> int:
 def flops_per_step(cfg: Config) -> int:
     """Training FLOPs of one optimizer step: 3 x forward FLOPs x sequences per step."""
 
-    return 3 * int(forward_flops(cfg.model)) * sequences_per_step(cfg)
+    return 3 * int(task_for(cfg.model).forward_flops()) * sequences_per_step(cfg)
 
 
 def eval_flops(cfg: Config, steps: int) -> float:
-    """FID sampling FLOPs of a run of `steps` steps: evaluations x samples x sampler steps x forward FLOPs
-    of one image (the sampler calls the model on one image per step; CFG doubles the batch). Inception
+    """FID sampling FLOPs of a run of `steps` steps: evaluations x samples x the family's FLOPs of drawing one
+    image (ARFlow: a forward pass of one image per sampler step, CFG doubling the batch). Inception
     features are left out: one forward per sample, small beside the sampler's hundreds of model calls."""
 
     runs = (steps // cfg.eval.fid_every if cfg.eval.fid_every else 0) + int(cfg.eval.fid_at_end)
-    per_call = forward_flops(dataclasses.replace(cfg.model, k=1)) * (2 if cfg.eval.cfg_scale != 1.0 else 1)
-    return float(runs) * cfg.eval.num_samples * cfg.eval.steps * per_call
+    ev = cfg.eval
+    settings = SampleSettings(sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale, temperature=ev.temperature)
+    return float(runs) * ev.num_samples * task_for(cfg.model).sample_flops(settings)
 
 
 def _slug(value: Any) -> str:
@@ -130,13 +131,12 @@ def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, 
            extra: dict[str, Any]) -> SweepPoint:
     """One point: the size's config, its steps (a FLOP budget divided by the FLOPs of one step), its run."""
 
-    shape = [_override("model.depth", size.depth), _override("model.width", size.width),
-             _override("model.heads", size.num_heads)]
+    shape = [_override(key, value) for key, value in size.overrides().items()]
     keys = [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())]
     cfg = load_config(base, keys)
     per_step = flops_per_step(cfg)
     steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
-    name = "-".join([sweep.name, f"d{size.depth}w{size.width}", f"{kind[0]}{_slug(amount)}",
+    name = "-".join([sweep.name, size.label, f"{kind[0]}{_slug(amount)}",
                      *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
     if len(name) > 200:
         name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
@@ -150,8 +150,8 @@ def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, 
     if cfg.data.manifest and "://" not in cfg.data.manifest:
         run_overrides.append(_override("data.manifest", absolute_url(cfg.data.manifest)))
     cfg = load_config(base, [*keys, *run_overrides])
-    return SweepPoint(name=name, config=cfg, params=int(count_parameters(cfg.model)), flops_per_step=per_step,
-                      steps=steps, coords={"depth": size.depth, "width": size.width, kind: amount, **extra},
+    return SweepPoint(name=name, config=cfg, params=int(task_for(cfg.model).count_parameters()),
+                      flops_per_step=per_step, steps=steps, coords={**size.coords(), kind: amount, **extra},
                       budget=float(amount) if kind == "flops" else None)
 
 

@@ -6,8 +6,9 @@ from arflow_scale.model.config import ModelConfig
 
 from .arflow import ARFlowTask
 from .base import ModelTask, SampleSettings, StateDict
+from .farmer import FarmerDistillTask, FarmerTask
 
-FAMILIES: dict[str, type[ModelTask]] = {ARFlowTask.family: ARFlowTask}
+FAMILIES: dict[str, type[ModelTask]] = {ARFlowTask.family: ARFlowTask, FarmerTask.family: FarmerTask}
 
 
 def task_for(model_cfg: ModelConfig) -> ModelTask:
@@ -18,4 +19,5 @@ def task_for(model_cfg: ModelConfig) -> ModelTask:
         raise ValueError(f"model.family: {model_cfg.family!r} is not one of {', '.join(FAMILIES)}") from None
 
 
-__all__ = ["FAMILIES", "ModelTask", "SampleSettings", "StateDict", "task_for", "ARFlowTask"]
+__all__ = ["FAMILIES", "ModelTask", "SampleSettings", "StateDict", "task_for", "ARFlowTask", "FarmerTask",
+           "FarmerDistillTask"]

@@ -2,6 +2,8 @@
 noise levels and the autoregressive samplers (docs/arflow.md)."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -32,6 +34,11 @@ class ARFlowTask(ModelTask):
 
     def forward_flops(self) -> int:
         return forward_flops(self.model_cfg)
+
+    def sample_flops(self, settings: SampleSettings) -> int:
+        """One image through the model at every sampler step (CFG doubles the batch)."""
+        per_call = forward_flops(dataclasses.replace(self.model_cfg, k=1))
+        return per_call * settings.steps * (2 if settings.cfg_scale != 1.0 else 1)
 
     def count_parameters(self) -> int:
         return count_parameters(self.model_cfg)

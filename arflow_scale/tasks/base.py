@@ -24,6 +24,7 @@ class SampleSettings:
     steps: int  # integration steps (ARFlow)
     cfg_scale: float  # classifier-free guidance scale; 1.0 is unguided
     guided_channels: Optional[int] = None  # guide only the first channels (the reference's latent habit)
+    temperature: float = 1.0  # scales the sampling noise (FARMER's mixture components); 1.0 is exact
 
 
 class ModelTask(ABC):
@@ -63,6 +64,16 @@ class ModelTask(ABC):
     @abstractmethod
     def count_parameters(self) -> int:
         """Trainable parameters of `build_model()`, computed analytically."""
+
+    @abstractmethod
+    def sample_flops(self, settings: SampleSettings) -> int:
+        """Matmul FLOPs of drawing one image with `settings` (sweep cost estimates)."""
+
+    def student_task(self, teacher: "ModelTask", weights: StateDict) -> "ModelTask":
+        """The task of a distillation stage (`distill.teacher`): this section's student, trained against the
+        frozen model of `teacher` (the teacher run's task) carrying `weights` (its EMA). A ValueError names
+        what does not fit; families without such a stage refuse it."""
+        raise ValueError(f"distill.teacher: model.family {self.family} has no distillation stage")
 
     @property
     def images_per_sample(self) -> int:

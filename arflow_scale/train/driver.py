@@ -23,7 +23,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, read_config, read_record
+from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
 from arflow_scale.config import Config, ModelConfig
 from arflow_scale.data import write_shards
@@ -194,8 +194,9 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     latest_url = latest_checkpoint(run_url, options)
     latest = read_record(latest_url, options) if latest_url else None
     check_resume(cfg, run_url, latest, latest_url)
-    cfg = resolve_run_vae(cfg, read_config(latest_url, options).model if latest_url else None,
-                          read_shards=stream_factory is None)
+    resumed = read_config(latest_url, options) if latest_url else None
+    cfg = resolve_run_vae(cfg, resumed.model if resumed else None, read_shards=stream_factory is None)
+    cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
                  missed_heartbeats=cfg.run.lock_missed_heartbeats), \
             ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):

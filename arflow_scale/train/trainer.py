@@ -24,13 +24,13 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from arflow_scale.checkpoint import CheckpointRecord, state_dict_sha256
+from arflow_scale.checkpoint import CheckpointRecord, run_task, state_dict_sha256
 from arflow_scale.checkpoint.layout import files_of_rank
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
 from arflow_scale.model.decoder import Decoder
 from arflow_scale.schema import dump_yaml
-from arflow_scale.tasks import SampleSettings, task_for
+from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
 
 from .args import TrainingStream, WorkerArgs, WorkerResult
@@ -89,7 +89,7 @@ class Trainer:
         self.device = ray.train.torch.get_device()
         self._configure_device()
         forward_worker_warnings(args.console_sink, self.rank)
-        self.task = task_for(cfg.model)
+        self.task = run_task(cfg, args.storage_options)
         self.precision = resolve_precision(cfg.train.precision, self.device.type)
         self.checkpointer = Checkpointer(args.run_url, args.storage_options, cfg.checkpoint, self.rank)
         latest_url, latest = self.checkpointer.latest()
@@ -240,7 +240,8 @@ class Trainer:
             model = self.task.model_from_weights(full_ema, self.device)
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
             settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
-                                      guided_channels=self.cfg.eval.guided_channels)
+                                      guided_channels=self.cfg.eval.guided_channels,
+                                      temperature=self.cfg.eval.temperature)
             self.decoder = self.decoder or Decoder.for_model(self.cfg.model, self.device)
             grid = sample_grid(self.task, model, labels, settings, self.decoder, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
