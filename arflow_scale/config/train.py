@@ -41,6 +41,8 @@ class TrainConfig:
     sample_every: int = 0  # EMA sample grid to MLflow every M steps (0: only at the end)
     sample_steps: int = 50  # sampler steps for those grids
     seed: int = 0
+    compile: bool = False  # torch.compile each model block in place before deepspeed.initialize (inductor)
+    peak_tflops: Optional[float] = None  # per-device peak for `mfu`; None: a bf16 matmul measured on GPU, no mfu on CPU
 
     def validate(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -49,6 +51,8 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
         check(self.sample_every >= 0, "sample_every", f"must be >= 0, got {self.sample_every}")
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops",
+              f"must be positive (or null to measure it on GPU), got {self.peak_tflops}")
 
 
 @dataclass
