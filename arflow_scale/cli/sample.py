@@ -21,6 +21,8 @@ def register(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: up to 10)")
     parser.add_argument("--raw", action="store_true", help="use the raw training weights instead of the EMA")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the sampling steps eagerly (default: compiled, in CUDA graphs, on a GPU)")
     add_storage_option(parser)
     parser.set_defaults(handler=handle)
 
@@ -57,7 +59,8 @@ def handle(args) -> int:
         raise ValueError(f"--labels: {bad} outside 0..{task.num_classes - 1} (model.num_classes)")
     model = task.model_from_weights(weights, "cuda" if torch.cuda.is_available() else "cpu")
     settings = SampleSettings(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
-                              guided_channels=args.guided_channels)
+                              guided_channels=args.guided_channels,
+                              compile=False if args.eager else EvalConfig.compile_sampler)
     grid = sample_grid(task, model, labels, settings, seed=args.seed, nrow=args.nrow)
     save_png(grid, args.out, options)
     print(json.dumps({"out": args.out, "labels": labels, "sampler": args.sampler, "steps": args.steps,

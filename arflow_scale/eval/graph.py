@@ -82,7 +82,7 @@ class FidPlan:
     def sample_settings(self) -> SampleSettings:
         ev = self.eval
         return SampleSettings(sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
-                              guided_channels=ev.guided_channels)
+                              guided_channels=ev.guided_channels, compile=ev.compile_sampler)
 
 
 def split_counts(total: int, parts: int) -> list[int]:
