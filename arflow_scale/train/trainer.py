@@ -34,6 +34,7 @@ from .deepspeed_config import resolve_precision
 from .ema import EMA
 from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_masters
 from .faults import FaultInjector
+from .mfu import FlopsMeter, resolve_peak_tflops
 from .rng import step_generator
 from .state import restore_state, save_state
 
@@ -80,7 +81,9 @@ class Trainer:
         self.task = task_for(cfg.model)
         self.precision = resolve_precision(cfg.train.precision, self.device.type)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, self.task.build_model(), self.world, self.device.type, self.precision)
+        model = self.task.build_model()
+        self.engine = build_engine(cfg, model, self.world, self.device.type, self.precision,
+                                   compile_units=self.task.compile_units(model))
         self.ema = EMA(self.engine.engine.module, cfg.train.ema_decay,
                        masters=wrapper_masters(self.engine.engine.optimizer))
         self.stream = self._open_stream()
@@ -96,6 +99,9 @@ class Trainer:
         self.images_per_step = (cfg.data.batch_size * self.task.images_per_sample * cfg.train.grad_accum
                                 * self.world)
         self.throughput = Throughput(self.start_step, cfg.train.steps)
+        self.flops = FlopsMeter.for_training(  # rank 0 logs: only it measures a peak
+            self.task.forward_flops(), cfg.data.batch_size * cfg.train.grad_accum * self.world, self.world,
+            resolve_peak_tflops(cfg.train.peak_tflops, self.device) if self.rank == 0 else None)
         self.skipped_shards = 0
 
     # ------------------------------------------------------------------ the loop
@@ -157,7 +163,8 @@ class Trainer:
     # ------------------------------------------------------------------ reporting
     def log_step(self, step: int, result: StepResult) -> None:
         images_per_s = self.images_per_step / result.seconds
-        self.tracker.log_metrics({
+        flops = self.flops.metrics(result.seconds)
+        self.tracker.log_metrics({**flops,
             self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
             "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
             "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
@@ -166,7 +173,7 @@ class Trainer:
         self.notify(StepProgress(
             step=step, total=self.cfg.train.steps, loss=self.last_loss, loss_name=self.task.loss_metric,
             lr=result.lr, images_per_s=images_per_s, data_wait_fraction=result.data_wait / result.seconds,
-            eta_seconds=remaining * self.throughput.step_seconds(result.seconds)))
+            eta_seconds=remaining * self.throughput.step_seconds(result.seconds), mfu=flops.get("mfu")))
         skipped = int(getattr(self.stream, "skipped_shards", 0))
         if skipped > self.skipped_shards:
             self.notify(Notice(f"{skipped} corrupt shard(s) skipped so far on rank 0"))
@@ -185,7 +192,8 @@ class Trainer:
         if self.rank == 0 and self.tracker.active:
             model = self.task.model_from_weights(full_ema, self.device)
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
-            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0)
+            settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
+                                      compile=self.cfg.eval.compile_sampler)
             grid = sample_grid(self.task, model, labels, settings, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
 
