@@ -40,7 +40,7 @@ def attention_flops(d: ModelDims) -> int:
     kv = 2 * k * n * hd * w  # K_i^T V_i per image
     # decayed sums of chunk KV, one matmul over chunks; with one chunk it is an element-wise product
     states = 2 * (k + 1) * k * hd * w if k > 1 else 0
-    readout = 2 * k * n * hd * w  # decayed q times state
+    readout = 2 * k * n * hd * w if k > 1 else 0  # decayed q times state; one image alone reads no state
     return intra + kv + states + readout
 
 
