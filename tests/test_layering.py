@@ -84,10 +84,10 @@ sys.meta_path.insert(0, Block())
 
 
 def test_gpu_tools_import_without_ray_mlflow_webdataset():
-    """tools/gpu_check.py runs on a GPU machine that has torch and DeepSpeed but not Ray, MLflow or
-    webdataset: its imports and the modules it uses load without them."""
+    """tools/gpu_check.py and tools/gpu_bench.py run on a GPU machine that has torch and DeepSpeed but not Ray,
+    MLflow or webdataset: their imports and the modules they use load without them."""
     code = BLOCKER + (
-        "sys.path.insert(0, 'tools'); import gpu_check\n"
+        "sys.path.insert(0, 'tools'); import gpu_check, gpu_bench\n"
         "import arflow_scale.train.engine, arflow_scale.train.state, arflow_scale.train.ema\n"
         "import arflow_scale.bench.batches, arflow_scale.checkpoint, arflow_scale.tasks, arflow_scale.eval.grids\n"
         "print('ok')\n")

@@ -49,6 +49,8 @@ def register(sub) -> None:
     model.add_argument("--tasks", type=int, default=EvalConfig.tasks, help="sampling (and feature) tasks")
     model.add_argument("--seed", type=int, default=EvalConfig.seed)
     model.add_argument("--sample-batch-size", type=int, default=EvalConfig.sample_batch_size)
+    model.add_argument("--eager-sampler", action="store_true",
+                       help="sampling steps run eagerly (default: compiled, in CUDA graphs, on GPU tasks)")
     model.add_argument("--save-npz", default=None, help="write the samples as ADM-style .npz (arr_0, NHWC uint8)")
     model.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else a local Ray)")
     model.add_argument("--no-mlflow", action="store_true", help="do not log the FID to the checkpoint's run")
@@ -122,7 +124,8 @@ def run_model(args) -> int:
                       temperature=run_eval.temperature if args.temperature is None else args.temperature,
                       tasks=args.tasks, seed=args.seed,
                       sample_batch_size=args.sample_batch_size,
-                      feature_batch_size=args.batch_size, inception_path=args.inception)
+                      feature_batch_size=args.batch_size, inception_path=args.inception,
+                      compile_sampler=False if args.eager_sampler else EvalConfig.compile_sampler)
     target, step = (TrackingTarget(None, None), None) if args.no_mlflow else checkpoint_run(args.checkpoint, options)
     with ray_session(args.ray_address, dashboard=False):
         result = run_fid(args.checkpoint, plan, tracking_uri=target.uri, run_id=target.run_id,

@@ -24,6 +24,8 @@ def register(sub) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: up to 10)")
     parser.add_argument("--raw", action="store_true", help="use the raw training weights instead of the EMA")
+    parser.add_argument("--eager", action="store_true",
+                        help="run the sampling steps eagerly (default: compiled, in CUDA graphs, on a GPU)")
     add_storage_option(parser)
     parser.set_defaults(handler=handle)
 
@@ -65,7 +67,8 @@ def handle(args) -> int:
     model = task.model_from_weights(weights, device)
     settings = SampleSettings(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                               guided_channels=guided_channels(args.guided_channels, cfg.eval.guided_channels),
-                              temperature=cfg.eval.temperature if args.temperature is None else args.temperature)
+                              temperature=cfg.eval.temperature if args.temperature is None else args.temperature,
+                              compile=False if args.eager else EvalConfig.compile_sampler)
     grid = sample_grid(task, model, labels, settings, Decoder.for_model(cfg.model, device), seed=args.seed,
                        nrow=args.nrow)
     save_png(grid, args.out, options)

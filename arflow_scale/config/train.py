@@ -50,6 +50,8 @@ class TrainConfig:
     elastic_batch: Literal["accumulate", "per_rank"] = "accumulate"  # what adapts: grad_accum or data.batch_size
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient stops the run, or skips the step
     max_skipped_steps: int = 10  # with nonfinite=skip: more skipped steps than this in a run stop it
+    compile: bool = False  # torch.compile each model block in place before deepspeed.initialize (inductor)
+    peak_tflops: Optional[float] = None  # per-device peak for `mfu`; None: a bf16 matmul measured on GPU, no mfu on CPU
 
     def validate(self) -> None:
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
@@ -61,6 +63,8 @@ class TrainConfig:
         check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
               f"must be >= 1 (or null), got {self.global_batch_size}")
         check(self.max_skipped_steps >= 0, "max_skipped_steps", f"must be >= 0, got {self.max_skipped_steps}")
+        check(self.peak_tflops is None or self.peak_tflops > 0, "peak_tflops",
+              f"must be positive (or null to measure it on GPU), got {self.peak_tflops}")
 
 
 @dataclass

@@ -84,7 +84,8 @@ class FidPlan:
     def sample_settings(self) -> SampleSettings:
         ev = self.eval
         return SampleSettings(sampler=ev.sampler, steps=ev.steps, cfg_scale=ev.cfg_scale,
-                              guided_channels=ev.guided_channels, temperature=ev.temperature)
+                              guided_channels=ev.guided_channels, temperature=ev.temperature,
+                              compile=ev.compile_sampler)
 
 
 def split_counts(total: int, parts: int) -> list[int]:

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import chunk_attention
+from .attention import chunk_attention, resolve_backend
 from .config import ModelConfig, model_config
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
 from .sizes import FREQUENCY_DIM, ModelDims, resolve
@@ -43,11 +43,14 @@ class ARFlowCache:
 
 
 class ChunkAttention(nn.Module):
-    """The attention block (docs/arflow.md §3.1): q/k/v RMS norms, decay from x + c, per-head out norm, SiLU gate."""
+    """The attention block (docs/arflow.md §3.1): q/k/v RMS norms, decay from x + c, per-head out norm, SiLU gate.
 
-    def __init__(self, width: int, heads: int, mode: str):
+    backend: `model.attention_backend` (auto, torch, triton), resolved per call for the tensors' device.
+    """
+
+    def __init__(self, width: int, heads: int, mode: str, backend: str = "auto"):
         super().__init__()
-        self.heads, self.head_dim, self.mode = heads, width // heads, mode
+        self.heads, self.head_dim, self.mode, self.backend = heads, width // heads, mode, backend
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.gate = nn.Linear(width, width, bias=False)
         self.decay = nn.Linear(width, heads) if mode == "hybrid" else None
@@ -62,7 +65,8 @@ class ChunkAttention(nn.Module):
         if self.decay is not None:
             log_decay = F.logsigmoid(self.decay(x + rearrange(c, "b k w -> b k 1 w"))) / 16
             log_decay = rearrange(log_decay, "b k n h -> b h (k n)")
-        out, state = chunk_attention(self.mode, q, k, v, log_decay, tokens, state)
+        out, state = chunk_attention(self.mode, q, k, v, log_decay, tokens, state,
+                                     backend=resolve_backend(self.backend, q))
         out = F.rms_norm(out, (self.head_dim,), eps=1e-6)
         out = rearrange(out, "b h (k n) d -> b k n (h d)", k=num_images)
         return self.proj(F.silu(self.gate(x)) * out), state
@@ -82,10 +86,10 @@ class Mlp(nn.Module):
 class ARFlowBlock(nn.Module):
     """adaLN-Zero transformer block; the 6 modulation vectors come from c per image."""
 
-    def __init__(self, width: int, heads: int, mlp_hidden: int, mode: str):
+    def __init__(self, width: int, heads: int, mlp_hidden: int, mode: str, backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = ChunkAttention(width, heads, mode)
+        self.attn = ChunkAttention(width, heads, mode, backend)
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(width, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
@@ -128,8 +132,8 @@ class ARFlow(nn.Module):
         self.y_embedder = LabelEmbedder(d.num_classes, d.width)
         grid = d.image_size // d.patch
         self.register_buffer("pos_embed", sincos_pos_embed_2d(d.width, grid), persistent=False)
-        self.blocks = nn.ModuleList(ARFlowBlock(d.width, d.heads, d.mlp_hidden, d.attention)
-                                    for _ in range(d.depth))
+        self.blocks = nn.ModuleList(ARFlowBlock(d.width, d.heads, d.mlp_hidden, d.attention,
+                                                config.attention_backend) for _ in range(d.depth))
         self.final_layer = FinalLayer(d.width, d.patch, d.in_channels)
         self.checkpoint_every_n = config.checkpoint_every_n
         self.initialize_weights()

@@ -10,10 +10,12 @@ with the returned state gives the same output as the whole sequence fed at once.
 - `intra_attention`: softmax over the own chunk only (state passes through unchanged; K=1 is SiT).
 
 `chunk_attention` dispatches on the mode and a backend: these functions are the "torch" reference;
-"triton" selects `attention_triton.hybrid_attention_triton` and `attention_flex.full_attention_flex`.
+"triton" selects `attention_triton.hybrid_attention_triton` and `attention_flex.full_attention_flex`;
+`resolve_backend` turns the config's "auto" into one of them for the tensors at hand.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import Optional
 
 import torch
@@ -22,6 +24,9 @@ from einops import einsum, rearrange
 
 MODES = ("hybrid", "full", "intra")
 BACKENDS = ("torch", "triton")
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+FUSED_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused kernels are built for (attention_triton)
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int) -> int:
@@ -169,6 +174,25 @@ def intra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_siz
     return intra_chunk_softmax(q, k, v, chunk_size), state
 
 
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """`model.attention_backend` for q (B, H, L, D): "auto" is "triton" on CUDA when triton is installed and
+    the kernels take q's head dim and dtype, else "torch"; "torch" and "triton" pass through."""
+    if backend != "auto":
+        return backend
+    fused = (q.device.type == "cuda" and TRITON_INSTALLED and q.shape[-1] in FUSED_HEAD_DIMS
+             and q.dtype in FUSED_DTYPES)
+    return "triton" if fused else "torch"
+
+
+@torch.compiler.disable
+def _fused_hybrid(q, k, v, log_decay, chunk_size, state):
+    """The fused kernels run as they are inside compiled code (one graph break around them): their launches
+    and autograd are not traced by the compiler."""
+    from .attention_triton import hybrid_attention_triton
+
+    return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
+
+
 def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None,
                     backend: str = "torch") -> tuple[torch.Tensor, object]:
@@ -176,15 +200,13 @@ def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     backend in BACKENDS: "torch" (the plain-PyTorch reference, default) or "triton": the fused
     kernels of `attention_triton` for hybrid, compiled block-masked flex_attention for full (CUDA);
-    intra is one SDPA call either way. Callers resolve "auto" (triton on CUDA, torch elsewhere).
+    intra is one SDPA call either way. Callers resolve "auto" first (`resolve_backend`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
         if backend == "triton":
-            from .attention_triton import hybrid_attention_triton
-
-            return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
+            return _fused_hybrid(q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
         if backend == "triton":

@@ -20,11 +20,9 @@ from typing import Optional
 import torch
 import triton
 
+from .attention import FUSED_DTYPES as DTYPES, FUSED_HEAD_DIMS as HEAD_DIMS
 from .hybrid_triton_bwd import hybrid_bwd_kernel, prep_bwd_kernel, state_grad_scan_kernel
 from .hybrid_triton_fwd import LOG2E, chunk_kv_kernel, hybrid_fwd_kernel, state_scan_kernel
-
-HEAD_DIMS = (16, 32, 64, 128)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ class ARFlowTask(ModelTask):
     def sample(self, model: nn.Module, labels: torch.Tensor, settings: SampleSettings,
                generator: torch.Generator) -> torch.Tensor:
         return sample(model, labels, sampler=settings.sampler, steps=settings.steps, cfg_scale=settings.cfg_scale,
-                      guided_channels=settings.guided_channels, generator=generator)
+                      guided_channels=settings.guided_channels, generator=generator, compile=settings.compile)
 
     def forward_flops(self) -> int:
         return forward_flops(self.model_cfg)

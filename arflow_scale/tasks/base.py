@@ -25,6 +25,7 @@ class SampleSettings:
     cfg_scale: float  # classifier-free guidance scale; 1.0 is unguided
     guided_channels: Optional[int] = None  # guide only the first channels (the reference's latent habit)
     temperature: float = 1.0  # scales the sampling noise (FARMER's mixture components); 1.0 is exact
+    compile: Optional[bool] = None  # the sampling step compiled (CUDA graphs on GPU); None: on CUDA only
 
 
 class ModelTask(ABC):
@@ -93,6 +94,12 @@ class ModelTask(ABC):
         """(C, H, W) of one image as the shards store it."""
         cfg = self.model_cfg
         return (cfg.in_channels, cfg.image_size, cfg.image_size)
+
+    def compile_units(self, model: nn.Module) -> list[nn.Module]:
+        """The modules `train.compile` compiles one by one, in place (torchtitan's per-block compile): the
+        repeated transformer blocks. Default: the model's `blocks` ModuleList, else the whole model."""
+        blocks = getattr(model, "blocks", None)
+        return list(blocks) if isinstance(blocks, nn.ModuleList) else [model]
 
     def model_from_weights(self, state_dict: StateDict, device: str | torch.device = "cpu") -> nn.Module:
         """A plain (non-distributed) model carrying `state_dict`, in eval mode; a foreign state dict is a

@@ -1,6 +1,7 @@
 """Build the DeepSpeed config dict (ZeRO stage, precision, batch sizes, AdamW, clipping) from a Config.
 
-The optimizer is DeepSpeed's `torch_adam` AdamW (plain `torch.optim.AdamW`, no compiled op). Clipping
+The optimizer is DeepSpeed's `torch_adam` AdamW (plain `torch.optim.AdamW`, no compiled op; on CUDA its
+`fused=True` step, on CPU its default implementation). Clipping
 by norm goes to DeepSpeed's `gradient_clipping`; clipping by value is elementwise and therefore done by
 `clip_grads_by_value` on the optimizer's (possibly partitioned, already averaged) gradients.
 """
@@ -34,15 +35,15 @@ def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu
     world size, `train.batching.with_plan`); `load_universal`: the engine will load a universal checkpoint."""
     precision = resolve_precision(cfg.train.precision, device_type)
     micro = cfg.data.batch_size
+    adamw = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+             "weight_decay": cfg.optim.weight_decay, "torch_adam": True}
+    if device_type == "cuda":
+        adamw["fused"] = True  # passed through to torch.optim.AdamW
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": cfg.train.grad_accum,
         "train_batch_size": micro * cfg.train.grad_accum * world_size,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                       "weight_decay": cfg.optim.weight_decay, "torch_adam": True},
-        },
+        "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": {"stage": cfg.train.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},

@@ -1,16 +1,17 @@
-"""The DeepSpeed engine of one rank: ZeRO 0-3, AdamW param groups, the lr schedule, clipping; and reading
-its fp32 master weights back (hashes, the EMA's source)."""
+"""The DeepSpeed engine of one rank: ZeRO 0-3, AdamW param groups, the lr schedule, clipping, blocks compiled
+in place (`train.compile`); and reading its fp32 master weights back (hashes, the EMA's source)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from arflow_scale.config import Config
+from arflow_scale.model.compile import compile_forward
 
 from .deepspeed_config import build_deepspeed_config, install_value_clipping, param_groups
 from .nonfinite import UpdateGate
@@ -32,11 +33,19 @@ class Engine:
 
 
 def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: str, precision: str, *,
-                 load_universal: bool = False) -> Engine:
+                 load_universal: bool = False, compile_units: Sequence[nn.Module] = ()) -> Engine:
     """deepspeed.initialize over `model` with our config, param groups, schedule and clipping; `load_universal`:
-    the engine will restore a universal checkpoint (another world size at ZeRO 1-2, `train.reshard`)."""
+    the engine will restore a universal checkpoint (another world size at ZeRO 1-2, `train.reshard`).
+
+    With `train.compile`, `compile_units` (the family's blocks, `ModelTask.compile_units`) are compiled in
+    place first (`compile_blocks`).
+    """
     import deepspeed  # after the worker chose its accelerator (DS_ACCELERATOR); a 4 s import
 
+    if cfg.train.compile:
+        if not compile_units:
+            raise ValueError("train.compile: no blocks to compile were given to build_engine")
+        compile_blocks(compile_units, cfg.train.zero_stage)
     ds_config = build_deepspeed_config(cfg, world_size, device_type, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
@@ -48,6 +57,21 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     if cfg.optim.clip == "value":
         install_value_clipping(engine.basic_optimizer, cfg.optim.clip_value)
     return Engine(engine=engine, grad_norm_probe=probe, bf16=precision == "bf16", gate=gate)
+
+
+def compile_blocks(blocks: Sequence[nn.Module], zero_stage: int) -> None:
+    """Compile every block's forward in place before deepspeed.initialize (torchtitan's per-block compile:
+    one graph, reused by every block of the same shape).
+
+    Under ZeRO-3 each block becomes a DeepSpeed leaf module: its own hooks gather all its parameters at once,
+    eagerly around the compiled forward, instead of hooks on every linear inside it (each a graph break).
+    """
+    from deepspeed.utils.z3_leaf_module import set_z3_leaf_module
+
+    for block in blocks:
+        if zero_stage == 3:
+            set_z3_leaf_module(block, True)
+        compile_forward(block)
 
 
 def wrapper_masters(optimizer) -> dict[int, torch.Tensor]:

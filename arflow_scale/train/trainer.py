@@ -44,6 +44,7 @@ from .engine import build_engine, full_fp32_params, mean_across_ranks, wrapper_m
 from .faults import FaultInjector
 from .nonfinite import NonFiniteError, NonFiniteGuard, weights_finite
 from .reshard import RESHARD_PATHS, needs_universal, restore_resharded
+from .mfu import FlopsMeter, resolve_peak_tflops
 from .rng import step_generator
 from .state import restore_state, save_state
 from .validation import open_validator
@@ -94,8 +95,10 @@ class Trainer:
         self.checkpointer = Checkpointer(args.run_url, args.storage_options, cfg.checkpoint, self.rank)
         latest_url, latest = self.checkpointer.latest()
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, self.task.build_model(), self.world, self.device.type, self.precision,
-                                   load_universal=needs_universal(latest, self.world))
+        model = self.task.build_model()
+        self.engine = build_engine(cfg, model, self.world, self.device.type, self.precision,
+                                   load_universal=needs_universal(latest, self.world),
+                                   compile_units=self.task.compile_units(model))
         self.ema = EMA(self.engine.engine.module, cfg.train.ema_decay,
                        masters=wrapper_masters(self.engine.engine.optimizer))
         self.stream = self._open_stream()
@@ -118,6 +121,9 @@ class Trainer:
         self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
         self.decoder: Optional[Decoder] = None  # rank 0's, made at its first sample grid (a VAE loads once)
         self.data_health = DataHealthWatch()
+        self.flops = FlopsMeter.for_training(  # rank 0 logs: only it measures a peak
+            self.task.forward_flops(), self.plan.global_batch, self.world,
+            resolve_peak_tflops(cfg.train.peak_tflops, self.device) if self.rank == 0 else None)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> WorkerResult:
@@ -196,18 +202,20 @@ class Trainer:
     def log_step(self, step: int, result: StepResult) -> None:
         images_per_s = self.images_per_step / result.seconds
         health = gather_data_health(self.stream)  # a collective: all ranks' corrupt shards and dropped classes
+        flops = self.flops.metrics(result.seconds)
         if step > self.logged_until:  # a step redone after a restart keeps the values logged the first time
             self.tracker.log_metrics({
                 self.task.loss_metric: self.last_loss, "lr": result.lr, "grad_norm": self.engine.grad_norm(),
                 "images_per_s": images_per_s, "tokens_per_s": images_per_s * self.task.tokens_per_image,
                 "step_time": result.seconds, "data_wait_fraction": result.data_wait / result.seconds,
                 "skipped_steps": float(self.guard.skipped), "world_size": float(self.world),
-                **health.metrics()}, step=step)
+                **health.metrics(), **flops}, step=step)
         remaining = self.cfg.train.steps - step
         self.notify(StepProgress(
             step=step, total=self.cfg.train.steps, loss=self.last_loss, loss_name=self.task.loss_metric,
             lr=result.lr, images_per_s=images_per_s, data_wait_fraction=result.data_wait / result.seconds,
-            eta_seconds=remaining * self.throughput.step_seconds(result.seconds), world_size=self.world))
+            eta_seconds=remaining * self.throughput.step_seconds(result.seconds), world_size=self.world,
+            mfu=flops.get("mfu")))
         if (changed := self.data_health.notice(health)) is not None:
             self.notify(Notice(changed))
 
@@ -241,7 +249,7 @@ class Trainer:
             labels = [i % self.task.num_classes for i in range(min(GRID_LABELS, 2 * self.task.num_classes))]
             settings = SampleSettings(sampler="ode", steps=self.cfg.train.sample_steps, cfg_scale=1.0,
                                       guided_channels=self.cfg.eval.guided_channels,
-                                      temperature=self.cfg.eval.temperature)
+                                      temperature=self.cfg.eval.temperature, compile=self.cfg.eval.compile_sampler)
             self.decoder = self.decoder or Decoder.for_model(self.cfg.model, self.device)
             grid = sample_grid(self.task, model, labels, settings, self.decoder, seed=self.cfg.train.seed)
             self.tracker.log_image(grid, f"samples/ema_step_{step:07d}.png")
