@@ -4,6 +4,9 @@ VENV       := .venv
 PY         := $(VENV)/bin/python
 TORCH_PIN  := torch==2.13.0
 STAMP      := $(VENV)/.arflow-installed
+# Fashion-MNIST (configs/compare/fashion-mnist-cpu.yaml) comes from Debian's dataset-fashion-mnist package.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # Caches live in the user's cache folder so a fresh clone does not recompile DeepSpeed ops.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
@@ -14,7 +17,11 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test test-fast clean
 
-install: $(STAMP)
+install: $(STAMP) $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get install -y dataset-fashion-mnist || \
+		($(SUDO) apt-get update && $(SUDO) apt-get install -y dataset-fashion-mnist)
 
 $(VENV)/bin/python:
 	$(PYTHON_SYS) -m venv $(VENV)

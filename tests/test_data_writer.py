@@ -63,6 +63,23 @@ def test_fashion_mnist_idx(tmp_path):
         fashion_mnist_source(str(tmp_path))
 
 
+def test_fashion_mnist_test_split_is_its_own_source_and_recorded(tmp_path):
+    rng = np.random.default_rng(1)
+    for prefix, count in (("train", 30), ("t10k", 20)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
+    test = load_source("fashion-mnist", path=str(tmp_path), image_size=32, split="test")
+    assert len(test) == 20 and test.image(0).shape == (32, 32, 1) and test.name == "fashion-mnist:test"
+    assert len(load_source("fashion-mnist", path=str(tmp_path))) == 30  # train by default
+    manifest = write_shards("fashion-mnist", str(tmp_path / "shards"), path=str(tmp_path), image_size=32,
+                            split="test", progress=False)
+    assert manifest["source"]["split"] == "test" and sum(s["count"] for s in manifest["shards"]) == 20
+    with pytest.raises(ValueError, match="split must be one of train, test, got 'val'"):
+        load_source("fashion-mnist", path=str(tmp_path), split="val")
+    with pytest.raises(ValueError, match="digits: has no 'test' split"):
+        load_source("digits", split="test")
+
+
 def test_npz_and_imagefolder_sources(tmp_path):
     np.savez(tmp_path / "d.npz", images=np.zeros((4, 6, 6, 3), np.uint8), labels=np.array([0, 1, 1, 2]))
     src = npz_source(str(tmp_path / "d.npz"), image_size=4)

@@ -9,7 +9,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from arflow_scale.cli import main
-from arflow_scale.model import build_model, count_parameters, forward_flops
+from arflow_scale.flow import sample
+from arflow_scale.model import build_model, count_parameters, forward_flops, sampling_flops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -50,6 +51,24 @@ def test_flop_formula_equals_torch_flop_counter(mode, k):
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, t, y)
     assert forward_flops(model.config) == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("mode", ["hybrid", "full", "intra"])
+@pytest.mark.parametrize("cfg_scale", [1.0, 1.5])
+def test_sampling_flop_formula_equals_torch_flop_counter(mode, cfg_scale):
+    model = build_model("custom/2", depth=2, width=96, heads=3, image_size=8, in_channels=3,
+                        num_classes=10, k=5, attention=mode)  # sampling feeds one image per call whatever K
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        sample(model, torch.tensor([1, 2]), steps=4, cfg_scale=cfg_scale, generator=0)
+    assert 2 * sampling_flops(model.config, 4, guided=cfg_scale != 1.0) == counter.get_total_flops()
+
+
+def test_full_attention_sampling_grows_quadratically_in_steps():
+    with torch.device("meta"):
+        full, hybrid = (build_model("S/2", image_size=16, in_channels=4, attention=mode).config
+                        for mode in ("full", "hybrid"))
+    assert sampling_flops(hybrid, 200) / sampling_flops(hybrid, 100) == pytest.approx(2.0, rel=1e-3)
+    assert sampling_flops(full, 200) / sampling_flops(full, 100) > 2.2
 
 
 def test_hybrid_flops_grow_linearly_and_full_quadratically_in_k():

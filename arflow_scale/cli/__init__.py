@@ -12,7 +12,7 @@ import warnings
 from arflow_scale.config import ConfigError
 
 # Subcommand modules, in help order.
-COMMANDS = ("demo", "model", "data", "train", "export", "sample", "fid", "sweep", "scaling",
+COMMANDS = ("demo", "model", "data", "train", "export", "sample", "fid", "sweep", "compare", "scaling",
             "submit", "jobs", "bench")
 
 

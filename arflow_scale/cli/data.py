@@ -9,7 +9,7 @@ import logging
 import time
 
 from arflow_scale.cli.options import add_storage_option, parse_storage_options
-from arflow_scale.data.sources import SOURCES
+from arflow_scale.data.sources import SOURCES, SPLITS
 from arflow_scale.model.vae_identity import ENCODE_MODES
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def register(sub) -> None:
     shards.add_argument("--source", required=True, choices=SOURCES, help="dataset source")
     shards.add_argument("--out", required=True, help="destination URL: folder, file://, s3://bucket/prefix")
     shards.add_argument("--path", default=None, help="source path (fashion-mnist dir, imagefolder root, .npz)")
+    shards.add_argument("--split", choices=SPLITS, default="train",
+                        help="the source's published split (fashion-mnist: test for FID reference statistics)")
     shards.add_argument("--image-size", type=int, default=None, help="resize / ADM center crop to this size")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.add_argument("--min-shards-per-class", type=int, default=1,
@@ -99,11 +101,12 @@ def run_shards(args) -> int:
                                 samples_per_shard=args.samples_per_shard,
                                 min_shards_per_class=args.min_shards_per_class, workers=args.workers,
                                 overwrite=args.overwrite, storage_options=options, encoder=encoder,
-                                val_per_class=args.val_per_class,
+                                val_per_class=args.val_per_class, split=args.split,
                                 latents=encoder.encoding if encoder else None)
     except StorageError as err:
         raise ValueError(str(err)) from None
-    print(json.dumps({"out": args.out, "source": args.source, "classes": len(manifest["class_names"]),
+    print(json.dumps({"out": args.out, "source": args.source, "split": args.split,
+                      "classes": len(manifest["class_names"]),
                       "shards": len(manifest["shards"]),
                       "samples": sum(s["count"] for s in manifest["shards"]),
                       "bytes": sum(s["bytes"] for s in manifest["shards"]),

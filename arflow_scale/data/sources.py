@@ -19,6 +19,7 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Sneaker", "Bag", "Ankle boot"]
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 SOURCES = ("digits", "fashion-mnist", "imagefolder", "npz")
+SPLITS = ("train", "test")  # the published splits a source may offer (fashion-mnist has both)
 
 
 def center_crop(image: Image.Image, size: int) -> np.ndarray:
@@ -130,7 +131,7 @@ def fashion_mnist_source(path: str | None = None, image_size: int | None = None,
     root = Path(path or FASHION_MNIST_DIR)
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise ValueError(f"fashion-mnist: split must be train or test, got {split!r}")
+        raise ValueError(f"fashion-mnist: split must be one of {', '.join(SPLITS)}, got {split!r}")
 
     def find(kind: str) -> Path:
         for name in (f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte.gz",
@@ -142,7 +143,7 @@ def fashion_mnist_source(path: str | None = None, image_size: int | None = None,
             f"`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) or pass --path DIR")
 
     images, labels = _read_idx(find("images")), _read_idx(find("labels"))
-    return ArraySource(images, labels, FASHION_MNIST_CLASSES, image_size, name="fashion-mnist")
+    return ArraySource(images, labels, FASHION_MNIST_CLASSES, image_size, name=f"fashion-mnist:{split}")
 
 
 def npz_source(path: str, image_size: int | None = None) -> ArraySource:
@@ -160,12 +161,14 @@ def npz_source(path: str, image_size: int | None = None) -> ArraySource:
     return ArraySource(images, labels, names, image_size, name=f"npz:{path}")
 
 
-def load_source(name: str, path: str | None = None, image_size: int | None = None):
-    """Source by name: digits | fashion-mnist | imagefolder | npz."""
+def load_source(name: str, path: str | None = None, image_size: int | None = None, split: str = "train"):
+    """Source by name: digits | fashion-mnist | imagefolder | npz; `split` test only for fashion-mnist."""
+    if split != "train" and name != "fashion-mnist":
+        raise ValueError(f"{name}: has no {split!r} split (only fashion-mnist offers test)")
+    if name == "fashion-mnist":
+        return fashion_mnist_source(path, image_size, split)
     if name == "digits":
         return digits_source(image_size)
-    if name == "fashion-mnist":
-        return fashion_mnist_source(path, image_size)
     if name == "imagefolder":
         if not path:
             raise ValueError("imagefolder: --path ROOT is required")

@@ -131,7 +131,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
                  overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
                  latents: LatentEncoding | None = None, val_per_class: int = 0, progress: bool = True,
-                 retries: int = 5, retry_backoff: float = 0.5) -> dict:
+                 retries: int = 5, retry_backoff: float = 0.5, split: str = "train") -> dict:
     """Write `source` (name or object with class_names/labels/image(i)) as shards; -> manifest dict.
 
     With `encoder`, each shard's images uint8 (N, H, W, C) and source indices are encoded to latents
@@ -142,6 +142,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     them reads whole shards to keep a share of their samples.
     `val_per_class`: that many samples of every class (a fixed seeded choice) go into validation shards
     (`split: val` in the manifest), which training never streams.
+    `split`: the source's published split to read (`test` for fashion-mnist), recorded in the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -153,7 +154,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
         raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
     if latents is not None and encoder is None:
         raise ValueError("a latent encoding to record needs the encoder that makes it")
-    src = load_source(source, path=path, image_size=image_size) if isinstance(source, str) else source
+    src = load_source(source, path=path, image_size=image_size, split=split) if isinstance(source, str) else source
     labels = np.asarray(src.labels, dtype=np.int64)
     class_names = list(src.class_names)
     if len(labels) == 0:
@@ -216,6 +217,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
                                 "path": str(Path(path).resolve()) if path else None,  # fid ref reads it again
                                 "image_size": image_size, "samples_per_shard": samples_per_shard,
                                 "min_shards_per_class": min_shards_per_class,
+                                "split": split,
                                 "val_per_class": val_per_class, "encoded": encoder is not None},
                         url=out_url, latents=latents)
     write_bytes(join_url(out_url, MANIFEST_NAME), manifest.to_json().encode(), storage_options,

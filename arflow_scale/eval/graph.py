@@ -180,19 +180,27 @@ def build_graph(checkpoint_url: str, plan: FidPlan, *, step: Optional[int] = Non
         raise FileNotFoundError(f"{ev.ref_stats}: reference statistics not found (eval.ref_stats / --ref); "
                                 f"make them with `arflow fid ref --data MANIFEST_URL --out stats.npz`")
     started = time.time()
+    graph = submit_sampling(checkpoint_url, plan, model_loader=model_loader)
+    reduce_task = ray.remote(_reduce_with_parts).options(name="fid-reduce", num_cpus=ev.cpus_per_task)
+    kwargs = dict(step=step, tracking_uri=tracking_uri, run_id=run_id, started=started, storage_options=options)
+    graph.result_ref = reduce_task.remote(ev.ref_stats, kwargs, *graph.stats_refs)
+    return graph
+
+
+def submit_sampling(checkpoint_url: str, plan: FidPlan, *, model_loader: ModelLoader = load_ema_model) -> FidGraph:
+    """Submit the sampling and feature tasks only (no reduce, no reference needed): the caller merges the
+    per-task statistics itself, e.g. to pool several seeds' samples. Returns at once (`result_ref` None)."""
+    ev, options = plan.eval, plan.storage_options or None
     task_options = _task_options(ev)
     sampler_task = ray.remote(sample_images).options(name="fid-sample", **task_options)
     feature_task = ray.remote(image_stats).options(name="fid-features", **task_options)
-    reduce_task = ray.remote(_reduce_with_parts).options(name="fid-reduce", num_cpus=ev.cpus_per_task)
     counts = split_counts(ev.num_samples, ev.tasks)
     image_refs, stats_refs = [], []
     for index, count in enumerate(counts):
         images = sampler_task.remote(checkpoint_url, index, count, plan, model_loader)
         image_refs.append(images)
         stats_refs.append(feature_task.remote(images, ev.inception_path, ev.feature_batch_size, options))
-    kwargs = dict(step=step, tracking_uri=tracking_uri, run_id=run_id, started=started, storage_options=options)
-    result_ref = reduce_task.remote(ev.ref_stats, kwargs, *stats_refs)
-    return FidGraph(image_refs=image_refs, stats_refs=stats_refs, counts=counts, result_ref=result_ref)
+    return FidGraph(image_refs=image_refs, stats_refs=stats_refs, counts=counts, result_ref=None)
 
 
 def launch_fid(checkpoint_url: str, cfg: Config, step: int, tracking_uri: Optional[str], run_id: Optional[str],

@@ -1,9 +1,11 @@
-"""Analytic parameter count and forward FLOPs per sequence of an ARFlow config.
+"""Analytic parameter count, forward FLOPs per sequence and sampling FLOPs per image of an ARFlow config.
 
 FLOPs count matrix products only, 2 per multiply-add (the convention of torch's FlopCounterMode,
 Kaplan et al.); element-wise work is ignored. Training FLOPs per sequence ~= 3 * forward_flops.
 """
 from __future__ import annotations
+
+import dataclasses
 
 from .config import ModelConfig
 from .sizes import FREQUENCY_DIM, ModelDims, resolve
@@ -61,3 +63,18 @@ def forward_flops(cfg: ModelConfig | ModelDims) -> int:
     flops += d.depth * per_layer
     flops += k * 2 * w * 2 * w + 2 * tokens * w * out  # final adaLN + linear
     return flops
+
+
+def sampling_flops(cfg: ModelConfig | ModelDims, steps: int, guided: bool = False) -> int:
+    """Matmul FLOPs of drawing one sample with `steps` model calls through the cache (docs/arflow.md §5.1):
+    each call is a forward over one image (the first one without history, as `forward_flops` at K = 1);
+    under `hybrid` every later call also reads the carried state; under `full` call j (1-based) also attends
+    to the cached keys of the j - 1 earlier images, so its cost grows with j. CFG (`guided`) doubles every call."""
+    d = _dims(cfg)
+    n, later_calls = d.tokens_per_image, max(steps - 1, 0)
+    flops = steps * forward_flops(dataclasses.replace(d, k=1))
+    if d.attention == "hybrid":  # decayed q times the carried (D, D) state, every layer
+        flops += d.depth * later_calls * 2 * n * d.head_dim * d.width
+    if d.attention == "full":  # QK^T and AV over the (j - 1) N cached keys, every layer
+        flops += d.depth * 4 * n * n * d.width * (steps * later_calls // 2)
+    return flops * (2 if guided else 1)

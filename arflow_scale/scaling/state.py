@@ -60,10 +60,11 @@ def resolve_tracking_uri(sweep) -> str:
     return tracking_uri_of_run(sweep.tracking_uri, sweep_url(sweep), f"sweeps/{sweep.name}")
 
 
-def ensure_parent_run(sweep, tracking_uri: str) -> str:
-    """The sweep's MLflow parent run: found again through sweep.json, else created (params = sweep YAML)."""
+def ensure_parent_run(sweep, tracking_uri: str, *, state_name: str = "sweep.json", kind: str = "sweep") -> str:
+    """The sweep's MLflow parent run: found again through `state_name` (sweep.json), else created (params = the
+    sweep YAML, tag `arflow.<kind>`). Comparisons keep theirs in compare.json."""
     client = MlflowClient(tracking_uri=tracking_uri)
-    state_url = f"{sweep_url(sweep)}/sweep.json"
+    state_url = f"{sweep_url(sweep)}/{state_name}"
     state = read_json(state_url, sweep.storage_options) or {}
     if state.get("parent_run_id"):
         try:
@@ -74,7 +75,7 @@ def ensure_parent_run(sweep, tracking_uri: str) -> str:
         except Exception:  # noqa: BLE001 - recorded in another tracking store: start a new parent
             log.warning("parent run %s not found at %s; creating a new one", state["parent_run_id"], tracking_uri)
     run = client.create_run(experiment_id(client, sweep.experiment), run_name=sweep.name,
-                            tags={"arflow.sweep": sweep.name})
+                            tags={f"arflow.{kind}": sweep.name})
     params = flatten(dataclasses.replace(sweep, overrides=masked_overrides(sweep.overrides)))
     client.log_batch(run.info.run_id,
                      params=[Param(k, ("" if v is None else str(v))[:6000]) for k, v in params.items()])

@@ -1,0 +1,103 @@
+"""Running a comparison: the reference statistics, every arm's training (nested MLflow runs under one parent,
+resumable like sweep points), every FID evaluation, then the report. A rerun skips finished arms and
+evaluations and resumes an interrupted arm from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from mlflow.tracking import MlflowClient
+
+from arflow_scale.cluster.connect import connect_ray
+from arflow_scale.config import ConfigError
+from arflow_scale.data.storage import is_local_url
+from arflow_scale.tracking import resolve_tracking_uri
+from arflow_scale.train.driver import prepare_inputs
+
+from .compare import Arm, compare_url, masked_compare, plan_arms
+from .compare_design import CompareConfig
+from .compare_eval import ensure_reference, pending, run_evaluations
+from .compare_report import collect_rows, write_compare_report
+from .state import ensure_parent_run, read_json
+from .sweep import _run_parallel, auto_parallel, run_point
+
+log = logging.getLogger(__name__)
+
+
+def _train_arms(arms: list[Arm], compare: CompareConfig, root: str, parallel: int,
+                kwargs: dict[str, Any]) -> tuple[dict[str, dict], list[str]]:
+    """Train every arm without a result record (in this process, or as Ray tasks); -> (records by arm, trained).
+    Records live where sweeps keep theirs: `<root>/points/<run name>.json`."""
+    records: dict[str, dict] = {}
+    todo = []
+    for arm in arms:
+        record = read_json(f"{root}/points/{arm.point.name}.json", compare.storage_options)
+        if record is None:
+            todo.append(arm)
+        elif record.get("config_sha") != arm.point.config_sha:
+            raise ConfigError(f"arm {arm.name}: trained with a different config than {compare.name} now gives; "
+                              "rename the comparison or delete its points/ results to retrain")
+        else:
+            records[arm.name] = record
+    log.info("comparison %s: %d arms, %d trained, %d to train", compare.name, len(arms), len(records), len(todo))
+    if not todo:
+        return records, []
+    if parallel == 1:
+        for arm in todo:
+            records[arm.name] = run_point(arm.point, result_url=f"{root}/points/{arm.point.name}.json", **kwargs)
+    else:
+        cluster = todo[0].config.cluster
+        connect_ray(cluster.address, cluster.local_num_cpus)
+        by_run = _run_parallel([arm.point for arm in todo], parallel or auto_parallel(todo[0].point), root, kwargs)
+        records.update({arm.name: by_run[arm.point.name] for arm in todo})
+    return records, [arm.name for arm in todo]
+
+
+def _log_pooled_fids(rows, evaluated: list[dict], run_ids: dict[str, Optional[str]], tracking_uri: str) -> None:
+    """`fid` (seeds pooled) on each arm's run at the steps whose last seed was evaluated now."""
+    touched = {(r["arm"], r["step"]) for r in evaluated}
+    client = MlflowClient(tracking_uri=tracking_uri)
+    for row in rows:
+        if (row.arm, row.step) in touched and row.fid is not None and run_ids.get(row.arm):
+            client.log_metric(run_ids[row.arm], "fid", row.fid, step=row.step)
+
+
+def report_folder(compare: CompareConfig) -> Path:
+    """`<comparison>/report` for a local comparison, else `runs/compare/<name>/report` here."""
+    root = compare_url(compare)
+    return Path(root, "report") if is_local_url(root) else Path("runs", "compare", compare.name, "report")
+
+
+def run_compare(compare: CompareConfig, folder: Path = Path("."), *, parallel: Optional[int] = None) -> dict:
+    """Run what is unfinished; -> {"comparison", "parent_run_id", "tracking_uri", "trained", "skipped",
+    "evaluated", "report_dir", "table", "rows"}."""
+    arms = plan_arms(compare, folder)
+    root = compare_url(compare)
+    tracking_uri = resolve_tracking_uri(compare.tracking_uri, root, f"compare/{compare.name}")
+    parent_run_id = ensure_parent_run(masked_compare(compare), tracking_uri, state_name="compare.json",
+                                      kind="compare")
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        prepare_inputs(arms[0].config)  # the shards an arm would write (run.prepare_data): once, here
+        ensure_reference(compare, arms[0])
+        kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
+                  "storage_options": dict(compare.storage_options)}
+        records, trained = _train_arms(arms, compare, root, compare.parallel if parallel is None else parallel,
+                                       kwargs)
+        run_ids = {name: record.get("run_id") for name, record in records.items()}
+        evaluated = run_evaluations(pending(arms, compare, root), arms, compare, root, run_ids, tracking_uri)
+        rows = collect_rows(arms, compare, root, run_ids, tracking_uri)
+        _log_pooled_fids(rows, evaluated, run_ids, tracking_uri)
+        report = write_compare_report(rows, arms, compare, report_folder(compare), parent_run_id=parent_run_id,
+                                      tracking_uri=tracking_uri)
+    except BaseException:
+        client.set_terminated(parent_run_id, status="FAILED")
+        raise
+    client.set_terminated(parent_run_id, status="FINISHED")
+    return {"comparison": compare.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
+            "experiment": compare.experiment, "trained": trained,
+            "skipped": [a.name for a in arms if a.name not in trained],
+            "evaluated": [f"{r['arm']}@{r['step']}/seed{r['seed']}" for r in evaluated],
+            "report_dir": report["out_dir"], "table": report["table"], "rows": report["rows"]}
