@@ -132,6 +132,7 @@ def single_rank_group():
     from conftest import free_port
 
     started = not dist.is_initialized()
+    saved = dict(os.environ)
     if started:
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
                            "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
@@ -139,6 +140,8 @@ def single_rank_group():
     yield
     if started:
         dist.destroy_process_group()
+    os.environ.clear()  # later tests' subprocesses must not inherit this group's port
+    os.environ.update(saved)
 
 
 def test_deepspeed_hands_fused_to_torch_adamw(single_rank_group):

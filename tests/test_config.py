@@ -106,11 +106,16 @@ def test_url_passwords_are_masked_and_stored_configs_drop_masked_values():
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_configs_validate(path):
     """Every config in configs/ loads and validates as it ships: run and model configs as run configs,
-    sweeps (and every point they expand to) as sweeps."""
+    sweeps (and every point they expand to) as sweeps, comparisons (and every arm) as comparisons."""
     if path.parent.name == "sweeps":
         from arflow_scale.scaling.sweep import expand, load_sweep
 
         sweep, folder = load_sweep(path)
         assert all(isinstance(point.config, Config) for point in expand(sweep, folder))
+    elif path.parent.name == "compare":
+        from arflow_scale.scaling.compare import load_compare, plan_arms
+
+        compare, folder = load_compare(path)
+        assert all(isinstance(arm.config, Config) for arm in plan_arms(compare, folder))
     else:
         assert isinstance(load_config(path), Config)

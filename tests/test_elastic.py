@@ -65,7 +65,7 @@ def test_new_keys_validate_naming_the_key(override):
 def record_of(cfg, **fields) -> CheckpointRecord:
     from arflow_scale.train.driver import model_shapes
 
-    return CheckpointRecord(step=4, world_size=2, zero_stage=cfg.train.zero_stage, param_shapes=model_shapes(cfg.model),
+    return CheckpointRecord(step=4, world_size=2, zero_stage=cfg.train.zero_stage, param_shapes=model_shapes(cfg, {}),
                             **fields)
 
 

@@ -90,8 +90,8 @@ shutil.rmtree(ray_tmp, ignore_errors=True)
 def test_a_lost_node_leaves_the_run_on_the_remaining_worker(tmp_path):
     """1..2 workers on two 1-CPU nodes: after step 2 one node is removed (its worker dies with it); Ray restarts
     the group on the remaining node, which trains to the end (no checkpoint before the loss: the run restarts
-    from step 0, so step 1 is logged twice, by two worker groups)."""
-    steps = 150
+    from step 0; the steps trained again are not logged twice)."""
+    steps = 60
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run([sys.executable, "-c", NODE_LOSS, str(tmp_path), str(steps)], env=env, cwd=tmp_path,
@@ -101,4 +101,4 @@ def test_a_lost_node_leaves_the_run_on_the_remaining_worker(tmp_path):
     assert "error" not in out, out["error"]
     assert out["removed_at"] is not None and out["removed_at"] < steps, "the node was not removed mid-run"
     assert out["result"]["final_step"] == steps and out["final_world_size"] == 1
-    assert out["logged_step_1"] == 2 and out["result"]["classes_trained"] == 10
+    assert out["logged_step_1"] == 1 and out["result"]["classes_trained"] == 10

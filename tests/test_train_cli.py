@@ -54,11 +54,13 @@ def test_train_export_sample_cli(ray_local, tmp_path, capsys):
 
 
 def test_demo_prints_store_and_ui_command(ray_local, tmp_path, capsys):
-    code = main(["demo", "--out", str(tmp_path), "--name", "d", "train.steps=2", "checkpoint.every=2",
-                 "train.sample_every=0", "train.sample_steps=2", "data.batch_size=2",
+    code = main(["demo", "--out", str(tmp_path), "--name", "d", "--fid-samples", "8", "train.steps=2",
+                 "checkpoint.every=2", "train.sample_every=0", "train.sample_steps=2", "data.batch_size=2",
+                 "eval.steps=2", "eval.sample_batch_size=8", "eval.feature_batch_size=8",
                  "tracking.system_metrics=false"])
     assert code == 0
     lines = capsys.readouterr().out.strip().splitlines()
+    assert any(line.startswith("FID at step 2: ") and "8 samples" in line for line in lines), lines
     result = json.loads(lines[-1])
     assert result["final_step"] == 2 and (tmp_path / "d" / "samples.png").is_file()
     assert result["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/mlflow.db"

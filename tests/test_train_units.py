@@ -258,3 +258,22 @@ def test_local_ray_dashboard_on_loopback_serves_the_state_api():
     assert proc.returncode == 0, proc.stderr[-3000:]
     auth, url, nodes = proc.stdout.strip().splitlines()[-3:]
     assert url.startswith("127.0.0.1:") and int(nodes) == 1 and auth == "token"
+
+
+def test_a_stale_deepspeed_build_lock_is_named(tmp_path, monkeypatch, caplog):
+    """A build of DeepSpeed's CPU op killed midway leaves its lock; the next run would wait forever in silence."""
+    import os
+    import time
+
+    from arflow_scale.train.engine import STALE_BUILD_SECONDS, warn_of_stale_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert warn_of_stale_build_lock() is None  # no lock: nothing to say
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert warn_of_stale_build_lock() is None  # a build under way
+    old = time.time() - STALE_BUILD_SECONDS - 5
+    os.utime(lock, (old, old))
+    assert warn_of_stale_build_lock() == lock
+    assert str(lock) in caplog.text and "remove the file" in caplog.text

@@ -11,7 +11,6 @@ from typing import Any, Optional
 from mlflow.tracking import MlflowClient
 
 from arflow_scale.cluster.connect import connect_ray
-from arflow_scale.config import ConfigError
 from arflow_scale.data.storage import is_local_url
 from arflow_scale.tracking import resolve_tracking_uri
 from arflow_scale.train.driver import prepare_inputs
@@ -20,8 +19,8 @@ from .compare import Arm, compare_url, masked_compare, plan_arms
 from .compare_design import CompareConfig
 from .compare_eval import ensure_reference, pending, run_evaluations
 from .compare_report import collect_rows, write_compare_report
-from .state import ensure_parent_run, read_json
-from .sweep import _run_parallel, auto_parallel, run_point
+from .state import ensure_parent_run
+from .sweep import auto_parallel, finished_points, run_point, run_points_parallel
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +29,10 @@ def _train_arms(arms: list[Arm], compare: CompareConfig, root: str, parallel: in
                 kwargs: dict[str, Any]) -> tuple[dict[str, dict], list[str]]:
     """Train every arm without a result record (in this process, or as Ray tasks); -> (records by arm, trained).
     Records live where sweeps keep theirs: `<root>/points/<run name>.json`."""
-    records: dict[str, dict] = {}
-    todo = []
-    for arm in arms:
-        record = read_json(f"{root}/points/{arm.point.name}.json", compare.storage_options)
-        if record is None:
-            todo.append(arm)
-        elif record.get("config_sha") != arm.point.config_sha:
-            raise ConfigError(f"arm {arm.name}: trained with a different config than {compare.name} now gives; "
-                              "rename the comparison or delete its points/ results to retrain")
-        else:
-            records[arm.name] = record
+    by_point, _ = finished_points([arm.point for arm in arms], root, compare.storage_options,
+                                  f"comparison {compare.name}")
+    records = {arm.name: by_point[arm.point.name] for arm in arms if arm.point.name in by_point}
+    todo = [arm for arm in arms if arm.point.name not in by_point]
     log.info("comparison %s: %d arms, %d trained, %d to train", compare.name, len(arms), len(records), len(todo))
     if not todo:
         return records, []
@@ -50,7 +42,8 @@ def _train_arms(arms: list[Arm], compare: CompareConfig, root: str, parallel: in
     else:
         cluster = todo[0].config.cluster
         connect_ray(cluster.address, cluster.local_num_cpus)
-        by_run = _run_parallel([arm.point for arm in todo], parallel or auto_parallel(todo[0].point), root, kwargs)
+        by_run = run_points_parallel([arm.point for arm in todo], parallel or auto_parallel(todo[0].point), root,
+                                     kwargs)
         records.update({arm.name: by_run[arm.point.name] for arm in todo})
     return records, [arm.name for arm in todo]
 

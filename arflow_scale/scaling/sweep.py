@@ -273,6 +273,24 @@ def auto_parallel(point: SweepPoint) -> int:
     return max(1, int(total.get(kind, 0) // need))
 
 
+def finished_points(points: list[SweepPoint], root: str, storage_options: dict, what: str
+                    ) -> tuple[dict[str, dict], list[SweepPoint]]:
+    """({point name: result record} of the points finished under `root`/points/, [the points still to run]); a
+    record written under another config is a ConfigError naming the point (`what`: the sweep or comparison)."""
+    records: dict[str, dict] = {}
+    todo = []
+    for point in points:
+        record = read_json(f"{root}/points/{point.name}.json", storage_options)
+        if record is None:
+            todo.append(point)
+        elif record.get("config_sha") != point.config_sha:
+            raise ConfigError(f"point {point.name}: finished with a different config than {what} now gives; "
+                              f"rename {what} or delete its points/ results to rerun")
+        else:
+            records[point.name] = record
+    return records, todo
+
+
 def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None) -> dict:
     """Run every unfinished point; returns {"parent_run_id", "tracking_uri", "points": [...], "skipped", "ran"}.
 
@@ -284,26 +302,14 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
     tracking_uri = resolve_tracking_uri(sweep)
     parent_run_id = ensure_parent_run(sweep, tracking_uri)
     root = sweep_url(sweep)
-    records: dict[str, dict] = {}
-    todo = []
-    for point in points:
-        record = read_json(f"{root}/points/{point.name}.json", sweep.storage_options)
-        if record is None:
-            todo.append(point)
-            continue
-        if record.get("config_sha") != point.config_sha:
-            raise ConfigError(f"point {point.name}: finished with a different config than {sweep.name} now gives; "
-                              "rename the sweep or delete its points/ results to rerun")
-        records[point.name] = record
+    records, todo = finished_points(points, root, sweep.storage_options, f"sweep {sweep.name}")
     log.info("sweep %s: %d points, %d finished, %d to run", sweep.name, len(points), len(records), len(todo))
     kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
               "storage_options": dict(sweep.storage_options)}
     parallel = sweep.parallel if parallel is None else parallel
     if todo:  # shards a point would write (run.prepare_data) are written once, here, not by every point
-
         prepare_inputs(todo[0].config)
     if todo and parallel != 1:
-
         connect_ray(todo[0].config.cluster.address, todo[0].config.cluster.local_num_cpus)
         parallel = parallel or auto_parallel(todo[0])
 
@@ -312,7 +318,7 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
             for point in todo:
                 records[point.name] = run_point(point, result_url=f"{root}/points/{point.name}.json", **kwargs)
         else:
-            records.update(_run_parallel(todo, parallel, root, kwargs))
+            records.update(run_points_parallel(todo, parallel, root, kwargs))
     except BaseException:
         MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FAILED")
         raise
@@ -323,7 +329,7 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
             "points": [records[p.name] for p in points]}
 
 
-def _run_parallel(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
+def run_points_parallel(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
     """Ray tasks, at most `parallel` in flight; a failed point fails the sweep after the others finish."""
 
     task = ray.remote(num_cpus=0, max_retries=0)(run_point)

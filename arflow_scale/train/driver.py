@@ -23,9 +23,10 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record
+from arflow_scale.checkpoint import (CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record,
+                                     run_task)
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
-from arflow_scale.config import Config, ModelConfig
+from arflow_scale.config import Config
 from arflow_scale.data import write_shards
 from arflow_scale.data.run_vae import resolve_run_vae
 from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint, with_retries
@@ -140,14 +141,17 @@ def prepare_inputs(cfg: Config) -> Config:
     return cfg
 
 
-def model_shapes(model: ModelConfig) -> dict[str, list[int]]:
-    """{parameter name: shape} of the model a model section builds (on the meta device: no memory, no init)."""
+def model_shapes(cfg: Config, storage_options: dict[str, Any]) -> dict[str, list[int]]:
+    """{parameter name: shape} of the model a run config trains (a distillation stage: its student), built on the
+    meta device: no memory, no init."""
+    task = run_task(cfg, storage_options)
     with torch.device("meta"):
-        built = task_for(model).build_model()
+        built = task.build_model()
     return {name: list(param.shape) for name, param in built.named_parameters()}
 
 
-def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], where: Optional[str]) -> None:
+def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], where: Optional[str],
+                 storage_options: Optional[dict[str, Any]] = None) -> None:
     """Refuse, with a ConfigError naming the key before any worker starts, what cannot continue from the newest
     checkpoint: another model family, ZeRO stage or parameter shape; and a global batch the configured workers
     cannot divide. Another number of workers continues (the state is re-partitioned, `train.reshard`)."""
@@ -161,8 +165,10 @@ def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], 
     check(latest.zero_stage == cfg.train.zero_stage, "train.zero_stage",
           f"{cfg.train.zero_stage}, but run {run_url} continues from {where}, written at ZeRO stage "
           f"{latest.zero_stage}; resume with train.zero_stage={latest.zero_stage} or start a new run.name")
-    theirs = latest.param_shapes if latest.param_shapes is not None else model_shapes(read_config(where).model)
-    ours = model_shapes(cfg.model)
+    options = storage_options or {}
+    theirs = latest.param_shapes if latest.param_shapes is not None else model_shapes(
+        read_config(where, options), options)
+    ours = model_shapes(cfg, options)
     differing = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
     if differing:
         name = differing[0]
@@ -193,10 +199,10 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     options = worker_storage_options(cfg.run.storage_path, cfg.run.storage_options)
     latest_url = latest_checkpoint(run_url, options)
     latest = read_record(latest_url, options) if latest_url else None
-    check_resume(cfg, run_url, latest, latest_url)
     resumed = read_config(latest_url, options) if latest_url else None
     cfg = resolve_run_vae(cfg, resumed.model if resumed else None, read_shards=stream_factory is None)
     cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
+    check_resume(cfg, run_url, latest, latest_url, options)
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
                  missed_heartbeats=cfg.run.lock_missed_heartbeats), \
             ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):

@@ -2,8 +2,12 @@
 in place (`train.compile`); and reading its fp32 master weights back (hashes, the EMA's source)."""
 from __future__ import annotations
 
+import logging
+import os
+import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -16,6 +20,25 @@ from arflow_scale.model.compile import compile_forward
 from .deepspeed_config import build_deepspeed_config, install_value_clipping, param_groups
 from .nonfinite import UpdateGate
 from .schedule import make_scheduler
+
+log = logging.getLogger(__name__)
+STALE_BUILD_SECONDS = 600  # DeepSpeed's CPU communication op builds in about a minute
+
+
+def warn_of_stale_build_lock(now: Optional[float] = None) -> Optional[Path]:
+    """On CPU, deepspeed.initialize builds its shared-memory op under a lock file; a build killed midway leaves the
+    lock and every later run waits on it forever. Warn, naming the file, when one is older than a build takes."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    lock = root / "deepspeed_shm_comm" / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if age < STALE_BUILD_SECONDS:
+        return None
+    log.warning("%s is %d s old: a DeepSpeed op build was killed midway and deepspeed.initialize will wait on it "
+                "forever; remove the file if no other process is building", lock, age)
+    return lock
 
 
 @dataclass
@@ -42,6 +65,8 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     """
     import deepspeed  # after the worker chose its accelerator (DS_ACCELERATOR); a 4 s import
 
+    if device_type == "cpu":
+        warn_of_stale_build_lock()
     if cfg.train.compile:
         if not compile_units:
             raise ValueError("train.compile: no blocks to compile were given to build_engine")
