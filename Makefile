@@ -36,8 +36,12 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 demo: install
 	$(VENV)/bin/arflow demo
 
+# Two pytest workers, a test file each at a time (module fixtures stay shared); each file's Ray runs wait on
+# process starts as much as they compute, so two overlap well on 2 cores.
+PYTEST_WORKERS ?= 2
+
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

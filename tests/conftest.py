@@ -82,7 +82,7 @@ def ray_local(tmp_path_factory):
     """A light local Ray (2 CPUs, no dashboard), shared by the session's tests."""
     import ray
 
-    temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp"))
+    temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp")) / os.environ.get("PYTEST_XDIST_WORKER", "")
     temp_dir.mkdir(parents=True, exist_ok=True)
     ray.init(address="local", num_cpus=2, include_dashboard=False,
              object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir),
