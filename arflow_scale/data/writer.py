@@ -127,6 +127,23 @@ def _prepare_destination(out_url: str, overwrite: bool, storage_options: dict | 
                          retries=retries, backoff=backoff, what="delete")
 
 
+def _encode_samples(images: list[np.ndarray], indices: np.ndarray, cls: int, encoder: Encoder | None,
+                    latents: LatentEncoding | None) -> tuple[list[bytes], tuple, str]:
+    """One shard's member payloads (.npy latents with `encoder`, else PNG), the stored sample shape and dtype."""
+    if encoder is not None:
+        encoded = _to_numpy(encoder(np.stack(images), indices))
+        if len(encoded) != len(images):
+            raise ValueError(f"encoder returned {len(encoded)} latents for {len(images)} images")
+        if latents is not None and tuple(encoded.shape[1:]) != latents.stored_shape:
+            raise ValueError(f"class {cls}: encoder returned latents of shape {tuple(encoded.shape[1:])}, "
+                             f"its encoding says {latents.stored_shape}")
+        return [encode_npy(e) for e in encoded], tuple(encoded.shape[1:]), str(encoded.dtype)
+    if any(im.shape != images[0].shape for im in images):
+        raise ValueError(f"class {cls}: images of different shapes; pass image_size to resize")
+    return ([encode_png(im) for im in images], (images[0].shape[2], images[0].shape[0], images[0].shape[1]),
+            "uint8")
+
+
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
                  overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
@@ -168,19 +185,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
 
     def write_one(cls: int, number: int, indices: np.ndarray, split: str) -> tuple[ShardInfo, tuple, str]:
         images = [src.image(int(i)) for i in indices]
-        if encoder is not None:
-            encoded = _to_numpy(encoder(np.stack(images), indices))
-            if len(encoded) != len(images):
-                raise ValueError(f"encoder returned {len(encoded)} latents for {len(images)} images")
-            if latents is not None and tuple(encoded.shape[1:]) != latents.stored_shape:
-                raise ValueError(f"class {cls}: encoder returned latents of shape {tuple(encoded.shape[1:])}, "
-                                 f"its encoding says {latents.stored_shape}")
-            payloads, shape, dtype = [encode_npy(e) for e in encoded], tuple(encoded.shape[1:]), str(encoded.dtype)
-        else:
-            payloads = [encode_png(im) for im in images]
-            shape, dtype = (images[0].shape[2], images[0].shape[0], images[0].shape[1]), "uint8"
-            if any(im.shape != images[0].shape for im in images):
-                raise ValueError(f"class {cls}: images of different shapes; pass image_size to resize")
+        payloads, shape, dtype = _encode_samples(images, indices, cls, encoder, latents)
         rel = f"shards/{'c' if split == 'train' else 'v'}{cls:04d}-{number:05d}.tar"
         url = join_url(out_url, rel)
 
