@@ -41,7 +41,7 @@ demo: install
 PYTEST_WORKERS ?= 2
 
 test: install
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -124,27 +124,15 @@ def test_fused_adamw_on_cuda_only():
 
 
 @pytest.fixture(scope="module")
-def single_rank_group():
+def one_rank_group():
     """A one-rank gloo process group for DeepSpeed engines built in this process."""
-    import deepspeed
-    import torch.distributed as dist
+    from arflow_scale.bench.process_group import single_rank_group
 
-    from conftest import free_port
-
-    started = not dist.is_initialized()
-    saved = dict(os.environ)
-    if started:
-        os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                           "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-        deepspeed.init_distributed(dist_backend="gloo")
-    yield
-    if started:
-        dist.destroy_process_group()
-    os.environ.clear()  # later tests' subprocesses must not inherit this group's port
-    os.environ.update(saved)
+    with single_rank_group(torch.device("cpu")):
+        yield
 
 
-def test_deepspeed_hands_fused_to_torch_adamw(single_rank_group):
+def test_deepspeed_hands_fused_to_torch_adamw(one_rank_group):
     """The CUDA config's `fused` reaches torch.optim.AdamW through DeepSpeed's torch_adam path (torch's fused
     AdamW also runs on CPU, which lets this check the wiring here); the default config leaves it unfused."""
     from arflow_scale.train.engine import build_engine
@@ -157,7 +145,7 @@ def test_deepspeed_hands_fused_to_torch_adamw(single_rank_group):
         assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused
 
 
-def test_compile_without_blocks_is_refused(single_rank_group):
+def test_compile_without_blocks_is_refused(one_rank_group):
     from arflow_scale.train.engine import build_engine
 
     cfg = config_from_dict({}, ["train.compile=true", "data.batch_size=2"])

@@ -31,6 +31,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arflow_scale.bench import attention as attention_bench  # noqa: E402
+from arflow_scale.bench.process_group import single_rank_group  # noqa: E402
 from arflow_scale.bench.sampling_steps import sampling_step_ms  # noqa: E402
 from arflow_scale.bench.steps import DEFAULT_VARIANTS, VARIANTS, bench_config, profile_steps, time_steps, \
     variant_step  # noqa: E402
@@ -79,15 +80,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if unknown:
             parser.error(f"{flag}: {', '.join(unknown)} not in {', '.join(known)}")
     return args
-
-
-def init_single_rank(device: torch.device) -> None:
-    """A one-rank process group for DeepSpeed (as tools/gpu_check.py does)."""
-    import deepspeed
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29531"),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
 
 
 def run_peak(args, device: torch.device) -> float:
@@ -159,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     if "attention" in sections:
         run_attention(args, device)
     if "train" in sections:
-        init_single_rank(device)
-        run_train(args, device, peak)
+        with single_rank_group(device):
+            run_train(args, device, peak)
     if "sample" in sections:
         run_sample(args, device)
     return 0

@@ -39,6 +39,8 @@ import torch
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from arflow_scale.bench.process_group import single_rank_group  # noqa: E402
+
 RESULTS: list[dict] = []
 
 
@@ -174,17 +176,6 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
     return losses
 
 
-def _single_rank_group(device: torch.device) -> None:
-    """One-rank process group on 127.0.0.1 (NCCL on CUDA, gloo on CPU); once per process."""
-    import deepspeed
-
-    if torch.distributed.is_initialized():
-        return
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29517"),
-                       "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
 def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     from arflow_scale.bench.batches import InMemoryBatches
     from arflow_scale.checkpoint import CheckpointRecord, load_raw_weights
@@ -193,7 +184,6 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     from arflow_scale.train.engine import full_fp32_params, wrapper_masters
     from arflow_scale.train.state import restore_state, save_state
 
-    _single_rank_group(device)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for stage in (0, 2, 3):
         cfg = config_from_dict({
@@ -279,7 +269,6 @@ def check_farmer(device: torch.device, precision: str) -> None:
            fp32=float(loss32), bf16=float(loss16))
     in_range = all(bool(torch.isfinite(t).all()) and float(t.abs().max()) <= 1 for t in (images, fast))
     report("farmer/guided_and_one_step_samples", in_range and images.shape == fast.shape == (3, 3, 16, 16))
-    _single_rank_group(device)
     # As the trainer: fp32 images under bf16 autocast. CPU autocast leaves layer_norm to its kernel, which
     # refuses the fp32 activations with bf16 weights, so the CPU variant trains FARMER in fp32.
     precision = precision if device.type == "cuda" else "fp32"
@@ -326,11 +315,12 @@ def main(argv: list[str] | None = None) -> int:
               "model": lambda: check_model(device, args.size),
               "deepspeed": lambda: check_deepspeed(device, args.size, precision),
               "farmer": lambda: check_farmer(device, precision)}
-    for name in args.only.split(","):
-        try:
-            checks[name]()
-        except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
-            report(name, False, error=f"{type(err).__name__}: {err}")
+    with single_rank_group(device):  # the DeepSpeed checks' engines
+        for name in args.only.split(","):
+            try:
+                checks[name]()
+            except Exception as err:  # noqa: BLE001 - one failed check must not hide the others
+                report(name, False, error=f"{type(err).__name__}: {err}")
     return 0 if all(r["ok"] for r in RESULTS) else 1
 
 
