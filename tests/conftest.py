@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,9 +27,10 @@ _triton_interpreter_without_cuda()
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port on 127.0.0.1 (the package's helper, lazily imported: it loads torch.distributed)."""
+    from arflow_scale.bench.process_group import free_local_port
+
+    return free_local_port()
 
 
 @pytest.fixture(scope="session")

@@ -25,6 +25,7 @@ Prints one JSON line per check and exits non-zero if any check fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from arflow_scale.bench.process_group import single_rank_group  # noqa: E402
 
 RESULTS: list[dict] = []
+GROUP = contextlib.ExitStack()  # the one-rank process group, once a check needs it (`in_group`)
 
 
 def report(name: str, ok: bool, **values) -> None:
@@ -174,6 +176,14 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
         ema.update(engine.module)
         losses.append(loss.item())
     return losses
+
+
+def in_group(device: torch.device, check, *args) -> None:
+    """Run a check that builds DeepSpeed engines in the one-rank process group, joined on first use and kept until
+    `main` returns (DeepSpeed keeps its communicator for the process, so the group is made once)."""
+    if not torch.distributed.is_initialized():
+        GROUP.enter_context(single_rank_group(device))
+    check(device, *args)
 
 
 def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
@@ -313,9 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
     checks = {"attention": lambda: check_attention(device), "attention_triton": lambda: check_attention_triton(device),
               "model": lambda: check_model(device, args.size),
-              "deepspeed": lambda: check_deepspeed(device, args.size, precision),
-              "farmer": lambda: check_farmer(device, precision)}
-    with single_rank_group(device):  # the DeepSpeed checks' engines
+              "deepspeed": lambda: in_group(device, check_deepspeed, args.size, precision),
+              "farmer": lambda: in_group(device, check_farmer, precision)}
+    with GROUP:
         for name in args.only.split(","):
             try:
                 checks[name]()

@@ -144,6 +144,35 @@ def _encode_samples(images: list[np.ndarray], indices: np.ndarray, cls: int, enc
             "uint8")
 
 
+def _check_write_arguments(samples_per_shard: int, min_shards_per_class: int, workers: int, val_per_class: int,
+                           encoder: Encoder | None, latents: LatentEncoding | None) -> None:
+    """Refuse `write_shards` arguments that cannot describe a data set, naming the argument."""
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if min_shards_per_class < 1:
+        raise ValueError(f"min_shards_per_class must be >= 1, got {min_shards_per_class}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if val_per_class < 0:
+        raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
+    if latents is not None and encoder is None:
+        raise ValueError("a latent encoding to record needs the encoder that makes it")
+
+
+def _write_tar(fs: Any, path: str, cls: int, indices: np.ndarray, payloads: list[bytes], ext: str) -> _HashingWriter:
+    """Write one shard's tar to `path` on `fs` (keys `<class>_<index>`, fixed mtime: byte-identical reruns);
+    -> the sink that counted its bytes and hashes."""
+    import webdataset as wds
+
+    with fs.open(path, "wb") as f:
+        sink = _HashingWriter(f)
+        writer = wds.TarWriter(sink, encoder=False, mtime=0)  # int: no per-file PAX header
+        for i, payload in zip(indices, payloads):
+            writer.write({"__key__": f"{cls:04d}_{int(i):08d}", ext: payload, "cls": str(cls).encode()})
+        writer.close()
+    return sink
+
+
 def write_shards(source: Any, out_url: str, *, path: str | None = None, image_size: int | None = None,
                  samples_per_shard: int = 1000, min_shards_per_class: int = 1, workers: int = 1,
                  overwrite: bool = False, storage_options: dict | None = None, encoder: Encoder | None = None,
@@ -161,16 +190,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
     (`split: val` in the manifest), which training never streams.
     `split`: the source's published split to read (`test` for fashion-mnist), recorded in the manifest.
     """
-    if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
-    if min_shards_per_class < 1:
-        raise ValueError(f"min_shards_per_class must be >= 1, got {min_shards_per_class}")
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
-    if val_per_class < 0:
-        raise ValueError(f"val_per_class must be >= 0, got {val_per_class}")
-    if latents is not None and encoder is None:
-        raise ValueError("a latent encoding to record needs the encoder that makes it")
+    _check_write_arguments(samples_per_shard, min_shards_per_class, workers, val_per_class, encoder, latents)
     src = load_source(source, path=path, image_size=image_size, split=split) if isinstance(source, str) else source
     labels = np.asarray(src.labels, dtype=np.int64)
     class_names = list(src.class_names)
@@ -190,15 +210,7 @@ def write_shards(source: Any, out_url: str, *, path: str | None = None, image_si
         url = join_url(out_url, rel)
 
         def write() -> ShardInfo:
-            import webdataset as wds
-
-            with fs.open(f"{root.rstrip('/')}/{rel}", "wb") as f:
-                sink = _HashingWriter(f)
-                writer = wds.TarWriter(sink, encoder=False, mtime=0)  # int: no per-file PAX header
-                for i, payload in zip(indices, payloads):
-                    writer.write({"__key__": f"{cls:04d}_{int(i):08d}", ext: payload,
-                                  "cls": str(cls).encode()})
-                writer.close()
+            sink = _write_tar(fs, f"{root.rstrip('/')}/{rel}", cls, indices, payloads, ext)
             return ShardInfo(path=rel, cls=cls, count=len(indices), bytes=sink.size,
                              sha256=sink.sha256.hexdigest(), crc32=sink.crc32, split=split)
 
