@@ -50,23 +50,14 @@ class WorkerArgs:
     stream_factory: Optional[StreamFactory] = None  # None: the config's shard stream
 
     def loop_config(self) -> dict[str, Any]:
-        return {ARGS_KEY: self}
+        """Ray Train's train_loop_config: these arguments as one object-store reference. Ray Train's controller
+        keeps the loop config; a reference spares it importing this package, torch and MLflow to unpickle it."""
+        import ray
+
+        return {ARGS_KEY: ray.put(self)}
 
     @classmethod
     def from_loop_config(cls, loop_config: dict[str, Any]) -> "WorkerArgs":
-        return loop_config[ARGS_KEY]
+        import ray
 
-
-@dataclass(frozen=True)
-class WorkerResult:
-    """What a worker's training function returns; rank 0's is the run's result (Ray Train's `return_value`)."""
-
-    final_step: int
-    final_loss: float
-    params_sha256: str = ""
-    ema_sha256: str = ""
-    images_per_s: float = 0.0
-    mlflow_run_id: str = ""
-    val_loss: Optional[float] = None  # held-out loss of the final raw weights, when the shards have a validation split
-    val_loss_ema: Optional[float] = None  # ... of the final EMA weights
-    error: Optional[str] = None  # the run stopped on a non-finite loss or gradient: the message naming the step
+        return ray.get(loop_config[ARGS_KEY])

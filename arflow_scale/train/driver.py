@@ -35,7 +35,8 @@ from arflow_scale.schema import check, fail
 from arflow_scale.tasks import task_for
 from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
 
-from .args import StreamFactory, WorkerArgs, WorkerResult
+from .args import StreamFactory, WorkerArgs
+from .result import WorkerResult
 from .batching import plan_batches
 from .console import Console, Notice
 from .nonfinite import NonFiniteError

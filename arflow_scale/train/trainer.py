@@ -33,7 +33,8 @@ from arflow_scale.schema import dump_yaml
 from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
 
-from .args import TrainingStream, WorkerArgs, WorkerResult
+from .args import TrainingStream, WorkerArgs
+from .result import WorkerResult
 from .batching import plan_batches, with_plan
 from .checkpointer import Checkpointer
 from .console import Notice, StepProgress, forward_worker_warnings

@@ -6,7 +6,8 @@ from typing import Any
 
 import ray
 
-from .args import WorkerArgs, WorkerResult
+from .args import WorkerArgs
+from .result import WorkerResult
 from .trainer import Trainer
 
 
