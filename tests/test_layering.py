@@ -93,3 +93,18 @@ def test_gpu_tools_import_without_ray_mlflow_webdataset():
         "print('ok')\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_reading_a_config_imports_no_torch():
+    """Every CLI command reads a config; the model package loads its torch modules on first use only."""
+    code = ("import sys\nimport arflow_scale.cli, arflow_scale.config\n"
+            "from arflow_scale.model import SIZES, forward_flops\n"
+            "print('torch' in sys.modules)\n"
+            "from arflow_scale.model import ARFlow, chunk_attention\n"
+            "import arflow_scale.model as model\n"
+            "print('torch' in sys.modules, callable(chunk_attention), ARFlow.__module__)\n"
+            "try:\n    model.no_such_name\nexcept AttributeError as error:\n    print(error)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == ["False", "True True arflow_scale.model.arflow",
+                                        "module 'arflow_scale.model' has no attribute 'no_such_name'"]
