@@ -180,9 +180,8 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
 
 def in_group(device: torch.device, check, *args) -> None:
     """Run a check that builds DeepSpeed engines in the one-rank process group, joined on first use and kept until
-    `main` returns (DeepSpeed keeps its communicator for the process, so the group is made once)."""
-    if not torch.distributed.is_initialized():
-        GROUP.enter_context(single_rank_group(device))
+    `main` returns (DeepSpeed keeps its communicator for the process; a later entry reuses the group)."""
+    GROUP.enter_context(single_rank_group(device))
     check(device, *args)
 
 

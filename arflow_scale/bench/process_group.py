@@ -23,10 +23,10 @@ def free_local_port() -> int:
 def single_rank_group(device: torch.device) -> Iterator[None]:
     """Join a one-rank group on a free 127.0.0.1 port (NCCL on CUDA, gloo elsewhere); leave it on exit.
 
-    A group that already exists is used as it is. DeepSpeed keeps its communicator for the process, so join
-    once per process and keep the block open while engines are built. DeepSpeed's engine reads the rendezvous variables while it is
-    built, so they stay set inside the block and are restored on exit: no later child process inherits the port,
-    and a stale MASTER_PORT in the caller's environment is not used.
+    A group that already exists is used as it is. DeepSpeed keeps its communicator for the process, so join once
+    per process and keep the block open while engines are built. DeepSpeed's engine reads the rendezvous variables
+    while it is built, so they stay set inside the block and are restored on exit: no later child process inherits
+    the port, and a stale MASTER_PORT in the caller's environment is not used.
     """
     if dist.is_initialized():
         yield
