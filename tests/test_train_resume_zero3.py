@@ -18,7 +18,8 @@ def zero3_reference(ray_local, digits, tmp_path_factory):  # noqa: F811 - the im
 
 def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_bucket, zero3_reference,
                                                           digits, tmp_path):  # noqa: F811
-    """ZeRO-3 on S3: a SIGKILLed run fails; the same command again resumes, matches, and exports."""
+    """ZeRO-3 on S3: a SIGKILLed run fails; the same command again resumes, matches, and exports; once more, it
+    only reports."""
     import ray.train
 
     from arflow_scale.checkpoint import load_raw_weights, state_dict_sha256
@@ -50,6 +51,13 @@ def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_buck
     assert cfg.train.zero_stage == 3 and state_dict_sha256(raw) == result["params_sha256"]
     assert state_dict_sha256(ema) != state_dict_sha256(raw)
     assert state_dict_sha256(load_raw_weights(f"{storage}/z3")) == result["params_sha256"]
+
+    # The same command once more: the run is finished, so it trains nothing and reports the same state.
+    again = run_training(*args)
+    assert (again["final_step"], again["params_sha256"], again["ema_sha256"], again["checkpoint"]) == \
+        (6, result["params_sha256"], result["ema_sha256"], result["checkpoint"])
+    assert {s: v[-1] for s, v in loss_history(again["mlflow_tracking_uri"], again["mlflow_run_id"]).items()} == \
+        {s: v[-1] for s, v in ours.items()}
 
 
 def test_zero3_continues_on_one_worker_and_back_on_two(zero3_reference, digits, tmp_path):  # noqa: F811

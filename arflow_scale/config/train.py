@@ -73,6 +73,7 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept in the run folder (older ones are deleted)
     upload_retries: int = 5  # a transient storage error while writing a checkpoint file is retried this often ...
     upload_backoff: float = 1.0  # ... after 1x, 2x, 4x ... this many seconds
+    hash_restored: bool = False  # a resumed run gathers and hashes the weights and EMA it restored (`restored`)
 
     def validate(self) -> None:
         check(self.every >= 1, "every", f"must be >= 1, got {self.every}")

@@ -36,7 +36,7 @@ from arflow_scale.tasks import task_for
 from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
 
 from .args import StreamFactory, WorkerArgs
-from .result import WorkerResult
+from .result import RestoredState, WorkerResult
 from .batching import plan_batches
 from .console import Console, Notice
 from .nonfinite import NonFiniteError
@@ -70,13 +70,14 @@ class TrainResult:
     val_loss: Optional[float] = None  # held-out validation loss of the final raw weights, when measured
     val_loss_ema: Optional[float] = None  # ... of the final EMA weights
     classes_trained: Optional[int] = None  # classes of the manifest the run draws from (None: no shard stream)
+    restored: Optional[RestoredState] = None  # the state this launch resumed from, hashed (checkpoint.hash_restored)
 
     def to_json(self) -> dict[str, Any]:
-        """A strict-JSON dict (a non-finite number becomes null); `fid`, `val_loss*` and `classes_trained` only
-        when known."""
+        """A strict-JSON dict (a non-finite number becomes null); `fid`, `val_loss*`, `classes_trained` and
+        `restored` only when known."""
         data = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                 for key, value in dataclasses.asdict(self).items()}
-        for key in ("fid", "val_loss", "val_loss_ema", "classes_trained"):
+        for key in ("fid", "val_loss", "val_loss_ema", "classes_trained", "restored"):
             if getattr(self, key) in (None, {}):
                 del data[key]
         return data
@@ -262,4 +263,4 @@ def _result(outcome: WorkerResult, checkpoint: Optional[str], tracking: Tracking
         final_step=outcome.final_step, final_loss=outcome.final_loss, params_sha256=outcome.params_sha256,
         ema_sha256=outcome.ema_sha256, checkpoint=checkpoint, mlflow_run_id=tracking.run_id,
         mlflow_tracking_uri=recordable_uri(tracking.uri), images_per_s=outcome.images_per_s, fid=fid,
-        val_loss=outcome.val_loss, val_loss_ema=outcome.val_loss_ema)
+        val_loss=outcome.val_loss, val_loss_ema=outcome.val_loss_ema, restored=outcome.restored)

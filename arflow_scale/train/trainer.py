@@ -34,7 +34,7 @@ from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
 
 from .args import TrainingStream, WorkerArgs
-from .result import WorkerResult
+from .result import RestoredState, WorkerResult
 from .batching import plan_batches, with_plan
 from .checkpointer import Checkpointer
 from .console import Notice, StepProgress, forward_worker_warnings
@@ -105,6 +105,7 @@ class Trainer:
         self.stream = self._open_stream()
         self.record = self._restore(latest_url, latest)
         self.start_step = self.record.step if self.record else 0
+        self.restored = self._hash_restored() if self.record and cfg.checkpoint.hash_restored else None
         self.last_loss = self.record.last_loss if self.record and self.record.last_loss is not None else math.nan
         skipped = self.record.skipped_steps if self.record else 0
         self.guard = NonFiniteGuard(cfg.train, self.engine.gate, skipped=skipped)
@@ -278,14 +279,28 @@ class Trainer:
 
     def final_result(self, step: int) -> WorkerResult:
         """The run's result (rank 0's is the one Ray Train keeps); hashes gather the full weights."""
+        params_sha256, ema_sha256 = self.state_hashes()
+        images_per_s = self.images_per_step / self.throughput.step_seconds(math.inf)
+        return WorkerResult(final_step=step, final_loss=self.last_loss, params_sha256=params_sha256,
+                            ema_sha256=ema_sha256, images_per_s=images_per_s, mlflow_run_id=self.run_id or "",
+                            restored=self.restored, **self.val_losses)
+
+    def state_hashes(self) -> tuple[str, str]:
+        """sha256 of the full fp32 weights and of the EMA (a collective: every rank calls it; the EMA's is ""
+        on ranks other than 0)."""
         params = full_fp32_params(self.engine.engine, self.engine.bf16)
         ema_full = self.ema.full_state_dict(dst=0)  # None on the other ranks
-        return WorkerResult(final_step=step, final_loss=self.last_loss, params_sha256=state_dict_sha256(params),
-                            ema_sha256=state_dict_sha256(ema_full) if ema_full is not None else "",
-                            images_per_s=self.images_per_step / self.throughput.step_seconds(math.inf),
-                            mlflow_run_id=self.run_id or "", **self.val_losses)
+        return state_dict_sha256(params), state_dict_sha256(ema_full) if ema_full is not None else ""
 
     # ------------------------------------------------------------------ set-up helpers
+    def _hash_restored(self) -> RestoredState:
+        """The state just restored, hashed before any step (`checkpoint.hash_restored`): a resume on another
+        world size can be checked against `arflow export` of the checkpoint."""
+        params_sha256, ema_sha256 = self.state_hashes()
+        self.notify(Notice(f"restored state at step {self.record.step}: params sha256 {params_sha256[:16]}, "
+                           f"ema sha256 {ema_sha256[:16]}"))
+        return RestoredState(step=self.record.step, params_sha256=params_sha256, ema_sha256=ema_sha256)
+
     def _configure_device(self) -> None:
         if self.device.type == "cpu":  # DeepSpeed's CPU accelerator; threads = the worker's CPU reservation
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
