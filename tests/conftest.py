@@ -84,9 +84,12 @@ def ray_local(tmp_path_factory):
 
     temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp")) / os.environ.get("PYTEST_XDIST_WORKER", "")
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
-             object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir),
-             log_to_driver=False)
+    from arflow_scale.cluster.connect import local_ray_environment
+
+    with local_ray_environment():  # as `arflow train` starts its local Ray
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir),
+                 log_to_driver=False)
     try:
         yield ray
     finally:

@@ -108,3 +108,14 @@ def test_reading_a_config_imports_no_torch():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines() == ["False", "True True arflow_scale.model.arflow",
                                         "module 'arflow_scale.model' has no attribute 'no_such_name'"]
+
+
+def test_workers_without_tracking_and_fid_tasks_import_no_mlflow():
+    """MLflow loads only where something is logged: rank 0's active Tracker, the driver, the FID reduce."""
+    code = ("import sys\nimport arflow_scale.train.trainer, arflow_scale.eval.graph\n"
+            "from arflow_scale.tracking import Tracker\n"
+            "tracker = Tracker(None, None)\ntracker.log_metrics({'loss': 1.0}, step=1)\ntracker.close()\n"
+            "print(tracker.last_step('loss'), 'mlflow' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "0 False"

@@ -1,5 +1,6 @@
 """The local Ray that `arflow train` starts listens on loopback only: every socket of its processes, the
-Prometheus /metrics endpoints included (listed with psutil in a separate driver process)."""
+Prometheus /metrics endpoints included (listed with psutil in a separate driver process). Its workers start
+with the local settings (`LOCAL_RAY_ENV`); the driver's environment stays as it was."""
 from __future__ import annotations
 
 import json
@@ -12,12 +13,14 @@ import tempfile
 from conftest import REPO
 
 DRIVER = """
-import json, urllib.request
+import json, os, urllib.request
 import psutil, ray
-from arflow_scale.cluster.connect import ray_session
+from arflow_scale.cluster.connect import LOCAL_RAY_ENV, ray_session
 
 with ray_session(local_num_cpus=1):
-    ray.get(ray.remote(lambda: 1).remote())  # a worker process too
+    # a worker process too; it starts with LOCAL_RAY_ENV, which the driver's environment no longer has
+    in_worker = ray.get(ray.remote(lambda: {key: os.environ.get(key) for key in LOCAL_RAY_ENV}).remote())
+    environment = [in_worker == LOCAL_RAY_ENV, any(key in os.environ for key in LOCAL_RAY_ENV)]
     me = psutil.Process()
     processes = {p.pid: p for p in [me, *me.children(recursive=True)]}
     found = []
@@ -35,6 +38,7 @@ with ray_session(local_num_cpus=1):
                 except Exception:
                     metrics = False
             found.append([c.laddr.ip, c.laddr.port, name, metrics])
+print(json.dumps(environment))
 print(json.dumps(found))
 """
 
@@ -49,6 +53,7 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-2]) == [True, False]  # LOCAL_RAY_ENV: workers only
     sockets = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(sockets) >= 6, f"too few of Ray's listening sockets seen: {sockets}"
     exposed = [s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]

@@ -8,6 +8,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,8 @@ def loopback_cluster():
     address = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
+        while not _listening(dashboard) and head.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)  # a socket probe first: each `arflow jobs list` costs a process start
         while True:
             probe = subprocess.run([ARFLOW, "jobs", "list", "--address", address], env=env,
                                    capture_output=True, text=True, timeout=60)
@@ -168,6 +171,12 @@ def loopback_cluster():
         _stop_group(head)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _stop_group(head: subprocess.Popen) -> None:

@@ -23,6 +23,9 @@ from ray._private import ray_constants
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 LOCAL_NODE_IP = "127.0.0.1"  # a local Ray's node IP: every port it opens listens on loopback only
 RAY_TMP_ENV = "ARFLOW_RAY_TMP"  # where the local Ray keeps its sockets and logs (default ./.ray_tmp)
+# What a local Ray's processes (and so Ray Train's controller) start with, unless the environment says otherwise:
+# one local node is never preempted, so no run needs Ray Train's preemption watcher (an actor process per run).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 
 def connect_ray(address: Optional[str] = None, local_num_cpus: Optional[int] = None, *,
@@ -38,7 +41,7 @@ def connect_ray(address: Optional[str] = None, local_num_cpus: Optional[int] = N
         return True
     temp_dir = Path(os.environ.get(RAY_TMP_ENV, ".ray_tmp")).resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
-    with _loopback_node():
+    with _loopback_node(), local_ray_environment():
         ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=dashboard,
                  dashboard_host=LOCAL_NODE_IP, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  _temp_dir=str(temp_dir), _node_ip_address=LOCAL_NODE_IP, log_to_driver=verbose, logging_level=level)
@@ -59,6 +62,19 @@ def _loopback_node() -> Iterator[None]:
         yield
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+@contextmanager
+def local_ray_environment() -> Iterator[None]:
+    """While a local Ray starts (its GCS and raylet inherit this process's environment, its workers theirs):
+    LOCAL_RAY_ENV's values where the environment has none. The caller's environment is restored afterwards."""
+    added = {key: value for key, value in LOCAL_RAY_ENV.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 @contextmanager

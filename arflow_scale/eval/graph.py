@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import ray
 import torch
-from mlflow.tracking import MlflowClient
 from torch import nn
 from tqdm import tqdm
 
@@ -136,6 +135,8 @@ def reduce_fid(ref_stats_url: str, parts: list[GaussianStats], *, step: Optional
     fid = fid_from_stats(total, reference)
     result = {"fid": fid, "n": total.count, "seconds": time.time() - started if started else None}
     if run_id:
+        from mlflow.tracking import MlflowClient  # here: the sampling and Inception tasks never need MLflow
+
         try:
             MlflowClient(tracking_uri=tracking_uri).log_metric(run_id, "fid", fid, step=step or 0)
             result["mlflow_logged"] = True

@@ -11,9 +11,6 @@ import json
 import logging
 from typing import NamedTuple, Optional
 
-from mlflow.entities import Param
-from mlflow.tracking import MlflowClient
-
 from arflow_scale.checkpoint import CheckpointRecord
 from arflow_scale.config import Config, dump_yaml, flatten
 from arflow_scale.data.storage import filesystem
@@ -55,6 +52,9 @@ def prepare_run(cfg: Config, run_url: str, *, world_size: int | str, device: str
     config's (what the driver found out, e.g. the classes trained)."""
     if not cfg.tracking.enabled:
         return TrackingTarget(None, None)
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
     uri = resolve_tracking_uri(cfg.tracking.uri, run_url, cfg.run.name)
     client = MlflowClient(tracking_uri=uri)
     run_id = read_run_id(run_url, storage_options, latest)
@@ -89,6 +89,8 @@ def set_run_status(target: TrackingTarget, status: str) -> None:
     hide the error that ended the training)."""
     if not (target.uri and target.run_id):
         return
+    from mlflow.tracking import MlflowClient
+
     try:
         MlflowClient(target.uri).set_terminated(target.run_id, status=status)
     except Exception as err:  # noqa: BLE001

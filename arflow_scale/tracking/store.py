@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Optional
-
-from mlflow.tracking import MlflowClient
+from typing import TYPE_CHECKING, Optional
 
 from arflow_scale.data.storage import is_local_url, local_path
 from arflow_scale.schema import MASK, mask_value
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 
 def resolve_tracking_uri(uri: Optional[str], run_url: str, run_name: str) -> str:
