@@ -70,7 +70,7 @@ class TrainResult:
     val_loss: Optional[float] = None  # held-out validation loss of the final raw weights, when measured
     val_loss_ema: Optional[float] = None  # ... of the final EMA weights
     classes_trained: Optional[int] = None  # classes of the manifest the run draws from (None: no shard stream)
-    restored: Optional[RestoredState] = None  # the state this launch resumed from, hashed (checkpoint.hash_restored)
+    restored: Optional[RestoredState] = None  # the latest restore of this launch, hashed (checkpoint.hash_restored)
 
     def to_json(self) -> dict[str, Any]:
         """A strict-JSON dict (a non-finite number becomes null); `fid`, `val_loss*`, `classes_trained` and

@@ -29,4 +29,4 @@ class WorkerResult:
     val_loss: Optional[float] = None  # held-out loss of the final raw weights, when the shards have a validation split
     val_loss_ema: Optional[float] = None  # ... of the final EMA weights
     error: Optional[str] = None  # the run stopped on a non-finite loss or gradient: the message naming the step
-    restored: Optional[RestoredState] = None  # this launch's restore, hashed, when checkpoint.hash_restored asks
+    restored: Optional[RestoredState] = None  # the latest restore (a group restarted by Ray restores again)
