@@ -159,6 +159,23 @@ def test_backend_switch_selects_the_kernels():
     assert relative_error(fused_state, ref_state.double()) < FP32_TOL
 
 
+def test_compiled_code_runs_the_kernels_as_they_are():
+    """Under torch.compile the fused kernels are not traced (one graph break around them); same outputs."""
+    import torch._dynamo
+
+    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=7)
+
+    def attend(q, k, v, log_decay):
+        out, state = chunk_attention("hybrid", q * 2, k, v, log_decay, 16, None, backend="triton")
+        return out + 1, state
+
+    explained = torch._dynamo.explain(attend)(q, k, v, log_decay)
+    assert explained.graph_break_count == 1, explained.break_reasons
+    compiled_out, compiled_state = torch.compile(attend, backend="eager")(q, k, v, log_decay)
+    out, state = attend(q, k, v, log_decay)
+    assert torch.equal(compiled_out, out) and torch.equal(compiled_state, state)
+
+
 def test_bad_inputs_are_named(monkeypatch):
     q, k, v, log_decay = model_like_inputs(2, 16, 16)
     with pytest.raises(ValueError, match="head_dim 8"):

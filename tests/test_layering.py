@@ -111,11 +111,14 @@ def test_reading_a_config_imports_no_torch():
 
 
 def test_workers_without_tracking_and_fid_tasks_import_no_mlflow():
-    """MLflow loads only where something is logged: rank 0's active Tracker, the driver, the FID reduce."""
+    """MLflow loads only where something is logged: rank 0's active Tracker, the driver, the FID reduce. A rank's
+    DeepSpeed import leaves it out too (its autotuner would load it), and MLflow still imports afterwards."""
     code = ("import sys\nimport arflow_scale.train.trainer, arflow_scale.eval.graph\n"
-            "from arflow_scale.tracking import Tracker\n"
+            "from arflow_scale.tracking import Tracker\nfrom arflow_scale.train.engine import import_deepspeed\n"
             "tracker = Tracker(None, None)\ntracker.log_metrics({'loss': 1.0}, step=1)\ntracker.close()\n"
-            "print(tracker.last_step('loss'), 'mlflow' in sys.modules)\n")
+            "print(tracker.last_step('loss'), 'mlflow' in sys.modules)\n"
+            "deepspeed = import_deepspeed()\nprint(callable(deepspeed.initialize), 'mlflow' in sys.modules)\n"
+            "import mlflow\nprint(callable(mlflow.log_metrics))\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-1] == "0 False"
+    assert proc.stdout.splitlines()[-3:] == ["0 False", "True False", "True"]

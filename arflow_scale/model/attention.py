@@ -184,15 +184,6 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     return "triton" if fused else "torch"
 
 
-@torch.compiler.disable
-def _fused_hybrid(q, k, v, log_decay, chunk_size, state):
-    """The fused kernels run as they are inside compiled code (one graph break around them): their launches
-    and autograd are not traced by the compiler."""
-    from .attention_triton import hybrid_attention_triton
-
-    return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
-
-
 def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     log_decay: Optional[torch.Tensor], chunk_size: int, state: object = None,
                     backend: str = "torch") -> tuple[torch.Tensor, object]:
@@ -206,7 +197,9 @@ def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
         if backend == "triton":
-            return _fused_hybrid(q, k, v, log_decay, chunk_size, state)
+            from .attention_triton import hybrid_attention_triton  # imports triton: on the fused path only
+
+            return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
         if backend == "triton":

@@ -161,6 +161,7 @@ class _Saved:
     states: Optional[torch.Tensor]
 
 
+@torch.compiler.disable  # inside compiled code the kernels run as they are, one graph break around them
 def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                             chunk_size: int, state: Optional[torch.Tensor] = None,
                             blocks: Optional[HybridBlocks] = None) -> tuple[torch.Tensor, torch.Tensor]:

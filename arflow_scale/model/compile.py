@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 
@@ -17,6 +16,8 @@ def use_user_compile_cache() -> str:
 
     Importing torch._dynamo writes torch's default (a temp folder) into the variable: that value counts as unset.
     """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # loads the compiler: only when used
+
     current = os.environ.get(CACHE_ENV)
     if not current or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +42,21 @@ def warn_of_stale_build_lock(now: Optional[float] = None) -> Optional[Path]:
     return lock
 
 
+def import_deepspeed():
+    """`import deepspeed` without the optional MLflow import of DeepSpeed's autotuner (which we never run): about
+    1 s of CPU in every rank's process; rank 0's tracker imports MLflow itself when it logs. Returns the module."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # while set, `import mlflow` raises ImportError: the autotuner goes without
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            if "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+                del sys.modules["mlflow"]
+    import deepspeed
+
+    return deepspeed
+
+
 @dataclass
 class Engine:
     """A DeepSpeed engine with what our loop adds around it."""
@@ -63,7 +79,7 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     With `train.compile`, `compile_units` (the family's blocks, `ModelTask.compile_units`) are compiled in
     place first (`compile_blocks`).
     """
-    import deepspeed  # after the worker chose its accelerator (DS_ACCELERATOR); a 4 s import
+    deepspeed = import_deepspeed()  # after the worker chose its accelerator (DS_ACCELERATOR)
 
     if device_type == "cpu":
         warn_of_stale_build_lock()
