@@ -6,6 +6,7 @@ plain dict (from YAML) into a section, checking every key and type; an error nam
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import types
 import typing
@@ -230,6 +231,35 @@ def flatten(obj: Any, prefix: str = "", mask_secrets: bool = True) -> dict[str, 
 
     walk(tree, prefix)
     return flat
+
+
+def field_values(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": value} of a dataclass tree down to its dataclass fields (dict- and list-valued fields stay whole),
+    as JSON values, secrets left out: what two configs are compared by (`changed_fields`)."""
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(obj):
+        key, value = f"{prefix}{field.name}", getattr(obj, field.name)
+        if dataclasses.is_dataclass(value):
+            values.update(field_values(value, f"{key}."))
+            continue
+        value = drop_masked(masked(value, key))
+        if value != MASK:
+            values[key] = json.loads(json.dumps(value, default=str))
+    return values
+
+
+def changed_fields(before: dict[str, Any], after: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
+    """"key: old -> new" for every field of `after` (from `field_values`) that `before` has with another value.
+    A field `before` lacks is unchanged when `after` holds its default: an option added since then, whose
+    default keeps the old behaviour. Fields only `before` has (options since removed) are left out."""
+    changed = []
+    for key, value in after.items():
+        if key not in before:
+            if key not in defaults or defaults[key] != value:
+                changed.append(f"{key}: not set -> {value!r}")
+        elif before[key] != value:
+            changed.append(f"{key}: {before[key]!r} -> {value!r}")
+    return changed
 
 
 def read_yaml_mapping(path: "str | Path", what: str = "config file") -> dict:

@@ -229,13 +229,19 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(tm
     assert set(summary["fits"]) >= {"loss_vs_params"}
 
     # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
-    # reads the same points back from MLflow.
+    # reads the same points back from MLflow. One record is made as an older version wrote it (a sha of a
+    # config without today's options): its final checkpoint's config says it is finished, and it gains its fields.
     from arflow_scale.scaling.points import points_from_mlflow
     from arflow_scale.scaling.report import write_report
     from arflow_scale.scaling.sweep import run_sweep
 
+    older = tmp_path / "sweeps/cpu-isoflop/points/cpu-isoflop-d1w16-f6e08.json"
+    record = json.loads(older.read_text())
+    fields = record.pop("config")
+    older.write_text(json.dumps({**record, "config_sha": "0123456789abcdef"}))
     rerun = run_sweep(sweep, folder)
     assert rerun["ran"] == [] and len(rerun["skipped"]) == 3
+    assert json.loads(older.read_text()) == {**record, "config_sha": "0123456789abcdef", "config": fields}
     assert [p["loss"] for p in rerun["points"]] == [p["loss"] for p in summary["points"]]
     points = points_from_mlflow(parent_run_id=state["parent_run_id"], tracking_uri=summary["tracking_uri"])
     assert sorted(p.loss for p in points) == pytest.approx(sorted(p["loss"] for p in summary["points"]))

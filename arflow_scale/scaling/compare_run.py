@@ -20,7 +20,8 @@ from .compare_design import CompareConfig
 from .compare_eval import ensure_reference, pending, run_evaluations
 from .compare_report import collect_rows, write_compare_report
 from .state import ensure_parent_run
-from .sweep import auto_parallel, finished_points, run_point, run_points_parallel
+from .finished import finished_points
+from .sweep import auto_parallel, run_point, run_points_parallel
 
 log = logging.getLogger(__name__)
 

@@ -22,15 +22,16 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from arflow_scale.cluster.connect import connect_ray
-from arflow_scale.config import Config, ConfigError, load_config, to_dict
+from arflow_scale.config import Config, ConfigError, load_config
 from arflow_scale.schema import apply_overrides, build, read_yaml_mapping
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
+from .finished import finished_points, point_fields
 from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
                      METRIC_TOKENS)
-from .state import absolute_url, ensure_parent_run, read_json, resolve_tracking_uri, sweep_url, write_json
+from .state import absolute_url, ensure_parent_run, resolve_tracking_uri, sweep_url, write_json
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,6 @@ class SweepPoint:
         """Training tokens seen: images x tokens per image (patches)."""
 
         return self.images * task_for(self.config.model).tokens_per_image
-
-    @property
-    def config_sha(self) -> str:
-        resolved = to_dict(self.config)
-        resolved["tracking"].pop("uri", None)
-        return hashlib.sha256(json.dumps(resolved, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, Path]:
@@ -256,7 +251,7 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
               "budget": point.budget, "loss": loss,
               "loss_source": "val_loss" if val_loss is not None else "train_loss_last_20pct",
               "final_loss": result.final_loss, "fid": fid, "run_id": run_id, "coords": point.coords,
-              "config_sha": point.config_sha, "checkpoint": result.checkpoint}
+              "config": point_fields(point.config), "checkpoint": result.checkpoint}
     write_json(result_url, record, storage_options)
     return record
 
@@ -271,24 +266,6 @@ def auto_parallel(point: SweepPoint) -> int:
     kind = "GPU" if use_gpu else "CPU"
     need = cluster.worker_range[1] * per_worker.get(kind, 1.0)
     return max(1, int(total.get(kind, 0) // need))
-
-
-def finished_points(points: list[SweepPoint], root: str, storage_options: dict, what: str
-                    ) -> tuple[dict[str, dict], list[SweepPoint]]:
-    """({point name: result record} of the points finished under `root`/points/, [the points still to run]); a
-    record written under another config is a ConfigError naming the point (`what`: the sweep or comparison)."""
-    records: dict[str, dict] = {}
-    todo = []
-    for point in points:
-        record = read_json(f"{root}/points/{point.name}.json", storage_options)
-        if record is None:
-            todo.append(point)
-        elif record.get("config_sha") != point.config_sha:
-            raise ConfigError(f"point {point.name}: finished with a different config than {what} now gives; "
-                              f"rename {what} or delete its points/ results to rerun")
-        else:
-            records[point.name] = record
-    return records, todo
 
 
 def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None) -> dict:
