@@ -70,3 +70,21 @@ def test_bad_shapes_raise():
         frechet_distance(np.zeros(3), np.eye(4), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_the_reference_is_factored_once_and_again_after_it_changes(monkeypatch):
+    """Every FID against one reference reuses its eigendecomposition; new samples in it make a new one."""
+    rng = np.random.default_rng(5)
+    reference = GaussianStats.from_features(rng.normal(size=(60, 12)))
+    calls = []
+    eigh = np.linalg.eigh
+    monkeypatch.setattr(np.linalg, "eigh", lambda m: calls.append(m.shape) or eigh(m))
+    samples = [GaussianStats.from_features(rng.normal(0.3 * i, 1.0, size=(40, 12))) for i in range(3)]
+    for stats in samples:
+        expected = frechet_distance(stats.mean(), stats.cov(), reference.mean(), reference.cov())
+        assert fid_from_stats(stats, reference, min_samples=2) == pytest.approx(expected, rel=1e-9)
+    assert len(calls) == 3 + 1  # one per frechet_distance above, one for the reference
+    reference.update(rng.normal(2.0, 1.0, size=(30, 12)))
+    expected = frechet_distance(samples[0].mean(), samples[0].cov(), reference.mean(), reference.cov())
+    assert fid_from_stats(samples[0], reference, min_samples=2) == pytest.approx(expected, rel=1e-9)
+    assert len(calls) == 4 + 2

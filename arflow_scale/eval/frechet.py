@@ -5,11 +5,17 @@ the positive eigenpairs of S1), the non-zero eigenvalues of S1 S2 are those of t
 semi-definite A^T S2 A, so the trace of the square root is sum_i sqrt(lambda_i) of a symmetric
 eigenproblem: real and stable even when fewer samples than dimensions make the covariances singular
 (and then only rank(S1) x rank(S1) in size).
+
+The factor is the costly part (an eigendecomposition of a D x D matrix: about a second at D = 2048 on one core),
+so `fid_from_stats` factors its second side, the reference in every caller, once per statistics object and
+reuses it for every FID against that reference.
 """
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,27 +43,59 @@ def _check_moments(name: str, mu: np.ndarray, sigma: np.ndarray) -> tuple[np.nda
     return mu, (sigma + sigma.T) / 2
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D); float64 throughout."""
-    mu1, sigma1 = _check_moments("first Gaussian", mu1, sigma1)
-    mu2, sigma2 = _check_moments("second Gaussian", mu2, sigma2)
-    if mu1.shape != mu2.shape:
-        raise ValueError(f"frechet_distance: dimensions differ ({mu1.shape[0]} vs {mu2.shape[0]})")
-    factor = _psd_factor(sigma1)
-    middle = factor.T @ sigma2 @ factor
+@dataclass(frozen=True)
+class FactoredGaussian:
+    """Checked moments mu (D,), sigma (D, D) with the PSD factor A (D, r) of sigma: one side of a distance."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    factor: np.ndarray
+
+    @classmethod
+    def of(cls, name: str, mu: np.ndarray, sigma: np.ndarray) -> "FactoredGaussian":
+        mu, sigma = _check_moments(name, mu, sigma)
+        return cls(mu, sigma, _psd_factor(sigma))
+
+
+def _distance(mu: np.ndarray, sigma: np.ndarray, factored: FactoredGaussian) -> float:
+    """Frechet distance of checked N(mu, sigma) and a factored Gaussian of the same dimension."""
+    if mu.shape != factored.mu.shape:
+        raise ValueError(f"frechet_distance: dimensions differ ({mu.shape[0]} vs {factored.mu.shape[0]})")
+    middle = factored.factor.T @ sigma @ factored.factor
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
     trace_covmean = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()
-    diff = mu1 - mu2
-    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_covmean
+    diff = mu - factored.mu
+    distance = diff @ diff + np.trace(sigma) + np.trace(factored.sigma) - 2.0 * trace_covmean
     return float(max(distance, 0.0))
 
 
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D); float64 throughout."""
+    first = FactoredGaussian.of("first Gaussian", mu1, sigma1)
+    mu2, sigma2 = _check_moments("second Gaussian", mu2, sigma2)
+    return _distance(mu2, sigma2, first)
+
+
+_FACTORED: "weakref.WeakKeyDictionary[GaussianStats, tuple[int, FactoredGaussian]]" = weakref.WeakKeyDictionary()
+
+
+def factored_stats(stats: GaussianStats) -> FactoredGaussian:
+    """`stats` factored, computed once per statistics object (again after it gains samples)."""
+    cached = _FACTORED.get(stats)
+    if cached is None or cached[0] != stats.count:
+        cached = (stats.count, FactoredGaussian.of("second Gaussian", stats.mean(), stats.cov()))
+        _FACTORED[stats] = cached
+    return cached[1]
+
+
 def fid_from_stats(a: GaussianStats, b: GaussianStats, min_samples: int = MIN_SAMPLES) -> float:
-    """FID between two feature statistics; warns when a side with known count has < min_samples."""
+    """FID between two feature statistics, `b` the reference (factored once, `factored_stats`); warns when a side
+    with known count has < min_samples."""
     for name, stats in (("first", a), ("second", b)):
         if 0 < stats.count < min_samples:
             message = (f"FID from only {stats.count} samples ({name} set): fewer than {min_samples} makes the "
                        f"covariance singular and biases FID upwards; not comparable to FID-50k")
             warnings.warn(message, stacklevel=2)
             log.warning(message)
-    return frechet_distance(a.mean(), a.cov(), b.mean(), b.cov())
+    mu, sigma = _check_moments("first Gaussian", a.mean(), a.cov())
+    return _distance(mu, sigma, factored_stats(b))
