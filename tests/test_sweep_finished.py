@@ -62,7 +62,7 @@ def test_a_finished_point_is_skipped_and_a_changed_one_refused_by_field(tmp_path
     point = _point()
     _record(tmp_path, point)
     records, todo = finished_points([point, _point(name="tiny-p2")], str(tmp_path), {}, "sweep tiny")
-    assert list(records) == ["tiny-p1"] and [p.name for p in todo] == ["tiny-p2"]
+    assert records == {"tiny-p1": {"name": "tiny-p1", "loss": 0.5}} and [p.name for p in todo] == ["tiny-p2"]
     changed = _point("optim.lr=0.5", "model.depth=3")
     with pytest.raises(ConfigError, match=r"point tiny-p1: finished with a different config than sweep tiny now "
                                           r"gives \(model\.depth: None -> 3; optim\.lr: [\d.e-]+ -> 0\.5\)"):

@@ -16,6 +16,7 @@ from arflow_scale.schema import changed_fields, field_values
 from .state import read_json, write_json
 
 LAUNCH_FIELDS = ("tracking.uri", "tracking.parent_run_id")  # set when the point is launched, not by its design
+CONFIG_KEYS = ("config", "config_sha")  # what a record file keeps of its config (config_sha: older records)
 
 
 def point_fields(cfg: Config) -> dict[str, Any]:
@@ -51,7 +52,8 @@ def finished_points(points: list, root: str, storage_options: dict, what: str) -
     """({point name: result record} of the SweepPoints finished under `root`/points/, [the points still to run]).
 
     A record finished under another config is a ConfigError naming the point and the changed fields (`what`:
-    the sweep or comparison). An older record that passes gains its `config` field.
+    the sweep or comparison). An older record that passes gains its `config` field in its file; the records
+    returned leave out `CONFIG_KEYS`, as `run_point` returns them.
     """
     defaults = point_fields(load_config(None, []))
     records: dict[str, dict] = {}
@@ -70,7 +72,6 @@ def finished_points(points: list, root: str, storage_options: dict, what: str) -
             raise ConfigError(f"point {point.name}: finished with a different config than {what} now gives "
                               f"({'; '.join(changed[:8])}); rename {what} or delete its points/ results to rerun")
         if "config" not in record:
-            record = {**record, "config": current}
-            write_json(url, record, storage_options)
-        records[point.name] = record
+            write_json(url, {**record, "config": current}, storage_options)
+        records[point.name] = {key: value for key, value in record.items() if key not in CONFIG_KEYS}
     return records, todo

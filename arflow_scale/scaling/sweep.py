@@ -251,8 +251,8 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
               "budget": point.budget, "loss": loss,
               "loss_source": "val_loss" if val_loss is not None else "train_loss_last_20pct",
               "final_loss": result.final_loss, "fid": fid, "run_id": run_id, "coords": point.coords,
-              "config": point_fields(point.config), "checkpoint": result.checkpoint}
-    write_json(result_url, record, storage_options)
+              "checkpoint": result.checkpoint}
+    write_json(result_url, {**record, "config": point_fields(point.config)}, storage_options)
     return record
 
 
