@@ -7,7 +7,7 @@ eigenproblem: real and stable even when fewer samples than dimensions make the c
 (and then only rank(S1) x rank(S1) in size).
 
 The factor is the costly part (an eigendecomposition of a D x D matrix: about a second at D = 2048 on one core),
-so `fid_from_stats` factors its second side, the reference in every caller, once per statistics object and
+so `fid_from_stats` factors its second side (the reference, wherever there is one) once per statistics object and
 reuses it for every FID against that reference.
 """
 from __future__ import annotations
