@@ -66,8 +66,11 @@ def finished_points(points: list, root: str, storage_options: dict, what: str) -
             continue
         current = point_fields(point.config)
         recorded = _recorded_fields(record, point.config, storage_options)
-        changed = (changed_fields(recorded, current, defaults) if recorded is not None else
-                   ["its record predates stored configs and its final checkpoint's config.yaml cannot be read"])
+        if recorded is None:
+            raise ConfigError(f"point {point.name}: its record predates stored configs, its sha differs from the "
+                              f"config {what} now gives, and its final checkpoint's config.yaml cannot be read "
+                              f"({record.get('checkpoint')}); rename {what} or delete its points/ results to rerun")
+        changed = changed_fields(recorded, current, defaults)
         if changed:
             raise ConfigError(f"point {point.name}: finished with a different config than {what} now gives "
                               f"({'; '.join(changed[:8])}); rename {what} or delete its points/ results to rerun")
