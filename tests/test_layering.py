@@ -83,6 +83,13 @@ sys.meta_path.insert(0, Block())
 """
 
 
+def python_output(code: str) -> list[str]:
+    """The stdout lines of `code` run by a fresh interpreter in the repository (which must exit 0)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
+
+
 def test_gpu_tools_import_without_ray_mlflow_webdataset():
     """tools/gpu_check.py and tools/gpu_bench.py run on a GPU machine that has torch and DeepSpeed but not Ray,
     MLflow or webdataset: their imports and the modules they use load without them."""
@@ -91,8 +98,7 @@ def test_gpu_tools_import_without_ray_mlflow_webdataset():
         "import arflow_scale.train.engine, arflow_scale.train.state, arflow_scale.train.ema\n"
         "import arflow_scale.bench.batches, arflow_scale.checkpoint, arflow_scale.tasks, arflow_scale.eval.grids\n"
         "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+    assert python_output(code)[-1] == "ok"
 
 
 def test_reading_a_config_imports_no_torch():
@@ -104,10 +110,8 @@ def test_reading_a_config_imports_no_torch():
             "import arflow_scale.model as model\n"
             "print('torch' in sys.modules, callable(chunk_attention), ARFlow.__module__)\n"
             "try:\n    model.no_such_name\nexcept AttributeError as error:\n    print(error)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == ["False", "True True arflow_scale.model.arflow",
-                                        "module 'arflow_scale.model' has no attribute 'no_such_name'"]
+    assert python_output(code) == ["False", "True True arflow_scale.model.arflow",
+                                   "module 'arflow_scale.model' has no attribute 'no_such_name'"]
 
 
 def test_workers_without_tracking_and_fid_tasks_import_no_mlflow():
@@ -119,6 +123,4 @@ def test_workers_without_tracking_and_fid_tasks_import_no_mlflow():
             "print(tracker.last_step('loss'), 'mlflow' in sys.modules)\n"
             "deepspeed = import_deepspeed()\nprint(callable(deepspeed.initialize), 'mlflow' in sys.modules)\n"
             "import mlflow\nprint(callable(mlflow.log_metrics))\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines()[-3:] == ["0 False", "True False", "True"]
+    assert python_output(code)[-3:] == ["0 False", "True False", "True"]
