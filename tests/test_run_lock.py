@@ -62,6 +62,15 @@ def test_heartbeat_refreshes_and_a_lost_lock_is_reported(run_url, caplog):
     assert read_lock(run_url)["owner"] == "theirs"  # a lost lock is not deleted on release
 
 
+def test_release_after_an_unnoticed_takeover_keeps_the_new_holders_lock(run_url):
+    """Taken over since the last heartbeat: release must not delete the other driver's lock."""
+    lock = RunLock(run_url, heartbeat_seconds=30)
+    lock.acquire()
+    lock_store(f"{run_url}/{LOCK_NAME}", {}).swap(foreign_record(0), lock.version)
+    lock.release()
+    assert read_lock(run_url)["owner"] == "theirs"
+
+
 @pytest.mark.parametrize("age, stale", [(10.0, True), (0.0, False)])
 def test_a_lock_without_heartbeats_is_stale(run_url, age, stale):
     """The holder's own settings (1 s x 3 missed) decide: a 10 s old heartbeat is stale, a fresh one is not."""
@@ -124,6 +133,34 @@ def test_of_drivers_starting_together_exactly_one_wins(run_url, start):
         w.join(60)
     outcomes = [results.get(timeout=5) for _ in workers]
     assert sorted(kind for kind, _ in outcomes) == ["refused"] * 4 + ["won"]
+
+
+def _create_until_stopped(url: str, stop, intruded) -> None:
+    store = lock_store(url, {})
+    while not stop.is_set():
+        if store.create("intruder") is not None:
+            intruded.set()
+            return
+
+
+def test_a_local_takeover_never_frees_the_lock_name(tmp_path):
+    """A swap replaces the lock in place, so a driver creating meanwhile never slips in. (Moving the old lock
+    aside before linking the new one left a gap: once, two of five drivers starting together both won.)"""
+    url = str(tmp_path / "run" / LOCK_NAME)
+    store = lock_store(url, {})
+    version = store.create("0")
+    context = multiprocessing.get_context("fork")
+    stop, intruded = context.Event(), context.Event()
+    creator = context.Process(target=_create_until_stopped, args=(url, stop, intruded))
+    creator.start()
+    try:
+        for turn in range(1, 2000):
+            version = store.swap(str(turn), version)
+            assert version == str(turn) and not intruded.is_set(), f"turn {turn}: another driver created the lock"
+    finally:
+        stop.set()
+        creator.join(10)
+    assert not intruded.is_set()
 
 
 def test_write_then_verify_storage(tmp_path):

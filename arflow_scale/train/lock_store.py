@@ -1,9 +1,10 @@
 """Where a run lock lives: one small object with create-if-absent and compare-and-swap, per kind of storage.
 
 - local paths: create = write a temporary file, then hard-link it to the lock's name (atomic, fails if the
-  name exists, never shows half a file); swap = rename the current file aside (only one caller can), check
-  that it is the version the caller saw, link the new content in; a mismatch puts the old file back;
-  the holder's own refresh replaces its file in place (os.replace), so the name never disappears.
+  name exists, never shows half a file); swap, the holder's refresh and its delete run under an exclusive
+  flock on a guard file beside the lock (`.run.lock.guard`, kept): read, compare with the caller's
+  version, then replace in place (os.replace) or unlink. A swap never frees the name, so no creator can
+  slip in while a stale lock is taken over.
 - S3: conditional writes, `If-None-Match: *` to create and `If-Match: <ETag>` to swap (AWS S3 since 2024,
   MinIO, moto).
 - other fsspec storage: write, wait `settle_seconds`, read back (write-then-verify). Residual race: two
@@ -13,11 +14,13 @@ A version is what a swap must match: the content for local files and other stora
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from s3fs.utils import FileExpired
 
@@ -55,34 +58,35 @@ class LocalLockStore:
         finally:
             staged.unlink()
 
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Exclusive among this lock's swaps, refreshes and deletes, in every process on every host whose mount
+        honours flock (local disks, NFS; Lustre with `-o flock`)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{self.path.name}.guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
     def swap(self, text: str, version: str) -> Optional[str]:
-        aside = self.path.with_name(f".{self.path.name}.aside.{uuid.uuid4().hex}")
-        try:
-            os.rename(self.path, aside)
-        except FileNotFoundError:
-            return None
-        try:
-            if aside.read_text() != version:  # changed since the caller read it: put it back
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
+        """Replace `version` with `text` in place; None if another version is current or there is none."""
+        with self._guarded():
+            current = self.read()
+            if current is None or current[1] != version:
                 return None
-            return self.create(text)
-        finally:
-            aside.unlink()
+            os.replace(self._staged(text), self.path)
+            return text
 
-    def refresh(self, text: str, version: str) -> Optional[str]:
-        """The holder's heartbeat: replace its own version in place (the name never disappears, so no newcomer
-        can create a lock meanwhile); None if the current version is not `version`."""
-        current = self.read()
-        if current is None or current[1] != version:
-            return None
-        os.replace(self._staged(text), self.path)
-        return text
+    refresh = swap  # the holder's heartbeat is the same compare-and-replace
 
-    def delete(self) -> None:
-        self.path.unlink(missing_ok=True)
+    def delete(self, version: str) -> None:
+        """Remove the lock if `version` is current."""
+        with self._guarded():
+            current = self.read()
+            if current is not None and current[1] == version:
+                self.path.unlink()
 
 
 class S3LockStore:
@@ -123,8 +127,11 @@ class S3LockStore:
 
     refresh = swap  # atomic on S3: the heartbeat is a conditional write too
 
-    def delete(self) -> None:
-        self.fs.rm_file(self.path)
+    def delete(self, version: str) -> None:
+        """Remove the lock if `version` is current (read, then delete: a takeover in between is lost)."""
+        current = self.read()
+        if current is not None and current[1] == version:
+            self.fs.rm_file(self.path)
 
 
 class VerifiedLockStore:
@@ -157,8 +164,11 @@ class VerifiedLockStore:
 
     refresh = swap
 
-    def delete(self) -> None:
-        self.fs.rm_file(self.path)
+    def delete(self, version: str) -> None:
+        """Remove the lock if `version` is current (read, then delete: a takeover in between is lost)."""
+        current = self.read()
+        if current is not None and current[1] == version:
+            self.fs.rm_file(self.path)
 
 
 def lock_store(url: str, storage_options: dict[str, Any]):

@@ -180,9 +180,7 @@ class RunLock:
         if self.record is None or self.lost.is_set():
             return
         try:
-            current = self.store.read()
-            if current is not None and current[1] == self.version:
-                self.store.delete()
+            self.store.delete(self.version)
         except Exception as err:  # noqa: BLE001 - never hide the run's own outcome
             log.warning("%s: could not remove the run lock: %s", self.url, err)
         self.record = self.version = None
