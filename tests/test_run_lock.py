@@ -110,14 +110,14 @@ def test_a_killed_holder_on_this_host_frees_the_lock_at_once(tmp_path):
 
 def _contend(run_url: str, barrier, results) -> None:
     barrier.wait()
+    lock = RunLock(run_url, heartbeat_seconds=30)
     try:
-        lock = RunLock(run_url, heartbeat_seconds=30)
         lock.acquire()
         results.put(("won", lock.record.owner))
-        time.sleep(5)  # hold it while the others try
-        lock.release()
     except RunLockHeld:
         results.put(("refused", None))
+    barrier.wait()  # a winner holds the lock until every driver has tried, however slow its start
+    lock.release()
 
 
 @pytest.mark.parametrize("start", ["absent", "stale"])
