@@ -163,6 +163,24 @@ def test_a_local_takeover_never_frees_the_lock_name(tmp_path):
     assert not intruded.is_set()
 
 
+def test_a_folder_without_flock_is_refused_at_start_naming_it(tmp_path, monkeypatch):
+    """Some shared mounts (Lustre without -o flock) answer flock with ENOSYS: the run stops at once with a
+    ConfigError naming the folder, before any lock is written (not at the first heartbeat or takeover)."""
+    import errno
+    import fcntl
+
+    from arflow_scale.config import ConfigError
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # the mount's answer; no such mount can be made here
+    with pytest.raises(ConfigError, match=f"run.storage_path: {tmp_path / 'run'} is on a filesystem without flock"):
+        RunLock(str(tmp_path / "run")).acquire()
+    assert not (tmp_path / "run" / LOCK_NAME).exists()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [f".{LOCK_NAME}.guard"]
+
+
 def test_write_then_verify_storage(tmp_path):
     """Storage without conditional writes (here fsspec's memory://) reads its write back before it counts."""
     from arflow_scale.train.lock_store import VerifiedLockStore

@@ -14,6 +14,7 @@ A version is what a swap must match: the content for local files and other stora
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -25,6 +26,7 @@ from typing import Any, Iterator, Optional
 from s3fs.utils import FileExpired
 
 from arflow_scale.data.storage import filesystem, is_local_url, local_path
+from arflow_scale.schema import ConfigError
 
 Read = Optional[tuple[str, str]]  # (text, version), None when there is no lock
 
@@ -49,9 +51,11 @@ class LocalLockStore:
         return text, text
 
     def create(self, text: str) -> Optional[str]:
+        """Link `text` in if there is no lock (under the guard too, so a mount without flock fails at start)."""
         staged = self._staged(text)
         try:
-            os.link(staged, self.path)
+            with self._guarded():
+                os.link(staged, self.path)
             return text
         except FileExistsError:
             return None
@@ -61,10 +65,18 @@ class LocalLockStore:
     @contextmanager
     def _guarded(self) -> Iterator[None]:
         """Exclusive among this lock's swaps, refreshes and deletes, in every process on every host whose mount
-        honours flock (local disks, NFS; Lustre with `-o flock`)."""
+        honours flock (local disks, NFS; Lustre with `-o flock`). ConfigError naming the folder where flock is
+        missing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(f".{self.path.name}.guard"), "a") as guard:
-            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                raise ConfigError(f"run.storage_path: {self.path.parent} is on a filesystem without flock "
+                                  f"({err.strerror}), which the run lock needs; mount it with flock support "
+                                  f"(Lustre: -o flock) or keep runs on S3") from err
             try:
                 yield
             finally:
