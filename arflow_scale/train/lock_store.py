@@ -6,7 +6,7 @@
   version, then replace in place (os.replace) or unlink. A swap never frees the name, so no creator can
   slip in while a stale lock is taken over.
 - S3: conditional writes, `If-None-Match: *` to create and `If-Match: <ETag>` to swap (AWS S3 since 2024,
-  MinIO, moto).
+  MinIO, moto) and to delete (AWS S3 since 2025-09, moto).
 - other fsspec storage: write, wait `settle_seconds`, read back (write-then-verify). Residual race: two
   creators whose writes land more than `settle_seconds` apart after both saw no lock can both read back
   their own; the holder's heartbeat re-reads the lock and reports a takeover (run_lock.py).
@@ -140,10 +140,22 @@ class S3LockStore:
     refresh = swap  # atomic on S3: the heartbeat is a conditional write too
 
     def delete(self, version: str) -> None:
-        """Remove the lock if `version` is current (read, then delete: a takeover in between is lost)."""
+        """Remove the lock if `version` is current: read, then a conditional delete (If-Match: AWS S3 since
+        2025-09, moto); a store that ignores the header deletes unconditionally after the read agreed."""
         current = self.read()
-        if current is not None and current[1] == version:
-            self.fs.rm_file(self.path)
+        if current is None or current[1] != version:
+            return
+        bucket, key, _ = self.fs.split_path(self.path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            pass
+        except OSError:  # 412: another driver took the lock over since our read: not ours to remove
+            current = self.read()
+            if current is None or current[1] == version:
+                raise
+        finally:
+            self.fs.invalidate_cache(self.path)
 
 
 class VerifiedLockStore:
