@@ -99,4 +99,5 @@ def test_a_run_folder_in_use_is_refused_with_exit_3(uneven, tmp_path, capsys):
         assert train_cli(storage, f"data.manifest={uneven}", "data.require_all_classes=false") == 3
         err = capsys.readouterr().err
         assert f"arflow train: run folder {storage}/pre is in use by another `arflow train`" in err
-    assert sorted(p.name for p in storage.rglob("*")) == ["pre"]  # no MLflow store, no checkpoint
+    written = sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*"))
+    assert written == ["pre", "pre/.run.lock.guard"]  # the lock's own guard only: no MLflow store, no checkpoint
