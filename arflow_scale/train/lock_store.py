@@ -150,9 +150,9 @@ class S3LockStore:
             self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
         except FileNotFoundError:
             pass
-        except OSError:  # 412: another driver took the lock over since our read: not ours to remove
+        except OSError:  # 412 (EINVAL): another driver took the lock over since our read, not ours to remove
             current = self.read()
-            if current is None or current[1] == version:
+            if current is not None and current[1] == version:  # still ours: the delete itself failed
                 raise
         finally:
             self.fs.invalidate_cache(self.path)
