@@ -33,6 +33,33 @@ def free_port() -> int:
     return free_local_port()
 
 
+def _atomic_conditional_writes():
+    """S3 checks If-None-Match / If-Match and writes or deletes as one atomic step; moto's threaded server
+    checks, then writes, unlocked, so two drivers creating the same lock at once could both get 200 (seen
+    in the run-lock contention test). One lock around moto's object writes and deletes gives the endpoint
+    S3's guarantee; reads stay concurrent. -> a function that undoes it."""
+    import threading
+
+    from moto.s3.responses import S3Response
+
+    lock = threading.Lock()
+    originals = {name: getattr(S3Response, name) for name in ("put_object", "_key_response_delete")}
+
+    def locked(original):
+        def call(self, *args, **kwargs):
+            with lock:
+                return original(self, *args, **kwargs)
+        return call
+
+    def undo() -> None:
+        for name, original in originals.items():
+            setattr(S3Response, name, original)
+
+    for name, original in originals.items():
+        setattr(S3Response, name, locked(original))
+    return undo
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A real S3 HTTP endpoint on 127.0.0.1 (moto server), with dummy credentials in the env.
@@ -42,6 +69,7 @@ def s3_endpoint():
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    restore = _atomic_conditional_writes()
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
@@ -53,6 +81,7 @@ def s3_endpoint():
         yield url
     finally:
         server.stop()
+        restore()
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -135,6 +135,39 @@ def test_of_drivers_starting_together_exactly_one_wins(run_url, start):
     assert sorted(kind for kind, _ in outcomes) == ["refused"] * 4 + ["won"]
 
 
+def _create(url: str, barrier, results) -> None:
+    store = lock_store(url, {"skip_instance_cache": True})
+    barrier.wait()
+    results.put(store.create("mine") is not None)
+
+
+def test_the_s3_endpoint_creates_atomically_as_s3_does(s3_endpoint, make_bucket, monkeypatch):
+    """The contention tests above rely on the endpoint's conditional create being atomic, as on S3. Every
+    lookup of an object is slowed here to widen any gap between moto's check and its write (without the
+    conftest's lock, most rounds had two or more winners)."""
+    from moto.s3.models import S3Backend
+
+    lookup = S3Backend.get_object
+
+    def slow_lookup(self, *args, **kwargs):
+        found = lookup(self, *args, **kwargs)
+        time.sleep(0.02)
+        return found
+
+    monkeypatch.setattr(S3Backend, "get_object", slow_lookup)
+    bucket = make_bucket("lock")
+    context = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        barrier, results = context.Barrier(4), context.Queue()
+        creators = [context.Process(target=_create, args=(f"s3://{bucket}/r{round_}/{LOCK_NAME}", barrier, results))
+                    for _ in range(4)]
+        for c in creators:
+            c.start()
+        for c in creators:
+            c.join(60)
+        assert sorted(results.get(timeout=5) for _ in creators) == [False, False, False, True], round_
+
+
 def _create_until_stopped(url: str, stop, intruded) -> None:
     store = lock_store(url, {})
     while not stop.is_set():
