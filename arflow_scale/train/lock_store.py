@@ -1,10 +1,10 @@
 """Where a run lock lives: one small object with create-if-absent and compare-and-swap, per kind of storage.
 
-- local paths: create = write a temporary file, then hard-link it to the lock's name (atomic, fails if the
-  name exists, never shows half a file); swap, the holder's refresh and its delete run under an exclusive
-  flock on a guard file beside the lock (`.run.lock.guard`, kept): read, compare with the caller's
-  version, then replace in place (os.replace) or unlink. A swap never frees the name, so no creator can
-  slip in while a stale lock is taken over.
+- local paths: every change runs under an exclusive flock on a guard file beside the lock
+  (`.run.lock.guard`, kept). Create writes a temporary file and hard-links it to the lock's name (fails if
+  the name exists, never shows half a file); swap, the holder's refresh and its delete read, compare with
+  the caller's version, then replace in place (os.replace) or unlink. The name is never free while a stale
+  lock is taken over.
 - S3: conditional writes, `If-None-Match: *` to create and `If-Match: <ETag>` to swap (AWS S3 since 2024,
   MinIO, moto) and to delete (AWS S3 since 2025-09, moto).
 - other fsspec storage: write, wait `settle_seconds`, read back (write-then-verify). Residual race: two
@@ -38,7 +38,7 @@ class LocalLockStore:
         self.path = local_path(url)
 
     def _staged(self, text: str) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """`text` in a temporary file beside the lock (inside `_guarded`, which made the folder)."""
         staged = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
         staged.write_text(text)
         return staged
@@ -52,19 +52,19 @@ class LocalLockStore:
 
     def create(self, text: str) -> Optional[str]:
         """Link `text` in if there is no lock (under the guard too, so a mount without flock fails at start)."""
-        staged = self._staged(text)
-        try:
-            with self._guarded():
+        with self._guarded():
+            staged = self._staged(text)
+            try:
                 os.link(staged, self.path)
-            return text
-        except FileExistsError:
-            return None
-        finally:
-            staged.unlink()
+                return text
+            except FileExistsError:
+                return None
+            finally:
+                staged.unlink()
 
     @contextmanager
     def _guarded(self) -> Iterator[None]:
-        """Exclusive among this lock's swaps, refreshes and deletes, in every process on every host whose mount
+        """Exclusive among this lock's creates, swaps, refreshes and deletes, in every process on every host whose mount
         honours flock (local disks, NFS; Lustre with `-o flock`). ConfigError naming the folder where flock is
         missing."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
