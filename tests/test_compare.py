@@ -1,12 +1,17 @@
 """Comparisons at equal compute: the arms' steps and FLOPs, one FID protocol across arms, bad files naming their
 key, the GPU plan's cost, the table and plot (fast); a tiny comparison of two arms end to end with an
-interrupted arm resumed, finished arms and evaluations skipped and a redone evaluation reproduced (slow)."""
+interrupted arm resumed on one Ray, finished arms and evaluations skipped and a redone evaluation reproduced
+(slow)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -234,8 +239,9 @@ def _comparison_file(tmp_path: Path, *extra: str) -> Path:
     return path
 
 
-def _arflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([ARFLOW, *args], capture_output=True, text=True, timeout=900)
+def _arflow(*args: str, ray_tmp: Optional[str] = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ARFLOW_RAY_TMP": ray_tmp} if ray_tmp else None
+    return subprocess.run([ARFLOW, *args], capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.mark.slow
@@ -254,9 +260,15 @@ def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(tmp_path):
     assert [p.name for p in (root / "runs").iterdir()] == ["tiny-arflow"] and not (root / "points").exists()
     interrupted_run = json.loads((root / "runs/tiny-arflow/mlflow_run.json").read_text())["run_id"]
 
-    # 2: rerun without the fault: the first arm resumes, the second trains, every arm is evaluated, a report.
-    resumed = _arflow("compare", "--config", str(_comparison_file(tmp_path)))
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    # 2: rerun without the fault: the first arm resumes, the second trains, every arm is evaluated, a report;
+    # all of it on one local Ray, started once (a Ray session folder per start).
+    ray_tmp = tempfile.mkdtemp(prefix="arflow-cmp-", dir="/tmp")  # Ray's socket paths must stay short
+    try:
+        resumed = _arflow("compare", "--config", str(_comparison_file(tmp_path)), ray_tmp=ray_tmp)
+        assert resumed.returncode == 0, resumed.stderr[-4000:]
+        assert len(list(Path(ray_tmp).glob("session_2*"))) == 1
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["parent_run_id"] == parent_run_id and summary["trained"] == ["arflow", "sit"]
     assert len(summary["evaluated"]) == 2 * 2 * 2  # arms x evaluation steps x seeds

@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 from mlflow.tracking import MlflowClient
 
-from arflow_scale.cluster.connect import connect_ray
 from arflow_scale.data.storage import is_local_url
 from arflow_scale.tracking import resolve_tracking_uri
 from arflow_scale.train.driver import prepare_inputs
@@ -19,34 +18,28 @@ from .compare import Arm, compare_url, masked_compare, plan_arms
 from .compare_design import CompareConfig
 from .compare_eval import ensure_reference, pending, run_evaluations
 from .compare_report import collect_rows, write_compare_report
-from .state import ensure_parent_run
 from .finished import finished_points
-from .sweep import auto_parallel, run_point, run_points_parallel
+from .state import ensure_parent_run
+from .sweep import points_session, run_points
 
 log = logging.getLogger(__name__)
 
 
-def _train_arms(arms: list[Arm], compare: CompareConfig, root: str, parallel: int,
-                kwargs: dict[str, Any]) -> tuple[dict[str, dict], list[str]]:
-    """Train every arm without a result record (in this process, or as Ray tasks); -> (records by arm, trained).
-    Records live where sweeps keep theirs: `<root>/points/<run name>.json`."""
+def _trained_arms(arms: list[Arm], compare: CompareConfig, root: str) -> tuple[dict[str, dict], list[Arm]]:
+    """-> (the result records of arms already trained, by arm name; the arms left to train). Records live where
+    sweeps keep theirs: `<root>/points/<run name>.json`."""
     by_point, _ = finished_points([arm.point for arm in arms], root, compare.storage_options,
                                   f"comparison {compare.name}")
     records = {arm.name: by_point[arm.point.name] for arm in arms if arm.point.name in by_point}
     todo = [arm for arm in arms if arm.point.name not in by_point]
     log.info("comparison %s: %d arms, %d trained, %d to train", compare.name, len(arms), len(records), len(todo))
-    if not todo:
-        return records, []
-    if parallel == 1:
-        for arm in todo:
-            records[arm.name] = run_point(arm.point, result_url=f"{root}/points/{arm.point.name}.json", **kwargs)
-    else:
-        cluster = todo[0].config.cluster
-        connect_ray(cluster.address, cluster.local_num_cpus)
-        by_run = run_points_parallel([arm.point for arm in todo], parallel or auto_parallel(todo[0].point), root,
-                                     kwargs)
-        records.update({arm.name: by_run[arm.point.name] for arm in todo})
-    return records, [arm.name for arm in todo]
+    return records, todo
+
+
+def _train_arms(todo: list[Arm], root: str, parallel: int, kwargs: dict[str, Any]) -> dict[str, dict]:
+    """Train every arm of `todo` (in this process, or as Ray tasks); -> records by arm name."""
+    by_run = run_points([arm.point for arm in todo], parallel, root, kwargs)
+    return {arm.name: by_run[arm.point.name] for arm in todo}
 
 
 def _log_pooled_fids(rows, evaluated: list[dict], run_ids: dict[str, Optional[str]], tracking_uri: str) -> None:
@@ -78,10 +71,12 @@ def run_compare(compare: CompareConfig, folder: Path = Path("."), *, parallel: O
         ensure_reference(compare, arms[0])
         kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
                   "storage_options": dict(compare.storage_options)}
-        records, trained = _train_arms(arms, compare, root, compare.parallel if parallel is None else parallel,
-                                       kwargs)
-        run_ids = {name: record.get("run_id") for name, record in records.items()}
-        evaluated = run_evaluations(pending(arms, compare, root), arms, compare, root, run_ids, tracking_uri)
+        records, todo = _trained_arms(arms, compare, root)
+        needs_ray = bool(todo or pending(arms, compare, root))
+        with points_session([arm.point for arm in arms] if needs_ray else [], dashboard=bool(todo)):
+            records.update(_train_arms(todo, root, compare.parallel if parallel is None else parallel, kwargs))
+            run_ids = {name: record.get("run_id") for name, record in records.items()}
+            evaluated = run_evaluations(pending(arms, compare, root), arms, compare, root, run_ids, tracking_uri)
         rows = collect_rows(arms, compare, root, run_ids, tracking_uri)
         _log_pooled_fids(rows, evaluated, run_ids, tracking_uri)
         report = write_compare_report(rows, arms, compare, report_folder(compare), parent_run_id=parent_run_id,
@@ -91,7 +86,7 @@ def run_compare(compare: CompareConfig, folder: Path = Path("."), *, parallel: O
         raise
     client.set_terminated(parent_run_id, status="FINISHED")
     return {"comparison": compare.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
-            "experiment": compare.experiment, "trained": trained,
-            "skipped": [a.name for a in arms if a.name not in trained],
+            "experiment": compare.experiment, "trained": [arm.name for arm in todo],
+            "skipped": [arm.name for arm in arms if arm not in todo],
             "evaluated": [f"{r['arm']}@{r['step']}/seed{r['seed']}" for r in evaluated],
             "report_dir": report["out_dir"], "table": report["table"], "rows": report["rows"]}

@@ -7,6 +7,7 @@ Layout under `<storage_path>/<name>/`: sweep.json (parent run id), points/<point
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -21,7 +22,7 @@ from typing import Any, Optional
 import ray
 from mlflow.tracking import MlflowClient
 
-from arflow_scale.cluster.connect import connect_ray
+from arflow_scale.cluster.connect import ray_session
 from arflow_scale.config import Config, ConfigError, load_config
 from arflow_scale.schema import apply_overrides, build, read_yaml_mapping
 from arflow_scale.tasks import SampleSettings, task_for
@@ -273,7 +274,7 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
 
     parallel 1 trains in this process one point after the other; more launches each point as a Ray
     task (num_cpus=0: it only drives; the point's training workers hold the CPUs/GPUs) with at most
-    that many in flight; 0 sizes it to the cluster.
+    that many in flight; 0 sizes it to the cluster. Either way the points share one Ray (`points_session`).
     """
     points = expand(sweep, folder)
     tracking_uri = resolve_tracking_uri(sweep)
@@ -283,19 +284,11 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
     log.info("sweep %s: %d points, %d finished, %d to run", sweep.name, len(points), len(records), len(todo))
     kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
               "storage_options": dict(sweep.storage_options)}
-    parallel = sweep.parallel if parallel is None else parallel
     if todo:  # shards a point would write (run.prepare_data) are written once, here, not by every point
         prepare_inputs(todo[0].config)
-    if todo and parallel != 1:
-        connect_ray(todo[0].config.cluster.address, todo[0].config.cluster.local_num_cpus)
-        parallel = parallel or auto_parallel(todo[0])
-
     try:
-        if parallel == 1:
-            for point in todo:
-                records[point.name] = run_point(point, result_url=f"{root}/points/{point.name}.json", **kwargs)
-        else:
-            records.update(run_points_parallel(todo, parallel, root, kwargs))
+        with points_session(todo):
+            records.update(run_points(todo, sweep.parallel if parallel is None else parallel, root, kwargs))
     except BaseException:
         MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FAILED")
         raise
@@ -304,6 +297,27 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
             "experiment": sweep.experiment, "ran": [p.name for p in todo],
             "skipped": [p.name for p in points if p not in todo],
             "points": [records[p.name] for p in points]}
+
+
+def points_session(points: list[SweepPoint], *, dashboard: bool = True):
+    """One Ray connection for the work on `points` (the first one's `cluster.address`, else a local Ray for the
+    duration): every point's training joins it instead of starting and stopping a Ray of its own. No Ray when
+    `points` is empty; `dashboard` False when nothing trains (Ray Train's controller polls the dashboard)."""
+    if not points:
+        return contextlib.nullcontext()
+    cluster = points[0].config.cluster
+    return ray_session(cluster.address, cluster.local_num_cpus, dashboard=dashboard)
+
+
+def run_points(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
+    """Train `todo` one after the other in this process (parallel 1), else as Ray tasks, `parallel` at a time
+    (0: as many as the connected cluster fits); -> records by point name."""
+    if not todo:
+        return {}
+    if parallel == 1:
+        return {point.name: run_point(point, result_url=f"{root}/points/{point.name}.json", **kwargs)
+                for point in todo}
+    return run_points_parallel(todo, parallel or auto_parallel(todo[0]), root, kwargs)
 
 
 def run_points_parallel(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
