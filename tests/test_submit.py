@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -51,6 +52,7 @@ def test_runtime_env_working_dir_excludes_and_env():
     assert env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert env["env_vars"]["DS_ACCELERATOR"] == "cpu" and env["env_vars"]["NCCL_DEBUG"] == "WARN"
     assert "HOME" not in env["env_vars"]
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "600"  # a stopping run's checkpoint before SIGKILL
     shown = json.dumps(jobs.redacted(env))
     assert "s3cr3t" not in shown and "AWS_SECRET_ACCESS_KEY" in shown
     with pytest.raises(ValueError, match="--env MISSING_VAR: not set"):
@@ -250,22 +252,27 @@ def test_submit_training_follow_list_logs(loopback_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_submit_then_stop(loopback_cluster, tmp_path):
+def test_stopping_a_submitted_run_checkpoints_it(loopback_cluster, tmp_path):
+    """`arflow jobs stop` sends SIGTERM: the training run checkpoints its next log step and the job is STOPPED."""
     cluster = loopback_cluster
     proc = subprocess.run([ARFLOW, "submit", "--address", cluster["address"], "--env", "DS_ACCELERATOR=cpu",
                            "--", *_train_args(tmp_path, steps=100000)],
                           env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     submission_id = json.loads(proc.stdout.strip().splitlines()[-1])["submission_id"]
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # stop it once it runs (or right away if it is slow to start)
-        listed = subprocess.run([ARFLOW, "jobs", "list", "--address", cluster["address"]], env=cluster["env"],
-                                capture_output=True, text=True, timeout=60)
-        states = {j["submission_id"]: j["status"] for j in json.loads(listed.stdout.strip().splitlines()[-1])["jobs"]}
-        if states[submission_id] != "PENDING":
-            break
+    deadline, logs = time.monotonic() + 180, ""
+    while "step 1/100000" not in logs:  # stop it once it trains
+        assert time.monotonic() < deadline, logs[-3000:]
         time.sleep(1)
+        logs = subprocess.run([ARFLOW, "jobs", "logs", submission_id, "--address", cluster["address"]],
+                              env=cluster["env"], capture_output=True, text=True, timeout=60).stdout
     stop = subprocess.run([ARFLOW, "jobs", "stop", submission_id, "--wait", "--address", cluster["address"]],
                           env=cluster["env"], capture_output=True, text=True, timeout=180)
     assert stop.returncode == 0, stop.stderr
     assert json.loads(stop.stdout.strip().splitlines()[-1])["status"] == "STOPPED"
+    logs = subprocess.run([ARFLOW, "jobs", "logs", submission_id, "--address", cluster["address"]],
+                          env=cluster["env"], capture_output=True, text=True, timeout=60).stdout
+    stopped = re.search(r"stopped on SIGTERM at step (\d+), checkpoint (\S+);", logs)
+    assert stopped, logs[-3000:]
+    checkpoint = Path(stopped.group(2))
+    assert checkpoint.name == f"checkpoint_{int(stopped.group(1)):09d}" and (checkpoint / "meta.json").is_file()

@@ -10,6 +10,7 @@ import sys
 import warnings
 
 from arflow_scale.config import ConfigError
+from arflow_scale.train.result import TrainingStopped
 
 # Subcommand modules, in help order.
 COMMANDS = ("demo", "model", "data", "train", "export", "sample", "fid", "sweep", "compare", "scaling",
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"arflow {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:  # Ctrl-C or SIGTERM during training (train, sweep, compare)
+        print(f"arflow {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
     return int(result or 0)
 
 

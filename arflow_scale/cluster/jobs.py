@@ -30,7 +30,10 @@ SETTING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_U
 # Credentials forwarded when set locally; their values never leave the runtime_env.
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-JOB_DEFAULT_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+# RAY_JOB_STOP_WAIT_TIME_S: how long `arflow jobs stop` (SIGTERM) waits before Ray SIGKILLs the driver (Ray's
+# default: 3 s); a stopping run needs its next log step and a checkpoint (train/stop.py).
+JOB_DEFAULT_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                   "RAY_JOB_STOP_WAIT_TIME_S": "600"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MASK = "***"

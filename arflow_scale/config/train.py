@@ -165,4 +165,9 @@ class FaultsConfig:
     crash_rank_at_step: Optional[int] = None  # raise an exception in `rank` after this step
     kill_rank_at_step: Optional[int] = None  # SIGKILL `rank` after this step
     nan_loss_at_step: Optional[int] = None  # the loss of `rank` at this step becomes NaN (a divergence)
+    pause_rank_at_step: Optional[int] = None  # `rank` sleeps pause_seconds after this step (a straggler)
+    pause_seconds: float = 30.0
     rank: int = 0
+
+    def validate(self) -> None:
+        check(self.pause_seconds > 0, "pause_seconds", f"must be positive, got {self.pause_seconds}")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any, Callable, Optional, TypeVar
 
 import ray
@@ -56,19 +57,20 @@ class FidScheduler:
 
     def run_while_polling(self, fit: Callable[[], T], on_tick: Optional[Callable[[], None]] = None,
                           tick_seconds: float = 1.0) -> T:
-        """Run `fit()` (blocking) in a thread; meanwhile call `on_tick` (the driver's console) every tick and
-        poll for FID checkpoints every `poll_seconds`."""
+        """Run `fit()` (blocking) in a daemon thread; meanwhile call `on_tick` (the driver's console) every tick and
+        poll for FID checkpoints every `poll_seconds`. An exception in this thread (KeyboardInterrupt: a user
+        stopping the run at once) leaves without waiting for `fit`: leaving the Ray session ends it."""
         tick = min(tick_seconds, self.poll_seconds)
         last_poll = time.monotonic()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(fit)
-            while not wait([future], timeout=tick).done:
-                if on_tick is not None:
-                    on_tick()
-                if time.monotonic() - last_poll >= self.poll_seconds:
-                    self.poll()
-                    last_poll = time.monotonic()
-            result = future.result()
+        future: Future = Future()
+        threading.Thread(target=_run_into, args=(fit, future), name="arflow-fit", daemon=True).start()
+        while not wait([future], timeout=tick).done:
+            if on_tick is not None:
+                on_tick()
+            if time.monotonic() - last_poll >= self.poll_seconds:
+                self.poll()
+                last_poll = time.monotonic()
+        result = future.result()
         self.poll()
         if on_tick is not None:
             on_tick()
@@ -86,3 +88,11 @@ class FidScheduler:
                 log.warning("FID at step %s failed: %s", step, err)
                 results[str(step)] = {"error": f"{type(err).__name__}: {err}"}
         return dict(sorted(results.items(), key=lambda item: int(item[0])))
+
+
+def _run_into(fit: Callable[[], T], future: Future) -> None:
+    """`fit()`'s result or exception into `future`."""
+    try:
+        future.set_result(fit())
+    except BaseException as err:  # noqa: BLE001 - handed to the caller through the future
+        future.set_exception(err)

@@ -19,7 +19,7 @@ from .compare_design import CompareConfig
 from .compare_eval import ensure_reference, pending, run_evaluations
 from .compare_report import collect_rows, write_compare_report
 from .finished import finished_points
-from .state import ensure_parent_run
+from .state import ended_status, ensure_parent_run
 from .sweep import points_session, run_points
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,8 @@ def run_compare(compare: CompareConfig, folder: Path = Path("."), *, parallel: O
         _log_pooled_fids(rows, evaluated, run_ids, tracking_uri)
         report = write_compare_report(rows, arms, compare, report_folder(compare), parent_run_id=parent_run_id,
                                       tracking_uri=tracking_uri)
-    except BaseException:
-        client.set_terminated(parent_run_id, status="FAILED")
+    except BaseException as err:
+        client.set_terminated(parent_run_id, status=ended_status(err))
         raise
     client.set_terminated(parent_run_id, status="FINISHED")
     return {"comparison": compare.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,

@@ -19,6 +19,7 @@ from arflow_scale.data.storage import filesystem, is_local_url
 from arflow_scale.schema import mask_override
 from arflow_scale.tracking import experiment_id
 from arflow_scale.tracking import resolve_tracking_uri as tracking_uri_of_run
+from arflow_scale.train.result import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,11 @@ def sweep_url(sweep) -> str:
 def resolve_tracking_uri(sweep) -> str:
     """Sweep setting, else MLFLOW_TRACKING_URI, else sqlite in the (local) sweep folder."""
     return tracking_uri_of_run(sweep.tracking_uri, sweep_url(sweep), f"sweeps/{sweep.name}")
+
+
+def ended_status(err: BaseException) -> str:
+    """The MLflow status of a parent run that `err` ended: KILLED when a user stopped it (Ctrl-C, SIGTERM)."""
+    return "KILLED" if isinstance(err, (TrainingStopped, KeyboardInterrupt)) else "FAILED"
 
 
 def ensure_parent_run(sweep, tracking_uri: str, *, state_name: str = "sweep.json", kind: str = "sweep") -> str:

@@ -32,7 +32,7 @@ from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
 from .finished import finished_points, point_fields
 from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
                      METRIC_TOKENS)
-from .state import absolute_url, ensure_parent_run, resolve_tracking_uri, sweep_url, write_json
+from .state import absolute_url, ended_status, ensure_parent_run, resolve_tracking_uri, sweep_url, write_json
 
 log = logging.getLogger(__name__)
 
@@ -289,8 +289,8 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
     try:
         with points_session(todo):
             records.update(run_points(todo, sweep.parallel if parallel is None else parallel, root, kwargs))
-    except BaseException:
-        MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FAILED")
+    except BaseException as err:
+        MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status=ended_status(err))
         raise
     MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FINISHED")
     return {"sweep": sweep.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,

@@ -43,10 +43,12 @@ Event = Union[StepProgress, Notice]
 
 @ray.remote(num_cpus=0)
 class ConsoleSink:
-    """Collects the workers' events until the driver drains them."""
+    """Collects the workers' events until the driver drains them; carries the driver's stop request the other
+    way (train/stop.py)."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.stop = False
 
     def push(self, event: Event) -> None:
         self.events.append(event)
@@ -54,6 +56,12 @@ class ConsoleSink:
     def drain(self) -> list[Event]:
         events, self.events = self.events, []
         return events
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
 
 def format_seconds(seconds: float) -> str:

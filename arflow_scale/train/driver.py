@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 from urllib.parse import urlparse
@@ -36,12 +37,13 @@ from arflow_scale.tasks import task_for
 from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
 
 from .args import StreamFactory, WorkerArgs
-from .result import RestoredState, WorkerResult
+from .result import RestoredState, TrainingStopped, WorkerResult
 from .batching import plan_batches
 from .console import Console, Notice
 from .nonfinite import NonFiniteError
 from .preflight import DataPlan, check_data
 from .run_lock import RunLock
+from .stop import StopSignals
 from .worker import train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -221,26 +223,28 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
     env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
     args = WorkerArgs(config=cfg, run_url=run_url, storage_options=options, tracking=tracking,
                       env_ref=ray.put(env), console_sink=console.sink, stream_factory=stream_factory)
-    storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.run.storage_options)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=args.loop_config(),
-        scaling_config=ScalingConfig(num_workers=cfg.cluster.scaling_workers, use_gpu=use_gpu,
-                                     resources_per_worker=dict(cfg.cluster.resources_per_worker) or None),
-        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+    trainer = _trainer(cfg, args, use_gpu)
     fid = FidScheduler(cfg, run_url, options, tracking.uri, tracking.run_id)
+    signals = StopSignals()
     try:
-        result = fid.run_while_polling(trainer.fit, on_tick=console.drain)
-    except Exception:
+        with signals.installed():
+            result = fid.run_while_polling(trainer.fit, on_tick=lambda: _tick(console, signals, cfg))
+    except BaseException as err:
         console.close()
-        set_run_status(tracking, "FAILED")
+        stopped = isinstance(err, KeyboardInterrupt)
+        set_run_status(tracking, "KILLED" if stopped else "FAILED")
+        if stopped and signals.received is not None:
+            raise TrainingStopped(signals.received, None, latest_checkpoint(run_url, options)) from None
         raise
     outcome: Optional[WorkerResult] = result.return_value
-    if outcome is None or outcome.error:
+    if outcome is None or outcome.error or outcome.stopped:
         console.close()
-        set_run_status(tracking, "FAILED")
+        set_run_status(tracking, "KILLED" if outcome is not None and outcome.stopped else "FAILED")
         if outcome is None:
             raise RuntimeError(f"training of {run_url} ended without rank 0's result")
+        if outcome.stopped:
+            raise TrainingStopped(signals.received or signal.SIGINT, outcome.final_step,
+                                  latest_checkpoint(run_url, options))
         raise NonFiniteError(outcome.error)
     final_checkpoint = latest_checkpoint(run_url, options)
     fid_results = fid.finish(final_checkpoint)
@@ -249,6 +253,27 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
     console.close()
     return dataclasses.replace(_result(outcome, final_checkpoint, tracking, fid_results),
                                classes_trained=len(data.trained) if data else None)
+
+
+def _trainer(cfg: Config, args: WorkerArgs, use_gpu: bool) -> TorchTrainer:
+    """Ray Train's trainer of the run: `cluster.*` workers, the run folder as its storage, `run.max_failures`."""
+    storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.run.storage_options)
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=args.loop_config(),
+        scaling_config=ScalingConfig(num_workers=cfg.cluster.scaling_workers, use_gpu=use_gpu,
+                                     resources_per_worker=dict(cfg.cluster.resources_per_worker) or None),
+        run_config=RunConfig(name=cfg.run.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
+
+
+def _tick(console: Console, signals: StopSignals, cfg: Config) -> None:
+    """Once a second while the workers train: print their events; pass a stop signal on to them once."""
+    console.drain()
+    if signals.received is not None and not signals.forwarded:
+        console.sink.request_stop.remote()
+        signals.forwarded = True
+        console.write(f"{signal.Signals(signals.received).name} received: the workers checkpoint at their next "
+                      f"log step (train.log_every={cfg.train.log_every}) and stop; send it again to stop at once")
 
 
 def _fid_line(step: str, entry: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
-"""Fault injection for tests and drills: crash (raise) or SIGKILL one rank after a given step, or make its loss
-NaN at a step (a divergence), once.
+"""Fault injection for tests and drills: crash (raise) or SIGKILL one rank after a given step, make its loss
+NaN at a step (a divergence), or pause it after a step (a straggler), once.
 
 "Once" survives restarts: before firing, the rank writes a marker file into the run folder
 (`<run_url>/faults/<kind>-rank<r>-step<s>`), and a restarted worker that finds it does not fire again.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 
 from arflow_scale.config import FaultsConfig
 from arflow_scale.data.storage import filesystem
@@ -57,3 +58,6 @@ class FaultInjector:
         if self.cfg.kill_rank_at_step == step and self._claim("kill", step):
             log.warning("fault injection: rank %d SIGKILLs itself after step %d", self.rank, step)
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.cfg.pause_rank_at_step == step and self._claim("pause", step):
+            log.warning("fault injection: rank %d pauses %g s after step %d", self.rank, self.cfg.pause_seconds, step)
+            time.sleep(self.cfg.pause_seconds)

@@ -48,6 +48,7 @@ from .reshard import RESHARD_PATHS, needs_universal, restore_resharded
 from .mfu import FlopsMeter, resolve_peak_tflops
 from .rng import step_generator
 from .state import restore_state, save_state
+from .stop import stop_agreed
 from .validation import open_validator
 
 log = logging.getLogger(__name__)
@@ -130,24 +131,22 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> WorkerResult:
         """Train from the restored step to `train.steps` (a finished run launched again only reports); a
-        non-finite loss, gradient or weight ends it with a result whose `error` names the step."""
+        non-finite loss, gradient or weight ends it with a result whose `error` names the step; the driver's stop
+        request (train/stop.py) with a checkpoint of the log step that learns it."""
         total = self.cfg.train.steps
         self.data = iter(self.stream)
         self.engine.engine.train()
         try:
             for step in range(self.start_step + 1, total + 1):
-                result = self.train_step(step)
-                if self.logs_at(step) or step % self.cfg.checkpoint.every == 0:
-                    self.last_loss = mean_across_ranks(torch.stack(result.losses).mean())  # a sync: only when used
-                self.throughput.add(step, result.seconds)
-                if self.logs_at(step):
-                    self.log_step(step, result)
-                if self.validates_at(step):
-                    self.log_validation(step)
-                if self.samples_at(step):
-                    self.log_sample_grid(step)
-                if step == total or step % self.cfg.checkpoint.every == 0:
+                self.report_step(step, self.train_step(step))
+                checkpoints = step == total or step % self.cfg.checkpoint.every == 0
+                if checkpoints:
                     self.save(step)
+                if self.logs_at(step) and step < total and stop_agreed(self.args.console_sink, self.rank,
+                                                                       self.device):
+                    if not checkpoints:
+                        self.save(step)
+                    return self.stopped(step)
                 self.faults.after_step(step)
             if self.start_step >= total and self.validator is not None:  # a finished run launched again
                 self.val_losses = self.validation_losses()
@@ -162,6 +161,27 @@ class Trainer:
         self.tracker.close("FINISHED")
         dist.barrier()
         return outcome
+
+    def report_step(self, step: int, result: StepResult) -> None:
+        """What follows a step before its checkpoint: the loss (a sync, only when used), throughput, the log
+        line and metrics, validation and the sample grid when due."""
+        if self.logs_at(step) or step % self.cfg.checkpoint.every == 0:
+            self.last_loss = mean_across_ranks(torch.stack(result.losses).mean())
+        self.throughput.add(step, result.seconds)
+        if self.logs_at(step):
+            self.log_step(step, result)
+        if self.validates_at(step):
+            self.log_validation(step)
+        if self.samples_at(step):
+            self.log_sample_grid(step)
+
+    def stopped(self, step: int) -> WorkerResult:
+        """The run stops on the driver's request after checkpointing `step`: MLflow's run is KILLED."""
+        self.tracker.close("KILLED")
+        self.notify(Notice(f"stopped at step {step} on request"))
+        dist.barrier()
+        return WorkerResult(final_step=step, final_loss=self.last_loss, mlflow_run_id=self.run_id or "",
+                            stopped=True)
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over grad_accum micro-batches."""

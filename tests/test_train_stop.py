@@ -1,0 +1,131 @@
+"""Stopping `arflow train` on request (train/stop.py), as a terminal's Ctrl-C and a scheduler's SIGTERM do it:
+the first signal checkpoints the next log step and the rerun continues bit-identically (the demo's recorded
+hashes); a second signal stops at once, with nothing of the run left running. Real signals, a real `arflow train`
+process on a real local Ray; rank 0 pauses after step 10 (`faults.pause_rank_at_step`) so that the signal
+lands while the run trains. Fast: the driver's handlers and the error's exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from arflow_scale.train.result import TrainingStopped
+from arflow_scale.train.stop import StopSignals
+from test_golden import DEMO_CONFIG, GOLDEN
+
+ARFLOW = str(Path(sys.executable).with_name("arflow"))
+
+
+def test_the_first_signal_is_a_request_a_second_stops_and_the_handlers_are_restored():
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signals = StopSignals()
+    with signals.installed():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)  # the handler runs in this (main) thread at its next bytecode
+        assert signals.received == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt, match="second SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_a_stopped_run_exits_as_a_shell_reports_its_signal_and_survives_pickling():
+    import pickle
+
+    stopped = TrainingStopped(signal.SIGTERM, 20, "s3://bucket/runs/demo/checkpoint_000000020")
+    assert stopped.exit_code == 143 and TrainingStopped(signal.SIGINT, None, None).exit_code == 130
+    assert "at step 20, checkpoint s3://bucket/runs/demo/checkpoint_000000020" in str(stopped)
+    again = pickle.loads(pickle.dumps(stopped))  # as a Ray task (a sweep's point) hands it to the driver
+    assert (again.signum, again.step, again.checkpoint, str(again)) == (stopped.signum, 20, stopped.checkpoint,
+                                                                        str(stopped))
+
+
+def _demo_args(tmp_path: Path, pause_seconds: int) -> list[str]:
+    """The golden demo run (60 steps, log every 10, checkpoints at 30 and 60), rank 0 pausing after step 10."""
+    return [ARFLOW, "train", "--config", DEMO_CONFIG, "train.steps=60", "checkpoint.every=30", "train.sample_every=0",
+            "tracking.system_metrics=false", f"run.storage_path={tmp_path}/runs", f"data.manifest={tmp_path}/digits",
+            "faults.pause_rank_at_step=10", f"faults.pause_seconds={pause_seconds}"]
+
+
+class Driver:
+    """`arflow train` in its own process group (a terminal's foreground job), its stderr read line by line."""
+
+    def __init__(self, args: list[str], ray_tmp: str):
+        env = {**os.environ, "ARFLOW_RAY_TMP": ray_tmp}
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                        start_new_session=True)
+        self.stderr: list[str] = []
+
+    def wait_for(self, text: str) -> None:
+        for line in self.process.stderr:
+            self.stderr.append(line)
+            if text in line:
+                return
+        raise AssertionError(f"`arflow train` ended before printing {text!r}:\n" + "".join(self.stderr[-40:]))
+
+    def finish(self, timeout: float = 300) -> tuple[int, str, str]:
+        """Exit code, stdout and the whole stderr (read to its end first: stdout holds one line at most)."""
+        err = self.process.stderr.read()
+        out = self.process.stdout.read()
+        return self.process.wait(timeout=timeout), out, "".join(self.stderr) + err
+
+
+@pytest.fixture()
+def ray_tmp():
+    path = tempfile.mkdtemp(prefix="arflow-stop-", dir="/tmp")  # Ray's socket paths must stay short
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run_status(tmp_path: Path) -> str:
+    from mlflow.tracking import MlflowClient
+
+    tracking = json.loads((tmp_path / "runs/demo/mlflow_run.json").read_text())
+    return MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"]).info.status
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_next_log_step_and_the_rerun_continues_bit_identically(tmp_path, ray_tmp):
+    driver = Driver(_demo_args(tmp_path, pause_seconds=12), ray_tmp)
+    driver.wait_for("step 10/60")
+    os.killpg(driver.process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
+    code, out, err = driver.finish()
+    run = tmp_path / "runs/demo"
+    assert code == 130, err[-3000:]
+    assert f"stopped on SIGINT at step 20, checkpoint {run}/checkpoint_000000020" in err and out == ""
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000000020"]
+    assert _run_status(tmp_path) == "KILLED" and not (run / "run.lock").exists()
+
+    rerun = subprocess.run(_demo_args(tmp_path, pause_seconds=12), capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "ARFLOW_RAY_TMP": ray_tmp})
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {run}/checkpoint_000000020 at step 20" in rerun.stderr
+    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert {key: result[key] for key in GOLDEN} == GOLDEN  # as if never stopped
+    assert _run_status(tmp_path) == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_second_signal_stops_at_once_leaving_nothing_running(tmp_path, ray_tmp):
+    driver = Driver(_demo_args(tmp_path, pause_seconds=300), ray_tmp)
+    driver.wait_for("step 10/60")
+    driver.process.send_signal(signal.SIGTERM)  # as a scheduler or `ray job stop` does: the driver alone
+    driver.wait_for("SIGTERM received: the workers checkpoint at their next log step")
+    signalled = time.monotonic()
+    driver.process.send_signal(signal.SIGINT)
+    code, out, err = driver.finish(timeout=120)
+    assert code == 143 and "stopped on SIGTERM at once (a second signal)" in err, err[-3000:]
+    assert time.monotonic() - signalled < 120  # rank 0 still pauses: the workers were ended, not waited for
+    run = tmp_path / "runs/demo"
+    assert not list(run.glob("checkpoint_*")) and not (run / "run.lock").exists()
+    assert _run_status(tmp_path) == "KILLED"
+    left = subprocess.run(["pgrep", "-f", ray_tmp], capture_output=True, text=True).stdout.split()
+    assert left == [], f"processes of the run's Ray still running: {left}"
