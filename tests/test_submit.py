@@ -260,19 +260,23 @@ def test_stopping_a_submitted_run_checkpoints_it(loopback_cluster, tmp_path):
                           env=cluster["env"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     submission_id = json.loads(proc.stdout.strip().splitlines()[-1])["submission_id"]
-    deadline, logs = time.monotonic() + 180, ""
-    while "step 1/100000" not in logs:  # stop it once it trains
-        assert time.monotonic() < deadline, logs[-3000:]
-        time.sleep(1)
-        logs = subprocess.run([ARFLOW, "jobs", "logs", submission_id, "--address", cluster["address"]],
-                              env=cluster["env"], capture_output=True, text=True, timeout=60).stdout
-    stop = subprocess.run([ARFLOW, "jobs", "stop", submission_id, "--wait", "--address", cluster["address"]],
-                          env=cluster["env"], capture_output=True, text=True, timeout=180)
+    follow = subprocess.Popen([ARFLOW, "jobs", "logs", submission_id, "--follow", "--address", cluster["address"]],
+                              env=cluster["env"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        logs = []
+        for line in follow.stdout:  # stop it once it trains
+            logs.append(line)
+            if "step 1/100000" in line:
+                break
+        stop = subprocess.run([ARFLOW, "jobs", "stop", submission_id, "--wait", "--address", cluster["address"]],
+                              env=cluster["env"], capture_output=True, text=True, timeout=180)
+        logs.append(follow.stdout.read())  # to the job's end
+    finally:
+        follow.kill()
+        follow.wait()
     assert stop.returncode == 0, stop.stderr
     assert json.loads(stop.stdout.strip().splitlines()[-1])["status"] == "STOPPED"
-    logs = subprocess.run([ARFLOW, "jobs", "logs", submission_id, "--address", cluster["address"]],
-                          env=cluster["env"], capture_output=True, text=True, timeout=60).stdout
-    stopped = re.search(r"stopped on SIGTERM at step (\d+), checkpoint (\S+);", logs)
-    assert stopped, logs[-3000:]
+    stopped = re.search(r"stopped on SIGTERM at step (\d+), checkpoint (\S+);", "".join(logs))
+    assert stopped, "".join(logs)[-3000:]
     checkpoint = Path(stopped.group(2))
     assert checkpoint.name == f"checkpoint_{int(stopped.group(1)):09d}" and (checkpoint / "meta.json").is_file()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from arflow_scale.cli import main
 from arflow_scale.train.result import TrainingStopped
 from arflow_scale.train.stop import StopSignals
 from test_golden import DEMO_CONFIG, GOLDEN
@@ -93,7 +94,8 @@ def _run_status(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_the_next_log_step_and_the_rerun_continues_bit_identically(tmp_path, ray_tmp):
+def test_ctrl_c_checkpoints_the_next_log_step_and_the_rerun_continues_bit_identically(ray_local, tmp_path,
+                                                                                     ray_tmp, capsys):
     driver = Driver(_demo_args(tmp_path, pause_seconds=12), ray_tmp)
     driver.wait_for("step 10/60")
     os.killpg(driver.process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
@@ -104,11 +106,10 @@ def test_ctrl_c_checkpoints_the_next_log_step_and_the_rerun_continues_bit_identi
     assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000000020"]
     assert _run_status(tmp_path) == "KILLED" and not (run / "run.lock").exists()
 
-    rerun = subprocess.run(_demo_args(tmp_path, pause_seconds=12), capture_output=True, text=True, timeout=600,
-                           env={**os.environ, "ARFLOW_RAY_TMP": ray_tmp})
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed from {run}/checkpoint_000000020 at step 20" in rerun.stderr
-    result = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert main(_demo_args(tmp_path, pause_seconds=12)[1:]) == 0  # the same command, here on the session's Ray
+    printed = capsys.readouterr()
+    assert f"resumed from {run}/checkpoint_000000020 at step 20" in printed.err
+    result = json.loads(printed.out.strip().splitlines()[-1])
     assert {key: result[key] for key in GOLDEN} == GOLDEN  # as if never stopped
     assert _run_status(tmp_path) == "FINISHED"
 

@@ -139,13 +139,11 @@ class Trainer:
         try:
             for step in range(self.start_step + 1, total + 1):
                 self.report_step(step, self.train_step(step))
-                checkpoints = step == total or step % self.cfg.checkpoint.every == 0
-                if checkpoints:
+                stop = self.logs_at(step) and step < total and stop_agreed(self.args.console_sink, self.rank,
+                                                                            self.device)
+                if stop or step == total or step % self.cfg.checkpoint.every == 0:
                     self.save(step)
-                if self.logs_at(step) and step < total and stop_agreed(self.args.console_sink, self.rank,
-                                                                       self.device):
-                    if not checkpoints:
-                        self.save(step)
+                if stop:
                     return self.stopped(step)
                 self.faults.after_step(step)
             if self.start_step >= total and self.validator is not None:  # a finished run launched again
