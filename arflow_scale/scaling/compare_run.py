@@ -72,11 +72,12 @@ def run_compare(compare: CompareConfig, folder: Path = Path("."), *, parallel: O
         kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
                   "storage_options": dict(compare.storage_options)}
         records, todo = _trained_arms(arms, compare, root)
-        needs_ray = bool(todo or pending(arms, compare, root))
+        to_evaluate = pending(arms, compare, root)  # evaluation records only: training does not change it
+        needs_ray = bool(todo or to_evaluate)
         with points_session([arm.point for arm in arms] if needs_ray else [], dashboard=bool(todo)):
             records.update(_train_arms(todo, root, compare.parallel if parallel is None else parallel, kwargs))
             run_ids = {name: record.get("run_id") for name, record in records.items()}
-            evaluated = run_evaluations(pending(arms, compare, root), arms, compare, root, run_ids, tracking_uri)
+            evaluated = run_evaluations(to_evaluate, arms, compare, root, run_ids, tracking_uri)
         rows = collect_rows(arms, compare, root, run_ids, tracking_uri)
         _log_pooled_fids(rows, evaluated, run_ids, tracking_uri)
         report = write_compare_report(rows, arms, compare, report_folder(compare), parent_run_id=parent_run_id,
