@@ -136,7 +136,7 @@ def guard_skips_and_stops(task, engine, stream, stage: int) -> dict:
         guard = NonFiniteGuard(config(stage, **settings).train, engine.gate)
         loss = task.loss(engine.engine, images, labels, torch.Generator().manual_seed(0)) * math.nan
         engine.engine.backward(loss)
-        finite = guard.before_update([loss.detach()])
+        finite = guard.before_update([loss.detach()]).loss_finite
         engine.engine.step()
         try:
             out[mode] = guard.after_update(7, engine.engine, finite, [loss.detach()])

@@ -253,7 +253,7 @@ def test_submit_training_follow_list_logs(loopback_cluster, tmp_path):
 
 @pytest.mark.slow
 def test_stopping_a_submitted_run_checkpoints_it(loopback_cluster, tmp_path):
-    """`arflow jobs stop` sends SIGTERM: the training run checkpoints its next log step and the job is STOPPED."""
+    """`arflow jobs stop` sends SIGTERM: the training run checkpoints its next step and the job is STOPPED."""
     cluster = loopback_cluster
     proc = subprocess.run([ARFLOW, "submit", "--address", cluster["address"], "--env", "DS_ACCELERATOR=cpu",
                            "--", *_train_args(tmp_path, steps=100000)],

@@ -1,5 +1,5 @@
 """Stopping `arflow train` on request (train/stop.py), as a terminal's Ctrl-C and a scheduler's SIGTERM do it:
-the first signal checkpoints the next log step and the rerun continues bit-identically (the demo's recorded
+the first signal checkpoints a step soon after and the rerun continues bit-identically (the demo's recorded
 hashes); a second signal stops at once, with nothing of the run left running. Real signals, a real `arflow train`
 process on a real local Ray; rank 0 pauses after step 10 (`faults.pause_rank_at_step`) so that the signal
 lands while the run trains. Fast: the driver's handlers and the error's exit codes."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +20,8 @@ import pytest
 
 from arflow_scale.cli import main
 from arflow_scale.train.result import TrainingStopped
-from arflow_scale.train.stop import StopSignals
+from arflow_scale.train.nonfinite import StepConsensus, step_consensus
+from arflow_scale.train.stop import StopPoll, StopSignals
 from test_golden import DEMO_CONFIG, GOLDEN
 
 ARFLOW = str(Path(sys.executable).with_name("arflow"))
@@ -47,6 +49,56 @@ def test_a_stopped_run_exits_as_a_shell_reports_its_signal_and_survives_pickling
     again = pickle.loads(pickle.dumps(stopped))  # as a Ray task (a sweep's point) hands it to the driver
     assert (again.signum, again.step, again.checkpoint, str(again)) == (stopped.signum, 20, stopped.checkpoint,
                                                                         str(stopped))
+
+
+def test_rank_zero_polls_the_sink_until_it_is_asked_and_stays_asked(ray_local):
+    import ray
+
+    from arflow_scale.train.console import ConsoleSink
+
+    sink = ConsoleSink.remote()
+    rank0, rank1 = StopPoll(sink, rank=0), StopPoll(sink, rank=1)
+    deadline = time.monotonic() + 60
+    assert not rank0.poll()
+    while rank0.query is not None:  # a later poll reads the first query's answer (no stop yet)
+        assert not rank0.poll() and time.monotonic() < deadline
+    ray.get(sink.request_stop.remote())
+    while not rank0.poll():  # each poll returns at once; one of them reads an answer given after the request
+        assert time.monotonic() < deadline, "rank 0 never learned the stop request"
+    assert rank0.poll() and rank0.query is None  # asked stays asked, without another query
+    assert not rank1.poll() and rank1.query is None and not StopPoll(None, rank=0).poll()
+
+
+def _consensus_rank(rank: int, init_file: str, asked: bool, losses: list[float], results) -> None:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    results.put((rank, step_consensus([torch.tensor(v) for v in losses], stop_asked=asked)))
+    dist.destroy_process_group()
+
+
+def test_every_rank_learns_rank_zeros_stop_and_any_ranks_non_finite_loss_from_one_all_reduce(tmp_path):
+    import math
+    import multiprocessing
+
+    import torch
+
+    assert step_consensus([torch.tensor(1.0)], stop_asked=True) == StepConsensus(loss_finite=True, stop=True)
+    assert step_consensus([torch.tensor(math.nan)], stop_asked=False) == StepConsensus(False, False)
+    context = multiprocessing.get_context("fork")
+    for case, (asked, losses) in enumerate([((True, False), ([1.0, 2.0], [math.inf, 1.0])),
+                                             ((False, False), ([1.0], [1.0]))]):
+        results = context.Queue()
+        ranks = [context.Process(target=_consensus_rank, args=(r, str(tmp_path / f"init{case}"), asked[r],
+                                                               losses[r], results)) for r in range(2)]
+        for p in ranks:
+            p.start()
+        got = dict(results.get(timeout=60) for _ in ranks)
+        for p in ranks:
+            p.join(30)
+        expected = StepConsensus(loss_finite=case == 1, stop=case == 0)
+        assert got == {0: expected, 1: expected}
 
 
 def _demo_args(tmp_path: Path, pause_seconds: int) -> list[str]:
@@ -94,21 +146,25 @@ def _run_status(tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_checkpoints_the_next_log_step_and_the_rerun_continues_bit_identically(ray_local, tmp_path,
-                                                                                     ray_tmp, capsys):
+def test_ctrl_c_checkpoints_a_step_soon_after_and_the_rerun_continues_bit_identically(ray_local, tmp_path,
+                                                                                       ray_tmp, capsys):
     driver = Driver(_demo_args(tmp_path, pause_seconds=12), ray_tmp)
     driver.wait_for("step 10/60")
     os.killpg(driver.process.pid, signal.SIGINT)  # Ctrl-C: the whole foreground process group
     code, out, err = driver.finish()
     run = tmp_path / "runs/demo"
     assert code == 130, err[-3000:]
-    assert f"stopped on SIGINT at step 20, checkpoint {run}/checkpoint_000000020" in err and out == ""
-    assert sorted(p.name for p in run.glob("checkpoint_*")) == ["checkpoint_000000020"]
+    stopped = re.search(rf"stopped on SIGINT at step (\d+), checkpoint {run}/(checkpoint_\d+);", err)
+    assert stopped and out == "", err[-3000:]
+    # rank 0 learns the request in the steps after its pause (between log steps) and every rank stops with it
+    step = int(stopped.group(1))
+    assert 10 < step < 20 and stopped.group(2) == f"checkpoint_{step:09d}"
+    assert sorted(p.name for p in run.glob("checkpoint_*")) == [stopped.group(2)]
     assert _run_status(tmp_path) == "KILLED" and not (run / "run.lock").exists()
 
     assert main(_demo_args(tmp_path, pause_seconds=12)[1:]) == 0  # the same command, here on the session's Ray
     printed = capsys.readouterr()
-    assert f"resumed from {run}/checkpoint_000000020 at step 20" in printed.err
+    assert f"resumed from {run}/{stopped.group(2)} at step {step}" in printed.err
     result = json.loads(printed.out.strip().splitlines()[-1])
     assert {key: result[key] for key in GOLDEN} == GOLDEN  # as if never stopped
     assert _run_status(tmp_path) == "FINISHED"
@@ -119,7 +175,7 @@ def test_a_second_signal_stops_at_once_leaving_nothing_running(tmp_path, ray_tmp
     driver = Driver(_demo_args(tmp_path, pause_seconds=300), ray_tmp)
     driver.wait_for("step 10/60")
     driver.process.send_signal(signal.SIGTERM)  # as a scheduler or `ray job stop` does: the driver alone
-    driver.wait_for("SIGTERM received: the workers checkpoint at their next log step")
+    driver.wait_for("SIGTERM received: the workers checkpoint their next step")
     signalled = time.monotonic()
     driver.process.send_signal(signal.SIGINT)
     code, out, err = driver.finish(timeout=120)

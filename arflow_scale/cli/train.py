@@ -5,7 +5,7 @@ JSON object: final_step, final_loss, params_sha256, ema_sha256, checkpoint, mlfl
 mlflow_tracking_uri, images_per_s, classes_trained (and fid / val_loss when measured). Exit codes: 2 for a
 configuration or data error found before anything starts, 3 when another `arflow train` holds the run folder,
 1 for a run stopped by a non-finite loss or gradient (the error names the step), 130 / 143 for a run stopped by
-Ctrl-C / SIGTERM (the first checkpoints at the next log step, a second stops at once: train/stop.py).
+Ctrl-C / SIGTERM (the first checkpoints a step soon after, a second stops at once: train/stop.py).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ SETTING_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "AWS_ENDPOINT_U
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 # RAY_JOB_STOP_WAIT_TIME_S: how long `arflow jobs stop` (SIGTERM) waits before Ray SIGKILLs the driver (Ray's
-# default: 3 s); a stopping run needs its next log step and a checkpoint (train/stop.py).
+# default: 3 s); a stopping run needs a step and a checkpoint (train/stop.py).
 JOB_DEFAULT_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1",
                    "RAY_JOB_STOP_WAIT_TIME_S": "600"}
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

@@ -228,7 +228,7 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
     signals = StopSignals()
     try:
         with signals.installed():
-            result = fid.run_while_polling(trainer.fit, on_tick=lambda: _tick(console, signals, cfg))
+            result = fid.run_while_polling(trainer.fit, on_tick=lambda: _tick(console, signals))
     except BaseException as err:
         console.close()
         stopped = isinstance(err, KeyboardInterrupt)
@@ -266,14 +266,14 @@ def _trainer(cfg: Config, args: WorkerArgs, use_gpu: bool) -> TorchTrainer:
                              failure_config=FailureConfig(max_failures=cfg.run.max_failures)))
 
 
-def _tick(console: Console, signals: StopSignals, cfg: Config) -> None:
+def _tick(console: Console, signals: StopSignals) -> None:
     """Once a second while the workers train: print their events; pass a stop signal on to them once."""
     console.drain()
     if signals.received is not None and not signals.forwarded:
         console.sink.request_stop.remote()
         signals.forwarded = True
-        console.write(f"{signal.Signals(signals.received).name} received: the workers checkpoint at their next "
-                      f"log step (train.log_every={cfg.train.log_every}) and stop; send it again to stop at once")
+        console.write(f"{signal.Signals(signals.received).name} received: the workers checkpoint their next step "
+                      f"and stop; send it again to stop at once")
 
 
 def _fid_line(step: str, entry: dict[str, Any]) -> str:

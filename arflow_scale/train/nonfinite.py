@@ -1,6 +1,7 @@
 """Non-finite losses and gradients: caught every step, never applied, never checkpointed.
 
-Every step the ranks agree (one all-reduce) on whether any micro-batch loss was non-finite. A non-finite
+Every step the ranks agree (one all-reduce, `StepConsensus`) on whether any micro-batch loss was non-finite;
+the same all-reduce carries rank 0's stop request (train/stop.py). A non-finite
 gradient is caught where it would be applied: DeepSpeed's ZeRO 1-3 optimizers skip a step whose global
 gradient norm is not finite (its `was_step_applied()` is then False), and under ZeRO-0 the `UpdateGate`, a
 step pre-hook on the torch optimizer inside DeepSpeed, checks the (already all-reduced) gradients. A step with
@@ -71,12 +72,36 @@ class StepHealth:
         return f"{' and '.join(what)} (mean loss on this rank: {local_loss:.6g})"
 
 
+@dataclass(frozen=True)
+class StepConsensus:
+    """What every rank knows the same way after a step's last backward, from one all-reduce."""
+
+    loss_finite: bool  # every micro-batch loss on every rank was finite
+    stop: bool  # the driver asked the run to stop (rank 0 polled it): all ranks checkpoint this step and return
+
+
+def _min_over_ranks(flags: torch.Tensor) -> list[bool]:
+    """Element-wise minimum of 0/1 flags (1-D, one device) over ranks (a collective when distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(v) for v in flags.tolist()]
+
+
+def _finite_flag(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([v.detach().float().reshape(()) for v in values]).isfinite().all().float().reshape(1)
+
+
 def all_finite(values: list[torch.Tensor]) -> bool:
     """Whether every value (scalars, on one device) is finite on every rank (a collective when distributed)."""
-    flag = torch.stack([v.detach().float().reshape(()) for v in values]).isfinite().all().float().reshape(1)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return _min_over_ranks(_finite_flag(values))[0]
+
+
+def step_consensus(losses: list[torch.Tensor], stop_asked: bool) -> StepConsensus:
+    """One all-reduce (the one every step makes anyway): the losses' finiteness over all ranks, and
+    `stop_asked` of any rank (only rank 0 is ever asked). losses: scalars on the training device."""
+    not_asked = torch.tensor([0.0 if stop_asked else 1.0], device=losses[0].device)
+    finite, keep_going = _min_over_ranks(torch.cat([_finite_flag(losses), not_asked]))
+    return StepConsensus(loss_finite=finite, stop=not keep_going)
 
 
 class NonFiniteGuard:
@@ -87,12 +112,12 @@ class NonFiniteGuard:
         self.gate = gate
         self.skipped = skipped
 
-    def before_update(self, losses: list[torch.Tensor]) -> bool:
-        """Call after the last backward of a step, before its optimizer step: True when every loss was finite on
-        every rank (else the gate is closed for this step)."""
-        finite = all_finite(losses)
-        self.gate.open_for_step(closed=not finite)
-        return finite
+    def before_update(self, losses: list[torch.Tensor], stop_asked: bool = False) -> StepConsensus:
+        """Call after the last backward of a step, before its optimizer step, on every rank: the ranks' consensus
+        (`step_consensus`); the gate is closed for this step unless every loss was finite on every rank."""
+        consensus = step_consensus(losses, stop_asked)
+        self.gate.open_for_step(closed=not consensus.loss_finite)
+        return consensus
 
     def after_update(self, step: int, engine, loss_finite: bool, losses: list[torch.Tensor]) -> bool:
         """Call after the optimizer step: True when the update was applied. A bad step raises NonFiniteError

@@ -1,11 +1,13 @@
 """Stopping a run on request (Ctrl-C, SIGTERM from a scheduler or `arflow jobs stop`) without losing its steps.
 
 The first SIGINT or SIGTERM the driver receives while the workers train is a request: the driver passes it to
-rank 0 through the console sink, and at the next log step (`train.log_every`) every rank learns it from one
-collective, writes a checkpoint of that step and returns. The driver then marks the MLflow run KILLED and
-raises `TrainingStopped`; running the same command again continues from that checkpoint. A second signal
-stops at once: the driver raises `TrainingStopped` without a new checkpoint, and leaving the Ray session ends
-the workers (the run continues from its newest periodic checkpoint).
+rank 0 through the console sink. Rank 0 polls the sink without blocking (`StopPoll`, one outstanding query at a
+time) and its answer rides on the all-reduce every step already makes after its last backward
+(train/nonfinite.py, `StepConsensus`), so every rank learns it in the same step, a step or two after the
+request, at no extra collective or sync; all ranks finish that step, write a checkpoint of it and return. The
+driver then marks the MLflow run KILLED and raises `TrainingStopped`; running the same command again continues
+from that checkpoint. A second signal stops at once: the driver raises `TrainingStopped` without a new
+checkpoint, and leaving the Ray session ends the workers (the run continues from its newest periodic checkpoint).
 """
 from __future__ import annotations
 
@@ -15,8 +17,6 @@ from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import ray
-import torch
-import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -47,10 +47,23 @@ class StopSignals:
                 signal.signal(signum, handler)
 
 
-def stop_agreed(sink, rank: int, device: torch.device) -> bool:
-    """Whether the driver asked the run to stop: rank 0 asks the sink, every rank gets its answer (a collective,
-    so that all ranks stop after the same step)."""
-    asked = rank == 0 and sink is not None and bool(ray.get(sink.stop_requested.remote()))
-    flag = torch.tensor([1.0 if asked else 0.0], device=device)
-    dist.broadcast(flag, src=0)
-    return bool(flag.item())
+class StopPoll:
+    """Worker side: whether the driver has asked to stop, as rank 0 knows it, never blocking a step.
+
+    Rank 0 keeps one query of the console sink outstanding and reads it once it is answered (`ray.wait` with a zero
+    timeout); other ranks, and runs without a sink, are never asked. Once asked, it stays asked."""
+
+    def __init__(self, sink, rank: int):
+        self.sink = sink if rank == 0 else None
+        self.query = None  # the outstanding `stop_requested` call
+        self.asked = False
+
+    def poll(self) -> bool:
+        if self.sink is None or self.asked:
+            return self.asked
+        if self.query is None:
+            self.query = self.sink.stop_requested.remote()
+        answered, _ = ray.wait([self.query], timeout=0)
+        if answered:
+            self.asked, self.query = bool(ray.get(self.query)), None
+        return self.asked

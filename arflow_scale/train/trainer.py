@@ -48,7 +48,7 @@ from .reshard import RESHARD_PATHS, needs_universal, restore_resharded
 from .mfu import FlopsMeter, resolve_peak_tflops
 from .rng import step_generator
 from .state import restore_state, save_state
-from .stop import stop_agreed
+from .stop import StopPoll
 from .validation import open_validator
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class StepResult:
     lr: float
     seconds: float
     data_wait: float
+    stop: bool = False  # every rank learned in this step that the driver asked the run to stop
 
 
 class Throughput:
@@ -110,6 +111,7 @@ class Trainer:
         self.last_loss = self.record.last_loss if self.record and self.record.last_loss is not None else math.nan
         skipped = self.record.skipped_steps if self.record else 0
         self.guard = NonFiniteGuard(cfg.train, self.engine.gate, skipped=skipped)
+        self.stop_poll = StopPoll(args.console_sink, self.rank)
         tracking = args.tracking
         self.run_id = (self.record.mlflow_run_id if self.record else None) or tracking.run_id
         self.tracker = Tracker(tracking.uri, self.run_id, cfg.tracking.system_metrics) if self.rank == 0 \
@@ -132,15 +134,15 @@ class Trainer:
     def fit(self) -> WorkerResult:
         """Train from the restored step to `train.steps` (a finished run launched again only reports); a
         non-finite loss, gradient or weight ends it with a result whose `error` names the step; the driver's stop
-        request (train/stop.py) with a checkpoint of the log step that learns it."""
+        request (train/stop.py) with a checkpoint of the step in which every rank learns it."""
         total = self.cfg.train.steps
         self.data = iter(self.stream)
         self.engine.engine.train()
         try:
             for step in range(self.start_step + 1, total + 1):
-                self.report_step(step, self.train_step(step))
-                stop = self.logs_at(step) and step < total and stop_agreed(self.args.console_sink, self.rank,
-                                                                            self.device)
+                result = self.train_step(step)
+                self.report_step(step, result)
+                stop = result.stop and step < total
                 if stop or step == total or step % self.cfg.checkpoint.every == 0:
                     self.save(step)
                 if stop:
@@ -163,7 +165,7 @@ class Trainer:
     def report_step(self, step: int, result: StepResult) -> None:
         """What follows a step before its checkpoint: the loss (a sync, only when used), throughput, the log
         line and metrics, validation and the sample grid when due."""
-        if self.logs_at(step) or step % self.cfg.checkpoint.every == 0:
+        if self.logs_at(step) or step % self.cfg.checkpoint.every == 0 or result.stop:
             self.last_loss = mean_across_ranks(torch.stack(result.losses).mean())
         self.throughput.add(step, result.seconds)
         if self.logs_at(step):
@@ -183,7 +185,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over grad_accum micro-batches."""
-        started, data_wait, losses = time.perf_counter(), 0.0, []
+        started, data_wait, losses, stop = time.perf_counter(), 0.0, [], False
         engine = self.engine.engine
         lr = engine.get_lr()[0]
         if self.engine.grad_norm_probe is not None:
@@ -199,12 +201,13 @@ class Trainer:
             loss = self.faults.poison_loss(step, loss)
             engine.backward(loss)
             losses.append(loss.detach())
-            if micro == accum - 1:  # the optimizer steps next: every rank agrees whether it may
-                loss_finite = self.guard.before_update(losses)
+            if micro == accum - 1:  # the optimizer steps next: every rank agrees whether it may, and on a stop
+                consensus = self.guard.before_update(losses, stop_asked=self.stop_poll.poll())
+                loss_finite, stop = consensus.loss_finite, consensus.stop
             engine.step()
         if self.guard.after_update(step, engine, loss_finite, losses):
             self.ema.update(engine.module)
-        return StepResult(losses=losses, lr=lr, seconds=time.perf_counter() - started, data_wait=data_wait)
+        return StepResult(losses=losses, lr=lr, seconds=time.perf_counter() - started, data_wait=data_wait, stop=stop)
 
     # ------------------------------------------------------------------ when
     def logs_at(self, step: int) -> bool:
