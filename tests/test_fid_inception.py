@@ -115,6 +115,9 @@ def both_pipelines():
                 their_features=np.asarray(helper.ref_feats_list))
 
 
+# fid-helper's scipy sqrtm warns that the product of two rank-31 covariances is singular: that is the point of
+# this set size (module docstring), and the comparison below holds regardless.
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_features_match_fid_helper(both_pipelines):
     ours, theirs = both_pipelines["our_features"], both_pipelines["their_features"]
     assert ours.shape == theirs.shape == (32, 2048)
