@@ -87,8 +87,9 @@ def test_every_rank_learns_rank_zeros_stop_and_any_ranks_non_finite_loss_from_on
     assert step_consensus([torch.tensor(1.0)], stop_asked=True) == StepConsensus(loss_finite=True, stop=True)
     assert step_consensus([torch.tensor(math.nan)], stop_asked=False) == StepConsensus(False, False)
     context = multiprocessing.get_context("fork")
-    for case, (asked, losses) in enumerate([((True, False), ([1.0, 2.0], [math.inf, 1.0])),
-                                             ((False, False), ([1.0], [1.0]))]):
+    cases = [((True, False), ([1.0, 2.0], [math.inf, 1.0]), StepConsensus(loss_finite=False, stop=True)),
+             ((False, False), ([1.0], [1.0]), StepConsensus(loss_finite=True, stop=False))]
+    for case, (asked, losses, expected) in enumerate(cases):  # per rank: asked to stop, losses
         results = context.Queue()
         ranks = [context.Process(target=_consensus_rank, args=(r, str(tmp_path / f"init{case}"), asked[r],
                                                                losses[r], results)) for r in range(2)]
@@ -97,7 +98,6 @@ def test_every_rank_learns_rank_zeros_stop_and_any_ranks_non_finite_loss_from_on
         got = dict(results.get(timeout=60) for _ in ranks)
         for p in ranks:
             p.join(30)
-        expected = StepConsensus(loss_finite=case == 1, stop=case == 0)
         assert got == {0: expected, 1: expected}
 
 

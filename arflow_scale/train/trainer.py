@@ -63,7 +63,7 @@ class StepResult:
     lr: float
     seconds: float
     data_wait: float
-    stop: bool = False  # every rank learned in this step that the driver asked the run to stop
+    stop: bool  # every rank learned in this step that the driver asked the run to stop
 
 
 class Throughput:
@@ -185,7 +185,7 @@ class Trainer:
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step over grad_accum micro-batches."""
-        started, data_wait, losses, stop = time.perf_counter(), 0.0, [], False
+        started, data_wait, losses = time.perf_counter(), 0.0, []
         engine = self.engine.engine
         lr = engine.get_lr()[0]
         if self.engine.grad_norm_probe is not None:
@@ -203,11 +203,11 @@ class Trainer:
             losses.append(loss.detach())
             if micro == accum - 1:  # the optimizer steps next: every rank agrees whether it may, and on a stop
                 consensus = self.guard.before_update(losses, stop_asked=self.stop_poll.poll())
-                loss_finite, stop = consensus.loss_finite, consensus.stop
             engine.step()
-        if self.guard.after_update(step, engine, loss_finite, losses):
+        if self.guard.after_update(step, engine, consensus.loss_finite, losses):
             self.ema.update(engine.module)
-        return StepResult(losses=losses, lr=lr, seconds=time.perf_counter() - started, data_wait=data_wait, stop=stop)
+        return StepResult(losses=losses, lr=lr, seconds=time.perf_counter() - started, data_wait=data_wait,
+                          stop=consensus.stop)
 
     # ------------------------------------------------------------------ when
     def logs_at(self, step: int) -> bool:
