@@ -24,8 +24,10 @@ LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 LOCAL_NODE_IP = "127.0.0.1"  # a local Ray's node IP: every port it opens listens on loopback only
 RAY_TMP_ENV = "ARFLOW_RAY_TMP"  # where the local Ray keeps its sockets and logs (default ./.ray_tmp)
 # What a local Ray's processes (and so Ray Train's controller) start with, unless the environment says otherwise:
-# one local node is never preempted, so no run needs Ray Train's preemption watcher (an actor process per run).
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+# - one local node is never preempted, so no run needs Ray Train's preemption watcher (an actor process per run);
+# - the controller polls its workers every 0.25 s instead of 2 s: a local run learns its workers started, reported
+#   and finished sooner (measured: a 6-step 2-worker run on this 2-core machine, 23 s -> 16 s; CPU unchanged).
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 def connect_ray(address: Optional[str] = None, local_num_cpus: Optional[int] = None, *,
