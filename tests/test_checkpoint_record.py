@@ -39,6 +39,23 @@ def test_round_trip_and_strict_json():
     assert CheckpointRecord.from_json(text).last_loss is None
 
 
+def test_a_final_record_keeps_its_state_and_older_versions_do_not_know_it():
+    final = CheckpointRecord(step=6, world_size=2, last_loss=0.5, params_sha256="ab" * 32, ema_sha256="cd" * 32,
+                             val_loss=0.75, val_loss_ema=math.inf)
+    text = final.to_json()
+    assert json.loads(text)["val_loss_ema"] is None and "Infinity" not in text  # strict JSON
+    read = CheckpointRecord.from_json(text)
+    assert read.hashed and (read.params_sha256, read.val_loss, read.val_loss_ema) == ("ab" * 32, 0.75, None)
+    assert not CheckpointRecord(step=4, world_size=2).hashed  # a checkpoint before the last step
+    v3 = {key: value for key, value in json.loads(text).items() if key not in ("params_sha256", "ema_sha256",
+                                                                             "val_loss", "val_loss_ema")}
+    assert not CheckpointRecord.from_json(json.dumps({**v3, "version": 3})).hashed
+    with pytest.raises(ValueError, match="unknown key 'params_sha256' in a version-3"):
+        CheckpointRecord.from_json(json.dumps({**v3, "version": 3, "params_sha256": "ab"}))
+    with pytest.raises(ValueError, match="ema_sha256 = 7 is not a sha256"):
+        CheckpointRecord.from_json(json.dumps({**v3, "ema_sha256": 7}))
+
+
 def test_newer_version_and_bad_records_are_refused_naming_the_file():
     newer = json.dumps({"version": 99, "step": 1, "world_size": 1})
     with pytest.raises(CheckpointVersionError, match=r"run/checkpoint_1/meta.json: .*version 99.*newer"):

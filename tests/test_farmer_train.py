@@ -65,14 +65,16 @@ def cli_train(capsys, config: str, root: Path, name: str, *overrides: str) -> di
     return last_json(capsys)
 
 
+TEACHER = [f"train.steps={TEACHER_STEPS}", "checkpoint.every=150", "train.sample_every=150", "optim.warmup_steps=20"]
+
+
 @pytest.fixture(scope="module")
 def teacher(ray_local, workspace):
     """configs/farmer-demo.yaml for 300 steps (ZeRO-2), with sample grids at 150 and 300."""
-    return train_config(workspace, "farmer-demo.yaml", "teacher", f"train.steps={TEACHER_STEPS}",
-                        "checkpoint.every=150", "train.sample_every=150", "optim.warmup_steps=20")
+    return train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER)
 
 
-def test_training_lowers_the_logged_bits_per_dim(teacher):
+def test_training_lowers_the_logged_bits_per_dim(teacher, workspace):
     from mlflow.tracking import MlflowClient
 
     bits = history(teacher, "bits_per_dim")
@@ -87,6 +89,9 @@ def test_training_lowers_the_logged_bits_per_dim(teacher):
     grids = [a.path for a in client.list_artifacts(teacher["mlflow_run_id"], "samples")]
     assert grids == ["samples/ema_step_0000150.png", "samples/ema_step_0000300.png"]
     assert client.get_run(teacher["mlflow_run_id"]).data.params["model.family"] == "farmer"
+    # launched again, the finished run reports its final state from its last checkpoint's record (no workers)
+    again = train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER)
+    assert {**again, "images_per_s": None} == {**teacher, "images_per_s": None}
 
 
 def test_crash_resumes_bit_identical_under_zero3(ray_local, workspace, capsys):

@@ -2,6 +2,8 @@
 exports; a run continues on one worker and back on two (helpers and ZeRO-2's runs: test_train_resume.py)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from test_train_resume import (check_elastic_round_trip, continue_elsewhere, digits, loss_history,  # noqa: F401
@@ -17,9 +19,9 @@ def zero3_reference(ray_local, digits, tmp_path_factory):  # noqa: F811 - the im
 
 
 def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_bucket, zero3_reference,
-                                                          digits, tmp_path):  # noqa: F811
+                                                          digits, tmp_path, caplog):  # noqa: F811
     """ZeRO-3 on S3: a SIGKILLed run fails; the same command again resumes, matches, and exports; once more, it
-    only reports."""
+    only reports, from its last checkpoint's record, without starting workers."""
     import ray.train
 
     from arflow_scale.checkpoint import load_raw_weights, state_dict_sha256
@@ -52,10 +54,13 @@ def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_buck
     assert state_dict_sha256(ema) != state_dict_sha256(raw)
     assert state_dict_sha256(load_raw_weights(f"{storage}/z3")) == result["params_sha256"]
 
-    # The same command once more: the run is finished, so it trains nothing and reports the same state.
-    again = run_training(*args)
-    assert (again["final_step"], again["params_sha256"], again["ema_sha256"], again["checkpoint"]) == \
-        (6, result["params_sha256"], result["ema_sha256"], result["checkpoint"])
+    # The same command once more: the run is finished, so it starts no workers and reports the same state.
+    with caplog.at_level(logging.INFO, logger="arflow_scale"):
+        again = run_training(*args)
+    assert f"run {storage}/z3 finished at step 6: reporting its checkpoint" in caplog.text
+    assert "resuming MLflow run" not in caplog.text  # what a launch of the workers logs first
+    reported = ("final_step", "params_sha256", "ema_sha256", "checkpoint", "final_loss", "mlflow_run_id")
+    assert {key: again[key] for key in reported} == {key: result[key] for key in reported}
     assert {s: v[-1] for s, v in loss_history(again["mlflow_tracking_uri"], again["mlflow_run_id"]).items()} == \
         {s: v[-1] for s, v in ours.items()}
 

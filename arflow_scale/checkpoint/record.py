@@ -4,8 +4,10 @@ Version 1 (no `version` key) is what checkpoints held before the record was type
 zero_stage, last_loss, ema_partitioned, mlflow_run_id, tracking_uri. Version 2 adds `version`,
 `ema_layout` (instead of the flag) and `model_family`. Version 3 adds what continuing on another number
 of workers needs: the batch layout (`micro_batch_size`, `grad_accum`), the parameter shapes and the count
-of skipped non-finite steps (older records read them as unknown: None, 0). A record of a newer version
-than this code knows is refused with a message naming the file, never half-read.
+of skipped non-finite steps (older records read them as unknown: None, 0). Version 4 adds the final state of
+a run to the checkpoint of its last step (`params_sha256`, `ema_sha256`, `val_loss`, `val_loss_ema`), so a
+finished run launched again reports it without starting workers. A record of a newer version than this code
+knows is refused with a message naming the file, never half-read.
 """
 from __future__ import annotations
 
@@ -15,10 +17,16 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 EMA_LAYOUTS = ("full", "fragments", "zero3")
 EmaLayout = Literal["full", "fragments", "zero3"]
-V3_FIELDS = ("micro_batch_size", "grad_accum", "param_shapes", "skipped_steps")  # absent from older records
+FIELDS_SINCE = {  # the fields each version added (absent from older records)
+    3: ("micro_batch_size", "grad_accum", "param_shapes", "skipped_steps"),
+    4: ("params_sha256", "ema_sha256", "val_loss", "val_loss_ema"),
+}
+
+
+LOSS_FIELDS = ("last_loss", "val_loss", "val_loss_ema")  # a non-finite value is stored and read as None
 
 
 class CheckpointVersionError(ValueError):
@@ -41,7 +49,17 @@ class CheckpointRecord:
     grad_accum: Optional[int] = None  # micro-steps per optimizer step
     param_shapes: Optional[dict[str, list[int]]] = None  # {parameter name: shape} of the model
     skipped_steps: int = 0  # non-finite steps skipped so far in the run (train.nonfinite=skip)
+    # the state saved, when the run hashed it (its last step, train.steps): sha256 of the full fp32 weights / EMA
+    params_sha256: Optional[str] = None
+    ema_sha256: Optional[str] = None
+    val_loss: Optional[float] = None  # held-out loss of the saved raw weights, when the run measured it at this step
+    val_loss_ema: Optional[float] = None  # ... of the saved EMA
     version: int = RECORD_VERSION
+
+    @property
+    def hashed(self) -> bool:
+        """Whether the record holds the hashes of the state it saved (a run's last checkpoint, version 4 on)."""
+        return self.params_sha256 is not None and self.ema_sha256 is not None
 
     @property
     def ema_partitioned(self) -> bool:
@@ -58,13 +76,14 @@ class CheckpointRecord:
     def to_json(self) -> str:
         """The record as meta.json text (a non-finite loss is written as null: strict JSON)."""
         data = dataclasses.asdict(self)
-        if data["last_loss"] is not None and not math.isfinite(data["last_loss"]):
-            data["last_loss"] = None
+        for key in LOSS_FIELDS:
+            if data[key] is not None and not math.isfinite(data[key]):
+                data[key] = None
         return json.dumps(data, indent=1, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str, where: str = "meta.json") -> "CheckpointRecord":
-        """Parse meta.json text of version 1, 2 or 3; `where` names the file in errors."""
+        """Parse meta.json text of version 1 to RECORD_VERSION; `where` names the file in errors."""
         try:
             data = json.loads(text)
         except ValueError as err:
@@ -76,7 +95,7 @@ class CheckpointRecord:
             raise CheckpointVersionError(
                 f"{where}: checkpoint record version {version!r} was written by a newer arflow_scale "
                 f"(this one reads versions up to {RECORD_VERSION}); upgrade to read it")
-        return cls._from_v1(data, where) if version == 1 else cls._from_v2_or_3(data, where, version)
+        return cls._from_v1(data, where) if version == 1 else cls._from_v2_on(data, where, version)
 
     @classmethod
     def _from_v1(cls, data: dict[str, Any], where: str) -> "CheckpointRecord":
@@ -88,8 +107,9 @@ class CheckpointRecord:
                             mlflow_run_id=data.get("mlflow_run_id"), tracking_uri=data.get("tracking_uri"))
 
     @classmethod
-    def _from_v2_or_3(cls, data: dict[str, Any], where: str, version: int) -> "CheckpointRecord":
-        names = {f.name for f in dataclasses.fields(cls)} - (set() if version == 3 else set(V3_FIELDS))
+    def _from_v2_on(cls, data: dict[str, Any], where: str, version: int) -> "CheckpointRecord":
+        later = {name for since, added in FIELDS_SINCE.items() if since > version for name in added}
+        names = {f.name for f in dataclasses.fields(cls)} - later
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"{where}: unknown key {unknown[0]!r} in a version-{version} checkpoint record")
@@ -111,6 +131,10 @@ class CheckpointRecord:
         if shapes is not None and not (isinstance(shapes, dict) and all(
                 isinstance(v, list) and all(isinstance(d, int) for d in v) for v in shapes.values())):
             raise ValueError(f"{where}: param_shapes must map parameter names to lists of integers")
-        loss = fields.get("last_loss")
-        fields["last_loss"] = None if loss is None or not math.isfinite(float(loss)) else float(loss)
+        for key in ("params_sha256", "ema_sha256"):
+            if fields.get(key) is not None and not isinstance(fields[key], str):
+                raise ValueError(f"{where}: {key} = {fields[key]!r} is not a sha256 hex digest")
+        for key in LOSS_FIELDS:
+            loss = fields.get(key)
+            fields[key] = None if loss is None or not math.isfinite(float(loss)) else float(loss)
         return cls(**fields)

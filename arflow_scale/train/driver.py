@@ -34,7 +34,8 @@ from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_e
 from arflow_scale.eval.scheduler import FidScheduler
 from arflow_scale.schema import check, fail
 from arflow_scale.tasks import task_for
-from arflow_scale.tracking import TrackingTarget, prepare_run, recordable_uri, set_run_status
+from arflow_scale.tracking import (TrackingTarget, prepare_run, read_run_id, recordable_uri, resolve_tracking_uri,
+                                   set_run_status)
 
 from .args import StreamFactory, WorkerArgs
 from .result import RestoredState, TrainingStopped, WorkerResult
@@ -208,10 +209,31 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
     check_resume(cfg, run_url, latest, latest_url, options)
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
-                 missed_heartbeats=cfg.run.lock_missed_heartbeats), \
-            ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
-        drop_ray_snapshot(run_url, options)
-        return _fit(cfg, run_url, options, latest, stream_factory, data)
+                 missed_heartbeats=cfg.run.lock_missed_heartbeats):
+        if latest is not None and latest.step >= cfg.train.steps and latest.hashed:
+            return finished_result(cfg, run_url, options, latest_url, latest, data)
+        with ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
+            drop_ray_snapshot(run_url, options)
+            return _fit(cfg, run_url, options, latest, stream_factory, data)
+
+
+def finished_result(cfg: Config, run_url: str, options: dict[str, Any], checkpoint: str, record: CheckpointRecord,
+                    data: Optional[DataPlan]) -> TrainResult:
+    """A finished run launched again: its final state from the record of its last checkpoint, with no Ray and no
+    workers (nothing is trained, and no FID is evaluated again: `arflow fid model` does that). Its MLflow run is
+    marked FINISHED, in case the driver that trained it ended before it could."""
+    log.info("run %s finished at step %d: reporting its checkpoint %s (nothing to train)", run_url, record.step,
+             checkpoint)
+    uri = resolve_tracking_uri(cfg.tracking.uri, run_url, cfg.run.name) if cfg.tracking.enabled else None
+    tracking = TrackingTarget(uri, read_run_id(run_url, options, record) if uri else None)
+    set_run_status(tracking, "FINISHED")
+    restored = RestoredState(record.step, record.params_sha256, record.ema_sha256) \
+        if cfg.checkpoint.hash_restored else None
+    return TrainResult(
+        final_step=record.step, final_loss=record.last_loss, params_sha256=record.params_sha256,
+        ema_sha256=record.ema_sha256, checkpoint=checkpoint, mlflow_run_id=record.mlflow_run_id or tracking.run_id,
+        mlflow_tracking_uri=recordable_uri(tracking.uri), images_per_s=0.0, val_loss=record.val_loss,
+        val_loss_ema=record.val_loss_ema, classes_trained=len(data.trained) if data else None, restored=restored)
 
 
 def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[CheckpointRecord],

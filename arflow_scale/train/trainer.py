@@ -124,6 +124,7 @@ class Trainer:
         self.validator = None if args.stream_factory is not None else open_validator(
             cfg, self.task, rank=self.rank, world_size=self.world, device=self.device, bf16=self.precision == "bf16")
         self.val_losses: dict[str, float] = {}  # the latest val_loss / val_loss_ema
+        self.final_hashes: Optional[tuple[str, str]] = None  # (params, EMA) sha256 at train.steps, once saved
         self.decoder: Optional[Decoder] = None  # rank 0's, made at its first sample grid (a VAE loads once)
         self.data_health = DataHealthWatch()
         self.flops = FlopsMeter.for_training(  # rank 0 logs: only it measures a peak
@@ -132,9 +133,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> WorkerResult:
-        """Train from the restored step to `train.steps` (a finished run launched again only reports); a
-        non-finite loss, gradient or weight ends it with a result whose `error` names the step; the driver's stop
-        request (train/stop.py) with a checkpoint of the step in which every rank learns it."""
+        """Train from the restored step to `train.steps` (a finished run launched again only reports: one whose last
+        record predates its hashes; the driver reports newer ones without workers); a non-finite loss, gradient or
+        weight ends it with a result whose `error` names the step; the driver's stop request (train/stop.py) with
+        a checkpoint of the step in which every rank learns it."""
         total = self.cfg.train.steps
         self.data = iter(self.stream)
         self.engine.engine.train()
@@ -286,12 +288,16 @@ class Trainer:
         if not weights_finite(held, self.device):
             raise NonFiniteError(f"step {step}: the weights or their EMA are not finite; checkpoint "
                                  f"{self.checkpointer.url(step)} not saved")
+        final = {}
+        if step == self.cfg.train.steps:  # the run's final state: its record lets a relaunch report without workers
+            self.final_hashes = self.state_hashes()
+            final = dict(zip(("params_sha256", "ema_sha256"), self.final_hashes), **self.val_losses)
         record = CheckpointRecord(
             step=step, world_size=self.world, zero_stage=self.cfg.train.zero_stage, ema_layout=self.ema.layout,
             last_loss=self.last_loss, mlflow_run_id=self.run_id, tracking_uri=recordable_uri(self.args.tracking.uri),
             model_family=self.task.family, micro_batch_size=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
             param_shapes={name: list(meta["shape"]) for name, meta in self.ema.meta.items()},
-            skipped_steps=self.guard.skipped)
+            skipped_steps=self.guard.skipped, **final)
         url = self.checkpointer.save(step, lambda folder: save_state(
             folder, engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank, record=record,
             config_yaml=self.config_yaml))
@@ -299,8 +305,9 @@ class Trainer:
         self.notify(Notice(f"checkpoint {url}"))
 
     def final_result(self, step: int) -> WorkerResult:
-        """The run's result (rank 0's is the one Ray Train keeps); hashes gather the full weights."""
-        params_sha256, ema_sha256 = self.state_hashes()
+        """The run's result (rank 0's is the one Ray Train keeps); hashes gather the full weights (once: the last
+        step's save hashed them already)."""
+        params_sha256, ema_sha256 = self.final_hashes or self.state_hashes()
         images_per_s = self.images_per_step / self.throughput.step_seconds(math.inf)
         return WorkerResult(final_step=step, final_loss=self.last_loss, params_sha256=params_sha256,
                             ema_sha256=ema_sha256, images_per_s=images_per_s, mlflow_run_id=self.run_id or "",
