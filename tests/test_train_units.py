@@ -64,6 +64,27 @@ def test_lr_schedule_warmup_constant_cosine():
     assert cos[0] == 1.0 and math.isclose(cos[10], 0.1) and all(a >= b for a, b in zip(cos, cos[1:]))
 
 
+def test_a_changed_schedule_is_named_with_both_factors(caplog):
+    from arflow_scale.config import config_from_dict
+    from arflow_scale.train.driver import warn_of_schedule_jump
+    from arflow_scale.train.schedule import schedule_jump
+
+    cosine = config_from_dict({}, ["optim.schedule=cosine", "optim.warmup_steps=2", "train.steps=100"])
+    longer = config_from_dict({}, ["optim.schedule=cosine", "optim.warmup_steps=2", "train.steps=200"])
+    constant = config_from_dict({}, ["train.steps=100"])
+    assert schedule_jump(50, (cosine.optim, 100), (cosine.optim, 100)) is None
+    assert schedule_jump(50, (constant.optim, 100), (constant.optim, 300)) is None  # constant after warmup
+    assert schedule_jump(1, (cosine.optim, 100), (longer.optim, 200)) is None  # still warming up: the same
+    jump = schedule_jump(100, (cosine.optim, 100), (longer.optim, 200))  # extended after a finished cosine
+    halfway = 0.5 * (1 + math.cos(math.pi * (100 - 2) / (200 - 2)))  # the longer cosine, past its warmup
+    assert jump.startswith(f"the schedule's factor after step 100 is {halfway:.4g} under these settings, 0 under ")
+    with caplog.at_level("WARNING", logger="arflow_scale.train.driver"):
+        warn_of_schedule_jump(longer, cosine, 100, "runs/x")
+        warn_of_schedule_jump(cosine, cosine, 50, "runs/x")
+    assert len(caplog.records) == 1 and "run runs/x continues from step 100 under other schedule settings " \
+        "(train.steps 100 -> 200, optim.schedule cosine): the schedule's factor after step 100" in caplog.text
+
+
 def test_step_generator_depends_on_seed_rank_step_micro():
     from arflow_scale.train.rng import step_generator
 

@@ -24,8 +24,6 @@ FIELDS_SINCE = {  # the fields each version added (absent from older records)
     3: ("micro_batch_size", "grad_accum", "param_shapes", "skipped_steps"),
     4: ("params_sha256", "ema_sha256", "val_loss", "val_loss_ema"),
 }
-
-
 LOSS_FIELDS = ("last_loss", "val_loss", "val_loss_ema")  # a non-finite value is stored and read as None
 
 

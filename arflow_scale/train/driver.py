@@ -44,6 +44,7 @@ from .console import Console, Notice
 from .nonfinite import NonFiniteError
 from .preflight import DataPlan, check_data
 from .run_lock import RunLock
+from .schedule import schedule_jump
 from .stop import StopSignals
 from .worker import train_loop_per_worker
 
@@ -182,6 +183,15 @@ def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], 
                       f"parameter(s) differ); {again}")
 
 
+def warn_of_schedule_jump(cfg: Config, resumed: Config, step: int, run_url: str) -> None:
+    """A run continued with other schedule settings (a longer `train.steps` under a cosine, another warmup or
+    floor) takes the new schedule's factor at once: say so, with both factors, before it trains."""
+    jump = schedule_jump(step, (resumed.optim, resumed.train.steps), (cfg.optim, cfg.train.steps))
+    if jump is not None:
+        log.warning("run %s continues from step %d under other schedule settings (train.steps %d -> %d, optim.schedule %s): "
+                    "%s", run_url, step, resumed.train.steps, cfg.train.steps, cfg.optim.schedule, jump)
+
+
 def drop_ray_snapshot(run_url: str, storage_options: dict[str, Any]) -> None:
     """Remove Ray Train's snapshot of the checkpoints it registered from the run folder: Ray no longer registers
     ours, and a snapshot left by an earlier version (or half-written during an outage) would fail its start."""
@@ -208,6 +218,8 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
     cfg = resolve_run_vae(cfg, resumed.model if resumed else None, read_shards=stream_factory is None)
     cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
     check_resume(cfg, run_url, latest, latest_url, options)
+    if latest is not None and resumed is not None and latest.step < cfg.train.steps:
+        warn_of_schedule_jump(cfg, resumed, latest.step, run_url)
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
                  missed_heartbeats=cfg.run.lock_missed_heartbeats):
         if latest is not None and latest.step >= cfg.train.steps and latest.hashed:

@@ -282,22 +282,23 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save(self, step: int) -> None:
         """Every rank writes its part and the checkpointer uploads it (then prunes); Ray Train gets the metrics.
-        Non-finite weights are never saved: the run stops instead, naming the step."""
+        Non-finite weights are never saved: the run stops instead, naming the step. The last step's save hashes the
+        state (a collective) for its record and the run's result."""
         module = self.engine.engine.module
         held = list(self.ema.local_weights(module).values()) + list(self.ema.shadow.values())
         if not weights_finite(held, self.device):
             raise NonFiniteError(f"step {step}: the weights or their EMA are not finite; checkpoint "
                                  f"{self.checkpointer.url(step)} not saved")
-        final = {}
-        if step == self.cfg.train.steps:  # the run's final state: its record lets a relaunch report without workers
-            self.final_hashes = self.state_hashes()
-            final = dict(zip(("params_sha256", "ema_sha256"), self.final_hashes), **self.val_losses)
+        final_state = {}  # the last step's record holds the run's final state: a relaunch reports it without workers
+        if step == self.cfg.train.steps:
+            self.final_hashes = params_sha256, ema_sha256 = self.state_hashes()
+            final_state = {"params_sha256": params_sha256, "ema_sha256": ema_sha256, **self.val_losses}
         record = CheckpointRecord(
             step=step, world_size=self.world, zero_stage=self.cfg.train.zero_stage, ema_layout=self.ema.layout,
             last_loss=self.last_loss, mlflow_run_id=self.run_id, tracking_uri=recordable_uri(self.args.tracking.uri),
             model_family=self.task.family, micro_batch_size=self.plan.micro_batch, grad_accum=self.plan.grad_accum,
             param_shapes={name: list(meta["shape"]) for name, meta in self.ema.meta.items()},
-            skipped_steps=self.guard.skipped, **final)
+            skipped_steps=self.guard.skipped, **final_state)
         url = self.checkpointer.save(step, lambda folder: save_state(
             folder, engine=self.engine.engine, ema=self.ema, stream=self.stream, rank=self.rank, record=record,
             config_yaml=self.config_yaml))
