@@ -18,6 +18,8 @@ pytestmark = pytest.mark.slow
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 QUIET = ["tracking.system_metrics=false", "train.log_every=10"]
 TEACHER_STEPS = 300
+TEACHER_OVERRIDES = [f"train.steps={TEACHER_STEPS}", "checkpoint.every=150", "train.sample_every=150",
+                     "optim.warmup_steps=20"]
 BITS_PER_DIM_BELOW = 6.8  # mean logged bits/dim of the last 50 steps (uniform pixels: 8; measured here: 6.1)
 # Mean |student(z) - inverse(z)| of the kept (clamped) pixels in [-1, 1] on test latents, and the share of the
 # identity map's error it must stay under. Measured here after 240 steps on a 300-step teacher: 0.111 on prior
@@ -65,13 +67,10 @@ def cli_train(capsys, config: str, root: Path, name: str, *overrides: str) -> di
     return last_json(capsys)
 
 
-TEACHER = [f"train.steps={TEACHER_STEPS}", "checkpoint.every=150", "train.sample_every=150", "optim.warmup_steps=20"]
-
-
 @pytest.fixture(scope="module")
 def teacher(ray_local, workspace):
     """configs/farmer-demo.yaml for 300 steps (ZeRO-2), with sample grids at 150 and 300."""
-    return train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER)
+    return train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER_OVERRIDES)
 
 
 def test_training_lowers_the_logged_bits_per_dim(teacher, workspace):
@@ -90,7 +89,7 @@ def test_training_lowers_the_logged_bits_per_dim(teacher, workspace):
     assert grids == ["samples/ema_step_0000150.png", "samples/ema_step_0000300.png"]
     assert client.get_run(teacher["mlflow_run_id"]).data.params["model.family"] == "farmer"
     # launched again, the finished run reports its final state from its last checkpoint's record (no workers)
-    again = train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER)
+    again = train_config(workspace, "farmer-demo.yaml", "teacher", *TEACHER_OVERRIDES)
     assert {**again, "images_per_s": None} == {**teacher, "images_per_s": None}
 
 

@@ -55,6 +55,7 @@ def test_zero3_stop_and_rerun_on_s3_continues_and_exports(s3_endpoint, make_buck
     assert state_dict_sha256(load_raw_weights(f"{storage}/z3")) == result["params_sha256"]
 
     # The same command once more: the run is finished, so it starts no workers and reports the same state.
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="arflow_scale"):
         again = run_training(*args)
     assert f"run {storage}/z3 finished at step 6: reporting its checkpoint" in caplog.text

@@ -188,8 +188,9 @@ def warn_of_schedule_jump(cfg: Config, resumed: Config, step: int, run_url: str)
     floor) takes the new schedule's factor at once: say so, with both factors, before it trains."""
     jump = schedule_jump(step, (resumed.optim, resumed.train.steps), (cfg.optim, cfg.train.steps))
     if jump is not None:
-        log.warning("run %s continues from step %d under other schedule settings (train.steps %d -> %d, optim.schedule %s): "
-                    "%s", run_url, step, resumed.train.steps, cfg.train.steps, cfg.optim.schedule, jump)
+        log.warning("run %s continues from step %d under other schedule settings (train.steps %d -> %d, "
+                    "optim.schedule %s): %s", run_url, step, resumed.train.steps, cfg.train.steps, cfg.optim.schedule,
+                    jump)
 
 
 def drop_ray_snapshot(run_url: str, storage_options: dict[str, Any]) -> None:
