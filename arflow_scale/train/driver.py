@@ -242,11 +242,12 @@ def finished_result(cfg: Config, run_url: str, options: dict[str, Any], checkpoi
     set_run_status(tracking, "FINISHED")
     restored = RestoredState(record.step, record.params_sha256, record.ema_sha256) \
         if cfg.checkpoint.hash_restored else None
-    return TrainResult(
-        final_step=record.step, final_loss=record.last_loss, params_sha256=record.params_sha256,
-        ema_sha256=record.ema_sha256, checkpoint=checkpoint, mlflow_run_id=record.mlflow_run_id or tracking.run_id,
-        mlflow_tracking_uri=recordable_uri(tracking.uri), images_per_s=0.0, val_loss=record.val_loss,
-        val_loss_ema=record.val_loss_ema, classes_trained=len(data.trained) if data else None, restored=restored)
+    final_loss = record.last_loss if record.last_loss is not None else math.nan  # as the worker reports it
+    outcome = WorkerResult(final_step=record.step, final_loss=final_loss, params_sha256=record.params_sha256,
+                           ema_sha256=record.ema_sha256, val_loss=record.val_loss, val_loss_ema=record.val_loss_ema,
+                           restored=restored)  # as rank 0 would have returned it, with nothing trained
+    return dataclasses.replace(_result(outcome, checkpoint, tracking, {}),
+                               classes_trained=len(data.trained) if data else None)
 
 
 def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[CheckpointRecord],
