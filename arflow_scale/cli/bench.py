@@ -1,9 +1,12 @@
 """`arflow bench NAME`: benchmarks that print side-by-side ratios measured in one run.
 
-Each benchmark is a module `arflow_scale.bench.NAME` with `add_arguments(parser)` and `run(args)`.
+Each benchmark is a module `arflow_scale.bench.NAME` with `add_arguments(parser)` and `run(args)`. A benchmark's
+module imports torch and Ray, so its arguments are added only once it is the one chosen: `arflow --help`,
+`arflow jobs ...` and `arflow submit ...` start without them.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 
@@ -16,14 +19,21 @@ BENCHMARKS = {
 }
 
 
+class _ChosenBenchmark(argparse._SubParsersAction):  # argparse's documented hook: add_subparsers(action=...)
+    """Sub-parsers whose arguments come from their benchmark's module, imported when that benchmark is chosen."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        chosen = self.choices.get(values[0])
+        if chosen is not None and chosen.get_default("handler") is None:
+            module = importlib.import_module(f"arflow_scale.bench.{values[0]}")
+            module.add_arguments(chosen)
+            chosen.set_defaults(handler=module.run)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def register(sub) -> None:
     parser = sub.add_parser("bench", help="benchmarks (ratios measured side by side)")
-    bench_sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    bench_sub = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK", action=_ChosenBenchmark)
     for name, help_text in BENCHMARKS.items():
-        module_name = f"arflow_scale.bench.{name}"
-        if importlib.util.find_spec(module_name) is None:
-            continue
-        module = importlib.import_module(module_name)
-        p = bench_sub.add_parser(name, help=help_text)
-        module.add_arguments(p)
-        p.set_defaults(handler=module.run)
+        if importlib.util.find_spec(f"arflow_scale.bench.{name}") is not None:
+            bench_sub.add_parser(name, help=help_text)
