@@ -246,15 +246,17 @@ def _arflow(*args: str, ray_tmp: Optional[str] = None) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:FID from only")
-def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(tmp_path):
+def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(ray_local, tmp_path):
+    """Steps 1, 3 and 4 run in-process on the session's Ray; step 2 is `arflow compare` on a Ray of its own."""
+    import ray.train
     from mlflow.tracking import MlflowClient
 
     from arflow_scale.scaling.compare_run import run_compare
 
     root = tmp_path / "compare/tiny"
     # 1: the first arm crashes after its step-2 checkpoint (an interrupted comparison).
-    crashed = _arflow("compare", "--config", str(_comparison_file(tmp_path, "faults.crash_rank_at_step=2")))
-    assert crashed.returncode != 0
+    with pytest.raises(ray.train.TrainingFailedError, match="faults.crash_rank_at_step=2: injected crash"):
+        run_compare(*load_compare(_comparison_file(tmp_path, "faults.crash_rank_at_step=2")))
     parent_run_id = json.loads((root / "compare.json").read_text())["parent_run_id"]
     assert (tmp_path / "ref.npz").is_file()  # the reference statistics, made first and kept
     assert [p.name for p in (root / "runs").iterdir()] == ["tiny-arflow"] and not (root / "points").exists()

@@ -185,12 +185,15 @@ def _arflow(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(tmp_path):
+def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ray_local, tmp_path):
+    import ray.train
     from mlflow.tracking import MlflowClient
 
-    # 1: the first point crashes after its step-2 checkpoint (an interrupted sweep).
-    crashed = _arflow("sweep", "--config", str(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")))
-    assert crashed.returncode != 0
+    from arflow_scale.scaling.sweep import run_sweep
+
+    # 1: the first point crashes after its step-2 checkpoint (an interrupted sweep; in-process on the session's Ray).
+    with pytest.raises(ray.train.TrainingFailedError, match="faults.crash_rank_at_step=2: injected crash"):
+        run_sweep(*load_sweep(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")))
     state = json.loads((tmp_path / "sweeps/cpu-isoflop/sweep.json").read_text())
     first = sorted((tmp_path / "sweeps/cpu-isoflop/runs").iterdir())
     assert [p.name for p in first] == ["cpu-isoflop-d1w16-f6e08"]
@@ -228,12 +231,11 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(tm
         {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
     assert set(summary["fits"]) >= {"loss_vs_params"}
 
-    # 3: everything finished: nothing is trained again (in-process: no Ray is started), and the fit
+    # 3: everything finished (in-process): nothing is trained again, and the fit
     # reads the same points back from MLflow. One record is made as an older version wrote it (a sha of a
     # config without today's options): its final checkpoint's config says it is finished, and it gains its fields.
     from arflow_scale.scaling.points import points_from_mlflow
     from arflow_scale.scaling.report import write_report
-    from arflow_scale.scaling.sweep import run_sweep
 
     older = tmp_path / "sweeps/cpu-isoflop/points/cpu-isoflop-d1w16-f6e08.json"
     record = json.loads(older.read_text())
