@@ -14,6 +14,10 @@ export DS_ACCELERATOR ?= cpu
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
+# As in an activated .venv: every process (pytest, Ray workers, jobs) finds the same ninja, the one DeepSpeed
+# installed. A system ninja of another version reads that one's build log as foreign and recompiles DeepSpeed's
+# CPU op (about a minute of CPU each time the two alternate).
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test test-fast clean
 

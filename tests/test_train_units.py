@@ -281,6 +281,22 @@ def test_local_ray_dashboard_on_loopback_serves_the_state_api():
     assert url.startswith("127.0.0.1:") and int(nodes) == 1 and auth == "token"
 
 
+def test_make_gives_every_process_deepspeeds_own_ninja():
+    """DeepSpeed builds its CPU op with the first `ninja` on PATH. A system ninja of another version reads the
+    other's build log as foreign and rebuilds the op (about a minute of CPU each time the two alternate, as the
+    tests that start Ray clusters with .venv/bin on PATH made them). `make test` puts .venv/bin first."""
+    import os
+    import shutil
+    import sys
+    from pathlib import Path
+
+    if "MAKELEVEL" not in os.environ:
+        pytest.skip("run outside make: PATH is the caller's own")
+    ours = Path(sys.executable).with_name("ninja")
+    assert ours.is_file(), "DeepSpeed's ninja is not installed in the environment"
+    assert os.path.samefile(shutil.which("ninja"), ours)
+
+
 def test_a_stale_deepspeed_build_lock_is_named(tmp_path, monkeypatch, caplog):
     """A build of DeepSpeed's CPU op killed midway leaves its lock; the next run would wait forever in silence."""
     import os
