@@ -1,6 +1,9 @@
 """The local Ray that `arflow train` starts listens on loopback only: every socket of its processes, the
-Prometheus /metrics endpoints included (listed with psutil in a separate driver process). Its workers start
-with the local settings (`LOCAL_RAY_ENV`); the driver's environment stays as it was."""
+Prometheus /metrics endpoints included (listed with psutil in a separate driver process). Its dashboard serves the
+State API on 127.0.0.1, which Ray Train's controller watchdog polls every second (without it every run logs a
+warning per second); its internal gRPC ports listen on every interface (Ray maps 127.0.0.1 to the node IP), so
+token authentication is on. Its workers start with the local settings (`LOCAL_RAY_ENV`); the driver's environment
+stays as it was."""
 from __future__ import annotations
 
 import json
@@ -15,9 +18,12 @@ from conftest import REPO
 DRIVER = """
 import json, os, urllib.request
 import psutil, ray
+from ray.util.state import list_nodes
 from arflow_scale.cluster.connect import LOCAL_RAY_ENV, ray_session
 
 with ray_session(local_num_cpus=1):
+    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    dashboard = [os.environ.get("RAY_AUTH_MODE"), url, len(list_nodes(address=f"http://{url}"))]
     # a worker process too; it starts with LOCAL_RAY_ENV, which the driver's environment no longer has
     in_worker = ray.get(ray.remote(lambda: {key: os.environ.get(key) for key in LOCAL_RAY_ENV}).remote())
     environment = [in_worker == LOCAL_RAY_ENV, any(key in os.environ for key in LOCAL_RAY_ENV)]
@@ -38,6 +44,7 @@ with ray_session(local_num_cpus=1):
                 except Exception:
                     metrics = False
             found.append([c.laddr.ip, c.laddr.port, name, metrics])
+print(json.dumps(dashboard))
 print(json.dumps(environment))
 print(json.dumps(found))
 """
@@ -46,13 +53,16 @@ print(json.dumps(found))
 def test_local_ray_listens_on_loopback_only(tmp_path):
     ray_tmp = tempfile.mkdtemp(prefix="arflow-ray-", dir="/tmp")  # Ray's socket paths must stay short
     env = {**os.environ, "PYTHONPATH": str(REPO), "ARFLOW_RAY_TMP": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE"):  # the defaults
+        env.pop(name, None)
     try:
         out = subprocess.run([sys.executable, "-c", DRIVER], env=env, cwd=tmp_path, capture_output=True,
                              text=True, timeout=300)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
+    auth, url, nodes = json.loads(out.stdout.strip().splitlines()[-3])
+    assert auth == "token" and url.startswith("127.0.0.1:") and nodes == 1
     assert json.loads(out.stdout.strip().splitlines()[-2]) == [True, False]  # LOCAL_RAY_ENV: workers only
     sockets = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(sockets) >= 6, f"too few of Ray's listening sockets seen: {sockets}"
