@@ -35,6 +35,15 @@ def read_lock(run_url: str) -> dict:
     return json.loads(lock_store(f"{run_url}/{LOCK_NAME}", {}).read()[0])
 
 
+def take_over(run_url: str) -> None:
+    """Another driver takes the lock as a driver would: a swap on the version it read, read again and retried when
+    the holder's heartbeat replaced that version in between (a swap on a stale version changes nothing)."""
+    store = lock_store(f"{run_url}/{LOCK_NAME}", {})
+    deadline = time.monotonic() + 10
+    while store.swap(foreign_record(0), store.read()[1]) is None:
+        assert time.monotonic() < deadline, "every takeover lost against the holder's heartbeat for 10 s"
+
+
 def test_second_driver_is_refused_until_the_first_releases(run_url):
     with RunLock(run_url, heartbeat_seconds=30) as first:
         assert read_lock(run_url)["owner"] == first.record.owner
@@ -54,7 +63,7 @@ def test_heartbeat_refreshes_and_a_lost_lock_is_reported(run_url, caplog):
         first = read_lock(run_url)["heartbeat"]
         time.sleep(1.0)
         assert read_lock(run_url)["heartbeat"] > first
-        lock_store(f"{run_url}/{LOCK_NAME}", {}).swap(foreign_record(0), lock.version)  # another driver took it
+        take_over(run_url)  # while the heartbeat runs every 0.2 s
         assert lock.lost.wait(5)
         assert "the run lock was taken over (host another-host, pid 4321" in caplog.text
     finally:
