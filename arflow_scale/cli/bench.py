@@ -19,7 +19,7 @@ BENCHMARKS = {
 }
 
 
-class _ChosenBenchmark(argparse._SubParsersAction):  # argparse's documented hook: add_subparsers(action=...)
+class _ChosenBenchmark(argparse._SubParsersAction):  # argparse's own class, passed as add_subparsers(action=...)
     """Sub-parsers whose arguments come from their benchmark's module, imported when that benchmark is chosen."""
 
     def __call__(self, parser, namespace, values, option_string=None):
