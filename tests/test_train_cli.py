@@ -17,7 +17,6 @@ import pytest
 from arflow_scale.cli import main
 
 pytestmark = pytest.mark.slow
-DEMO_CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 # What a user watching the run must not see without -v: Ray's and the libraries' own output.
 NOISE = ("TrainingReport", "Checkpoint successfully created", "FutureWarning", "TrainController", "RayTrainWorker",
          "Started a local Ray instance", "system metrics")
