@@ -145,6 +145,63 @@ def test_deepspeed_hands_fused_to_torch_adamw(one_rank_group):
         assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused
 
 
+def test_bf16_engine_computes_under_autocast_where_deepspeed_turns_it_off(one_rank_group):
+    """DeepSpeed's engine switches the caller's autocast off around its module on CUDA, so `arflow train`'s bf16
+    step fed an fp32 batch to bf16 weights and failed at the first layer (seen on an H200). A bf16 engine's module
+    runs under bf16 autocast itself: with autocast off around the call (DeepSpeed's CUDA behaviour, here on CPU)
+    the fp32 batch trains, with the same output as under the caller's autocast."""
+    from arflow_scale.train.engine import autocast_inside, build_engine
+
+    cfg = config_from_dict({}, ["train.precision=bf16", "train.zero_stage=2", "data.batch_size=2"])
+    torch.manual_seed(0)
+    model = randomized(tiny())
+    engine = build_engine(cfg, model, 1, "cpu", "bf16").engine
+    assert next(engine.module.parameters()).dtype == torch.bfloat16
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(2, 3, 1, 8, 8, generator=g), torch.rand(2, 3, generator=g), torch.tensor([1, 7])
+    with torch.autocast("cpu", enabled=False):
+        out = engine(x, t, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_caller = engine(x, t, y)
+    assert torch.equal(out, under_caller) and out.abs().max() > 0
+    assert not torch.is_autocast_enabled("cpu")  # the hooks left the context they entered
+    engine.backward(out.float().square().mean())
+    engine.step()
+    hooks = len(model._forward_pre_hooks), len(model._forward_hooks)
+    autocast_inside(model, "cpu")  # a second call (another engine over the same module) adds nothing
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+
+
+@pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning")  # DeepSpeed's ZeRO-3 collectives
+def test_compiled_zero3_blocks_run_on_torchs_linear(one_rank_group):
+    """A ZeRO-3 engine swaps DeepSpeed's autograd wrapper in for F.linear for the whole process; compiled blocks
+    traced its parameter-id checks and recompiled per block on torch 2.11 (the limit of 8 hit at XL/2 on an
+    H200). A compiled ZeRO-3 engine turns the wrapper off and restores torch's F.linear, also after an eager
+    ZeRO-3 engine swapped it in; its step runs and matches the eager engine's loss."""
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    from arflow_scale.train.engine import build_engine, restore_torch_linear
+
+    losses = {}
+    for compiled in (False, True):
+        cfg = config_from_dict({}, ["train.zero_stage=3", f"train.compile={str(compiled).lower()}",
+                                    "data.batch_size=2"])
+        assert build_deepspeed_config(cfg, 1, "cpu")["zero_optimization"]["memory_efficient_linear"] is not compiled
+        torch.manual_seed(0)
+        model = randomized(tiny())
+        engine = build_engine(cfg, model, 1, "cpu", "fp32", compile_units=list(model.blocks)).engine
+        assert (F.linear is zero3_linear_wrap) is not compiled
+        g = torch.Generator().manual_seed(1)
+        x, t, y = torch.randn(2, 3, 1, 8, 8, generator=g), torch.rand(2, 3, generator=g), torch.tensor([1, 7])
+        loss = engine(x, t, y).square().mean()
+        engine.backward(loss)
+        engine.step()
+        losses[compiled] = loss.item()
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+    assert restore_torch_linear() is False  # nothing left to restore
+
+
 def test_compile_without_blocks_is_refused(one_rank_group):
     from arflow_scale.train.engine import build_engine
 

@@ -174,3 +174,30 @@ def test_embeddings_shapes_and_properties():
     embed = TimestepEmbedder(32)
     assert embed(torch.rand(2, 5)).shape == (2, 5, 32)
     assert not torch.allclose(embed.sinusoid(torch.tensor(0.0)), embed.sinusoid(torch.tensor(1.0)))
+
+
+def test_aligned_linear_equals_linear_and_keeps_the_state_dict():
+    """The decay gate's padded matmul (CUDA only: unaligned 18-wide outputs fall to slow kernels) gives
+    F.linear's output and gradients; the layer keeps nn.Linear's parameters and state-dict keys."""
+    from arflow_scale.model.aligned import AlignedLinear, aligned_linear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(18, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(18, generator=g, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(4, 5, 18, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (torch.nn.functional.linear, aligned_linear):
+        out = fn(x, weight, bias)
+        out.backward(grad)
+        results.append([out.detach(), *(t.grad.clone() for t in (x, weight, bias))])
+        for t in (x, weight, bias):
+            t.grad = None
+    for padded, plain in zip(results[1], results[0]):
+        assert padded.shape == plain.shape and torch.allclose(padded, plain, rtol=1e-12, atol=1e-12)
+    assert aligned_linear(x, weight, None).shape == (4, 5, 18)
+    layer = tiny().blocks[0].attn.decay
+    assert isinstance(layer, AlignedLinear) and isinstance(layer, torch.nn.Linear)
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {"weight": (2, 64), "bias": (2,)}
+    x32 = torch.randn(3, 64, generator=g)
+    assert torch.equal(layer(x32), torch.nn.functional.linear(x32, layer.weight, layer.bias))  # CPU: nn.Linear's path

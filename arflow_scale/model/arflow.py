@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .aligned import AlignedLinear
 from .attention import chunk_attention, resolve_backend
 from .config import ModelConfig, model_config
 from .embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_pos_embed_2d
@@ -53,7 +54,7 @@ class ChunkAttention(nn.Module):
         self.heads, self.head_dim, self.mode, self.backend = heads, width // heads, mode, backend
         self.qkv = nn.Linear(width, 3 * width, bias=False)
         self.gate = nn.Linear(width, width, bias=False)
-        self.decay = nn.Linear(width, heads) if mode == "hybrid" else None
+        self.decay = AlignedLinear(width, heads) if mode == "hybrid" else None
         self.proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, state: object = None) -> tuple[torch.Tensor, object]:

@@ -57,6 +57,8 @@ def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu
         ds["zero_optimization"].update({
             "stage3_param_persistence_threshold": 0,  # every parameter partitioned (EMA relies on ds_tensor)
             "stage3_gather_16bit_weights_on_model_save": False,
+            # compiled blocks trace torch's linear; DeepSpeed's replacement guards on parameter ids (engine.py)
+            "memory_efficient_linear": not cfg.train.compile,
         })
     if cfg.train.zero_stage in (1, 2):
         ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})

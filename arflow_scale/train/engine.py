@@ -87,10 +87,14 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
         if not compile_units:
             raise ValueError("train.compile: no blocks to compile were given to build_engine")
         compile_blocks(compile_units, cfg.train.zero_stage)
+    if precision == "bf16":
+        autocast_inside(model, device_type)
     ds_config = build_deepspeed_config(cfg, world_size, device_type, load_universal=load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
         lr_scheduler=partial(make_scheduler, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
+    if cfg.train.compile and cfg.train.zero_stage == 3:
+        restore_torch_linear()
     # step pre-hooks, in this order: the norm before anything changes it, the gate before clipping makes an
     # infinite gradient finite
     probe = GradNormProbe(engine.basic_optimizer) if cfg.train.zero_stage == 0 else None
@@ -98,6 +102,44 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     if cfg.optim.clip == "value":
         install_value_clipping(engine.basic_optimizer, cfg.optim.clip_value)
     return Engine(engine=engine, grad_norm_probe=probe, bf16=precision == "bf16", gate=gate)
+
+
+def autocast_inside(module: nn.Module, device_type: str, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Run `module`'s forward under autocast to `dtype` whatever the caller's autocast state (once per module).
+
+    DeepSpeed's engine switches the caller's autocast off around its module on CUDA (unless its own
+    `torch_autocast` section is on), so a bf16 engine's weights would meet the fp32 batch. Hooks rather than a
+    wrapper: the state dict and `forward` stay the module's own, and the context is left even when forward raises.
+    """
+    if getattr(module, "_autocast_inside", None) is not None:
+        return
+    entered: list[torch.autocast] = []
+
+    def enter(_module, _args) -> None:
+        context = torch.autocast(device_type, dtype=dtype)
+        context.__enter__()
+        entered.append(context)
+
+    def leave(_module, _args, _output) -> None:
+        entered.pop().__exit__(None, None, None)
+
+    module.register_forward_pre_hook(enter)
+    module.register_forward_hook(leave, always_call=True)
+    module._autocast_inside = dtype
+
+
+def restore_torch_linear() -> bool:
+    """Put torch's F.linear back where a ZeRO-3 engine of this process swapped in DeepSpeed's autograd wrapper
+    (`memory_efficient_linear`; the swap outlives that engine). Compiled blocks traced the wrapper's parameter
+    checks and, on torch 2.11, recompiled for each block until dynamo's limit of 8, leaving the rest eager (seen
+    on an H200 at XL/2). Our compiled ZeRO-3 config turns the wrapper off. True if F.linear was restored."""
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
+
+    original = getattr(ZeroInit, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is original:
+        return False
+    torch.nn.functional.linear = original
+    return True
 
 
 def compile_blocks(blocks: Sequence[nn.Module], zero_stage: int) -> None:
