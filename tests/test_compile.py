@@ -1,5 +1,5 @@
 """GPU-speed paths on CPU: the attention backend setting, blocks compiled in place, the compiled sampler, fused
-AdamW through DeepSpeed, the compiler's cache folder."""
+AdamW through DeepSpeed, a bf16 engine's autocast, compiled ZeRO-3 on torch's linear, the compiler's cache folder."""
 from __future__ import annotations
 
 import os

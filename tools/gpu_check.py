@@ -9,8 +9,8 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 196, 256 tokens): output, state and every gradient against the fp64 CPU reference.
   2. model      ARFlow forward on CUDA: fp32 equals the CPU fp64 forward; one image at a time
                 through the cache equals the full forward; bf16 autocast stays close.
-  3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed
-                batch lower the loss; the bf16 weights stay within rounding of the fp32 masters, and the
+  3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed fp32
+                batch under bf16 autocast (as the trainer steps) lower the loss; the bf16 weights stay within rounding of the fp32 masters, and the
                 raw weights read back from the checkpoint (as `arflow export` does) are those masters,
                 as are the weights the EMA averages; a checkpoint saved and restored
                 continues with the same losses as the run that went on.
@@ -169,8 +169,9 @@ def _steps(engine, ema, batch, first: int, count: int) -> list[float]:
 
     x, y = batch
     losses = []
-    for step in range(first, first + count):
-        loss = flow_matching_loss(engine, x, y, step_generator(0, 0, step, 0), 0.1)
+    for step in range(first, first + count):  # as the trainer steps: an fp32 batch, bf16 autocast for a bf16 engine
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=engine.bfloat16_enabled()):
+            loss = flow_matching_loss(engine, x, y, step_generator(0, 0, step, 0), 0.1)
         engine.backward(loss)
         engine.step()
         ema.update(engine.module)
@@ -193,7 +194,6 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
     from arflow_scale.train.engine import full_fp32_params, wrapper_masters
     from arflow_scale.train.state import restore_state, save_state
 
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     for stage in (0, 2, 3):
         cfg = config_from_dict({
             "model": {"size": size, "image_size": 16, "in_channels": 4, "num_classes": 10, "k": 4,
@@ -203,7 +203,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
             "cluster": {"use_gpu": device.type == "cuda"}})
         batches = InMemoryBatches(8, 4, (4, 16, 16), 10, seed=0)
         x, y = next(iter(batches))
-        batch = (x.to(device, dtype), y.to(device))
+        batch = (x.to(device), y.to(device))
         engine = _engine(cfg, device)
         ema = EMA(engine.module, cfg.train.ema_decay, masters=wrapper_masters(engine.optimizer))
         start = time.perf_counter()

@@ -33,6 +33,6 @@ class AlignedLinear(nn.Linear):
     """nn.Linear that pads its output width for the matmul on CUDA (`aligned_linear`); elsewhere nn.Linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.out_features % ALIGN_ROWS:
+        if x.is_cuda:
             return aligned_linear(x, self.weight, self.bias)
         return super().forward(x)
