@@ -243,6 +243,7 @@ def test_attention_benchmark_prints_ratios(capsys):
     assert [(line["variant"], line["k"]) for line in per_variant] == [
         (name, k) for k in (1, 3) for name in ("intra", "full", "hybrid")]
     assert all(line["ms"] > 0 and line["peak_mib"] > 0 for line in per_variant)
+    assert not any("device_ms" in line for line in per_variant)  # GPU busy time: CUDA only
     summary = lines[-1]
     assert any(why in summary["skipped"]["hybrid_triton"] for why in ("head_dim 8", "not installed"))
     assert [row["k"] for row in summary["results"]] == [1, 3]
@@ -252,6 +253,20 @@ def test_attention_benchmark_prints_ratios(capsys):
             row["full_peak_mib"] / row["hybrid_peak_mib"], rel=0.05)
     assert main(["bench", "attention", "--k", "0"]) == 2
     assert main(["bench", "attention", "--variants", "hybrid,sparse"]) == 2
+
+
+def test_attention_benchmark_ratios_pair_the_variants_measured():
+    from arflow_scale.bench.attention import Measured, _ratios
+
+    measured = {"intra": Measured(0.002, 100, 0.0005), "hybrid_triton": Measured(0.003, 80, 0.001),
+                "hybrid": Measured(0.006, 300, 0.004)}
+    ratios = _ratios(measured)
+    assert ratios["time_ratios"] == {"hybrid/intra": 3.0, "hybrid_triton/intra": 1.5, "hybrid_triton/hybrid": 0.5}
+    assert ratios["memory_ratios"]["hybrid_triton/intra"] == 0.8
+    assert ratios["device_time_ratios"] == {"hybrid/intra": 8.0, "hybrid_triton/intra": 2.0,
+                                            "hybrid_triton/hybrid": 0.25}
+    without_device = {name: Measured(m.seconds, m.peak_bytes) for name, m in measured.items()}
+    assert "device_time_ratios" not in _ratios(without_device)
 
 
 def test_attention_benchmark_smoke_runs_every_variant_without_cluster_packages():

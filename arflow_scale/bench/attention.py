@@ -6,17 +6,21 @@ only: the floor, one SDPA call), full (dense block-causal softmax with a boolean
 hybrid_triton (the fused kernels; CUDA, or the Triton interpreter when TRITON_INTERPRET=1).
 Prints one JSON line per (variant, K), one line of ratios per K (hybrid/floor, hybrid/flex, ...),
 then one summary JSON line (the last line). Peak memory: on CUDA torch.cuda.max_memory_allocated;
-on CPU the peak of live tensor storage, tracked by a dispatch mode. Times are the best of --repeats
-runs alternating between variants; on CPU one thread by default, which keeps the numbers stable on a
-shared machine. Imports nothing beyond torch (and triton): tools run it on bare GPU machines.
+on CPU the peak of live tensor storage, tracked by a dispatch mode. Times (`ms`) are the best of
+--repeats synchronised runs alternating between variants; on CPU one thread by default, which keeps
+the numbers stable on a shared machine. On CUDA `device_ms` is the GPU's busy time per fwd+bwd (its
+kernels' durations summed by torch.profiler over --repeats runs): at these sizes the wall time of the
+floor is mostly launch overhead, which a training step hides behind the other layers' kernels. Imports nothing beyond torch (and triton): tools run it on bare GPU machines.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
 import time
 import weakref
+from typing import Optional
 
 VARIANTS = ("intra", "full", "full_flex", "hybrid", "hybrid_triton")
 FLOOR = "intra"
@@ -158,8 +162,32 @@ def _peak_bytes(fn, inputs, grad_out, chunk_size, device):
     return tracker.peak
 
 
+def _device_seconds(fn, inputs, grad_out, chunk_size, repeats):
+    """GPU busy seconds per fwd+bwd: the summed durations of the CUDA kernels and copies that
+    torch.profiler records over `repeats` steps (one stream, so they do not overlap)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            _step(fn, inputs, grad_out, chunk_size)
+        torch.cuda.synchronize()
+    busy_us = sum(event.device_time_total for event in prof.events() if event.device_type == DeviceType.CUDA)
+    return busy_us * 1e-6 / repeats
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """One variant at one K: best wall seconds of a fwd+bwd, peak bytes on top of the inputs, and
+    GPU busy seconds (None off CUDA)."""
+    seconds: float
+    peak_bytes: int
+    device_seconds: Optional[float] = None
+
+
 def _measure(k, args, device, dtype, fns):
-    """{variant: (best seconds, peak bytes)} at the same shapes, repetitions alternating between variants.
+    """{variant: Measured} at the same shapes, repetitions alternating between variants.
 
     Alternating lets every variant see the same machine load; the best repetition (as timeit
     reports) is the least disturbed by other processes.
@@ -173,19 +201,25 @@ def _measure(k, args, device, dtype, fns):
     for _ in range(args.repeats):
         for name, fn in fns.items():
             times[name].append(_timed_step(fn, inputs, grad_out, args.tokens, cuda))
-    return {name: (min(times[name]), _peak_bytes(fn, inputs, grad_out, args.tokens, device))
+    return {name: Measured(min(times[name]), _peak_bytes(fn, inputs, grad_out, args.tokens, device),
+                           _device_seconds(fn, inputs, grad_out, args.tokens, args.repeats) if cuda else None)
             for name, fn in fns.items()}
 
 
-def _ratios(measured: dict) -> tuple[dict, dict]:
-    """Time and peak-memory ratios of RATIOS whose two variants were both measured."""
-    times, memory = {}, {}
+def _ratios(measured: dict) -> dict[str, dict]:
+    """{"time_ratios", "memory_ratios", "device_time_ratios" (CUDA)}: RATIOS whose two variants were measured."""
+    ratios = {"time_ratios": {}, "memory_ratios": {}, "device_time_ratios": {}}
     for top, bottom in RATIOS:
         if top in measured and bottom in measured:
-            (top_s, top_b), (bottom_s, bottom_b) = measured[top], measured[bottom]
-            times[f"{top}/{bottom}"] = round(top_s / bottom_s, 3)
-            memory[f"{top}/{bottom}"] = round(top_b / max(bottom_b, 1), 3)
-    return times, memory
+            a, b = measured[top], measured[bottom]
+            name = f"{top}/{bottom}"
+            ratios["time_ratios"][name] = round(a.seconds / b.seconds, 3)
+            ratios["memory_ratios"][name] = round(a.peak_bytes / max(b.peak_bytes, 1), 3)
+            if a.device_seconds and b.device_seconds:
+                ratios["device_time_ratios"][name] = round(a.device_seconds / b.device_seconds, 3)
+    if not ratios["device_time_ratios"]:
+        del ratios["device_time_ratios"]
+    return ratios
 
 
 def _settings(args):
@@ -245,14 +279,15 @@ def run(args) -> int:
         measured = _measure(k, args, device, dtype, fns)
         where = {"k": k, "sequence_length": k * args.tokens}
         row = dict(where)
-        for name, (seconds, peak) in measured.items():
-            record = {"ms": round(seconds * 1e3, 3), "peak_mib": round(peak / 2**20, 3)}
+        for name, result in measured.items():
+            record = {"ms": round(result.seconds * 1e3, 3), "peak_mib": round(result.peak_bytes / 2**20, 3)}
+            if result.device_seconds is not None:
+                record["device_ms"] = round(result.device_seconds * 1e3, 3)
             print(json.dumps({"benchmark": "attention", "variant": name, **where, **record}), flush=True)
-            row.update({f"{name}_ms": record["ms"], f"{name}_peak_mib": record["peak_mib"]})
-        time_ratios, memory_ratios = _ratios(measured)
-        print(json.dumps({"benchmark": "attention", "k": k, "time_ratios": time_ratios,
-                          "memory_ratios": memory_ratios}), flush=True)
-        rows.append({**row, "time_ratios": time_ratios, "memory_ratios": memory_ratios})
+            row.update({f"{name}_{field}": value for field, value in record.items()})
+        ratios = _ratios(measured)
+        print(json.dumps({"benchmark": "attention", "k": k, **ratios}), flush=True)
+        rows.append({**row, **ratios})
     print(json.dumps({**header, "variants": list(fns), "skipped": skipped, "results": rows}))
     return 0
 

@@ -4,9 +4,11 @@ Forward, 3 launches (2 for one chunk without state): K_j^T V_j of every chunk in
 scan over (D, D) tiles that leaves the fp32 states S_j before every chunk, then one fused kernel
 per (query block, chunk, b*h) does the intra-chunk softmax flash-style and adds the
 inter-chunk read (q_p * exp(cumsum of log_decay within the chunk)) @ S_j. Backward, 3 launches: a
-per-chunk pass (softmax row terms, the inter part's dq, dS_j and log-decay gradient), a reverse scan
-over the chunks (d(K_j^T V_j) and the chunk-decay gradients), and a flash-style backward of the
-intra part that adds the inter part's dk, dv. Nothing of size (L x L) or (chunk x chunk) is stored.
+pass per block of rows (softmax row terms, the inter part's dq and its per-row log-decay gradient),
+a reverse scan over the chunks (dS_j, d(K_j^T V_j) and the chunk-decay gradients), and a flash-style
+backward of the intra part that adds the inter part's dk, dv and the log-decay gradient. Backward
+reads the forward's out (saved, as flash attention does), not a separate intra part; nothing of
+size (L x L) or (chunk x chunk) is stored.
 
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported); its bf16 `tl.dot` is wrong, so the kernels multiply in fp32 there and in bf16 on a GPU.
@@ -30,9 +32,9 @@ class HybridBlocks:
     """Tile sizes (powers of two >= 16) and warps per kernel; tune on the GPU with the bench.
 
     fwd_m/fwd_n: query/key block of the fused forward; bwd/bwd_sub: own block and inner-loop block of
-    the fused backward; prep: rows per step of the backward prep pass; scan: tokens per step of the
-    chunk K^T V pass, scan_dv: state columns per program of that pass and of the forward scan
-    (scan_warps runs both scans). The defaults (`for_head_dim`) were chosen
+    the fused backward; prep: rows per program of the backward prep pass; scan: tokens per step of
+    the chunk K^T V pass and of the backward scan's dS_j, scan_dv: state columns per program of that
+    pass and of both scans (scan_warps runs both scans). The defaults (`for_head_dim`) were chosen
     from sm_90 compiles (no register spills, triton 3.9), not from timings.
     """
     fwd_m: int = 128
@@ -116,7 +118,7 @@ def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:
         raise ValueError(f"hybrid_attention_triton: {q.numel()} elements per tensor overflow int32 offsets")
 
 
-def _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward):
+def _forward(q, k, v, log_decay, chunk_size, state, blocks):
     """Launch the chunk K^T V pass, the scan and the fused kernel -> out, new_state, what backward keeps."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
@@ -139,23 +141,20 @@ def _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward):
             states, gcum, state_in, final, length, chunk_size, chunks, D=dim, BLOCK_DV=block_dv,
             HAS_STATE_IN=state is not None, num_warps=blocks.scan_warps)
     out = torch.empty(batch, heads, length, dim, device=q.device, dtype=q.dtype)
-    store_intra = has_inter and for_backward
-    intra = torch.empty_like(out) if store_intra else out
     lse = torch.empty(rows, length, **f32)
     grid = (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows)
     hybrid_fwd_kernel[grid](
-        q, k, v, gcum, states, out, intra, lse, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E, D=dim, BLOCK_M=blocks.fwd_m,
-        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, STORE_INTRA=store_intra, num_warps=blocks.fwd_warps,
+        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
         num_stages=blocks.num_stages, **flags)
-    return out, final, _Saved(intra, lse, gcum, states)
+    return out, final, _Saved(lse, gcum, states)
 
 
 @dataclasses.dataclass
 class _Saved:
-    """Forward intermediates backward needs: intra part (B, H, L, D) (= out without inter work),
-    lse (B*H, L), gcum (B*H, L) and states (B*H, chunks + 1, D, D), the last two None without inter."""
-    intra: torch.Tensor
+    """Forward intermediates backward needs besides q, k, v and out: lse (B*H, L), gcum (B*H, L) and
+    states (B*H, chunks + 1, D, D), the last two None without inter-chunk work."""
     lse: torch.Tensor
     gcum: Optional[torch.Tensor]
     states: Optional[torch.Tensor]
@@ -176,19 +175,17 @@ def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         low = torch.get_autocast_dtype(q.device.type)
         q, k, v = (t.to(low) for t in (q, k, v))
     blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
-    for_backward = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, log_decay, state))
     with torch.autocast(q.device.type, enabled=False):
-        return _HybridAttention.apply(q, k, v, log_decay, state, chunk_size, blocks, for_backward)
+        return _HybridAttention.apply(q, k, v, log_decay, state, chunk_size, blocks)
 
 
 class _HybridAttention(torch.autograd.Function):
     """Autograd of the fused kernels; gradients of q, k, v, log_decay and the incoming state."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks, for_backward):
-        out, final, saved = _forward(q, k, v, log_decay, chunk_size, state, blocks, for_backward)
-        ctx.save_for_backward(q, k, v)
+    def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks):
+        out, final, saved = _forward(q, k, v, log_decay, chunk_size, state, blocks)
+        ctx.save_for_backward(q, k, v, out)
         ctx.saved = saved  # intermediates (not inputs/outputs): dropped as soon as backward is done with them
         ctx.meta = (chunk_size, blocks, log_decay.dtype, state is not None,
                     None if state is None else state.dtype)
@@ -197,7 +194,7 @@ class _HybridAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_final):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         chunk_size, blocks, decay_dtype, has_state, state_dtype = ctx.meta
         saved, ctx.saved = ctx.saved, None
         if saved is None:
@@ -205,15 +202,15 @@ class _HybridAttention(torch.autograd.Function):
                                "(retain_graph=True) is not supported; the first one freed the intermediates")
         if d_out is None:
             d_out = torch.zeros_like(q)
-        grads = _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state,
+        grads = _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state,
                           ctx.needs_input_grad[4])
         dq, dk, dv, dlog_decay, dstate = grads
         dlog_decay = dlog_decay.to(decay_dtype)
         dstate = dstate.to(state_dtype) if dstate is not None else None
-        return dq, dk, dv, dlog_decay, dstate, None, None, None
+        return dq, dk, dv, dlog_decay, dstate, None, None
 
 
-def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):
+def _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):
     """Launch the prep pass, the reverse state scan and the fused backward -> dq, dk, dv, dlog_decay, dstate."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
@@ -222,33 +219,32 @@ def _backward(q, k, v, d_out, d_final, saved, chunk_size, blocks, has_state, wan
     f32 = dict(device=q.device, dtype=torch.float32)
     delta = torch.empty(rows, length, **f32)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    dg_part = torch.empty(rows, length, **f32) if has_inter else None
-    dstates = torch.empty(rows, chunks, dim, dim, **f32) if has_inter else None
-    prep_bwd_kernel[(chunks, rows)](
-        q, d_out, saved.intra, saved.gcum, saved.states, delta, dg_part, dstates, dq, *q.stride(),
-        *d_out.stride(), heads, length, chunk_size, chunks, D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter,
+    dgcum = torch.empty(rows, length, **f32) if has_inter else None
+    prep_bwd_kernel[(triton.cdiv(chunk_size, blocks.prep), chunks, rows)](
+        q, d_out, out, saved.gcum, saved.states, delta, dgcum, dq, *q.stride(), *d_out.stride(),
+        heads, length, chunk_size, chunks, D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter,
         num_warps=blocks.prep_warps, **flags)
-    saved.intra = None
     dfinal = d_final.to(torch.float32).contiguous() if d_final is not None else None
+    col_blocks = dim // min(dim, blocks.scan_dv)
     dlogd = dstate_in = None
     dkv, dkv_stride = dfinal, dim * dim  # a single chunk without incoming state: d(K^T V) = d(final)
     if has_inter:
-        dlogd = torch.empty(rows, chunks, **f32)
+        dlogd = torch.empty(rows, chunks, col_blocks, **f32)
         dstate_in = torch.empty(batch, heads, dim, dim, **f32) if want_dstate else None
-        state_grad_scan_kernel[(rows,)](
-            saved.states, dstates, saved.gcum, dfinal, dlogd, dstate_in, length, chunk_size, chunks, D=dim,
-            HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps)
-        del dstates
+        state_grad_scan_kernel[(rows, col_blocks)](
+            q, d_out, saved.states, saved.gcum, dfinal, dlogd, dstate_in, *q.stride(), *d_out.stride(),
+            heads, length, chunk_size, chunks, D=dim, BLOCK_DV=dim // col_blocks, BLOCK_C=blocks.scan,
+            HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps, **flags)
         saved.gcum = None
         dkv, dkv_stride = saved.states[:, 1:], (chunks + 1) * dim * dim  # slot j + 1 holds dKV_j now
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
     dg = torch.empty(rows, length, **f32) if has_inter else None
     hybrid_bwd_kernel[(triton.cdiv(chunk_size, blocks.bwd), chunks, rows)](
-        q, k, v, d_out, saved.lse, delta, dkv, dg_part, dlogd, dq, dk, dv, dg,
+        q, k, v, d_out, saved.lse, delta, dkv, dgcum, dlogd, dq, dk, dv, dg,
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), dkv_stride,
         heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E, D=dim, BLOCK=blocks.bwd,
-        BLOCK_SUB=blocks.bwd_sub, HAS_INTER=has_inter, HAS_DKV=dkv is not None,
+        BLOCK_SUB=blocks.bwd_sub, COL_BLOCKS=col_blocks, HAS_INTER=has_inter, HAS_DKV=dkv is not None,
         num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)
     dlog_decay = dg.view(batch, heads, length) if has_inter else torch.zeros(batch, heads, length, **f32)
     dstate = dstate_in if has_state and want_dstate else None

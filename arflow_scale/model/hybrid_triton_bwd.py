@@ -1,12 +1,14 @@
 """Triton backward kernels of the hybrid chunked attention; buffers as in `hybrid_triton_fwd`.
 
-Three launches. `prep_bwd_kernel` (per chunk): the softmax row term delta = dO . O_intra, and the
-inter read's gradients: dq_inter = (dO S_j^T) * exp(gcum), dS_j = (q * exp(gcum))^T dO, and the
-log-decay gradient through gcum (a suffix sum of dO . O_inter over the chunk). `state_grad_scan_kernel`
-(per b*h, last chunk first): dKV_j = grad of S_{j+1}, grad S_j = dS_j + d_j grad S_{j+1}, and the
-chunk decay's gradient d_j <grad S_{j+1}, S_j>. `hybrid_bwd_kernel` (per block, chunk, b*h): the
-flash-style intra backward for one key block (dk, dv) and one query block (dq), plus
-dk += scale V dKV_j^T, dv += scale K dKV_j and the final log-decay gradient.
+Three launches. `prep_bwd_kernel` (per block of rows, parallel like the forward): the softmax row
+term delta = dO . O_intra = dO . O - dO . O_inter, and the inter read's row gradients:
+dq_inter = (dO S_j^T) * exp(gcum) and d_gcum = dO . O_inter. `state_grad_scan_kernel` (per b*h and
+column block, last chunk first): dS_j = (q * exp(gcum))^T dO over the chunk, dKV_j = grad of S_{j+1},
+grad S_j = dS_j + d_j grad S_{j+1}, and the chunk decay's gradient d_j <grad S_{j+1}, S_j>.
+`hybrid_bwd_kernel` (per block, chunk, b*h): the flash-style intra backward for one key block (dk, dv)
+and one query block (dq), plus dk += scale V dKV_j^T, dv += scale K dKV_j and the log-decay gradient
+(the suffix sum of d_gcum over the chunk plus the chunk decay's share). Each prep program owns a few
+rows and nothing is reduced across programs except in the scan, so the results are deterministic.
 """
 from __future__ import annotations
 
@@ -17,78 +19,100 @@ from .hybrid_triton_fwd import mm
 
 
 @triton.jit
-def prep_bwd_kernel(q_ptr, do_ptr, intra_ptr, gcum_ptr, states_ptr, delta_ptr, dg_part_ptr, dstates_ptr, dq_ptr,
+def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgcum_ptr, dq_ptr,
                     stride_qb, stride_qh, stride_ql, stride_qd,
                     stride_ob, stride_oh, stride_ol, stride_od,
                     H, L, C, NUM_CHUNKS,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INTER: tl.constexpr,
                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (chunks, B*H): delta; with HAS_INTER dq_inter (into dq), dS_j and the gcum-path log-decay grad.
+    """Grid (cdiv(C, BLOCK_M), chunks, B*H): delta; with HAS_INTER also dq_inter (into dq) and d_gcum.
 
-    Walks the chunk's rows last block first so that the suffix sum over the chunk is a running total.
+    out (B*H*L, D) is the forward's contiguous output; delta and d_gcum are (B*H, L) fp32.
     """
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
+    block = tl.program_id(0)
+    chunk = tl.program_id(1)
+    bh = tl.program_id(2)
     b = bh // H
     h = bh % H
     dims = tl.arange(0, D)
-    tile = dims[:, None] * D + dims[None, :]
+    pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
+    valid = pos < C
+    tok = chunk * C + pos
+    row = bh * L + tok
+    do = tl.load(do_ptr + b * stride_ob + h * stride_oh + tok[:, None] * stride_ol + dims[None, :] * stride_od,
+                 mask=valid[:, None], other=0.0).to(tl.float32)
+    out = tl.load(out_ptr + row[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+    delta = tl.sum(do * out.to(tl.float32), 1)
     if HAS_INTER:
-        state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + tile)
-        dstate = tl.zeros([D, D], dtype=tl.float32)
-        suffix = 0.0
-    num_blocks = tl.cdiv(C, BLOCK_M)
-    for i in range(num_blocks):
-        pos = (num_blocks - 1 - i) * BLOCK_M + tl.arange(0, BLOCK_M)
-        valid = pos < C
-        tok = chunk * C + pos
-        row = bh * L + tok
-        do = tl.load(do_ptr + b * stride_ob + h * stride_oh + tok[:, None] * stride_ol + dims[None, :] * stride_od,
-                     mask=valid[:, None], other=0.0).to(tl.float32)
-        intra = tl.load(intra_ptr + row[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
-        tl.store(delta_ptr + row, tl.sum(do * intra.to(tl.float32), 1), mask=valid)
-        if HAS_INTER:
-            q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
-                        mask=valid[:, None], other=0.0).to(tl.float32)
-            decay = tl.exp(tl.load(gcum_ptr + row, mask=valid, other=0.0))
-            q_decayed = q * decay[:, None]
-            d_gcum = tl.sum(do * mm(q_decayed, state, INTERPRET, PRECISION), 1)
-            block_total = tl.sum(d_gcum, 0)
-            tl.store(dg_part_ptr + row, suffix + block_total - tl.cumsum(d_gcum, 0) + d_gcum, mask=valid)
-            suffix += block_total
-            dstate += mm(tl.trans(q_decayed), do, INTERPRET, PRECISION)
-            dq_inter = mm(do, tl.trans(state), INTERPRET, PRECISION) * decay[:, None]
-            tl.store(dq_ptr + row[:, None] * D + dims[None, :], dq_inter.to(dq_ptr.dtype.element_ty),
-                     mask=valid[:, None])
-    if HAS_INTER:
-        tl.store(dstates_ptr + (bh * NUM_CHUNKS + chunk) * D * D + tile, dstate)
+        state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
+        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
+                    mask=valid[:, None], other=0.0).to(tl.float32)
+        decay = tl.exp(tl.load(gcum_ptr + row, mask=valid, other=0.0))
+        d_gcum = tl.sum(do * mm(q * decay[:, None], state, INTERPRET, PRECISION), 1)
+        tl.store(dgcum_ptr + row, d_gcum, mask=valid)
+        delta -= d_gcum
+        dq_inter = mm(do, tl.trans(state), INTERPRET, PRECISION) * decay[:, None]
+        tl.store(dq_ptr + row[:, None] * D + dims[None, :], dq_inter.to(dq_ptr.dtype.element_ty),
+                 mask=valid[:, None])
+    tl.store(delta_ptr + row, delta, mask=valid)
 
 
 @triton.jit
-def state_grad_scan_kernel(states_ptr, dstates_ptr, gcum_ptr, dfinal_ptr, dlogd_ptr, dstate_in_ptr,
-                           L, C, NUM_CHUNKS, D: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                           STORE_DSTATE_IN: tl.constexpr):
-    """Grid (B*H,): reverse scan; dKV_j is written over the spare/consumed states slot j + 1.
+def chunk_state_grad(q_base, do_base, gcum_row, chunk_start, C, cols, stride_ql, stride_qd, stride_ol, stride_od,
+                     D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr,
+                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """dS_j[:, cols] = sum over the chunk's tokens p of (q_p exp(gcum_p))^T dO_p[cols] -> (D, BLOCK_DV) fp32."""
+    dims = tl.arange(0, D)
+    grad = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
+    for start in range(0, C, BLOCK_C):
+        pos = start + tl.arange(0, BLOCK_C)
+        valid = pos < C
+        tok = chunk_start + pos
+        q_t = tl.load(q_base + tok[None, :] * stride_ql + dims[:, None] * stride_qd,
+                      mask=valid[None, :], other=0.0).to(tl.float32)  # (D, BLOCK_C)
+        decay = tl.exp(tl.load(gcum_row + tok, mask=valid, other=0.0))
+        do = tl.load(do_base + tok[:, None] * stride_ol + cols[None, :] * stride_od,
+                     mask=valid[:, None], other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_DV)
+        grad += mm(q_t * decay[None, :], do, INTERPRET, PRECISION)
+    return grad
 
-    Slot j + 1 was last read one iteration earlier, before that iteration's full reduction, whose
-    barrier orders every warp's read before this write.
+
+@triton.jit
+def state_grad_scan_kernel(q_ptr, do_ptr, states_ptr, gcum_ptr, dfinal_ptr, dlogd_ptr, dstate_in_ptr,
+                           stride_qb, stride_qh, stride_ql, stride_qd,
+                           stride_ob, stride_oh, stride_ol, stride_od,
+                           H, L, C, NUM_CHUNKS, D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr,
+                           HAS_DFINAL: tl.constexpr, STORE_DSTATE_IN: tl.constexpr,
+                           INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (B*H, D / BLOCK_DV): reverse scan over BLOCK_DV state columns; dKV_j goes over states slot j + 1.
+
+    dlogd (B*H, chunks, D / BLOCK_DV) gets each column block's share of the chunk decay's gradient.
+    Slot j + 1 (these columns) was last read one iteration earlier, before that iteration's full
+    reduction, whose barrier orders every warp's read before this write.
     """
     bh = tl.program_id(0)
-    dims = tl.arange(0, D)
-    tile = dims[:, None] * D + dims[None, :]
+    col_block = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    cols = col_block * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    tile = tl.arange(0, D)[:, None] * D + cols[None, :]
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    do_base = do_ptr + b * stride_ob + h * stride_oh
     if HAS_DFINAL:
         carry = tl.load(dfinal_ptr + bh * D * D + tile)
     else:
-        carry = tl.zeros([D, D], dtype=tl.float32)
+        carry = tl.zeros([D, BLOCK_DV], dtype=tl.float32)
     for i in range(NUM_CHUNKS):
         chunk = NUM_CHUNKS - 1 - i
         decay = tl.exp(tl.load(gcum_ptr + bh * L + chunk * C + C - 1) / C)
         slots = states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D
         state = tl.load(slots + tile)
-        tl.store(dlogd_ptr + bh * NUM_CHUNKS + chunk, decay * tl.sum(tl.sum(carry * state, 1), 0))
-        dstate = tl.load(dstates_ptr + (bh * NUM_CHUNKS + chunk) * D * D + tile)
+        tl.store(dlogd_ptr + (bh * NUM_CHUNKS + chunk) * tl.num_programs(1) + col_block,
+                 decay * tl.sum(tl.sum(carry * state, 1), 0))
         tl.store(slots + D * D + tile, carry)
-        carry = dstate + decay * carry
+        carry = decay * carry + chunk_state_grad(q_base, do_base, gcum_ptr + bh * L, chunk * C, C, cols,
+                                                 stride_ql, stride_qd, stride_ol, stride_od,
+                                                 D, BLOCK_DV, BLOCK_C, INTERPRET, PRECISION)
     if STORE_DSTATE_IN:
         tl.store(dstate_in_ptr + bh * D * D + tile, carry)
 
@@ -142,20 +166,32 @@ def intra_dq(q, do, lse, delta, k_base, v_base, chunk_start, C,
 
 
 @triton.jit
-def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, dg_part_ptr, dlogd_ptr,
+def chunk_suffix_sum(values_ptr, block, C, BLOCK: tl.constexpr):
+    """Inclusive suffix sums, within a chunk of C values, at the rows of block `block` -> (BLOCK,) fp32."""
+    pos = block * BLOCK + tl.arange(0, BLOCK)
+    own = tl.load(values_ptr + pos, mask=pos < C, other=0.0)
+    later = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range((block + 1) * BLOCK, C, BLOCK):
+        later += tl.load(values_ptr + start + tl.arange(0, BLOCK), mask=start + tl.arange(0, BLOCK) < C, other=0.0)
+    return tl.sum(own, 0) - tl.cumsum(own, 0) + own + tl.sum(later, 0)
+
+
+@triton.jit
+def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, dgcum_ptr, dlogd_ptr,
                       dq_ptr, dk_ptr, dv_ptr, dg_ptr,
                       stride_qb, stride_qh, stride_ql, stride_qd,
                       stride_kb, stride_kh, stride_kl, stride_kd,
                       stride_vb, stride_vh, stride_vl, stride_vd,
                       stride_ob, stride_oh, stride_ol, stride_od, stride_dkv_bh,
                       H, L, C, NUM_CHUNKS, scale, qk_scale,
-                      D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+                      D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr, COL_BLOCKS: tl.constexpr,
                       HAS_INTER: tl.constexpr, HAS_DKV: tl.constexpr,
                       INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK), chunks, B*H): dk, dv of key block `block` and dq, dlog_decay of query block `block`.
 
-    With HAS_INTER, dq already holds the inter part (prep pass) and dg_part the gcum-path log-decay
-    gradient; with HAS_DKV, dkv_ptr[bh * stride_dkv_bh + chunk * D * D] is d(K_j^T V_j).
+    With HAS_INTER, dq already holds the inter part (prep pass), dgcum the gradient through each
+    row's gcum, and dlogd (B*H, chunks, COL_BLOCKS) the chunk decays' gradient in parts; with
+    HAS_DKV, dkv_ptr[bh * stride_dkv_bh + chunk * D * D] is d(K_j^T V_j).
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -172,6 +208,11 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
     v_base = v_ptr + b * stride_vb + h * stride_vh
     do_base = do_ptr + b * stride_ob + h * stride_oh
     out_offsets = row[:, None] * D + dims[None, :]
+    if HAS_INTER:  # first, while few registers are live
+        chunk_decay_grad = tl.sum(tl.load(dlogd_ptr + (bh * NUM_CHUNKS + chunk) * COL_BLOCKS
+                                          + tl.arange(0, COL_BLOCKS)), 0)
+        dg = chunk_suffix_sum(dgcum_ptr + bh * L + chunk * C, block, C, BLOCK) + chunk_decay_grad / C
+        tl.store(dg_ptr + row, dg, mask=valid)
 
     k = tl.load(k_base + tok[:, None] * stride_kl + dims[None, :] * stride_kd, mask=valid[:, None], other=0.0)
     v = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd, mask=valid[:, None], other=0.0)
@@ -197,7 +238,4 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
                   qk_scale, D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION) * scale
     if HAS_INTER:
         dq += tl.load(dq_ptr + out_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-        chunk_decay_grad = tl.load(dlogd_ptr + bh * NUM_CHUNKS + chunk)
-        dg = tl.load(dg_part_ptr + row, mask=valid, other=0.0) + chunk_decay_grad / C
-        tl.store(dg_ptr + row, dg, mask=valid)
     tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])

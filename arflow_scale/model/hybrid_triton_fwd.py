@@ -129,18 +129,16 @@ def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd,
 
 
 @triton.jit
-def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, intra_ptr, lse_ptr,
+def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_ptr,
                       stride_qb, stride_qh, stride_ql, stride_qd,
                       stride_kb, stride_kh, stride_kl, stride_kd,
                       stride_vb, stride_vh, stride_vl, stride_vd,
                       H, L, C, NUM_CHUNKS, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_INTER: tl.constexpr, STORE_INTRA: tl.constexpr,
-                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j.
+                      HAS_INTER: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j, and lse.
 
-    Writes out and lse; with STORE_INTRA also the intra part alone (backward's softmax needs it when
-    the inter part makes out differ from it).
+    out is contiguous (B, H, L, D); backward gets the softmax's dO . O_intra from it and the inter part.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -160,8 +158,6 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, intra_
     row = bh * L + tok
     out_offsets = row[:, None] * D + dims[None, :]
     tl.store(lse_ptr + row, lse, mask=valid)
-    if STORE_INTRA:
-        tl.store(intra_ptr + out_offsets, intra.to(intra_ptr.dtype.element_ty), mask=valid[:, None])
     if HAS_INTER:
         gcum = tl.load(gcum_ptr + row, mask=valid, other=0.0)
         q_decayed = q.to(tl.float32) * tl.exp(gcum)[:, None]
