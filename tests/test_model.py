@@ -201,3 +201,19 @@ def test_aligned_linear_equals_linear_and_keeps_the_state_dict():
     assert {k: v.shape for k, v in layer.state_dict().items()} == {"weight": (2, 64), "bias": (2,)}
     x32 = torch.randn(3, 64, generator=g)
     assert torch.equal(layer(x32), torch.nn.functional.linear(x32, layer.weight, layer.bias))  # CPU: nn.Linear's path
+
+
+def test_use_tf32_sets_the_cuda_matmul_precision_and_leaves_cpu_alone():
+    from arflow_scale.model.precision import use_tf32
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        use_tf32(True, "cpu")
+        assert torch.get_float32_matmul_precision() == "highest"
+        use_tf32(True, torch.device("cuda", 0))  # the flag is global: settable without a GPU
+        assert torch.get_float32_matmul_precision() == "high"
+        use_tf32(False, "cuda")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)

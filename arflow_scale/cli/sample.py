@@ -46,6 +46,7 @@ def handle(args) -> int:
     from arflow_scale.checkpoint import load_ema_weights, load_exported, load_raw_weights, run_task
     from arflow_scale.eval.grids import sample_grid, save_png
     from arflow_scale.model.decoder import Decoder
+    from arflow_scale.model.precision import use_tf32
     from arflow_scale.tasks import SampleSettings
 
     labels = parse_labels(args.labels)
@@ -64,6 +65,7 @@ def handle(args) -> int:
     if bad:
         raise ValueError(f"--labels: {bad} outside 0..{task.num_classes - 1} (model.num_classes)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    use_tf32(cfg.train.tf32, device)
     model = task.model_from_weights(weights, device)
     settings = SampleSettings(sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
                               guided_channels=guided_channels(args.guided_channels, cfg.eval.guided_channels),

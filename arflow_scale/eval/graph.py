@@ -22,6 +22,7 @@ from arflow_scale.checkpoint import load_ema_weights, run_task
 from arflow_scale.config import Config, EvalConfig
 from arflow_scale.data.storage import filesystem
 from arflow_scale.model.decoder import Decoder
+from arflow_scale.model.precision import use_tf32
 from arflow_scale.schema import build
 from arflow_scale.tasks import SampleSettings, task_for
 
@@ -105,6 +106,7 @@ def sample_images(checkpoint_url: str, task_index: int, count: int, plan: FidPla
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     run_cfg, model = model_loader(checkpoint_url, plan.storage_options or None)
     task = task_for(run_cfg.model)
+    use_tf32(run_cfg.train.tf32, device)
     model = model.to(device).eval()
     decoder = Decoder.for_model(run_cfg.model, device)
     generator = torch.Generator().manual_seed(task_seed(plan.eval.seed, task_index))

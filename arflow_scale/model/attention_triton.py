@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import triton
@@ -35,7 +35,9 @@ class HybridBlocks:
     the fused backward; prep: rows per program of the backward prep pass; scan: tokens per step of
     the chunk K^T V pass and of the backward scan's dS_j, scan_dv: state columns per program of that
     pass and of both scans (scan_warps runs both scans). The defaults (`for_head_dim`) were chosen
-    from sm_90 compiles (no register spills, triton 3.9), not from timings.
+    from sm_90 compiles (`arflow bench kernels`), not from timings: with TF32 fp32 dots (`train.tf32`, the
+    default) no kernel spills registers at head dims 16-128 (Triton 3.6 and 3.9). Exact fp32 dots (tf32
+    off) run without tensor cores and make the fused forward and backward spill.
     """
     fwd_m: int = 128
     fwd_n: int = 64
@@ -64,8 +66,8 @@ class HybridBlocks:
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "HybridBlocks":
-        """The defaults; head_dim 128 gets smaller prep blocks and more warps (its fp32 tiles need the registers)."""
-        return cls(prep=32, bwd_warps=8, scan_warps=8) if head_dim >= 128 else cls()
+        """The defaults; head_dim 128 gets smaller query blocks and more warps (its fp32 tiles need the registers)."""
+        return cls(fwd_m=64, prep=16, bwd_warps=8, scan_warps=8) if head_dim >= 128 else cls()
 
     def fitted(self, chunk_size: int) -> "HybridBlocks":
         """Blocks no larger than the chunk needs and at least 16 (tl.dot's minimum); all powers of two."""
@@ -118,8 +120,22 @@ def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:
         raise ValueError(f"hybrid_attention_triton: {q.numel()} elements per tensor overflow int32 offsets")
 
 
-def _forward(q, k, v, log_decay, chunk_size, state, blocks):
-    """Launch the chunk K^T V pass, the scan and the fused kernel -> out, new_state, what backward keeps."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel launch, `kernel[grid](*args, **meta)`, kept as data: tools compile it for a GPU
+    architecture without one (`arflow_scale.bench.kernel_resources`)."""
+    kernel: Any  # a triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    meta: dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.meta)
+
+
+def forward_launches(q, k, v, log_decay, chunk_size, state, blocks):
+    """The chunk K^T V pass, the scan and the fused kernel, with their buffers allocated ->
+    (launches, out, new_state, what backward keeps); out and new_state hold results once the launches ran."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
     has_inter = chunks > 1 or state is not None
@@ -131,24 +147,23 @@ def _forward(q, k, v, log_decay, chunk_size, state, blocks):
     block_dv = min(dim, blocks.scan_dv)
     # K_j^T V_j lands in states slot j + 1 (the scan turns it into S_{j+1}), or straight in final
     kv, kv_stride = (states[:, 1:], (chunks + 1) * dim * dim) if has_inter else (final, dim * dim)
-    chunk_kv_kernel[(chunks, rows, dim // block_dv)](
+    launches = [Launch(chunk_kv_kernel, (chunks, rows, dim // block_dv), (
         k, v, log_decay, kv, gcum, *k.stride(), *v.stride(), *log_decay.stride(), kv_stride,
-        heads, length, chunk_size, dim ** -0.5, D=dim, BLOCK_DV=block_dv, BLOCK_C=blocks.scan,
-        STORE_GCUM=has_inter, num_warps=blocks.scan_warps, **flags)
+        heads, length, chunk_size, dim ** -0.5), dict(
+        D=dim, BLOCK_DV=block_dv, BLOCK_C=blocks.scan, STORE_GCUM=has_inter, num_warps=blocks.scan_warps, **flags))]
     if has_inter:
         state_in = state.to(torch.float32).contiguous() if state is not None else None
-        state_scan_kernel[(rows, dim // block_dv)](
-            states, gcum, state_in, final, length, chunk_size, chunks, D=dim, BLOCK_DV=block_dv,
-            HAS_STATE_IN=state is not None, num_warps=blocks.scan_warps)
+        launches.append(Launch(state_scan_kernel, (rows, dim // block_dv), (
+            states, gcum, state_in, final, length, chunk_size, chunks), dict(
+            D=dim, BLOCK_DV=block_dv, HAS_STATE_IN=state is not None, num_warps=blocks.scan_warps)))
     out = torch.empty(batch, heads, length, dim, device=q.device, dtype=q.dtype)
     lse = torch.empty(rows, length, **f32)
-    grid = (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows)
-    hybrid_fwd_kernel[grid](
+    launches.append(Launch(hybrid_fwd_kernel, (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows), (
         q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(),
-        heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E, D=dim, BLOCK_M=blocks.fwd_m,
-        BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
-        num_stages=blocks.num_stages, **flags)
-    return out, final, _Saved(lse, gcum, states)
+        heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
+        D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
+        num_stages=blocks.num_stages, **flags)))
+    return launches, out, final, _Saved(lse, gcum, states)
 
 
 @dataclasses.dataclass
@@ -184,7 +199,9 @@ class _HybridAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks):
-        out, final, saved = _forward(q, k, v, log_decay, chunk_size, state, blocks)
+        launches, out, final, saved = forward_launches(q, k, v, log_decay, chunk_size, state, blocks)
+        for launch in launches:
+            launch()
         ctx.save_for_backward(q, k, v, out)
         ctx.saved = saved  # intermediates (not inputs/outputs): dropped as soon as backward is done with them
         ctx.meta = (chunk_size, blocks, log_decay.dtype, state is not None,
@@ -202,16 +219,19 @@ class _HybridAttention(torch.autograd.Function):
                                "(retain_graph=True) is not supported; the first one freed the intermediates")
         if d_out is None:
             d_out = torch.zeros_like(q)
-        grads = _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state,
-                          ctx.needs_input_grad[4])
+        launches, grads = backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state,
+                                            ctx.needs_input_grad[4])
+        for launch in launches:
+            launch()
         dq, dk, dv, dlog_decay, dstate = grads
         dlog_decay = dlog_decay.to(decay_dtype)
         dstate = dstate.to(state_dtype) if dstate is not None else None
         return dq, dk, dv, dlog_decay, dstate, None, None
 
 
-def _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):
-    """Launch the prep pass, the reverse state scan and the fused backward -> dq, dk, dv, dlog_decay, dstate."""
+def backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):
+    """The prep pass, the reverse state scan and the fused backward, with their buffers allocated ->
+    (launches, (dq, dk, dv, dlog_decay, dstate)); the gradients hold results once the launches ran."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
     has_inter = saved.states is not None
@@ -220,10 +240,10 @@ def _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state
     delta = torch.empty(rows, length, **f32)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dgcum = torch.empty(rows, length, **f32) if has_inter else None
-    prep_bwd_kernel[(triton.cdiv(chunk_size, blocks.prep), chunks, rows)](
+    launches = [Launch(prep_bwd_kernel, (triton.cdiv(chunk_size, blocks.prep), chunks, rows), (
         q, d_out, out, saved.gcum, saved.states, delta, dgcum, dq, *q.stride(), *d_out.stride(),
-        heads, length, chunk_size, chunks, D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter,
-        num_warps=blocks.prep_warps, **flags)
+        heads, length, chunk_size, chunks), dict(
+        D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter, num_warps=blocks.prep_warps, **flags))]
     dfinal = d_final.to(torch.float32).contiguous() if d_final is not None else None
     col_blocks = dim // min(dim, blocks.scan_dv)
     dlogd = dstate_in = None
@@ -231,21 +251,21 @@ def _backward(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state
     if has_inter:
         dlogd = torch.empty(rows, chunks, col_blocks, **f32)
         dstate_in = torch.empty(batch, heads, dim, dim, **f32) if want_dstate else None
-        state_grad_scan_kernel[(rows, col_blocks)](
+        launches.append(Launch(state_grad_scan_kernel, (rows, col_blocks), (
             q, d_out, saved.states, saved.gcum, dfinal, dlogd, dstate_in, *q.stride(), *d_out.stride(),
-            heads, length, chunk_size, chunks, D=dim, BLOCK_DV=dim // col_blocks, BLOCK_C=blocks.scan,
-            HAS_DFINAL=dfinal is not None, STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps, **flags)
-        saved.gcum = None
+            heads, length, chunk_size, chunks), dict(
+            D=dim, BLOCK_DV=dim // col_blocks, BLOCK_C=blocks.scan, HAS_DFINAL=dfinal is not None,
+            STORE_DSTATE_IN=want_dstate, num_warps=blocks.scan_warps, **flags)))
         dkv, dkv_stride = saved.states[:, 1:], (chunks + 1) * dim * dim  # slot j + 1 holds dKV_j now
     dk = torch.empty(k.shape, device=q.device, dtype=k.dtype)
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
     dg = torch.empty(rows, length, **f32) if has_inter else None
-    hybrid_bwd_kernel[(triton.cdiv(chunk_size, blocks.bwd), chunks, rows)](
+    launches.append(Launch(hybrid_bwd_kernel, (triton.cdiv(chunk_size, blocks.bwd), chunks, rows), (
         q, k, v, d_out, saved.lse, delta, dkv, dgcum, dlogd, dq, dk, dv, dg,
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), dkv_stride,
-        heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E, D=dim, BLOCK=blocks.bwd,
-        BLOCK_SUB=blocks.bwd_sub, COL_BLOCKS=col_blocks, HAS_INTER=has_inter, HAS_DKV=dkv is not None,
-        num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)
+        heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E), dict(
+        D=dim, BLOCK=blocks.bwd, BLOCK_SUB=blocks.bwd_sub, COL_BLOCKS=col_blocks, HAS_INTER=has_inter,
+        HAS_DKV=dkv is not None, num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)))
     dlog_decay = dg.view(batch, heads, length) if has_inter else torch.zeros(batch, heads, length, **f32)
     dstate = dstate_in if has_state and want_dstate else None
-    return dq, dk, dv, dlog_decay, dstate
+    return launches, (dq, dk, dv, dlog_decay, dstate)

@@ -29,6 +29,7 @@ from arflow_scale.checkpoint.layout import files_of_rank
 from arflow_scale.data import SequenceStream
 from arflow_scale.eval.grids import sample_grid
 from arflow_scale.model.decoder import Decoder
+from arflow_scale.model.precision import use_tf32
 from arflow_scale.schema import dump_yaml
 from arflow_scale.tasks import SampleSettings
 from arflow_scale.tracking import Tracker, recordable_uri
@@ -335,7 +336,7 @@ class Trainer:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
             torch.set_num_threads(max(1, int(self.cfg.cluster.resources_per_worker.get("CPU", 1))))
         else:  # fp32 matmuls (autocast-free parts such as the hybrid attention's state) on TF32 cores
-            torch.set_float32_matmul_precision("high" if self.cfg.train.tf32 else "highest")
+            use_tf32(self.cfg.train.tf32, self.device)
 
     def _open_stream(self) -> TrainingStream:
         factory = self.args.stream_factory
