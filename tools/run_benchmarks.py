@@ -11,8 +11,10 @@ import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
-BENCHMARKS = ("attention", "data", "train", "fid", "sampling")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from arflow_scale.cli.bench import BENCHMARKS  # noqa: E402  (the CLI's list: one source of truth)
 
 
 def main(argv: list[str] | None = None) -> int:
