@@ -203,3 +203,14 @@ def test_blocks_parse_and_fit():
     assert HybridBlocks.for_head_dim(128).bwd_warps == 8 and HybridBlocks.for_head_dim(64) == HybridBlocks()
     with pytest.raises(ValueError, match="'fwd_x=2'"):
         HybridBlocks.parse("fwd_x=2")
+
+
+def test_output_is_laid_out_for_the_projection_and_kept_without_a_copy():
+    """out (B, H, L, D) lives in (B, L, H, D) memory: the model's "b h l d -> b l (h d)" is a view, so the output
+    projection saves the same storage that backward keeps (one tensor per layer, as flash attention)."""
+    q, k, v, log_decay = (t.requires_grad_(True) for t in model_like_inputs(2, 16, 16, seed=8))
+    out, _ = hybrid_attention_triton(q, k, v, log_decay, 16, blocks=SMALL)
+    merged = rearrange(out, "b h l d -> b l (h d)")
+    assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
+    saved = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors}
+    assert out.untyped_storage().data_ptr() in saved

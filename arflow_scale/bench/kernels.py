@@ -103,7 +103,9 @@ def _specialised(launch) -> tuple[dict, dict, dict]:
     signature, constexprs, attrs = {}, {}, {}
     names = launch.kernel.arg_names
     for index, (name, value) in enumerate(zip(names, launch.args)):
-        kind, hint = ("constexpr", None) if value is None else native_specialize_impl(BaseBackend, value, False, True, True)
+        # (value, is_const, specialize, align) -> (type, hint): "D" = divisible by 16 / 16-byte aligned
+        kind, hint = ("constexpr", None) if value is None else native_specialize_impl(BaseBackend, value, False,
+                                                                                        True, True)
         signature[name] = kind
         if kind == "constexpr":
             constexprs[name] = hint

@@ -156,10 +156,12 @@ def forward_launches(q, k, v, log_decay, chunk_size, state, blocks):
         launches.append(Launch(state_scan_kernel, (rows, dim // block_dv), (
             states, gcum, state_in, final, length, chunk_size, chunks), dict(
             D=dim, BLOCK_DV=block_dv, HAS_STATE_IN=state is not None, num_warps=blocks.scan_warps)))
-    out = torch.empty(batch, heads, length, dim, device=q.device, dtype=q.dtype)
+    # laid out (B, L, H, D): the model's "b h l d -> b l (h d)" is then a view, and the output projection
+    # saves the very tensor backward keeps here, not a copy
+    out = torch.empty(batch, length, heads, dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(rows, length, **f32)
     launches.append(Launch(hybrid_fwd_kernel, (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows), (
-        q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(),
+        q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
         num_stages=blocks.num_stages, **flags)))
@@ -241,7 +243,7 @@ def backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, h
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dgcum = torch.empty(rows, length, **f32) if has_inter else None
     launches = [Launch(prep_bwd_kernel, (triton.cdiv(chunk_size, blocks.prep), chunks, rows), (
-        q, d_out, out, saved.gcum, saved.states, delta, dgcum, dq, *q.stride(), *d_out.stride(),
+        q, d_out, out, saved.gcum, saved.states, delta, dgcum, dq, *q.stride(), *d_out.stride(), *out.stride(),
         heads, length, chunk_size, chunks), dict(
         D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter, num_warps=blocks.prep_warps, **flags))]
     dfinal = d_final.to(torch.float32).contiguous() if d_final is not None else None

@@ -22,12 +22,14 @@ from .hybrid_triton_fwd import mm
 def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgcum_ptr, dq_ptr,
                     stride_qb, stride_qh, stride_ql, stride_qd,
                     stride_ob, stride_oh, stride_ol, stride_od,
+                    stride_outb, stride_outh, stride_outl, stride_outd,
                     H, L, C, NUM_CHUNKS,
                     D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INTER: tl.constexpr,
                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): delta; with HAS_INTER also dq_inter (into dq) and d_gcum.
 
-    out (B*H*L, D) is the forward's contiguous output; delta and d_gcum are (B*H, L) fp32.
+    out is the forward's output (its strides: stride_out*), do its gradient (stride_o*); delta and d_gcum
+    are (B*H, L) fp32.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -41,7 +43,8 @@ def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgc
     row = bh * L + tok
     do = tl.load(do_ptr + b * stride_ob + h * stride_oh + tok[:, None] * stride_ol + dims[None, :] * stride_od,
                  mask=valid[:, None], other=0.0).to(tl.float32)
-    out = tl.load(out_ptr + row[:, None] * D + dims[None, :], mask=valid[:, None], other=0.0)
+    out_ptrs = out_ptr + b * stride_outb + h * stride_outh + tok[:, None] * stride_outl + dims[None, :] * stride_outd
+    out = tl.load(out_ptrs, mask=valid[:, None], other=0.0)
     delta = tl.sum(do * out.to(tl.float32), 1)
     if HAS_INTER:
         state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])

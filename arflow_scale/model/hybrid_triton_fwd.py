@@ -133,12 +133,14 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
                       stride_qb, stride_qh, stride_ql, stride_qd,
                       stride_kb, stride_kh, stride_kl, stride_kd,
                       stride_vb, stride_vh, stride_vl, stride_vd,
+                      stride_outb, stride_outh, stride_outl, stride_outd,
                       H, L, C, NUM_CHUNKS, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       HAS_INTER: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j, and lse.
 
-    out is contiguous (B, H, L, D); backward gets the softmax's dO . O_intra from it and the inter part.
+    out (B, H, L, D) may be strided (the wrapper lays it out as (B, L, H, D)); backward gets the softmax's
+    dO . O_intra from it and the inter part.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -156,11 +158,11 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
                                      D, BLOCK_M, BLOCK_N, INTERPRET, PRECISION)
     row = bh * L + tok
-    out_offsets = row[:, None] * D + dims[None, :]
     tl.store(lse_ptr + row, lse, mask=valid)
     if HAS_INTER:
         gcum = tl.load(gcum_ptr + row, mask=valid, other=0.0)
         q_decayed = q.to(tl.float32) * tl.exp(gcum)[:, None]
         state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
         intra += mm(q_decayed, state, INTERPRET, PRECISION)
-    tl.store(out_ptr + out_offsets, intra.to(out_ptr.dtype.element_ty), mask=valid[:, None])
+    out_ptrs = out_ptr + b * stride_outb + h * stride_outh + tok[:, None] * stride_outl + dims[None, :] * stride_outd
+    tl.store(out_ptrs, intra.to(out_ptr.dtype.element_ty), mask=valid[:, None])
