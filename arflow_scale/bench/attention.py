@@ -10,7 +10,8 @@ on CPU the peak of live tensor storage, tracked by a dispatch mode. Times (`ms`)
 --repeats synchronised runs alternating between variants; on CPU one thread by default, which keeps
 the numbers stable on a shared machine. On CUDA `device_ms` is the GPU's busy time per fwd+bwd (its
 kernels' durations summed by torch.profiler over --repeats runs): at these sizes the wall time of the
-floor is mostly launch overhead, which a training step hides behind the other layers' kernels. Imports nothing beyond torch (and triton): tools run it on bare GPU machines.
+floor is mostly launch overhead, which a training step hides behind the other layers' kernels.
+Imports nothing beyond torch (and triton): tools run it on bare GPU machines.
 """
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel launch, `kernel[grid](*args, **meta)`, kept as data: tools compile it for a GPU
-    architecture without one (`arflow_scale.bench.kernel_resources`)."""
+    architecture without one (`arflow bench kernels`)."""
     kernel: Any  # a triton.JITFunction
     grid: tuple[int, ...]
     args: tuple
