@@ -48,9 +48,13 @@ def test_kernels_at_head_dim_64_do_not_spill_and_pipeline_their_loads():
     assert by_name["prep_bwd_kernel"]["grid"] == [4, 2, 2]  # 256-token chunks in blocks of 64 rows, 2 chunks, B*H
 
 
-def test_interpreted_kernels_are_refused_by_name(capsys):
+def test_bad_shapes_and_interpreted_kernels_are_refused_by_name(capsys):
     from arflow_scale.cli import main
 
+    assert main(["bench", "kernels", "--head-dim", "8"]) == 2
+    assert "--head-dim 8 is not one of 16, 32, 64, 128" in capsys.readouterr().err
+    assert main(["bench", "kernels", "--tokens", "0"]) == 2
+    assert "--tokens 0 must be at least 1" in capsys.readouterr().err
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not set in this process (tests/conftest.py sets it without CUDA)")
     assert main(["bench", "kernels"]) == 2

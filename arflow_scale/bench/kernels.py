@@ -156,12 +156,24 @@ def compile_launch(launch, arch: int = 90) -> KernelResources:
         programs_per_sm=programs_per_sm(arch, registers, num_warps, compiled.metadata.shared))
 
 
+def _check_shape(args) -> None:
+    """Shapes the fused kernels take; a ValueError names the flag."""
+    from arflow_scale.model.attention import FUSED_HEAD_DIMS
+
+    if args.head_dim not in FUSED_HEAD_DIMS:
+        raise ValueError(f"--head-dim {args.head_dim} is not one of {', '.join(map(str, FUSED_HEAD_DIMS))}")
+    for flag in ("batch", "heads", "k", "tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} {getattr(args, flag)} must be at least 1")
+
+
 def run(args) -> int:
     import torch
     import triton
 
     from arflow_scale.model.attention_triton import HybridBlocks, interpreting
 
+    _check_shape(args)
     if interpreting():
         raise ValueError("arflow bench kernels: TRITON_INTERPRET=1 turns the kernels into interpreter functions, "
                          "which cannot be compiled; run it without TRITON_INTERPRET")
