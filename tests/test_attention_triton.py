@@ -203,6 +203,13 @@ def test_blocks_parse_and_fit():
     assert HybridBlocks.for_head_dim(128).bwd_warps == 8 and HybridBlocks.for_head_dim(64) == HybridBlocks()
     with pytest.raises(ValueError, match="'fwd_x=2'"):
         HybridBlocks.parse("fwd_x=2")
+    capped = HybridBlocks.parse("fwd_maxnreg=128").fitted(256)
+    assert capped.fwd_options == {"maxnreg": 128} and HybridBlocks().fwd_options == {}
+    with pytest.raises(ValueError, match="fwd_maxnreg=300"):
+        HybridBlocks(fwd_maxnreg=300).fitted(256)
+    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=9)  # the cap reaches the launch (the interpreter ignores it)
+    capped_out, _ = hybrid_attention_triton(q, k, v, log_decay, 16, blocks=HybridBlocks(fwd_maxnreg=128))
+    assert torch.equal(capped_out, hybrid_attention_triton(q, k, v, log_decay, 16)[0])
 
 
 def test_output_is_laid_out_for_the_projection_and_kept_without_a_copy():

@@ -135,7 +135,7 @@ def compile_launch(launch, arch: int = 90) -> KernelResources:
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs = _specialised(launch)
-    options = {name: launch.meta[name] for name in ("num_warps", "num_stages") if name in launch.meta}
+    options = {name: launch.meta[name] for name in ("num_warps", "num_stages", "maxnreg") if name in launch.meta}
     compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
                               target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.TemporaryDirectory() as folder:

@@ -34,7 +34,9 @@ class HybridBlocks:
     fwd_m/fwd_n: query/key block of the fused forward; bwd/bwd_sub: own block and inner-loop block of
     the fused backward; prep: rows per program of the backward prep pass; scan: tokens per step of
     the chunk K^T V pass and of the backward scan's dS_j, scan_dv: state columns per program of that
-    pass and of both scans (scan_warps runs both scans). The defaults (`for_head_dim`) were chosen
+    pass and of both scans (scan_warps runs both scans); fwd_maxnreg: a register cap per thread for the
+    fused forward (0: the compiler's choice; 128 fits two of its 8-warp programs on an SM instead of one,
+    at the price of a small spill: see `arflow bench kernels`). The defaults (`for_head_dim`) were chosen
     from sm_90 compiles (`arflow bench kernels`), not from timings: with TF32 fp32 dots (`train.tf32`, the
     default) no kernel spills registers at head dims 16-128 (Triton 3.6 and 3.9). Exact fp32 dots (tf32
     off) run without tensor cores and make the fused forward and backward spill.
@@ -51,6 +53,12 @@ class HybridBlocks:
     scan_dv: int = 32
     scan_warps: int = 4
     num_stages: int = 2
+    fwd_maxnreg: int = 0
+
+    @property
+    def fwd_options(self) -> dict[str, int]:
+        """Launch options of the fused forward beyond warps and stages."""
+        return {"maxnreg": self.fwd_maxnreg} if self.fwd_maxnreg else {}
 
     @classmethod
     def parse(cls, text: str) -> "HybridBlocks":
@@ -78,6 +86,8 @@ class HybridBlocks:
             if size < 16 or size & (size - 1):
                 raise ValueError(f"triton blocks: {name}={size} is not a power of two >= 16")
             sizes[name] = min(size, cap)
+        if self.fwd_maxnreg and not 24 <= self.fwd_maxnreg <= 255:
+            raise ValueError(f"triton blocks: fwd_maxnreg={self.fwd_maxnreg} is not 0 or 24-255 registers")
         return dataclasses.replace(self, **sizes)
 
 
@@ -164,7 +174,7 @@ def forward_launches(q, k, v, log_decay, chunk_size, state, blocks):
         q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
-        num_stages=blocks.num_stages, **flags)))
+        num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
     return launches, out, final, _Saved(lse, gcum, states)
 
 
