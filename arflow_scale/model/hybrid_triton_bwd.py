@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .hybrid_triton_fwd import mm
+from .hybrid_triton_fwd import load_rows, load_rows_t, mm
 
 
 @triton.jit
@@ -41,15 +41,12 @@ def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgc
     valid = pos < C
     tok = chunk * C + pos
     row = bh * L + tok
-    do = tl.load(do_ptr + b * stride_ob + h * stride_oh + tok[:, None] * stride_ol + dims[None, :] * stride_od,
-                 mask=valid[:, None], other=0.0).to(tl.float32)
-    out_ptrs = out_ptr + b * stride_outb + h * stride_outh + tok[:, None] * stride_outl + dims[None, :] * stride_outd
-    out = tl.load(out_ptrs, mask=valid[:, None], other=0.0)
+    do = load_rows(do_ptr + b * stride_ob + h * stride_oh, tok, valid, dims, stride_ol, stride_od).to(tl.float32)
+    out = load_rows(out_ptr + b * stride_outb + h * stride_outh, tok, valid, dims, stride_outl, stride_outd)
     delta = tl.sum(do * out.to(tl.float32), 1)
     if HAS_INTER:
         state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
-        q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
-                    mask=valid[:, None], other=0.0).to(tl.float32)
+        q = load_rows(q_ptr + b * stride_qb + h * stride_qh, tok, valid, dims, stride_ql, stride_qd).to(tl.float32)
         decay = tl.exp(tl.load(gcum_ptr + row, mask=valid, other=0.0))
         d_gcum = tl.sum(do * mm(q * decay[:, None], state, INTERPRET, PRECISION), 1)
         tl.store(dgcum_ptr + row, d_gcum, mask=valid)
@@ -71,11 +68,9 @@ def chunk_state_grad(q_base, do_base, gcum_row, chunk_start, C, cols, stride_ql,
         pos = start + tl.arange(0, BLOCK_C)
         valid = pos < C
         tok = chunk_start + pos
-        q_t = tl.load(q_base + tok[None, :] * stride_ql + dims[:, None] * stride_qd,
-                      mask=valid[None, :], other=0.0).to(tl.float32)  # (D, BLOCK_C)
+        q_t = load_rows_t(q_base, tok, valid, dims, stride_ql, stride_qd).to(tl.float32)  # (D, BLOCK_C)
         decay = tl.exp(tl.load(gcum_row + tok, mask=valid, other=0.0))
-        do = tl.load(do_base + tok[:, None] * stride_ol + cols[None, :] * stride_od,
-                     mask=valid[:, None], other=0.0).to(tl.float32)  # (BLOCK_C, BLOCK_DV)
+        do = load_rows(do_base, tok, valid, cols, stride_ol, stride_od).to(tl.float32)  # (BLOCK_C, BLOCK_DV)
         grad += mm(q_t * decay[None, :], do, INTERPRET, PRECISION)
     return grad
 
@@ -131,10 +126,8 @@ def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C
         pos = start + tl.arange(0, BLOCK_SUB)
         valid = pos < C
         tok = chunk_start + pos
-        q_t = tl.load(q_base + tok[None, :] * stride_ql + dims[:, None] * stride_qd,
-                      mask=valid[None, :], other=0.0)  # (D, BLOCK_SUB)
-        do = tl.load(do_base + tok[:, None] * stride_ol + dims[None, :] * stride_od,
-                     mask=valid[:, None], other=0.0)  # (BLOCK_SUB, D)
+        q_t = load_rows_t(q_base, tok, valid, dims, stride_ql, stride_qd)  # (D, BLOCK_SUB)
+        do = load_rows(do_base, tok, valid, dims, stride_ol, stride_od)  # (BLOCK_SUB, D)
         lse = tl.load(lse_ptr + tok, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + tok, mask=valid, other=0.0)
         p_t = tl.exp2(mm(k, q_t, INTERPRET, PRECISION) * qk_scale - lse[None, :])
@@ -157,10 +150,8 @@ def intra_dq(q, do, lse, delta, k_base, v_base, chunk_start, C,
         pos = start + tl.arange(0, BLOCK_SUB)
         valid = pos < C
         tok = chunk_start + pos
-        k_t = tl.load(k_base + tok[None, :] * stride_kl + dims[:, None] * stride_kd,
-                      mask=valid[None, :], other=0.0)  # (D, BLOCK_SUB)
-        v_t = tl.load(v_base + tok[None, :] * stride_vl + dims[:, None] * stride_vd,
-                      mask=valid[None, :], other=0.0)
+        k_t = load_rows_t(k_base, tok, valid, dims, stride_kl, stride_kd)  # (D, BLOCK_SUB)
+        v_t = load_rows_t(v_base, tok, valid, dims, stride_vl, stride_vd)
         p = tl.exp2(mm(q, k_t, INTERPRET, PRECISION) * qk_scale - lse[:, None])
         p = tl.where(valid[None, :], p, 0.0)
         ds = p * (mm(do, v_t, INTERPRET, PRECISION) - delta[:, None])
@@ -217,8 +208,8 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
         dg = chunk_suffix_sum(dgcum_ptr + bh * L + chunk * C, block, C, BLOCK) + chunk_decay_grad / C
         tl.store(dg_ptr + row, dg, mask=valid)
 
-    k = tl.load(k_base + tok[:, None] * stride_kl + dims[None, :] * stride_kd, mask=valid[:, None], other=0.0)
-    v = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd, mask=valid[:, None], other=0.0)
+    k = load_rows(k_base, tok, valid, dims, stride_kl, stride_kd)
+    v = load_rows(v_base, tok, valid, dims, stride_vl, stride_vd)
     if HAS_DKV:  # the inter part first: its (D, D) tile is dead before the softmax loop needs the registers
         dkv = tl.load(dkv_ptr + bh * stride_dkv_bh + chunk * D * D + dims[:, None] * D + dims[None, :])
         dk = mm(v.to(tl.float32), tl.trans(dkv), INTERPRET, PRECISION)
@@ -233,8 +224,8 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
     tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
 
-    q = tl.load(q_base + tok[:, None] * stride_ql + dims[None, :] * stride_qd, mask=valid[:, None], other=0.0)
-    do = tl.load(do_base + tok[:, None] * stride_ol + dims[None, :] * stride_od, mask=valid[:, None], other=0.0)
+    q = load_rows(q_base, tok, valid, dims, stride_ql, stride_qd)
+    do = load_rows(do_base, tok, valid, dims, stride_ol, stride_od)
     lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
     delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
     dq = intra_dq(q, do, lse, delta, k_base, v_base, chunk * C, C, stride_kl, stride_kd, stride_vl, stride_vd,

@@ -32,6 +32,18 @@ def mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def load_rows(base, tok, valid, cols, stride_l, stride_d):
+    """Rows `tok` (zeros where not `valid`) and columns `cols` of a strided (L, D) matrix -> (len(tok), len(cols))."""
+    return tl.load(base + tok[:, None] * stride_l + cols[None, :] * stride_d, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def load_rows_t(base, tok, valid, cols, stride_l, stride_d):
+    """The same tile transposed, read in place -> (len(cols), len(tok))."""
+    return tl.load(base + tok[None, :] * stride_l + cols[:, None] * stride_d, mask=valid[None, :], other=0.0)
+
+
+@triton.jit
 def chunk_kv_kernel(k_ptr, v_ptr, g_ptr, kv_ptr, gcum_ptr,
                     stride_kb, stride_kh, stride_kl, stride_kd,
                     stride_vb, stride_vh, stride_vl, stride_vd,
@@ -59,10 +71,8 @@ def chunk_kv_kernel(k_ptr, v_ptr, g_ptr, kv_ptr, gcum_ptr,
         pos = start + tl.arange(0, BLOCK_C)
         valid = pos < C
         tok = chunk * C + pos
-        k_t = tl.load(k_base + tok[None, :] * stride_kl + rows_d[:, None] * stride_kd,
-                      mask=valid[None, :], other=0.0)  # (D, BLOCK_C)
-        v_blk = tl.load(v_base + tok[:, None] * stride_vl + cols[None, :] * stride_vd,
-                        mask=valid[:, None], other=0.0)  # (BLOCK_C, BLOCK_DV)
+        k_t = load_rows_t(k_base, tok, valid, rows_d, stride_kl, stride_kd)  # (D, BLOCK_C)
+        v_blk = load_rows(v_base, tok, valid, cols, stride_vl, stride_vd)  # (BLOCK_C, BLOCK_DV)
         kv += mm(k_t, v_blk, INTERPRET, PRECISION)
         if STORE_GCUM:
             if col_block == 0:
@@ -113,16 +123,14 @@ def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd,
         pos = start + tl.arange(0, BLOCK_N)
         valid = pos < C
         tok = chunk_start + pos
-        k_t = tl.load(k_base + tok[None, :] * stride_kl + dims[:, None] * stride_kd,
-                      mask=valid[None, :], other=0.0)  # (D, BLOCK_N)
+        k_t = load_rows_t(k_base, tok, valid, dims, stride_kl, stride_kd)  # (D, BLOCK_N)
         scores = mm(q, k_t, INTERPRET, PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, 1)
-        v_blk = tl.load(v_base + tok[:, None] * stride_vl + dims[None, :] * stride_vd,
-                        mask=valid[:, None], other=0.0)  # (BLOCK_N, D)
+        v_blk = load_rows(v_base, tok, valid, dims, stride_vl, stride_vd)  # (BLOCK_N, D)
         acc = acc * rescale[:, None] + mm(p.to(v_blk.dtype), v_blk, INTERPRET, PRECISION)
         row_max = new_max
     return acc / row_sum[:, None], row_max + tl.log2(row_sum)
@@ -151,8 +159,7 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
     pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
     valid = pos < C
     tok = chunk * C + pos
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + tok[:, None] * stride_ql + dims[None, :] * stride_qd,
-                mask=valid[:, None], other=0.0)
+    q = load_rows(q_ptr + b * stride_qb + h * stride_qh, tok, valid, dims, stride_ql, stride_qd)
     intra, lse = intra_softmax_block(q, k_ptr + b * stride_kb + h * stride_kh,
                                      v_ptr + b * stride_vb + h * stride_vh, chunk * C, C,
                                      stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
