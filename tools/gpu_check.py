@@ -11,9 +11,9 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 through the cache equals the full forward; bf16 autocast stays close.
   3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed fp32
                 batch under bf16 autocast (as the trainer steps) lower the loss; the bf16 weights stay
-                within rounding of the fp32 masters, and the raw weights read back from the checkpoint (as `arflow export` does) are those masters,
-                as are the weights the EMA averages; a checkpoint saved and restored
-                continues with the same losses as the run that went on.
+                within rounding of the fp32 masters, and the raw weights read back from the checkpoint
+                (as `arflow export` does) are those masters, as are the weights the EMA averages; a
+                checkpoint saved and restored continues with the same losses as the run that went on.
   4. farmer     FARMER (tiny/2 on 16x16x3) on the device: its log-density in fp32 equals the CPU fp64
                 one, the flow inverts its forward, bf16 autocast stays close, guided sampling and the
                 one-step student give images in range; then its training objective under our DeepSpeed
