@@ -8,15 +8,15 @@ STAMP      := $(VENV)/.arflow-installed
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 SUDO       := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Caches live in the user's cache folder so a fresh clone does not recompile DeepSpeed ops.
+# Caches live in the user's cache folder so a fresh clone does not recompile a DeepSpeed op a config asks for
+# (the training path itself builds none: train/engine.py, import_deepspeed).
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONUNBUFFERED := 1
-# As in an activated .venv: every process (pytest, Ray workers, jobs) finds the same ninja, the one DeepSpeed
-# installed. A system ninja of another version reads that one's build log as foreign and recompiles DeepSpeed's
-# CPU op (about a minute of CPU each time the two alternate).
+# As in an activated .venv: every process (pytest, Ray workers, `arflow` subprocesses, jobs) finds this
+# environment's tools (arflow, and the ninja DeepSpeed builds ops with) before any system copy.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: install demo test test-fast clean

@@ -29,7 +29,9 @@ def config(stage: int, **train):
 
 
 def init_process_group(rank: int, world: int, port: int) -> None:
-    import deepspeed
+    from arflow_scale.train.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK="0",
                       WORLD_SIZE=str(world))

@@ -253,10 +253,9 @@ def test_fid_scheduler_records_unlaunchable_checkpoints_and_never_raises(tmp_pat
     assert checkpoint_step(f"{run}/checkpoint_000000400/") == 400
 
 
-def test_make_gives_every_process_deepspeeds_own_ninja():
-    """DeepSpeed builds its CPU op with the first `ninja` on PATH. A system ninja of another version reads the
-    other's build log as foreign and rebuilds the op (about a minute of CPU each time the two alternate, as the
-    tests that start Ray clusters with .venv/bin on PATH made them). `make test` puts .venv/bin first."""
+def test_make_puts_the_venvs_tools_first_on_path():
+    """`make` runs as an activated .venv does: every process it starts (pytest, Ray workers, `arflow` subprocesses,
+    submitted jobs) finds this environment's tools (`arflow`, `ninja`) before any system copy."""
     import os
     import shutil
     import sys
@@ -264,25 +263,35 @@ def test_make_gives_every_process_deepspeeds_own_ninja():
 
     if "MAKELEVEL" not in os.environ:
         pytest.skip("run outside make: PATH is the caller's own")
-    ours = Path(sys.executable).with_name("ninja")
-    assert ours.is_file(), "DeepSpeed's ninja is not installed in the environment"
-    assert os.path.samefile(shutil.which("ninja"), ours)
+    for tool in ("arflow", "ninja"):
+        ours = Path(sys.executable).with_name(tool)
+        assert ours.is_file(), f"{tool} is not installed in the environment"
+        assert os.path.samefile(shutil.which(tool), ours), tool
 
 
-def test_a_stale_deepspeed_build_lock_is_named(tmp_path, monkeypatch, caplog):
-    """A build of DeepSpeed's CPU op killed midway leaves its lock; the next run would wait forever in silence."""
+SHM_GROUP = """
+import os, sys
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0",
+                  WORLD_SIZE="1")
+from arflow_scale.train.engine import import_deepspeed
+deepspeed = import_deepspeed()
+deepspeed.init_distributed("gloo")
+print(deepspeed.comm.comm.cdb.shm_comm_op)
+"""
+
+
+def test_a_cpu_process_group_starts_without_building_deepspeeds_shared_memory_op(tmp_path):
+    """Only DeepSpeed inference's all-reduce uses the op; training would pay its build (about 45 s of CPU on a fresh
+    machine, again whenever the venv moves) for nothing. A fresh extensions folder stays empty."""
     import os
-    import time
+    import subprocess
+    import sys
 
-    from arflow_scale.train.engine import STALE_BUILD_SECONDS, warn_of_stale_build_lock
+    from arflow_scale.bench.process_group import free_local_port
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    assert warn_of_stale_build_lock() is None  # no lock: nothing to say
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
-    lock.touch()
-    assert warn_of_stale_build_lock() is None  # a build under way
-    old = time.time() - STALE_BUILD_SECONDS - 5
-    os.utime(lock, (old, old))
-    assert warn_of_stale_build_lock() == lock
-    assert str(lock) in caplog.text and "remove the file" in caplog.text
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
+    done = subprocess.run([sys.executable, "-c", SHM_GROUP, str(free_local_port())], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "None"
+    assert not (tmp_path / "extensions").exists()

@@ -141,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     else:
         torch.set_float32_matmul_precision("high")  # train.tf32's default
-    import deepspeed
+    from arflow_scale.train.engine import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     sections = args.only.split(",")
     emit("header", device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,

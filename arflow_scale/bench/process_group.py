@@ -31,8 +31,9 @@ def single_rank_group(device: torch.device) -> Iterator[None]:
     if dist.is_initialized():
         yield
         return
-    import deepspeed
+    from arflow_scale.train.engine import import_deepspeed
 
+    deepspeed = import_deepspeed()
     saved = {name: os.environ.get(name) for name in _GROUP_ENV}
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_local_port()), RANK="0", LOCAL_RANK="0",
                       WORLD_SIZE="1")

@@ -2,13 +2,9 @@
 in place (`train.compile`); and reading its fp32 master weights back (hashes, the EMA's source)."""
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import time
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
@@ -22,29 +18,14 @@ from .deepspeed_config import build_deepspeed_config, install_value_clipping, pa
 from .nonfinite import UpdateGate
 from .schedule import make_scheduler
 
-log = logging.getLogger(__name__)
-STALE_BUILD_SECONDS = 600  # DeepSpeed's CPU communication op builds in about a minute
-
-
-def warn_of_stale_build_lock(now: Optional[float] = None) -> Optional[Path]:
-    """On CPU, deepspeed.initialize builds its shared-memory op under a lock file; a build killed midway leaves the
-    lock and every later run waits on it forever. Warn, naming the file, when one is older than a build takes."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
-    lock = root / "deepspeed_shm_comm" / "lock"
-    try:
-        age = (time.time() if now is None else now) - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    if age < STALE_BUILD_SECONDS:
-        return None
-    log.warning("%s is %d s old: a DeepSpeed op build was killed midway and deepspeed.initialize will wait on it "
-                "forever; remove the file if no other process is building", lock, age)
-    return lock
-
 
 def import_deepspeed():
-    """`import deepspeed` without the optional MLflow import of DeepSpeed's autotuner (which we never run): about
-    1 s of CPU in every rank's process; rank 0's tracker imports MLflow itself when it logs. Returns the module."""
+    """`import deepspeed` as every rank needs it. Returns the module.
+
+    - Without the optional MLflow import of DeepSpeed's autotuner (which we never run): about 1 s of CPU in every
+      rank's process; rank 0's tracker imports MLflow itself when it logs.
+    - On DeepSpeed's CPU accelerator, without its shared-memory all-reduce op (`skip_shared_memory_op`).
+    """
     if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
         sys.modules["mlflow"] = None  # while set, `import mlflow` raises ImportError: the autotuner goes without
         try:
@@ -54,7 +35,26 @@ def import_deepspeed():
                 del sys.modules["mlflow"]
     import deepspeed
 
+    skip_shared_memory_op(deepspeed)
     return deepspeed
+
+
+def skip_shared_memory_op(deepspeed) -> Optional[str]:
+    """Mark DeepSpeed's CPU shared-memory communication op unavailable, so its process group starts without it.
+    -> the op's name, or None where the accelerator has no such op (CUDA).
+
+    DeepSpeed builds the op (a C++ extension) whenever a CPU process group starts, but only its inference
+    all-reduce uses it: training reduces through gloo either way. The build costs about 45 s of CPU on a fresh
+    machine, is redone whenever the virtual environment's path changes, and a build killed midway leaves a lock
+    that every later run waits on in silence.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return None
+    deepspeed.ops.__compatible_ops__[builder.NAME] = False  # DeepSpeed keeps this dict; build_shm_op reads it
+    return builder.NAME
 
 
 @dataclass
@@ -81,8 +81,6 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     """
     deepspeed = import_deepspeed()  # after the worker chose its accelerator (DS_ACCELERATOR)
 
-    if device_type == "cpu":
-        warn_of_stale_build_lock()
     if cfg.train.compile:
         if not compile_units:
             raise ValueError("train.compile: no blocks to compile were given to build_engine")
