@@ -269,20 +269,26 @@ def test_make_puts_the_venvs_tools_first_on_path():
         assert os.path.samefile(shutil.which(tool), ours), tool
 
 
-SHM_GROUP = """
-import os, sys
+ZERO2_ENGINE = """
+import json, os, sys
 os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", LOCAL_RANK="0",
                   WORLD_SIZE="1")
-from arflow_scale.train.engine import import_deepspeed
+from arflow_scale.config import config_from_dict
+from arflow_scale.tasks import task_for
+from arflow_scale.train.engine import DEEPSPEED_MUON, build_engine, import_deepspeed
 deepspeed = import_deepspeed()
 deepspeed.init_distributed("gloo")
-print(deepspeed.comm.comm.cdb.shm_comm_op)
+cfg = config_from_dict({}, ["model.size=tiny/2", "model.image_size=8", "model.in_channels=1", "train.zero_stage=2"])
+build_engine(cfg, task_for(cfg.model).build_model(), 1, "cpu", "fp32")
+print(json.dumps({"shm_op": repr(deepspeed.comm.comm.cdb.shm_comm_op), "muon": DEEPSPEED_MUON in sys.modules,
+                  "mlflow": "mlflow" in sys.modules, "inductor": "torch._inductor.compile_fx" in sys.modules}))
 """
 
 
-def test_a_cpu_process_group_starts_without_building_deepspeeds_shared_memory_op(tmp_path):
-    """Only DeepSpeed inference's all-reduce uses the op; training would pay its build (about 45 s of CPU on a fresh
-    machine, again whenever the venv moves) for nothing. A fresh extensions folder stays empty."""
+def test_a_cpu_zero2_engine_starts_without_op_builds_or_imports_it_never_uses(tmp_path):
+    """DeepSpeed's shared-memory op serves only its inference all-reduce, yet its build cost about 45 s of CPU on a
+    fresh machine (again whenever the venv moved): a fresh extensions folder stays empty. Neither MLflow (for
+    DeepSpeed's autotuner) nor Muon (whose import compiles its kernels with inductor) is imported."""
     import os
     import subprocess
     import sys
@@ -290,8 +296,22 @@ def test_a_cpu_process_group_starts_without_building_deepspeeds_shared_memory_op
     from arflow_scale.bench.process_group import free_local_port
 
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions")}
-    done = subprocess.run([sys.executable, "-c", SHM_GROUP, str(free_local_port())], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", ZERO2_ENGINE, str(free_local_port())], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "None"
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shm_op": "None", "muon": False, "mlflow": False,
+                                                                "inductor": False}
     assert not (tmp_path / "extensions").exists()
+
+
+def test_modules_absent_hides_only_modules_not_yet_imported():
+    import sys
+
+    from arflow_scale.train.engine import modules_absent
+
+    assert "json" in sys.modules and "arflow_absent_probe" not in sys.modules
+    with modules_absent("json", "arflow_absent_probe"):
+        import json as again  # noqa: F401  (already imported: still there)
+        with pytest.raises(ImportError):
+            import arflow_absent_probe  # noqa: F401
+    assert "arflow_absent_probe" not in sys.modules and sys.modules["json"] is json
