@@ -275,20 +275,19 @@ os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys
                   WORLD_SIZE="1")
 from arflow_scale.config import config_from_dict
 from arflow_scale.tasks import task_for
-from arflow_scale.train.engine import DEEPSPEED_MUON, build_engine, import_deepspeed
+from arflow_scale.train.engine import build_engine, import_deepspeed
 deepspeed = import_deepspeed()
 deepspeed.init_distributed("gloo")
 cfg = config_from_dict({}, ["model.size=tiny/2", "model.image_size=8", "model.in_channels=1", "train.zero_stage=2"])
 build_engine(cfg, task_for(cfg.model).build_model(), 1, "cpu", "fp32")
-print(json.dumps({"shm_op": repr(deepspeed.comm.comm.cdb.shm_comm_op), "muon": DEEPSPEED_MUON in sys.modules,
-                  "mlflow": "mlflow" in sys.modules, "inductor": "torch._inductor.compile_fx" in sys.modules}))
+print(json.dumps({"shm_op": repr(deepspeed.comm.comm.cdb.shm_comm_op), "mlflow": "mlflow" in sys.modules}))
 """
 
 
-def test_a_cpu_zero2_engine_starts_without_op_builds_or_imports_it_never_uses(tmp_path):
+def test_a_cpu_zero2_engine_starts_without_op_builds_or_mlflow(tmp_path):
     """DeepSpeed's shared-memory op serves only its inference all-reduce, yet its build cost about 45 s of CPU on a
-    fresh machine (again whenever the venv moved): a fresh extensions folder stays empty. Neither MLflow (for
-    DeepSpeed's autotuner) nor Muon (whose import compiles its kernels with inductor) is imported."""
+    fresh machine (again whenever the venv moved): a fresh extensions folder stays empty. MLflow (for DeepSpeed's
+    autotuner) is not imported."""
     import os
     import subprocess
     import sys
@@ -299,8 +298,7 @@ def test_a_cpu_zero2_engine_starts_without_op_builds_or_imports_it_never_uses(tm
     done = subprocess.run([sys.executable, "-c", ZERO2_ENGINE, str(free_local_port())], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shm_op": "None", "muon": False, "mlflow": False,
-                                                                "inductor": False}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"shm_op": "None", "mlflow": False}
     assert not (tmp_path / "extensions").exists()
 
 

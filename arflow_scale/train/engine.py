@@ -20,11 +20,6 @@ from .nonfinite import UpdateGate
 from .schedule import make_scheduler
 
 
-# DeepSpeed's engine registers its Muon optimizer as ZeRO-supported on first use; importing it compiles Muon's
-# kernels with inductor (about 0.7 s of CPU in every rank). We train with AdamW only.
-DEEPSPEED_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
 def import_deepspeed():
     """`import deepspeed` as every rank needs it. Returns the module.
 
@@ -104,10 +99,9 @@ def build_engine(cfg: Config, model: nn.Module, world_size: int, device_type: st
     if precision == "bf16":
         autocast_inside(model, device_type)
     ds_config = build_deepspeed_config(cfg, world_size, device_type, load_universal=load_universal)
-    with modules_absent(DEEPSPEED_MUON):
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
-            lr_scheduler=partial(make_scheduler, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config,
+        lr_scheduler=partial(make_scheduler, optim_cfg=cfg.optim, total_steps=cfg.train.steps))
     if cfg.train.compile and cfg.train.zero_stage == 3:
         restore_torch_linear()
     # step pre-hooks, in this order: the norm before anything changes it, the gate before clipping makes an
