@@ -52,7 +52,7 @@ def modules_absent(*names: str) -> Iterator[None]:
 
 def skip_shared_memory_op(deepspeed) -> Optional[str]:
     """Mark DeepSpeed's CPU shared-memory communication op unavailable, so its process group starts without it.
-    -> the op's name, or None where the accelerator has no such op (CUDA).
+    -> the op's name; None off DeepSpeed's CPU accelerator (which alone has the op).
 
     DeepSpeed builds the op (a C++ extension) whenever a CPU process group starts, but only its inference
     all-reduce uses it: training reduces through gloo either way. The build costs about 45 s of CPU on a fresh
@@ -61,7 +61,8 @@ def skip_shared_memory_op(deepspeed) -> Optional[str]:
     """
     from deepspeed.accelerator import get_accelerator
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    accelerator = get_accelerator()
+    builder = accelerator.create_op_builder("ShareMemCommBuilder") if accelerator.device_name() == "cpu" else None
     if builder is None:
         return None
     deepspeed.ops.__compatible_ops__[builder.NAME] = False  # DeepSpeed keeps this dict; build_shm_op reads it
