@@ -33,6 +33,27 @@ def test_deepspeed_config_batches_zero_precision_clipping():
     assert resolve_precision("auto", "cpu") == "fp32" and resolve_precision("fp32", "cuda") == "fp32"
 
 
+def test_overlap_comm_is_on_with_several_gpus_off_on_cpu_and_as_set():
+    from arflow_scale.train.engine import import_deepspeed
+    from arflow_scale.train.deepspeed_config import build_deepspeed_config
+
+    import_deepspeed()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    def effective(stage: int, world: int, device: str, *extra: str) -> bool:
+        """overlap_comm as DeepSpeed resolves our zero_optimization section."""
+        zero = build_deepspeed_config(tiny_cfg(f"train.zero_stage={stage}", *extra), world, device)
+        return DeepSpeedZeroConfig(**zero["zero_optimization"]).overlap_comm
+
+    assert effective(1, 8, "cuda") is True and effective(2, 8, "cuda") is True
+    assert effective(2, 1, "cuda") is False and effective(2, 2, "cpu") is False  # one GPU; gloo
+    assert effective(3, 2, "cpu") is True  # DeepSpeed's own ZeRO-3 default, left as it was
+    assert effective(2, 8, "cuda", "train.overlap_comm=false") is False
+    assert effective(3, 2, "cpu", "train.overlap_comm=false") is False
+    assert effective(2, 2, "cpu", "train.overlap_comm=true") is True
+    assert "overlap_comm" not in build_deepspeed_config(tiny_cfg("train.zero_stage=0"), 8, "cuda")["zero_optimization"]
+
+
 def test_param_groups_decay_matrices_only():
     from arflow_scale.model import build_model
     from arflow_scale.train.deepspeed_config import param_groups

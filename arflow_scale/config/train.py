@@ -51,6 +51,9 @@ class TrainConfig:
     nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient stops the run, or skips the step
     max_skipped_steps: int = 10  # with nonfinite=skip: more skipped steps than this in a run stop it
     compile: bool = False  # torch.compile each model block in place before deepspeed.initialize (inductor)
+    # ZeRO 1-3: reduce gradients in buckets while backward still runs (DeepSpeed's overlap_comm); None: on at
+    # ZeRO 1-2 with several GPUs, off on CPU (gloo), DeepSpeed's own default (on) at ZeRO 3
+    overlap_comm: Optional[bool] = None
     peak_tflops: Optional[float] = None  # per-device peak for `mfu`; None: a bf16 matmul measured on GPU, no mfu on CPU
 
     def validate(self) -> None:

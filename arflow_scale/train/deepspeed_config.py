@@ -7,7 +7,7 @@ by norm goes to DeepSpeed's `gradient_clipping`; clipping by value is elementwis
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -61,8 +61,27 @@ def build_deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu
             "memory_efficient_linear": not cfg.train.compile,
         })
     if cfg.train.zero_stage in (1, 2):
-        ds["zero_optimization"].update({"contiguous_gradients": True, "overlap_comm": False})
+        ds["zero_optimization"]["contiguous_gradients"] = True
+    overlap = overlap_comm(cfg, world_size, device_type)
+    if overlap is not None:
+        ds["zero_optimization"]["overlap_comm"] = overlap
     return ds
+
+
+def overlap_comm(cfg: Config, world_size: int, device_type: str) -> Optional[bool]:
+    """DeepSpeed's `overlap_comm` for this run, None to leave DeepSpeed's default (ZeRO-3's: on).
+
+    `train.overlap_comm` when set; otherwise on at ZeRO 1-2 with several GPUs (NCCL reduces on its own stream
+    while backward goes on) and off with one rank or on CPU (gloo has no stream to overlap on; the CPU runs keep
+    their recorded numerics).
+    """
+    if cfg.train.zero_stage == 0:
+        return None
+    if cfg.train.overlap_comm is not None:
+        return cfg.train.overlap_comm
+    if cfg.train.zero_stage == 3:
+        return None
+    return device_type == "cuda" and world_size > 1
 
 
 def clip_grads_by_value(optimizer: torch.optim.Optimizer, clip_value: float) -> None:
