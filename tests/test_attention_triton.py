@@ -18,7 +18,8 @@ from arflow_scale.model.attention import chunk_attention, hybrid_attention, intr
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot run")
 
-from arflow_scale.model.attention_triton import HybridBlocks, hybrid_attention_triton, interpreting  # noqa: E402
+from arflow_scale.model.attention_triton import (HybridBlocks, forward_launches, hybrid_attention_triton,  # noqa: E402
+                                                 interpreting)
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -207,7 +208,11 @@ def test_blocks_parse_and_fit():
     assert capped.fwd_options == {"maxnreg": 128} and HybridBlocks().fwd_options == {}
     with pytest.raises(ValueError, match="fwd_maxnreg=300"):
         HybridBlocks(fwd_maxnreg=300).fitted(256)
-    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=9)  # the cap reaches the launch (the interpreter ignores it)
+    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=9)
+    fused_forward = forward_launches(q, k, v, log_decay, 16, None, HybridBlocks(fwd_maxnreg=128).fitted(16))[0][-1]
+    assert fused_forward.meta["maxnreg"] == 128  # the cap reaches the fused forward's launch
+    assert "maxnreg" not in forward_launches(q, k, v, log_decay, 16, None, HybridBlocks().fitted(16))[0][-1].meta
+    # and the launch runs with it (the interpreter ignores the cap: the same output)
     capped_out, _ = hybrid_attention_triton(q, k, v, log_decay, 16, blocks=HybridBlocks(fwd_maxnreg=128))
     assert torch.equal(capped_out, hybrid_attention_triton(q, k, v, log_decay, 16)[0])
 

@@ -3,8 +3,8 @@
 ARFlow's decay gate maps the width to one value per head (18 for XL/2). With 18 bf16 outputs the rows are
 36 bytes apart, so cuBLAS can only use its unaligned sm80 kernels on an H200; the weight-gradient GEMM,
 (18 x tokens) @ (tokens x width), then runs on a handful of SMs. A step's profile showed those kernels at
-about 13% of an XL/2 training step (41 of 308 ms) (README, GPU speed). Zero rows appended for the matmul and sliced off
-make every operand 16-byte aligned; the parameters, the state dict and the CPU path stay nn.Linear's.
+about 13% of an XL/2 training step (41 of 308 ms; README, GPU speed). Zero rows appended for the matmul and
+sliced off make every operand 16-byte aligned; the parameters, the state dict and the CPU path stay nn.Linear's.
 """
 from __future__ import annotations
 
