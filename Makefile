@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # environment's tools (arflow, and the ninja DeepSpeed builds ops with) before any system copy.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-floors clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
@@ -49,6 +49,18 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# The suite on the oldest DeepSpeed, Ray and MLflow that pyproject.toml admits (tools/floor_constraints.py pins
+# them), in a venv of its own; torch stays at TORCH_PIN.
+FLOORS_VENV := .venv-floors
+
+test-floors: $(FASHION_MNIST)
+	$(PYTHON_SYS) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOORS_VENV)/bin/python -m pip install -q $(TORCH_PIN)
+	$(FLOORS_VENV)/bin/python tools/floor_constraints.py > $(FLOORS_VENV)/floors.txt
+	$(FLOORS_VENV)/bin/python -m pip install -q -e '.[dev,eval]' -c $(FLOORS_VENV)/floors.txt
+	PATH="$(CURDIR)/$(FLOORS_VENV)/bin:$$PATH" $(FLOORS_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs mlruns .ray_tmp .pytest_cache

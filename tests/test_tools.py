@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from conftest import REPO
@@ -86,3 +87,30 @@ def test_gpu_check_cpu_variant_bf16_deepspeed():
         assert 0 < check["bf16_weights_vs_master_rel"] <= 2 ** -8  # bf16 weights = rounded fp32 masters
         assert check["export_vs_master"] == 0  # the checkpoint's raw weights are the masters, not the bf16 copy
         assert check["ema_source_vs_master"] == 0  # the EMA averages the fp32 masters, also after a restore
+
+
+def test_floor_constraints_pin_the_checked_floors_which_this_environment_meets(tmp_path):
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from floor_constraints import CHECKED, floor_constraints
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    proc = run_tool("floor_constraints.py")
+    assert proc.returncode == 0, proc.stderr
+    pins = dict(line.split("==") for line in proc.stdout.split())
+    assert list(pins) == list(CHECKED)
+    for name, floor in pins.items():
+        assert Version(version(name)) >= Version(floor), (name, version(name), floor)
+
+    bad = tmp_path / "pyproject.toml"
+    bad.write_text('[project]\ndependencies = ["ray[train]>=2.59,<3", "deepspeed>=0.18", "mlflow>=2.22"]\n')
+    with pytest.raises(ValueError, match=r"pyproject.toml: project.dependencies 'ray\[train\]>=2.59,<3': "):
+        floor_constraints(bad)
+    bad.write_text('[project]\ndependencies = ["ray>=2.59", "mlflow>=2.22"]\n')
+    with pytest.raises(ValueError, match="has no floor for deepspeed"):
+        floor_constraints(bad)
+    assert floor_constraints(bad, ("ray", "mlflow")) == ["ray==2.59", "mlflow==2.22"]
