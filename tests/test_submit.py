@@ -82,6 +82,29 @@ def test_packaged_working_dir_keeps_the_data_package(tmp_path):
     assert not any(n.startswith((".venv/", "runs/", "data/", ".git/", ".ray_tmp/")) for n in names)
 
 
+def test_virtual_envs_of_any_name_stay_out_of_the_package(tmp_path):
+    """A second venv in the project (`make test-floors`' `.venv-floors`, a user's `venv`) is not shipped with a job:
+    Ray's packager, with our excludes, drops every folder holding a pyvenv.cfg and keeps folders that only look
+    like one."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    project = tmp_path / "project"
+    for folder in ("arflow_scale", ".venv-floors/lib", "venv/bin", "envy"):
+        (project / folder).mkdir(parents=True)
+        (project / folder / "x.py").write_text("x = 1\n")
+    for venv in (".venv-floors", "venv"):
+        (project / venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    env = jobs.build_runtime_env(working_dir=project, environ={})
+    assert jobs.virtual_envs_in(project) == ["/.venv-floors/", "/venv/"]
+    assert {"/.venv-floors/", "/venv/"} <= set(env["excludes"])
+    create_package(env["working_dir"], tmp_path / "pkg.zip", excludes=env["excludes"], include_gitignore=False)
+    names = zipfile.ZipFile(tmp_path / "pkg.zip").namelist()
+    assert "arflow_scale/x.py" in names and "envy/x.py" in names
+    assert not any(n.startswith((".venv-floors/", "venv/")) for n in names), names
+
+
 def test_template_and_cluster_files():
     template = jobs.load_runtime_env_template(REPO / "cluster/runtime_env.yaml")
     env = jobs.build_runtime_env(template=template, forward=["MLFLOW_TRACKING_URI=http://10.0.0.2:5000"],

@@ -113,6 +113,12 @@ def forwarded_env(forward: Sequence[str] = (), environ: Mapping[str, str] | None
     return env
 
 
+def virtual_envs_in(folder: Path) -> list[str]:
+    """Anchored excludes for the Python virtual environments at the top of `folder`, whatever their names
+    (`.venv-floors`, `venv`, ...): each holds a `pyvenv.cfg`, and shipped with a job it is hundreds of MB."""
+    return sorted(f"/{child.name}/" for child in folder.iterdir() if (child / "pyvenv.cfg").is_file())
+
+
 def build_runtime_env(*, working_dir: str | Path | None = None, forward: Sequence[str] = (),
                       template: Optional[dict] = None, environ: Mapping[str, str] | None = None) -> dict:
     """runtime_env: the project as working_dir (minus venv/runs/data/...), env vars from `forwarded_env`."""
@@ -121,7 +127,8 @@ def build_runtime_env(*, working_dir: str | Path | None = None, forward: Sequenc
     if not (wd / "arflow_scale").is_dir():
         raise ValueError(f"working_dir {wd}: does not contain the arflow_scale package")
     runtime_env["working_dir"] = str(wd)
-    runtime_env["excludes"] = sorted(set(runtime_env.get("excludes") or []) | set(WORKING_DIR_EXCLUDES))
+    excludes = set(runtime_env.get("excludes") or []) | set(WORKING_DIR_EXCLUDES) | set(virtual_envs_in(wd))
+    runtime_env["excludes"] = sorted(excludes)
     runtime_env["env_vars"] = forwarded_env(forward, environ, runtime_env.get("env_vars"))
     return runtime_env
 
