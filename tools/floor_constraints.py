@@ -17,7 +17,8 @@ from pathlib import Path
 # and MLflow (runs, nested runs, metric history): the libraries whose behaviour the suite pins down.
 CHECKED = ("deepspeed", "mlflow", "ray")
 DEFAULT_PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
-_FLOOR = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*>=\s*([0-9][^,;\s]*)\s*$")
+_NAME = re.compile(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
+_FLOOR = re.compile(r"\s*[A-Za-z0-9][A-Za-z0-9._-]*\s*(\[[^\]]*\])?\s*>=\s*([0-9][^,;\s]*)\s*")
 
 
 def floor_constraints(pyproject: Path = DEFAULT_PYPROJECT, names: tuple[str, ...] = CHECKED) -> list[str]:
@@ -26,14 +27,14 @@ def floor_constraints(pyproject: Path = DEFAULT_PYPROJECT, names: tuple[str, ...
     dependencies = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
     found: dict[str, str] = {}
     for entry in dependencies:
-        name = re.split(r"[\s\[<>=!~;,]", entry.strip(), maxsplit=1)[0].lower()
+        name = _NAME.match(entry).group(1).lower()
         if name not in names:
             continue
-        match = _FLOOR.match(entry)
+        match = _FLOOR.fullmatch(entry)
         if match is None:
             raise ValueError(f"{pyproject}: project.dependencies {entry!r}: a checked package needs exactly one "
                              f"'>=' floor and no other bound")
-        found[name] = match.group(3)
+        found[name] = match.group(2)
     missing = [name for name in names if name not in found]
     if missing:
         raise ValueError(f"{pyproject}: project.dependencies has no floor for {', '.join(missing)}")
