@@ -72,8 +72,8 @@ def test_cpu_isoflop_expands_budgets_with_their_sizes(tmp_path):
     assert sweep.design == "isoflop"
     points = expand(sweep, folder)
     levels = sweep.budget_levels()
-    assert [len(level.sizes) for level in levels] == [3, 4, 4] and len(points) == 11
-    assert levels[0].sizes == sweep.sizes  # a bare number takes the shared sizes
+    assert [len(level.sizes) for level in levels] == [5, 5, 5] and len(points) == 15
+    assert all(level.sizes == sweep.sizes for level in levels)  # a bare number takes the shared sizes
     for level in levels:
         at_budget = [p for p in points if p.budget == level.flops]
         assert [(p.coords["depth"], p.coords["width"]) for p in at_budget] == \
@@ -87,16 +87,25 @@ def test_cpu_isoflop_expands_budgets_with_their_sizes(tmp_path):
         assert p.images == sequences * cfg.model.k * p.steps
         assert p.tokens == p.images * (cfg.model.image_size // cfg.model.patch_size) ** 2
         assert p.coords["flops"] == p.budget and p.name.endswith(f"-f{p.budget:g}".replace("+", ""))
-    smallest = [p for p in points if p.coords["depth"] == 1 and p.coords["width"] == 32]
+    smallest = [p for p in points if p.coords["depth"] == 1 and p.coords["width"] == 8]
     assert [p.steps for p in smallest] == pytest.approx([p.budget / smallest[0].flops_per_step for p in smallest],
                                                         abs=0.5)
+
+
+def test_a_budget_with_sizes_of_its_own_trains_only_those(tmp_path):
+    sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}",
+                                             "budgets=[1e10, {flops: 3e10, sizes: [{depth: 2, width: 48, heads: 2}]}]"])
+    points = expand(sweep, folder)
+    assert [len(level.sizes) for level in sweep.budget_levels()] == [5, 1]
+    assert [(p.coords["depth"], p.coords["width"]) for p in points if p.budget == 3e10] == [(2, 48)]
+    assert len(points) == 6
 
 
 def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
     sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}", "budgets=[2e9, 8e9]",
                                              "grid={optim.lr: [0.001, 0.002]}"])
     points = expand(sweep, folder)
-    assert len(points) == 2 * 3 * 2 and {p.budget for p in points} == {2e9, 8e9}
+    assert len(points) == 2 * len(sweep.sizes) * 2 and {p.budget for p in points} == {2e9, 8e9}
     assert {p.config.optim.lr for p in points} == {0.001, 0.002}
 
 
@@ -170,6 +179,8 @@ def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
     validation split, storage and tracking under tmp_path."""
     data = yaml.safe_load(CPU_ISOFLOP.read_text())
     data["base"] = str((CPU_ISOFLOP.parent / data["base"]).resolve())
+    data["sizes"] = [{"depth": 1, "width": 16, "heads": 1}, {"depth": 1, "width": 32, "heads": 2},
+                     {"depth": 2, "width": 48, "heads": 2}]
     data["budgets"] = [6e8]
     data["storage_path"] = str(tmp_path / "sweeps")
     data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
