@@ -310,6 +310,14 @@ def test_isoflop_flags_vertices_it_cannot_trust():
     assert fit_parabola(log_n, 3.0 - 0.05 * (log_n - log_n.mean()) ** 2).status == "concave"
     assert fit_parabola(log_n[:2], np.array([3.0, 2.9])).status == "too_few"
     assert fit_parabola(log_n, 3.0 + 0.05 * (log_n - np.log(1e7)) ** 2).x_opt == pytest.approx(np.log(1e7))
+    # a vertex just inside the sizes, but no point on its far side: the optimum is not bracketed
+    near_smallest = fit_parabola(log_n, 3.0 + 0.05 * (log_n - np.log(1.2e6)) ** 2)
+    assert near_smallest.x_opt == pytest.approx(np.log(1.2e6)) and near_smallest.status == "edge_small"
+    assert fit_parabola(log_n, 3.0 + 0.05 * (log_n - np.log(0.8e8)) ** 2).status == "edge_large"
+    # a CPU sweep's budget (1e10 FLOPs) that ranked its three sizes smallest-first: its fitted vertex, 13.7k
+    # parameters, lies between the two smallest sizes, but no measured point shows the loss rising below it
+    sweep = fit_parabola(np.log([10325.0, 31942.0, 109256.0]), np.array([0.8386, 0.9176, 1.3670]))
+    assert 10325 < math.exp(sweep.x_opt) < 31942 and sweep.status == "edge_small"
     # the smallest budget sampled only far too large models: its vertex is flagged and left out
     points = law_points()
     small = [p for p in points if p.budget == BUDGETS[0]]
@@ -449,9 +457,9 @@ def test_cli_csv_with_tokens(tmp_path):
 
 
 def test_isoflop_interval_undefined_when_few_resamples_have_a_vertex():
-    """Three sizes per budget: most resamples repeat a size and have no parabola, so no interval is
-    claimed and a note says why."""
-    points = [p for p in law_points() if abs(int(p.name.rsplit("k", 1)[1])) <= 1]
+    """Three sizes per budget (noise-free: the middle one has the lowest loss, so every vertex is bracketed):
+    most resamples repeat a size and have no parabola, so no interval is claimed and a note says why."""
+    points = [p for p in law_points(noise=0.0) if abs(int(p.name.rsplit("k", 1)[1])) <= 1]
     iso = fit_isoflop(points, settings=BootstrapSettings(resamples=100))
     for profile in iso.profiles:
         assert profile.status == "ok" and profile.resample_share < 0.5  # 6 of 27 draws keep 3 distinct sizes

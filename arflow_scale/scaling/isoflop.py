@@ -2,9 +2,10 @@
 
 Per FLOP budget C: a parabola of loss in x = ln N over that budget's points; its vertex is the
 loss-optimal size N_opt(C) and loss L_opt(C). Across budgets: power laws N_opt ~ C^a, D_opt ~ C^b,
-L_opt ~ C^c. A vertex outside the sampled sizes (or a parabola opening downwards) is flagged and left
-out of the frontier: it is an extrapolation, not a measured optimum. Intervals: a bootstrap that
-resamples points within each budget.
+L_opt ~ C^c. A vertex outside the sampled sizes, a parabola opening downwards, or a budget whose lowest
+loss is at its smallest or largest size (the optimum not bracketed by the points) is flagged and left out
+of the frontier: it is an extrapolation, not a measured optimum. Intervals: a bootstrap that resamples
+points within each budget.
 
 D_opt = C * (tokens per FLOP at N_opt), the ratio taken from the points' own tokens/flops (a power law
 in N fitted over all points): ARFlow's training FLOPs per token are not 6N (attention within each
@@ -25,8 +26,12 @@ from .points import ScalingPoint
 
 DEFAULT_BUDGET_TOLERANCE = 0.25  # relative: points' flops within this factor of a group's smallest share a budget
 MIN_SIZES = 3  # distinct model sizes a parabola needs
-ProfileStatus = Literal["ok", "outside", "concave", "too_few"]
+ProfileStatus = Literal["ok", "outside", "edge_small", "edge_large", "concave", "too_few"]
 STATUS_TEXT = {"ok": "vertex inside the sampled sizes", "outside": "vertex outside the sampled sizes (not used)",
+               "edge_small": "lowest loss at the smallest size: the optimum is not bracketed (not used; "
+                             "sample smaller sizes)",
+               "edge_large": "lowest loss at the largest size: the optimum is not bracketed (not used; "
+                             "sample larger sizes)",
                "concave": "parabola opens downwards: no minimum (not used)",
                "too_few": f"fewer than {MIN_SIZES} distinct sizes (not used)"}
 
@@ -113,7 +118,8 @@ class Parabola:
 
 
 def fit_parabola(log_params: np.ndarray, loss: np.ndarray) -> Parabola:
-    """Least-squares parabola of loss in ln N; status says whether its vertex is a usable optimum."""
+    """Least-squares parabola of loss in ln N; status says whether its vertex is a usable optimum: a minimum
+    inside the sampled sizes, with a point of higher loss on each side of the lowest one."""
     x_range = (float(log_params.min()), float(log_params.max()))
     if np.unique(log_params).size < MIN_SIZES:
         return Parabola((math.nan,) * 3, x_range, "too_few", math.nan)
@@ -126,6 +132,8 @@ def fit_parabola(log_params: np.ndarray, loss: np.ndarray) -> Parabola:
         fit.status = "concave"
     elif not x_range[0] <= fit.x_opt <= x_range[1]:
         fit.status = "outside"
+    elif (lowest := float(log_params[np.argmin(loss)])) in x_range:
+        fit.status = "edge_small" if lowest == x_range[0] else "edge_large"
     return fit
 
 

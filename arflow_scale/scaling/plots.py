@@ -88,7 +88,7 @@ def plot_isoflop(points: Sequence[ScalingPoint], iso: IsoFlopAnalysis, path: Pat
             lo, hi = parabola.x_range
             x = np.linspace(lo - 0.1 * (hi - lo), hi + 0.1 * (hi - lo), 100)
             ax.plot(np.exp(x), parabola.loss(x), color=colour, lw=1)
-            if parabola.status in ("ok", "outside"):
+            if parabola.status not in ("too_few", "concave"):  # a vertex, used or flagged
                 ax.scatter([math.exp(parabola.x_opt)], [parabola.l_opt], marker="*", s=160, zorder=4,
                            edgecolors="black", color=colour if parabola.status == "ok" else "none")
         _log_axes(ax, "parameters N", "loss L", log_y=False)
