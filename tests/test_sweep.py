@@ -241,6 +241,8 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert {"scaling/scaling.md", "scaling/loss_vs_params.png", "scaling/isoflop.png"} <= \
         {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
     assert set(summary["fits"]) >= {"loss_vs_params"}
+    assert any("no frontier" in note for note in summary["notes"])  # one budget: the fit says why, and
+    assert all(f"arflow sweep: {note}" in resumed.stderr for note in summary["notes"])  # the user sees it
 
     # 3: everything finished (in-process): nothing is trained again, and the fit
     # reads the same points back from MLflow. One record is made as an older version wrote it (a sha of a

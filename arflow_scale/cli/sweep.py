@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 
 def register(sub) -> None:
@@ -63,6 +64,9 @@ def run(args) -> int:
                               parent_run_id=summary["parent_run_id"], tracking_uri=summary["tracking_uri"])
         summary["fits"] = report["fits"]
         summary["report_dir"] = report["out_dir"]
+        summary["notes"] = report["notes"]  # e.g. a budget whose optimum its sizes do not bracket
+        for note in report["notes"]:
+            print(f"arflow sweep: {note}", file=sys.stderr)
     keep = ("name", "params", "flops", "steps", "tokens", "budget", "loss", "fid", "run_id")
     summary["points"] = [{k: r.get(k) for k in keep} for r in summary["points"]]
     print(json.dumps(summary), flush=True)
