@@ -105,6 +105,11 @@ def test_floor_constraints_pin_the_checked_floors_which_this_environment_meets(t
     assert list(pins) == list(CHECKED)
     for name, floor in pins.items():
         assert Version(version(name)) >= Version(floor), (name, version(name), floor)
+    without_tomllib = subprocess.run(  # as on Python 3.10, which has no tomllib
+        [sys.executable, "-c", "import runpy, sys; sys.modules['tomllib'] = None; "
+         "runpy.run_path('tools/floor_constraints.py', run_name='__main__')"],
+        capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert (without_tomllib.returncode, without_tomllib.stdout) == (0, proc.stdout), without_tomllib.stderr
 
     bad = tmp_path / "pyproject.toml"
     bad.write_text('[project]\ndependencies = ["ray[train]>=2.59,<3", "deepspeed>=0.18", "mlflow>=2.22"]\n')

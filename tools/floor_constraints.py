@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (pyproject.toml admits it): pip, in every fresh venv, vendors tomli
+    from pip._vendor import tomli as tomllib
 
 # DeepSpeed (engine, ZeRO-3 checkpoint layout, op table), Ray (Train V2 results, elastic ranges, token auth)
 # and MLflow (runs, nested runs, metric history): the libraries whose behaviour the suite pins down.
