@@ -150,6 +150,47 @@ def test_imagenet128_is_an_isoflop_sweep_with_its_cost(capsys):
     assert cost["assumptions"] == {"gpu": "H100 SXM bf16 dense", "peak_tflops": 989.0, "mfu": 0.35}
 
 
+def test_imagenet128_points_train_the_recipe_except_what_the_sweep_names():
+    """One source of truth: a point is configs/imagenet128.yaml with the sweep's overrides, its size and the keys
+    every point sets (steps, name, storage, experiment, FID at the end); nothing falls back to a default."""
+    from arflow_scale.config import flatten, load_config
+
+    sweep, folder = load_sweep(IMAGENET128)
+    recipe = flatten(load_config(REPO / "configs/imagenet128.yaml"), mask_secrets=False)
+    named = {item.split("=", 1)[0] for item in sweep.overrides} | {
+        "model.depth", "model.width", "model.heads", "train.steps", "run.name", "run.storage_path",
+        "tracking.experiment", "eval.fid_at_end"}
+    for point in expand(sweep, folder):
+        flat = flatten(point.config, mask_secrets=False)
+        changed = {key for key in recipe.keys() | flat.keys() if recipe.get(key) != flat.get(key)}
+        assert changed <= named, f"{point.name}: {sorted(changed - named)} differ from the recipe unnamed"
+        assert flat["train.compile"] and flat["eval.cfg_scale"] == 1.5 and flat["model.vae"] == recipe["model.vae"]
+
+
+def test_a_pilot_at_one_budget_runs_exactly_the_full_sweeps_points_of_that_budget():
+    """`--budgets` narrows the sweep without changing a point: same names and configs, so the full sweep later
+    finds the pilot's points finished (their records match) and skips them."""
+    sweep, folder = load_sweep(IMAGENET128)
+    full = {p.name: p for p in expand(sweep, folder)}
+    pilot = expand(sweep.only_budgets([1e18]), folder)
+    assert [p.name for p in pilot] == [name for name, p in full.items() if p.budget == 1e18] and len(pilot) == 5
+    assert all(p.config == full[p.name].config and p.steps == full[p.name].steps for p in pilot)
+    assert [b.flops for b in sweep.only_budgets([3e19, 1e18]).budgets] == [1e18, 3e19]  # the file's order
+
+
+def test_budgets_option_dry_runs_the_pilot_and_names_a_budget_the_sweep_lacks(capsys):
+    from arflow_scale.cli import main
+
+    assert main(["sweep", "--config", str(IMAGENET128), "--dry-run", "--budgets", "1e18"]) == 0
+    dry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {p["budget"] for p in dry["points"]} == {1e18} and len(dry["points"]) == 5
+    assert main(["sweep", "--config", str(IMAGENET128), "--dry-run", "--budgets", "1e18,2e18"]) == 2
+    assert "--budgets: 2e+18 is not a budget of sweep imagenet128; its budgets are 1e+18, 3e+18, 1e+19, 3e+19" \
+        in capsys.readouterr().err
+    assert main(["sweep", "--config", str(CPU_TINY), "--dry-run", "--budgets", "1e9"]) == 2
+    assert "--budgets: only for design: isoflop" in capsys.readouterr().err
+
+
 def test_sweep_cost_and_fid_sampling_flops(tmp_path):
     sweep, folder = load_sweep(CPU_TINY, [f"storage_path={tmp_path}", "fid=true",
                                           "overrides=[cluster.num_workers=1, eval.num_samples=100, eval.steps=8]"])
@@ -175,13 +216,14 @@ def test_dry_run_of_a_grid_sweep_prints_points_without_gpu_hours(capsys, tmp_pat
 
 
 def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
-    """cpu-isoflop with an absolute base, one tiny budget over 3 sizes (16, 5 and 2 steps), digits with a
-    validation split, storage and tracking under tmp_path."""
+    """cpu-isoflop with an absolute base, one tiny budget over 3 sizes (16, 5 and 2 steps) and a second budget the
+    test's runs leave out (`--budgets 6e8`, a pilot), digits with a validation split, storage and tracking under
+    tmp_path."""
     data = yaml.safe_load(CPU_ISOFLOP.read_text())
     data["base"] = str((CPU_ISOFLOP.parent / data["base"]).resolve())
     data["sizes"] = [{"depth": 1, "width": 16, "heads": 1}, {"depth": 1, "width": 32, "heads": 2},
                      {"depth": 2, "width": 48, "heads": 2}]
-    data["budgets"] = [6e8]
+    data["budgets"] = [6e8, {"flops": 3e9, "sizes": [{"depth": 1, "width": 8, "heads": 1}]}]
     data["storage_path"] = str(tmp_path / "sweeps")
     data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1", "eval.val_sequences=20",
@@ -202,9 +244,10 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
 
     from arflow_scale.scaling.sweep import run_sweep
 
-    # 1: the first point crashes after its step-2 checkpoint (an interrupted sweep; in-process on the session's Ray).
+    # 1: a pilot at the first budget; its first point crashes after its step-2 checkpoint (an interrupted sweep;
+    # in-process on the session's Ray). The parent run is the whole sweep's: both budgets in its params.
     with pytest.raises(ray.train.TrainingFailedError, match="faults.crash_rank_at_step=2: injected crash"):
-        run_sweep(*load_sweep(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")))
+        run_sweep(*load_sweep(_sweep_file(tmp_path, "faults.crash_rank_at_step=2")), budgets=[6e8])
     state = json.loads((tmp_path / "sweeps/cpu-isoflop/sweep.json").read_text())
     first = sorted((tmp_path / "sweeps/cpu-isoflop/runs").iterdir())
     assert [p.name for p in first] == ["cpu-isoflop-d1w16-f6e08"]
@@ -212,7 +255,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     interrupted_run = json.loads((first[0] / "mlflow_run.json").read_text())["run_id"]
 
     # 2: rerun (fault removed): the interrupted point resumes, the other two run as 2 concurrent Ray tasks.
-    resumed = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--parallel", "2")
+    resumed = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--parallel", "2", "--budgets", "6e8")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["parent_run_id"] == state["parent_run_id"]
@@ -220,7 +263,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     by_name = {p["name"]: p for p in summary["points"]}
     assert by_name["cpu-isoflop-d1w16-f6e08"]["run_id"] == interrupted_run  # same run, continued
     sweep, folder = load_sweep(_sweep_file(tmp_path))
-    assert [p["steps"] for p in summary["points"]] == [p.steps for p in expand(sweep, folder)]
+    assert [p["steps"] for p in summary["points"]] == [p.steps for p in expand(sweep.only_budgets([6e8]), folder)]
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     for point in summary["points"]:
         assert point["budget"] == 6e8 and point["tokens"] > 0
@@ -238,6 +281,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert {r.info.run_name for r in children} == set(by_name)
     parent = client.get_run(state["parent_run_id"])
     assert parent.info.status == "FINISHED"
+    assert all(f"'flops': {flops!r}" in parent.data.params["budgets"] for flops in (6e8, 3e9))
     assert {"scaling/scaling.md", "scaling/loss_vs_params.png", "scaling/isoflop.png"} <= \
         {a.path for a in client.list_artifacts(parent.info.run_id, "scaling")}
     assert set(summary["fits"]) >= {"loss_vs_params"}
@@ -254,7 +298,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     record = json.loads(older.read_text())
     fields = record.pop("config")
     older.write_text(json.dumps({**record, "config_sha": "0123456789abcdef"}))
-    rerun = run_sweep(sweep, folder)
+    rerun = run_sweep(sweep, folder, budgets=[6e8])
     assert rerun["ran"] == [] and len(rerun["skipped"]) == 3
     assert json.loads(older.read_text()) == {**record, "config_sha": "0123456789abcdef", "config": fields}
     assert [{key: p[key] for key in s} for p, s in zip(rerun["points"], summary["points"])] == summary["points"]

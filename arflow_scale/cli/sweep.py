@@ -10,12 +10,22 @@ def register(sub) -> None:
     parser.add_argument("--config", required=True, help="sweep YAML, e.g. configs/sweeps/cpu-isoflop.yaml")
     parser.add_argument("--parallel", type=int, default=None,
                         help="points in flight (1: one after the other in this process; 0: fit the cluster)")
+    parser.add_argument("--budgets", type=flops_list, default=None, metavar="FLOPS[,FLOPS...]",
+                        help="isoflop: only these budgets, e.g. 1e18 (a pilot; a later full run skips its points)")
     parser.add_argument("--no-report", action="store_true", help="skip the fit/report at the end")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the points (params, steps, FLOPs, tokens) and the total cost only")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the sweep file, e.g. budget.steps=[20,40]")
     parser.set_defaults(handler=run)
+
+
+def flops_list(text: str) -> list[float]:
+    """'1e18,3e18' -> [1e18, 3e18] (argparse names the option on a bad value)."""
+    values = [float(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise ValueError(text)
+    return values
 
 
 def _dry_run(sweep, folder) -> dict:
@@ -51,9 +61,10 @@ def run(args) -> int:
 
     sweep, folder = load_sweep(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(_dry_run(sweep, folder)), flush=True)
+        narrowed = sweep if args.budgets is None else sweep.only_budgets(args.budgets)
+        print(json.dumps(_dry_run(narrowed, folder)), flush=True)
         return 0
-    summary = run_sweep(sweep, folder, parallel=args.parallel)
+    summary = run_sweep(sweep, folder, parallel=args.parallel, budgets=args.budgets)
     if not args.no_report and len(summary["points"]) >= 3:
         from arflow_scale.scaling.points import point_from_record
         from arflow_scale.scaling.report import write_report

@@ -7,11 +7,13 @@ block turns the sweep's FLOPs into estimated GPU-hours for `arflow sweep --dry-r
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from arflow_scale.schema import check
+from arflow_scale.schema import ConfigError, check
 
 
 @dataclass
@@ -148,6 +150,21 @@ class SweepConfig:
     def budget_levels(self) -> list[IsoFlopBudget]:
         """The isoflop budgets with their sizes resolved (their own list, else the shared `sizes`)."""
         return [IsoFlopBudget(flops=b.flops, sizes=b.sizes or list(self.sizes)) for b in self.budgets]
+
+    def only_budgets(self, flops: list[float]) -> "SweepConfig":
+        """This isoflop sweep narrowed to the budgets `flops` (e.g. a pilot at the smallest budget, to see that its
+        sizes bracket the optimum before the rest is spent). The points keep their names and configs, so the full
+        sweep later skips them as finished. ConfigError naming a value that is not one of the sweep's budgets."""
+        if self.design != "isoflop":
+            raise ConfigError("--budgets: only for design: isoflop (a grid sweep narrows with budget.steps=[...] or "
+                              "budget.flops=[...])")
+        ours = [b.flops for b in self.budgets]
+        for value in flops:
+            if not any(math.isclose(value, b, rel_tol=1e-9) for b in ours):
+                raise ConfigError(f"--budgets: {value:g} is not a budget of sweep {self.name}; its budgets are "
+                                  f"{', '.join(f'{b:g}' for b in ours)}")
+        kept = [b for b in self.budgets if any(math.isclose(v, b.flops, rel_tol=1e-9) for v in flops)]
+        return dataclasses.replace(self, budgets=kept)
 
 
 def normalise_budgets(data: dict) -> dict:

@@ -269,14 +269,17 @@ def auto_parallel(point: SweepPoint) -> int:
     return max(1, int(total.get(kind, 0) // need))
 
 
-def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None) -> dict:
-    """Run every unfinished point; returns {"parent_run_id", "tracking_uri", "points": [...], "skipped", "ran"}.
+def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None,
+              budgets: Optional[list[float]] = None) -> dict:
+    """Run every unfinished point (of `budgets` only, when given: `SweepConfig.only_budgets`); returns
+    {"parent_run_id", "tracking_uri", "points": [...], "skipped", "ran"}.
 
     parallel 1 trains in this process one point after the other; more launches each point as a Ray
     task (num_cpus=0: it only drives; the point's training workers hold the CPUs/GPUs) with at most
     that many in flight; 0 sizes it to the cluster. Either way the points share one Ray (`points_session`).
+    The parent run is the whole sweep's, whichever budgets run first.
     """
-    points = expand(sweep, folder)
+    points = expand(sweep if budgets is None else sweep.only_budgets(budgets), folder)
     tracking_uri = resolve_tracking_uri(sweep)
     parent_run_id = ensure_parent_run(sweep, tracking_uri)
     root = sweep_url(sweep)
