@@ -1,6 +1,10 @@
 """The whole scaling analysis of a set of points: single power laws, IsoFLOP profiles and frontier,
 the parametric law L(N, D), the held-out prediction check. A part the points cannot support is
-skipped with a note saying why, the others still run."""
+skipped with a note saying why, the others still run.
+
+Points that share a size and a budget (a sweep's grid over another setting, e.g. `optim.lr`) are alternatives
+for one cell: every fit takes the lowest loss of each cell, the best setting per size, as a tuned sweep
+reports (Porian et al. 2024 show that an untuned learning rate shifts the fitted exponents)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -9,7 +13,7 @@ from typing import Optional, Sequence
 from .bootstrap import BootstrapSettings
 from .fit import PowerLawFit, fit_scaling_laws
 from .holdout import PredictionCheck, prediction_check
-from .isoflop import DEFAULT_BUDGET_TOLERANCE, IsoFlopAnalysis, fit_isoflop
+from .isoflop import DEFAULT_BUDGET_TOLERANCE, IsoFlopAnalysis, fit_isoflop, group_by_budget
 from .parametric import ParametricFit, fit_parametric, parametric_skip_reason
 from .points import ScalingPoint
 
@@ -18,20 +22,41 @@ from .points import ScalingPoint
 class ScalingAnalysis:
     """Every fit of one set of points; None for a part that was skipped (see notes)."""
 
-    points: list[ScalingPoint]
+    points: list[ScalingPoint]  # the points every fit used: the best of each (size, budget) cell
     power_laws: dict[str, PowerLawFit]  # loss_vs_params, loss_vs_flops, fid_vs_flops (t intervals)
     isoflop: IsoFlopAnalysis
     parametric: Optional[ParametricFit]
     prediction: Optional[PredictionCheck]
     settings: BootstrapSettings
     notes: list[str] = field(default_factory=list)
+    beaten: list[ScalingPoint] = field(default_factory=list)  # a lower loss shares their size and budget
+
+
+def best_per_cell(points: Sequence[ScalingPoint], tolerance: float = DEFAULT_BUDGET_TOLERANCE
+                  ) -> tuple[list[ScalingPoint], list[ScalingPoint]]:
+    """Split points into (the lowest loss of each (budget, params) cell, the others), both in input order.
+
+    Budgets are grouped as the IsoFLOP fit groups them (`group_by_budget`); sizes by equal parameter counts."""
+    groups, _ = group_by_budget(points, tolerance)
+    best: dict[tuple[int, float], int] = {}
+    for number, group in enumerate(groups):
+        for i in group.indices.tolist():
+            cell = (number, points[i].params)
+            if cell not in best or points[i].loss < points[best[cell]].loss:
+                best[cell] = i
+    kept = set(best.values())
+    return ([p for i, p in enumerate(points) if i in kept], [p for i, p in enumerate(points) if i not in kept])
 
 
 def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = BootstrapSettings(),
             irreducible: bool = False, tolerance: float = DEFAULT_BUDGET_TOLERANCE) -> ScalingAnalysis:
-    """Fit everything the points support; intervals at `settings.confidence`."""
-    points = list(points)
+    """Fit everything the points support, the best point of each (size, budget) cell; intervals at
+    `settings.confidence`."""
+    points, beaten = best_per_cell(list(points), tolerance)
     notes: list[str] = []
+    if beaten:
+        notes.append(f"{len(beaten)} point(s) share their size and budget with a lower loss (a grid over another "
+                     f"setting, e.g. the learning rate): every fit uses the best of each cell, {len(points)} points")
     power_laws = fit_scaling_laws(points, confidence=settings.confidence, irreducible=irreducible, notes=notes)
     isoflop = fit_isoflop(points, tolerance=tolerance, settings=settings)
     notes += [f"IsoFLOP: {note}" for note in isoflop.notes]
@@ -48,4 +73,4 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
     except ValueError as err:
         notes.append(str(err))
     return ScalingAnalysis(points=points, power_laws=power_laws, isoflop=isoflop, parametric=parametric,
-                           prediction=prediction, settings=settings, notes=notes)
+                           prediction=prediction, settings=settings, notes=notes, beaten=beaten)

@@ -39,10 +39,10 @@ def _finite(value):
     return value
 
 
-def _points_md(points: Sequence[ScalingPoint]) -> list[str]:
-    lines = ["## Points", "", "| run | budget | params N | tokens D | images | FLOPs C | loss | FID |",
+def _points_md(points: Sequence[ScalingPoint], title: str = "Points") -> list[str]:
+    lines = [f"## {title}", "", "| run | budget | params N | tokens D | images | FLOPs C | loss | FID |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for p in sorted(points, key=lambda p: (p.budget or p.flops, p.params)):
+    for p in sorted(points, key=lambda p: (p.budget or p.flops, p.params, p.loss)):
         lines.append(f"| {p.name or '-'} | {_fmt(p.budget)} | {_fmt(p.params)} | {_fmt(p.tokens)} | "
                      f"{_fmt(p.images)} | {_fmt(p.flops)} | {_fmt(p.loss)} | {_fmt(p.fid)} |")
     return lines
@@ -127,8 +127,11 @@ def markdown_report(analysis: ScalingAnalysis) -> str:
     lines = ["# Scaling laws", "", f"{len(analysis.points)} points. Intervals at {s.confidence:.0%}: bootstrap "
              f"percentile over points ({s.resamples} resamples, seed {s.seed}) for the IsoFLOP and parametric "
              "fits, t-distribution for the single power laws.", ""]
-    for part in (_points_md(analysis.points), _isoflop_md(analysis.isoflop), _parametric_md(analysis.parametric),
-                 _power_laws_md(analysis.power_laws), _prediction_md(analysis.prediction)):
+    beaten = _points_md(analysis.beaten, "Points not fitted: a lower loss shares their size and budget") \
+        if analysis.beaten else []
+    for part in filter(None, (_points_md(analysis.points), beaten, _isoflop_md(analysis.isoflop),
+                              _parametric_md(analysis.parametric), _power_laws_md(analysis.power_laws),
+                              _prediction_md(analysis.prediction))):
         lines += [*part, ""]
     if analysis.notes:
         lines += ["## Notes", "", *(f"- {note}" for note in analysis.notes), ""]
@@ -178,7 +181,7 @@ def summary(analysis: ScalingAnalysis) -> dict:
     """fits.json content (nan written as null)."""
     s = analysis.settings
     return _finite({
-        "n_points": len(analysis.points), "confidence": s.confidence,
+        "n_points": len(analysis.points), "n_points_not_fitted": len(analysis.beaten), "confidence": s.confidence,
         "bootstrap": {"resamples": s.resamples, "seed": s.seed},
         "fits": {key: _power_law_summary(f) for key, f in analysis.power_laws.items()},
         "isoflop": _isoflop_summary(analysis.isoflop),
@@ -199,7 +202,7 @@ def write_report(points: Sequence[ScalingPoint], out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     analysis = analyse(points, settings=settings, irreducible=irreducible, tolerance=tolerance)
-    files = [write_points_csv(analysis.points, out / "points.csv")]
+    files = [write_points_csv(points, out / "points.csv")]  # every point: a refit from it gives the same fits
     (out / "scaling.md").write_text(markdown_report(analysis))
     result = summary(analysis)
     (out / "fits.json").write_text(json.dumps(result, indent=2))
