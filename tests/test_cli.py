@@ -51,3 +51,22 @@ def test_storage_options_parse_and_a_malformed_item_is_named():
     for bad in ("novalue", "=x"):
         with pytest.raises(ValueError, match=rf"--storage-option '{bad}': expected key=value"):
             parse_storage_options([bad])
+
+
+def test_s3_storage_without_credentials_fails_in_one_line_naming_what_to_set(tmp_path):
+    """`arflow sweep --status` of the ImageNet sweep (its storage on s3://) where no credentials exist: one clear
+    error line and exit 2, not botocore's traceback."""
+    import os
+    from pathlib import Path
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_EC2_METADATA_DISABLED="true")
+    arflow = str(Path(sys.executable).with_name("arflow"))
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([arflow, "sweep", "--config", str(repo / "configs/sweeps/imagenet128.yaml"), "--status",
+                           "--budgets", "1e18"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "arflow sweep: error: no credentials for S3 storage (Unable to locate credentials): set AWS_ACCESS_KEY_ID "
+        "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role), or the storage_options of the config"]

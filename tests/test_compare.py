@@ -246,12 +246,18 @@ def _arflow(*args: str, ray_tmp: Optional[str] = None) -> subprocess.CompletedPr
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:FID from only")
-def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(ray_local, tmp_path):
+def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(ray_local, tmp_path, capsys):
     """Steps 1, 3 and 4 run in-process on the session's Ray; step 2 is `arflow compare` on a Ray of its own."""
     import ray.train
     from mlflow.tracking import MlflowClient
 
+    from arflow_scale.cli import main
     from arflow_scale.scaling.compare_run import run_compare
+
+    def status() -> dict:  # `arflow compare --status`: storage only, no training
+        assert main(["compare", "--config", str(_comparison_file(tmp_path)), "--status"]) == 0
+        arms = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arms"]
+        return {a["arm"]: (a["state"], a["step"], a["evaluations_done"], a["evaluations"]) for a in arms}
 
     root = tmp_path / "compare/tiny"
     # 1: the first arm crashes after its step-2 checkpoint (an interrupted comparison).
@@ -261,6 +267,7 @@ def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(ray_local, t
     assert (tmp_path / "ref.npz").is_file()  # the reference statistics, made first and kept
     assert [p.name for p in (root / "runs").iterdir()] == ["tiny-arflow"] and not (root / "points").exists()
     interrupted_run = json.loads((root / "runs/tiny-arflow/mlflow_run.json").read_text())["run_id"]
+    assert status() == {"arflow": ("started", 2, 0, 4), "sit": ("not started", 0, 0, 4)}
 
     # 2: rerun without the fault: the first arm resumes, the second trains, every arm is evaluated, a report;
     # all of it on one local Ray, started once (a Ray session folder per start).
@@ -309,6 +316,8 @@ def test_tiny_comparison_end_to_end_resumes_and_skips_finished_work(ray_local, t
     # 3: a lost evaluation is redone alone, with the same samples (seeded), so the same FID; nothing retrains.
     lost = root / "evals/sit" / f"step_{arms['sit'].evaluation_steps[0]:09d}_seed_1.json"
     lost.unlink()
+    assert status() == {"arflow": ("finished", arms["arflow"].point.steps, 4, 4),
+                        "sit": ("finished", arms["sit"].point.steps, 3, 4)}
     again = run_compare(compare, folder)
     assert again["trained"] == [] and again["skipped"] == ["arflow", "sit"]
     assert again["evaluated"] == [f"sit@{arms['sit'].evaluation_steps[0]}/seed1"]

@@ -470,16 +470,15 @@ def test_isoflop_interval_undefined_when_few_resamples_have_a_vertex():
 
 
 @pytest.mark.parametrize("with_budget", [True, False])
-def test_points_sharing_size_and_budget_enter_every_fit_as_their_best(tmp_path, with_budget):
-    """A grid over another setting (e.g. the learning rate) gives several points per (budget, size): every fit
+def test_points_sharing_size_flops_and_tokens_enter_every_fit_as_their_best(tmp_path, with_budget):
+    """A grid over another setting (e.g. the learning rate) gives several points per size and budget: every fit
     takes the lowest loss of each cell, so worse settings beside the law's points change no fit; points.csv keeps
     them all, and a refit from it agrees."""
     from arflow_scale.scaling.analysis import best_per_cell
 
     law = law_points(with_budget=with_budget)
-    worse = [ScalingPoint(params=p.params, flops=p.flops * (1.0 + 1e-3 * (i % 3)), loss=p.loss * factor,
-                          tokens=p.tokens, images=p.images, budget=p.budget, name=f"{p.name}-lr{factor}")
-             for i, p in enumerate(law) for factor in (1.02, 1.3)]
+    worse = [ScalingPoint(params=p.params, flops=p.flops, loss=p.loss * factor, tokens=p.tokens, images=p.images,
+                          budget=p.budget, name=f"{p.name}-lr{factor}") for p in law for factor in (1.02, 1.3)]
     mixed = [q for pair in zip(worse[::2], law, worse[1::2]) for q in pair]  # the best of a cell in the middle
     kept, beaten = best_per_cell(mixed)
     assert [p.name for p in kept] == [p.name for p in law] and len(beaten) == 2 * len(law)
@@ -489,19 +488,22 @@ def test_points_sharing_size_and_budget_enter_every_fit_as_their_best(tmp_path, 
     for part in ("isoflop", "parametric", "fits", "prediction_check"):
         assert together[part] == alone[part], part
     assert together["n_points"] == len(law) and together["n_points_not_fitted"] == 2 * len(law)
-    assert f"{2 * len(law)} point(s) share their size and budget with a lower loss" in together["notes"][0]
+    assert f"{2 * len(law)} point(s) share their size, FLOPs and tokens with a lower loss" in together["notes"][0]
     assert "## Points not fitted" in (tmp_path / "mixed/scaling.md").read_text()
     assert len(points_from_csv(tmp_path / "mixed/points.csv")) == 3 * len(law)
     refit = write_report(points_from_csv(tmp_path / "mixed/points.csv"), tmp_path / "refit", settings=settings)
     assert refit["isoflop"] == together["isoflop"]
 
 
-def test_sizes_of_one_budget_stay_apart_and_equal_losses_keep_the_first():
+def test_only_the_same_size_flops_and_tokens_are_alternatives_and_a_tie_keeps_the_first():
     from arflow_scale.scaling.analysis import best_per_cell
 
-    a = ScalingPoint(params=1e6, flops=1e15, loss=2.0, budget=1e15, name="a")
-    b = ScalingPoint(params=2e6, flops=1e15, loss=1.0, budget=1e15, name="b")
-    c = ScalingPoint(params=1e6, flops=1e15, loss=2.0, budget=1e15, name="c")
-    d = ScalingPoint(params=1e6, flops=3e15, loss=1.5, budget=3e15, name="d")
-    kept, beaten = best_per_cell([a, b, c, d])
-    assert [p.name for p in kept] == ["a", "b", "d"] and [p.name for p in beaten] == ["c"]
+    def point(name, params=1e6, flops=1e15, tokens=1e9, loss=2.0):
+        return ScalingPoint(params=params, flops=flops, loss=loss, tokens=tokens, budget=1e15, name=name)
+
+    kept, beaten = best_per_cell([point("a"), point("b", params=2e6, loss=1.0), point("c"),
+                                  point("longer", flops=1.1e15, loss=1.0), point("more-data", tokens=2e9, loss=1.0),
+                                  point("d", loss=1.5), point("e", flops=1e15 * (1 + 1e-12))])
+    assert [p.name for p in kept] == ["b", "longer", "more-data", "d"]
+    assert [p.name for p in beaten] == ["a", "c", "e"]
+    assert [[p.name for p in part] for part in best_per_cell([point("x"), point("y")])] == [["x"], ["y"]]

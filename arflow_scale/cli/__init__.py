@@ -82,7 +82,25 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as err:  # Ctrl-C or SIGTERM during training (train, sweep, compare)
         print(f"arflow {args.command}: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:
+        if not _no_s3_credentials(err):
+            raise
+        print(f"arflow {args.command}: error: no credentials for S3 storage ({err}): set AWS_ACCESS_KEY_ID and "
+              "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role), or the storage_options of the config",
+              file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def _no_s3_credentials(err: BaseException) -> bool:
+    """True for botocore's 'Unable to locate credentials' (s3fs raises it as it is), however deep in the chain."""
+    from botocore.exceptions import NoCredentialsError
+
+    for _ in range(16):  # a bounded walk: a chain may loop
+        if err is None or isinstance(err, NoCredentialsError):
+            return err is not None
+        err = err.__cause__ or err.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ def register(sub) -> None:
                         help="arms trained at once (1: one after the other in this process; 0: fit the cluster)")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the arms (params, steps, FLOPs, evaluation steps) and the total cost only")
+    parser.add_argument("--status", action="store_true",
+                        help="where the comparison stands: each arm trained, started (its checkpoint) or not, and its "
+                             "FID evaluations done; no training")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the comparison file, e.g. flops=2e13 seeds=[0,1,2]")
     parser.set_defaults(handler=run)
@@ -51,12 +54,37 @@ def _dry_run(compare, folder) -> dict:
             "seeds": compare.seeds, "protocol": fid_protocol(arms[0]), "arms": rows, "cost": total}
 
 
+def _status(compare, folder) -> dict:
+    """Print each arm's training state and evaluations done; return them as the JSON summary."""
+    from arflow_scale.scaling.compare import compare_url, plan_arms
+    from arflow_scale.scaling.compare_eval import evaluations, pending
+    from arflow_scale.scaling.progress import points_progress
+
+    arms = plan_arms(compare, folder)
+    root = compare_url(compare)
+    trained = points_progress([arm.point for arm in arms], root, compare.storage_options,
+                              f"comparison {compare.name}")
+    left = pending(arms, compare, root)
+    print(f"{'arm':<20} {'state':>12} {'step':>17} {'loss':>8} {'evaluations':>12}")
+    rows = []
+    for arm, progress in zip(arms, trained):
+        total = len(evaluations(arm, compare.seeds))
+        done = total - sum(ev.arm == arm.name for ev in left)
+        loss = f"{progress.loss:.4g}" if progress.loss is not None else "-"
+        print(f"{arm.name:<20} {progress.state:>12} {f'{progress.step}/{progress.steps}':>17} {loss:>8} "
+              f"{f'{done}/{total}':>12}")
+        rows.append({"arm": arm.name, **progress.to_dict(), "evaluations_done": done, "evaluations": total})
+    print(f"{sum(p.state == 'finished' for p in trained)} of {len(arms)} arms trained, "
+          f"{sum(r['evaluations_done'] for r in rows)} of {sum(r['evaluations'] for r in rows)} evaluations done")
+    return {"comparison": compare.name, "arms": rows}
+
+
 def run(args) -> int:
     from arflow_scale.scaling.compare import load_compare
 
     compare, folder = load_compare(args.config, args.overrides)
-    if args.dry_run:
-        print(json.dumps(_dry_run(compare, folder)), flush=True)
+    if args.dry_run or args.status:
+        print(json.dumps((_status if args.status else _dry_run)(compare, folder)), flush=True)
         return 0
     from arflow_scale.scaling.compare_run import run_compare
 

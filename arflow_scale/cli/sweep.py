@@ -15,6 +15,8 @@ def register(sub) -> None:
     parser.add_argument("--no-report", action="store_true", help="skip the fit/report at the end")
     parser.add_argument("--dry-run", action="store_true",
                         help="list the points (params, steps, FLOPs, tokens) and the total cost only")
+    parser.add_argument("--status", action="store_true",
+                        help="where the sweep stands: each point finished, started (its checkpoint) or not; no training")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the sweep file, e.g. budget.steps=[20,40]")
     parser.set_defaults(handler=run)
@@ -54,15 +56,34 @@ def _dry_run(sweep, folder) -> dict:
     return {"sweep": sweep.name, "design": sweep.design, "points": rows, "cost": total}
 
 
+def _status(sweep, folder) -> dict:
+    """Print each point's state and the compute done; return them as the JSON summary."""
+    from arflow_scale.scaling.progress import points_progress
+    from arflow_scale.scaling.sweep import expand, sweep_url
+
+    progress = points_progress(expand(sweep, folder), sweep_url(sweep), sweep.storage_options, f"sweep {sweep.name}")
+    print(f"{'point':<48} {'params':>10} {'state':>12} {'step':>17} {'loss':>8}")
+    for p in progress:
+        loss = f"{p.loss:.4g}" if p.loss is not None else "-"
+        print(f"{p.name:<48} {p.params:>10.3g} {p.state:>12} {f'{p.step}/{p.steps}':>17} {loss:>8}")
+    done, total = sum(p.flops_done for p in progress), sum(p.flops for p in progress)
+    finished = sum(p.state == "finished" for p in progress)
+    left = f"; {sweep.gpu.hours(total - done):.4g} GPU-hours of training left at the assumed MFU" \
+        if sweep.gpu.enabled else ""
+    print(f"{finished} of {len(progress)} points finished, {done / total:.1%} of the training FLOPs done{left}")
+    return {"sweep": sweep.name, "points": [p.to_dict() for p in progress], "finished": finished,
+            "flops_done": done, "flops": total}
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from arflow_scale.scaling.sweep import load_sweep, run_sweep, sweep_url
 
     sweep, folder = load_sweep(args.config, args.overrides)
-    if args.dry_run:
+    if args.dry_run or args.status:
         narrowed = sweep if args.budgets is None else sweep.only_budgets(args.budgets)
-        print(json.dumps(_dry_run(narrowed, folder)), flush=True)
+        print(json.dumps((_status if args.status else _dry_run)(narrowed, folder)), flush=True)
         return 0
     summary = run_sweep(sweep, folder, parallel=args.parallel, budgets=args.budgets)
     if not args.no_report and len(summary["points"]) >= 3:

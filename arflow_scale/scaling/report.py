@@ -127,7 +127,7 @@ def markdown_report(analysis: ScalingAnalysis) -> str:
     lines = ["# Scaling laws", "", f"{len(analysis.points)} points. Intervals at {s.confidence:.0%}: bootstrap "
              f"percentile over points ({s.resamples} resamples, seed {s.seed}) for the IsoFLOP and parametric "
              "fits, t-distribution for the single power laws.", ""]
-    beaten = _points_md(analysis.beaten, "Points not fitted: a lower loss shares their size and budget") \
+    beaten = _points_md(analysis.beaten, "Points not fitted: a lower loss shares their size, FLOPs and tokens") \
         if analysis.beaten else []
     for part in filter(None, (_points_md(analysis.points), beaten, _isoflop_md(analysis.isoflop),
                               _parametric_md(analysis.parametric), _power_laws_md(analysis.power_laws),
