@@ -507,3 +507,17 @@ def test_only_the_same_size_flops_and_tokens_are_alternatives_and_a_tie_keeps_th
     assert [p.name for p in kept] == ["b", "longer", "more-data", "d"]
     assert [p.name for p in beaten] == ["a", "c", "e"]
     assert [[p.name for p in part] for part in best_per_cell([point("x"), point("y")])] == [["x"], ["y"]]
+
+
+def test_a_refit_whose_coefficient_overflows_is_a_failed_resample_not_an_error():
+    """A bootstrap refit on the CPU sweep's tuned points ran ln A past 709 and math.exp raised OverflowError,
+    ending `arflow scaling fit`; such a coefficient is now inf, which the bootstrap leaves out of the interval."""
+    from arflow_scale.scaling.bootstrap import BootstrapRun
+    from arflow_scale.scaling.parametric import NAMES, _derived
+
+    derived = _derived(np.array([800.0, 1.0, -1.0, 0.5, 0.25]))
+    assert derived[NAMES.index("A")] == np.inf and np.isfinite(np.delete(derived, NAMES.index("A"))).all()
+    assert derived[NAMES.index("a")] == pytest.approx(1 / 3)
+    samples = np.array([[1.0], [2.0], [np.inf], [3.0]])
+    run = BootstrapRun(samples=samples, succeeded=3, settings=BootstrapSettings(resamples=4, confidence=0.5))
+    assert run.estimate(2.0, 0).interval == pytest.approx(np.percentile([1.0, 2.0, 3.0], [25, 75]).tolist())

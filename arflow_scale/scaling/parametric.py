@@ -89,10 +89,13 @@ def _best_fit(starts: np.ndarray, data: tuple, delta: float) -> np.ndarray:
 
 
 def _derived(theta: np.ndarray) -> np.ndarray:
-    """[E, A, B, alpha, beta, a, b] of a fitted theta."""
+    """[E, A, B, alpha, beta, a, b] of a fitted theta. A coefficient beyond float range (a resample's refit can
+    run ln A past 709) is inf, which the bootstrap counts as a failed refit, not an error."""
     a, b, e, alpha, beta = theta
     total = alpha + beta
-    return np.array([math.exp(e), math.exp(a), math.exp(b), alpha, beta, beta / total if total else math.nan,
+    with np.errstate(over="ignore"):
+        coefficients = np.exp(np.array([e, a, b], dtype=float))
+    return np.array([*coefficients, alpha, beta, beta / total if total else math.nan,
                      alpha / total if total else math.nan])
 
 
