@@ -72,12 +72,12 @@ def test_cpu_isoflop_expands_budgets_with_their_sizes(tmp_path):
     assert sweep.design == "isoflop"
     points = expand(sweep, folder)
     levels = sweep.budget_levels()
-    assert [len(level.sizes) for level in levels] == [5, 5, 5] and len(points) == 15
+    assert [len(level.sizes) for level in levels] == [5, 5, 5] and len(points) == 30  # x 2 learning rates
     assert all(level.sizes == sweep.sizes for level in levels)  # a bare number takes the shared sizes
     for level in levels:
         at_budget = [p for p in points if p.budget == level.flops]
-        assert [(p.coords["depth"], p.coords["width"]) for p in at_budget] == \
-            [(s.depth, s.width) for s in level.sizes]
+        assert [(p.coords["depth"], p.coords["width"], p.config.optim.lr) for p in at_budget] == \
+            [(s.depth, s.width, lr) for s in level.sizes for lr in (1.6e-2, 3.2e-2)]
     for p in points:
         cfg = p.config
         sequences = cfg.data.batch_size * cfg.cluster.num_workers * cfg.train.grad_accum
@@ -86,7 +86,8 @@ def test_cpu_isoflop_expands_budgets_with_their_sizes(tmp_path):
         assert abs(p.flops - p.budget) <= 0.5 * p.flops_per_step  # the nearest whole number of steps
         assert p.images == sequences * cfg.model.k * p.steps
         assert p.tokens == p.images * (cfg.model.image_size // cfg.model.patch_size) ** 2
-        assert p.coords["flops"] == p.budget and p.name.endswith(f"-f{p.budget:g}".replace("+", ""))
+        assert p.coords["flops"] == p.budget and p.name.endswith(f"-f{p.budget:g}-lr{p.config.optim.lr:g}"
+                                                                 .replace("+", ""))
     smallest = [p for p in points if p.coords["depth"] == 1 and p.coords["width"] == 8]
     assert [p.steps for p in smallest] == pytest.approx([p.budget / smallest[0].flops_per_step for p in smallest],
                                                         abs=0.5)
@@ -97,8 +98,8 @@ def test_a_budget_with_sizes_of_its_own_trains_only_those(tmp_path):
                                              "budgets=[1e10, {flops: 3e10, sizes: [{depth: 2, width: 48, heads: 2}]}]"])
     points = expand(sweep, folder)
     assert [len(level.sizes) for level in sweep.budget_levels()] == [5, 1]
-    assert [(p.coords["depth"], p.coords["width"]) for p in points if p.budget == 3e10] == [(2, 48)]
-    assert len(points) == 6
+    assert {(p.coords["depth"], p.coords["width"]) for p in points if p.budget == 3e10} == {(2, 48)}
+    assert len(points) == 6 * 2  # x 2 learning rates
 
 
 def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
@@ -224,6 +225,7 @@ def _sweep_file(tmp_path: Path, *extra_overrides: str) -> Path:
     data["sizes"] = [{"depth": 1, "width": 16, "heads": 1}, {"depth": 1, "width": 32, "heads": 2},
                      {"depth": 2, "width": 48, "heads": 2}]
     data["budgets"] = [6e8, {"flops": 3e9, "sizes": [{"depth": 1, "width": 8, "heads": 1}]}]
+    data["grid"] = {}  # one learning rate (the demo's): three points to train, not six
     data["storage_path"] = str(tmp_path / "sweeps")
     data["tracking_uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
     data["overrides"] = [*data["overrides"], "checkpoint.every=2", "train.log_every=1", "eval.val_sequences=20",
