@@ -239,17 +239,20 @@ def _arflow(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([ARFLOW, *args], capture_output=True, text=True, timeout=600)
 
 
+def _status(sweep_file: Path, capsys) -> dict:
+    """`arflow sweep --status` (storage only, no training) -> {point name: its progress}."""
+    from arflow_scale.cli import main
+
+    assert main(["sweep", "--config", str(sweep_file), "--status"]) == 0
+    return {p["name"]: p for p in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"]}
+
+
 @pytest.mark.slow
 def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ray_local, tmp_path, capsys):
     import ray.train
     from mlflow.tracking import MlflowClient
 
-    from arflow_scale.cli import main
     from arflow_scale.scaling.sweep import run_sweep
-
-    def status() -> dict:  # `arflow sweep --status`: storage only, no training
-        assert main(["sweep", "--config", str(_sweep_file(tmp_path)), "--status"]) == 0
-        return {p["name"]: p for p in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["points"]}
 
     # 1: a pilot at the first budget; its first point crashes after its step-2 checkpoint (an interrupted sweep;
     # in-process on the session's Ray). The parent run is the whole sweep's: both budgets in its params.
@@ -260,7 +263,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert [p.name for p in first] == ["cpu-isoflop-d1w16-f6e08"]
     assert not (tmp_path / "sweeps/cpu-isoflop/points").exists()
     interrupted_run = json.loads((first[0] / "mlflow_run.json").read_text())["run_id"]
-    assert {name: (p["state"], p["step"]) for name, p in status().items()} == {
+    assert {name: (p["state"], p["step"]) for name, p in _status(_sweep_file(tmp_path), capsys).items()} == {
         "cpu-isoflop-d1w16-f6e08": ("started", 2), "cpu-isoflop-d1w32-f6e08": ("not started", 0),
         "cpu-isoflop-d2w48-f6e08": ("not started", 0), "cpu-isoflop-d1w8-f3e09": ("not started", 0)}
 
@@ -272,7 +275,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert len(summary["ran"]) == 3 and summary["skipped"] == []
     by_name = {p["name"]: p for p in summary["points"]}
     assert by_name["cpu-isoflop-d1w16-f6e08"]["run_id"] == interrupted_run  # same run, continued
-    standing = status()
+    standing = _status(_sweep_file(tmp_path), capsys)
     assert [(p["state"], p["step"], p["loss"]) for p in standing.values()] == [
         ("finished", p["steps"], p["loss"]) for p in summary["points"]] + [("not started", 0, None)]
     sweep, folder = load_sweep(_sweep_file(tmp_path))

@@ -16,7 +16,8 @@ def register(sub) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="list the points (params, steps, FLOPs, tokens) and the total cost only")
     parser.add_argument("--status", action="store_true",
-                        help="where the sweep stands: each point finished, started (its checkpoint) or not; no training")
+                        help="where the sweep stands: each point finished, started (its checkpoint) or not; "
+                             "no training")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides of the sweep file, e.g. budget.steps=[20,40]")
     parser.set_defaults(handler=run)
