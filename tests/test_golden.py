@@ -4,7 +4,7 @@ bit-identical unless a change says its numerics change (then record the new valu
 fp32 CPU kernels round differently by the vector width torch dispatches to (`torch.backends.cpu.
 get_cpu_capability()`; with `ATEN_CPU_CAPABILITY=default` this demo gives a third pair of hashes), so each
 machine kind has its own record. A run must equal one of them; on a machine none matches, the failure names
-the capability and the hashes to record, after checking them against the code before the change."""
+the capability and the hashes: record them from a commit whose numerics are known unchanged."""
 from __future__ import annotations
 
 import json
@@ -47,11 +47,6 @@ def assert_golden(result: dict) -> None:
     assert ours in GOLDEN_RUNS.values(), (
         f"the demo's hashes match no recorded run (this CPU's torch capability: "
         f"{torch.backends.cpu.get_cpu_capability()}): {ours}")
-
-
-def test_every_record_names_the_same_run():
-    assert all(set(run) == set(GOLDEN_KEYS) and run["final_step"] == 60 for run in GOLDEN_RUNS.values())
-    assert len({run["params_sha256"] for run in GOLDEN_RUNS.values()}) == len(GOLDEN_RUNS)
 
 
 def test_demo_training_is_bit_identical_to_the_recorded_hashes(ray_local, tmp_path, capsys):

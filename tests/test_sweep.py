@@ -263,22 +263,23 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert [p.name for p in first] == ["cpu-isoflop-d1w16-f6e08"]
     assert not (tmp_path / "sweeps/cpu-isoflop/points").exists()
     interrupted_run = json.loads((first[0] / "mlflow_run.json").read_text())["run_id"]
-    assert {name: (p["state"], p["step"]) for name, p in _status(_sweep_file(tmp_path), capsys).items()} == {
+    sweep_file = _sweep_file(tmp_path)  # the same sweep, fault removed
+    assert {name: (p["state"], p["step"]) for name, p in _status(sweep_file, capsys).items()} == {
         "cpu-isoflop-d1w16-f6e08": ("started", 2), "cpu-isoflop-d1w32-f6e08": ("not started", 0),
         "cpu-isoflop-d2w48-f6e08": ("not started", 0), "cpu-isoflop-d1w8-f3e09": ("not started", 0)}
 
     # 2: rerun (fault removed): the interrupted point resumes, the other two run as 2 concurrent Ray tasks.
-    resumed = _arflow("sweep", "--config", str(_sweep_file(tmp_path)), "--parallel", "2", "--budgets", "6e8")
+    resumed = _arflow("sweep", "--config", str(sweep_file), "--parallel", "2", "--budgets", "6e8")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     summary = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert summary["parent_run_id"] == state["parent_run_id"]
     assert len(summary["ran"]) == 3 and summary["skipped"] == []
     by_name = {p["name"]: p for p in summary["points"]}
     assert by_name["cpu-isoflop-d1w16-f6e08"]["run_id"] == interrupted_run  # same run, continued
-    standing = _status(_sweep_file(tmp_path), capsys)
+    standing = _status(sweep_file, capsys)
     assert [(p["state"], p["step"], p["loss"]) for p in standing.values()] == [
         ("finished", p["steps"], p["loss"]) for p in summary["points"]] + [("not started", 0, None)]
-    sweep, folder = load_sweep(_sweep_file(tmp_path))
+    sweep, folder = load_sweep(sweep_file)
     assert [p["steps"] for p in summary["points"]] == [p.steps for p in expand(sweep.only_budgets([6e8]), folder)]
     client = MlflowClient(tracking_uri=summary["tracking_uri"])
     for point in summary["points"]:
