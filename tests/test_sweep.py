@@ -206,6 +206,22 @@ def test_sweep_cost_and_fid_sampling_flops(tmp_path):
     assert cost.tokens == sum(p.images * resolve(p.config.model).tokens_per_image for p in points)
 
 
+def test_imagenet128_learning_rate_pilot_as_the_readme_gives_it(capsys):
+    """The README's rate pilot: the first budget's five sizes at three rates, named apart from the sweep's points.
+    However a rate is written (YAML reads `1e-4` as a string), the point holds the number the config trains with."""
+    from arflow_scale.cli import main
+
+    lrs = [5.0e-5, 1.0e-4, 2.0e-4]
+    assert main(["sweep", "--config", str(IMAGENET128), "--dry-run", "--budgets", "1e18",
+                 "grid={optim.lr: [5.0e-5, 1e-4, 2e-04]}"]) == 0
+    dry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    points = dry["points"]
+    assert len(points) == 15 and {p["budget"] for p in points} == {1e18}
+    assert sorted(p["optim.lr"] for p in points) == sorted(lrs * 5) and len({p["params"] for p in points}) == 5
+    assert {p["name"][p["name"].rindex("-lr"):] for p in points} == {"-lr5e-05", "-lr0.0001", "-lr0.0002"}
+    assert round(dry["cost"]["gpu_hours"]) == 13
+
+
 def test_dry_run_of_a_grid_sweep_prints_points_without_gpu_hours(capsys, tmp_path):
     from arflow_scale.cli import main
 

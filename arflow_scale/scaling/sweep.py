@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from arflow_scale.cluster.connect import ray_session
 from arflow_scale.config import Config, ConfigError, load_config
-from arflow_scale.schema import apply_overrides, build, read_yaml_mapping
+from arflow_scale.schema import apply_overrides, build, field_values, read_yaml_mapping
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 
@@ -106,6 +106,13 @@ def _override(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
+def _as_configured(cfg: Config, values: dict[str, Any]) -> dict[str, Any]:
+    """Grid values as the config holds them (YAML reads `1e-4` as a string, the config as 0.0001), so that a
+    point's name, coordinates and record do not depend on how a number was written."""
+    fields = field_values(cfg)
+    return {key: fields.get(key, value) for key, value in values.items()}
+
+
 def _plan(sweep: SweepConfig) -> list[tuple[SizeSpec, str, float]]:
     """(size, budget kind, amount) of every point before the grid keys, in the design's order."""
     if sweep.design == "isoflop":
@@ -130,6 +137,7 @@ def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, 
     shape = [_override(key, value) for key, value in size.overrides().items()]
     keys = [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())]
     cfg = load_config(base, keys)
+    extra = _as_configured(cfg, extra)
     per_step = flops_per_step(cfg)
     steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
     name = "-".join([sweep.name, size.label, f"{kind[0]}{_slug(amount)}",
