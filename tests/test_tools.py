@@ -76,7 +76,7 @@ def test_gpu_check_cpu_variant_bf16_deepspeed():
     """tools/gpu_check.py's checks run on CPU too; in bf16 every ZeRO stage (0 included) hands back its
     fp32 master weights, live and from the checkpoint, its EMA averages them, and a restored
     checkpoint continues with the same losses."""
-    proc = run_tool("gpu_check.py", "--device", "cpu", "--size", "tiny/2", "--precision", "bf16")
+    proc = run_tool("gpu_check.py", "--device", "cpu", "--size", "tiny/2", "--precision", "bf16", "--steps", "6")
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     checks = {line["check"]: line for line in lines if "check" in line}
     assert proc.returncode == 0, (proc.stdout, proc.stderr[-3000:])

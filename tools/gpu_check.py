@@ -20,7 +20,7 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
                 config at ZeRO 0, 2 and 3 (bf16 autocast on CUDA, fp32 on CPU) falls on a fixed batch.
 Prints one JSON line per check and exits non-zero if any check fails.
 
-    python tools/gpu_check.py [--size S/2] [--only attention,attention_triton,model,deepspeed,farmer]
+    python tools/gpu_check.py [--size S/2] [--only attention,attention_triton,model,deepspeed,farmer] [--steps 20]
 """
 from __future__ import annotations
 
@@ -186,7 +186,8 @@ def in_group(device: torch.device, check, *args) -> None:
     check(device, *args)
 
 
-def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
+def check_deepspeed(device: torch.device, size: str, precision: str, steps: int) -> None:
+    """`steps` steps before the checkpoint; the run that goes on and the restored one then take 5 more each."""
     from arflow_scale.bench.batches import InMemoryBatches
     from arflow_scale.checkpoint import CheckpointRecord, load_raw_weights
     from arflow_scale.config import config_from_dict
@@ -199,7 +200,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
             "model": {"size": size, "image_size": 16, "in_channels": 4, "num_classes": 10, "k": 4,
                       "activation_checkpointing": "all"},
             "data": {"batch_size": 8}, "optim": {"lr": 1e-3, "warmup_steps": 0},
-            "train": {"steps": 40, "zero_stage": stage, "precision": precision, "ema_decay": 0.9},
+            "train": {"steps": 2 * steps, "zero_stage": stage, "precision": precision, "ema_decay": 0.9},
             "cluster": {"use_gpu": device.type == "cuda"}})
         batches = InMemoryBatches(8, 4, (4, 16, 16), 10, seed=0)
         x, y = next(iter(batches))
@@ -207,7 +208,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         engine = _engine(cfg, device)
         ema = EMA(engine.module, cfg.train.ema_decay, masters=wrapper_masters(engine.optimizer))
         start = time.perf_counter()
-        losses = _steps(engine, ema, batch, 0, 20)
+        losses = _steps(engine, ema, batch, 0, steps)
         seconds = time.perf_counter() - start
         master = full_fp32_params(engine, bf16=precision == "bf16")
         ema_full = ema.full_state_dict()
@@ -217,16 +218,16 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         ema_source = EMA(engine.module, 0.0, masters=wrapper_masters(engine.optimizer)).full_state_dict()
         ema_source_err = max(max_err(ema_source[n], master[n]) for n in master)
         with tempfile.TemporaryDirectory() as folder:
-            record = CheckpointRecord(step=20, world_size=1, zero_stage=stage, ema_layout=ema.layout)
+            record = CheckpointRecord(step=steps, world_size=1, zero_stage=stage, ema_layout=ema.layout)
             save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, record=record, config_yaml="")
             exported = load_raw_weights(folder)  # what `arflow export` reads: the fp32 masters
             export_err = max(max_err(exported[n], master[n]) for n in master)
-            went_on = _steps(engine, ema, batch, 20, 5)
+            went_on = _steps(engine, ema, batch, steps, 5)
             engine2 = _engine(cfg, device)
             ema2 = EMA(engine2.module, cfg.train.ema_decay, masters=wrapper_masters(engine2.optimizer))
             follower = EMA(engine2.module, 0.0, masters=wrapper_masters(engine2.optimizer))  # made before the restore
             restore_state(folder, engine=engine2, ema=ema2, stream=InMemoryBatches(8, 4, (4, 16, 16), 10, 0), rank=0)
-            resumed = _steps(engine2, ema2, batch, 20, 5)
+            resumed = _steps(engine2, ema2, batch, steps, 5)
             follower.update(engine2.module)  # decay 0: what the EMA averages, still the live masters?
             master2, followed = full_fp32_params(engine2, bf16=precision == "bf16"), follower.full_state_dict()
             ema_source_err = max(ema_source_err, max(max_err(followed[n], master2[n]) for n in master2))
@@ -237,7 +238,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str) -> None:
         ok = (losses[-1] < losses[0] and all(map(math.isfinite, losses)) and diff < 1e-2 and masters_ok
               and export_err == 0)
         report(f"deepspeed/zero{stage}_{precision}", ok, first_loss=round(losses[0], 4), last_loss=round(losses[-1], 4),
-               steps_per_s=round(20 / seconds, 1), bf16_weights_vs_master_rel=rounding, resume_loss_diff=diff,
+               steps_per_s=round(steps / seconds, 1), bf16_weights_vs_master_rel=rounding, resume_loss_diff=diff,
                export_vs_master=export_err, ema_source_vs_master=ema_source_err,
                ema_dtype=str(next(iter(ema_full.values())).dtype))
         del engine, engine2
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                         help="deepspeed check: auto = bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--steps", type=int, default=20,
+                        help="deepspeed check: steps before its checkpoint (the loss must fall over them)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu for the CPU variant)", file=sys.stderr)
@@ -322,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"device": name, "torch": torch.__version__}), flush=True)
     checks = {"attention": lambda: check_attention(device), "attention_triton": lambda: check_attention_triton(device),
               "model": lambda: check_model(device, args.size),
-              "deepspeed": lambda: in_group(device, check_deepspeed, args.size, precision),
+              "deepspeed": lambda: in_group(device, check_deepspeed, args.size, precision, args.steps),
               "farmer": lambda: in_group(device, check_farmer, precision)}
     with GROUP:
         for name in args.only.split(","):
