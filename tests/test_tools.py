@@ -89,6 +89,11 @@ def test_gpu_check_cpu_variant_bf16_deepspeed():
         assert check["ema_source_vs_master"] == 0  # the EMA averages the fp32 masters, also after a restore
 
 
+def test_gpu_check_refuses_a_deepspeed_check_without_steps():
+    proc = run_tool("gpu_check.py", "--device", "cpu", "--only", "deepspeed", "--steps", "0")
+    assert proc.returncode == 2 and "--steps: needs at least one step, got 0" in proc.stderr
+
+
 def test_floor_constraints_pin_the_checked_floors_which_this_environment_meets(tmp_path):
     from importlib.metadata import version
 

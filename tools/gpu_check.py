@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20,
                         help="deepspeed check: steps before its checkpoint (the loss must fall over them)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error(f"--steps: needs at least one step, got {args.steps}")
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device (use --device cpu for the CPU variant)", file=sys.stderr)
         return 2
