@@ -186,8 +186,11 @@ def in_group(device: torch.device, check, *args) -> None:
     check(device, *args)
 
 
+CONTINUED = 5  # deepspeed check: steps after its checkpoint, live and restored (their losses must agree)
+
+
 def check_deepspeed(device: torch.device, size: str, precision: str, steps: int) -> None:
-    """`steps` steps before the checkpoint; the run that goes on and the restored one then take 5 more each."""
+    """`steps` steps before the checkpoint; the run that goes on and the restored one then take CONTINUED more each."""
     from arflow_scale.bench.batches import InMemoryBatches
     from arflow_scale.checkpoint import CheckpointRecord, load_raw_weights
     from arflow_scale.config import config_from_dict
@@ -200,7 +203,7 @@ def check_deepspeed(device: torch.device, size: str, precision: str, steps: int)
             "model": {"size": size, "image_size": 16, "in_channels": 4, "num_classes": 10, "k": 4,
                       "activation_checkpointing": "all"},
             "data": {"batch_size": 8}, "optim": {"lr": 1e-3, "warmup_steps": 0},
-            "train": {"steps": 2 * steps, "zero_stage": stage, "precision": precision, "ema_decay": 0.9},
+            "train": {"steps": steps + CONTINUED, "zero_stage": stage, "precision": precision, "ema_decay": 0.9},
             "cluster": {"use_gpu": device.type == "cuda"}})
         batches = InMemoryBatches(8, 4, (4, 16, 16), 10, seed=0)
         x, y = next(iter(batches))
@@ -222,12 +225,12 @@ def check_deepspeed(device: torch.device, size: str, precision: str, steps: int)
             save_state(folder, engine=engine, ema=ema, stream=batches, rank=0, record=record, config_yaml="")
             exported = load_raw_weights(folder)  # what `arflow export` reads: the fp32 masters
             export_err = max(max_err(exported[n], master[n]) for n in master)
-            went_on = _steps(engine, ema, batch, steps, 5)
+            went_on = _steps(engine, ema, batch, steps, CONTINUED)
             engine2 = _engine(cfg, device)
             ema2 = EMA(engine2.module, cfg.train.ema_decay, masters=wrapper_masters(engine2.optimizer))
             follower = EMA(engine2.module, 0.0, masters=wrapper_masters(engine2.optimizer))  # made before the restore
             restore_state(folder, engine=engine2, ema=ema2, stream=InMemoryBatches(8, 4, (4, 16, 16), 10, 0), rank=0)
-            resumed = _steps(engine2, ema2, batch, steps, 5)
+            resumed = _steps(engine2, ema2, batch, steps, CONTINUED)
             follower.update(engine2.module)  # decay 0: what the EMA averages, still the live masters?
             master2, followed = full_fp32_params(engine2, bf16=precision == "bf16"), follower.full_state_dict()
             ema_source_err = max(ema_source_err, max(max_err(followed[n], master2[n]) for n in master2))
