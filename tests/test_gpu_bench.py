@@ -38,6 +38,7 @@ def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
     reference = train["plain_eager"]["losses"]
     assert len(reference) == 3 and all(map(math.isfinite, reference))
     for name, line in train.items():
+        assert 0 < line["host_ms"] <= line["step_ms"] * 1.001  # medians of the steps' parts and wholes
         assert line["images_per_s"] > 0 and line["mfu"] == pytest.approx(line["model_tflops"] / peak, rel=0.02)
         # the same weights, batch and noise: eager and compiled engines follow the plain loop (fp32 reordering)
         assert line["losses"] == pytest.approx(reference, rel=1e-4), name
@@ -48,3 +49,5 @@ def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
 
     profile = by_kind["profile"][0]
     assert profile["top"] and (tmp_path / "engine_zero2_eager.json").stat().st_size > 0
+    assert profile["wall_ms"] > 0 and profile["device_busy_fraction"] is None  # no device on CPU
+    assert profile["host_reads_per_step"] >= 1  # DeepSpeed reads the gradient norm on the host every step

@@ -5,11 +5,12 @@ Prints one JSON line per measurement (key "benchmark"):
   peak       the best rate of an 8192^3 bf16 matmul: the MFU denominator (`--peak-tflops` overrides it)
   attention  fwd+bwd time and peak memory of intra (the floor), full (dense mask), full_flex, hybrid (torch)
              and hybrid_triton at each --attention-k (`arflow bench attention`; its own lines, then ratios)
-  train      per variant: images/s, step ms, model TFLOP/s, MFU, peak memory, first-step seconds (compilation
+  train      per variant: images/s, step ms, host ms (the step's call before the wait for the GPU), model TFLOP/s, MFU, peak memory, first-step seconds (compilation
              included), losses. Variants: plain_eager, plain_compiled (each block compiled), plain_compiled_model
              (the whole forward), zero{2,3}_{eager,compiled} (our engine: `train.engine.build_engine`)
   sample     ms per sampling step (one image per step through the cache, CFG), eager and compiled, early and late
-  profile    with --profile DIR: a torch.profiler Chrome trace of --profile-variant's steps and its top operators
+  profile    with --profile DIR: a torch.profiler Chrome trace of --profile-variant's steps, the GPU's busy share of
+             each step, host reads and syncs per step, and the top operators
 A single-rank process group (NCCL on CUDA, gloo on CPU) on 127.0.0.1 serves the DeepSpeed engines.
 
     python tools/gpu_bench.py --size XL/2 --image-size 32 --in-channels 4 --k 5 --batch-size 16
@@ -115,8 +116,8 @@ def run_train(args, device: torch.device, peak: float) -> None:
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
         trace = str(Path(args.profile) / f"engine_{args.profile_variant}.json")
-        top = profile_steps(variant_step(args.profile_variant, base, device)(), device, trace)
-        emit("profile", variant=args.profile_variant, trace=trace, top=top)
+        profiled = profile_steps(variant_step(args.profile_variant, base, device)(), device, trace)
+        emit("profile", variant=args.profile_variant, trace=trace, **profiled.line())
 
 
 def run_sample(args, device: torch.device) -> None:

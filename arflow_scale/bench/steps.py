@@ -3,7 +3,8 @@ our DeepSpeed engine (`train.engine.build_engine`) at a ZeRO stage, eager or com
 and in-memory data. Imports no Ray, MLflow or webdataset.
 
 Every variant runs `warmup` steps (the first one compiles), then `steps` timed steps (synchronised on CUDA);
-images/s and MFU come from the median step. Both sides do what one optimizer step of `arflow train` does
+images/s and MFU come from the median step. `host_ms` is how long the step's Python call took before the wait for
+the GPU: close to `step_ms`, the GPU waits on the host (kernel launches, or reads of device values inside the step). Both sides do what one optimizer step of `arflow train` does
 except the EMA: loss (bf16 autocast on GPU), backward, AdamW (fused on CUDA) with value clipping.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ class StepTimes:
     variant: str
     first_step_s: float  # the first step, compilation included
     step_s: list[float]  # the timed steps
+    host_s: list[float]  # the same steps until their call returned, before the wait for the device
     losses: list[float]  # every step's loss, warm-up included
     peak_memory_mib: Optional[float]  # CUDA: peak allocated over the variant; CPU: not measured
     extra: dict = field(default_factory=dict)
@@ -49,7 +51,8 @@ class StepTimes:
         """One JSON-ready line: images/s, step ms, model TFLOP/s, MFU, peak memory, losses."""
         median = statistics.median(self.step_s)
         return {"variant": self.variant, "images_per_s": round(images_per_step / median, 2),
-                "step_ms": round(median * 1e3, 3), **{k: float(f"{v:.4g}") for k, v in meter.metrics(median).items()},
+                "step_ms": round(median * 1e3, 3),
+                "host_ms": round(statistics.median(self.host_s) * 1e3, 3), **{k: float(f"{v:.4g}") for k, v in meter.metrics(median).items()},
                 "peak_memory_mib": self.peak_memory_mib, "first_step_s": round(self.first_step_s, 2),
                 "losses": [round(v, 6) for v in self.losses], **self.extra}
 
@@ -129,16 +132,18 @@ def time_steps(name: str, make_step: Callable[[], StepFn], device: torch.device,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     step = make_step()
-    losses, times = [], []
+    losses, times, host = [], [], []
     for number in range(1, warmup + steps + 1):
         _synchronize(device)
         start = time.perf_counter()
         loss = step(number)
+        host.append(time.perf_counter() - start)
         _synchronize(device)
         times.append(time.perf_counter() - start)
         losses.append(float(loss))
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return StepTimes(name, times[0], times[warmup:], losses, round(peak, 1) if peak is not None else None)
+    return StepTimes(name, times[0], times[warmup:], host[warmup:], losses,
+                     round(peak, 1) if peak is not None else None)
 
 
 def variant_step(name: str, base: Config, device: torch.device) -> Callable[[], StepFn]:
@@ -150,9 +155,41 @@ def variant_step(name: str, base: Config, device: torch.device) -> Callable[[], 
     return lambda: engine_step(cfg, device)
 
 
-def profile_steps(step: StepFn, device: torch.device, trace_path: str, steps: int = 3, top: int = 25) -> list[dict]:
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+@dataclass(frozen=True)
+class StepProfile:
+    """What torch.profiler saw per optimizer step: the wall time, how much of it the device was busy, how often the
+    host waited on it, and the top operators. Busy well below wall: the GPU idles (launch-bound or stalled)."""
+
+    wall_ms: float  # mean ProfilerStep window (the step and the wait for the device after it)
+    device_busy_ms: Optional[float]  # union of the device's kernel and copy intervals; None without a GPU
+    host_reads: float  # aten::_local_scalar_dense per step: a tensor's value read on the host (.item(), float())
+    syncs: float  # cuda*Synchronize calls per step, the bench's own one after each step included
+    top: list[dict]  # operators by self device time (CUDA) or self CPU time
+
+    def line(self) -> dict:
+        busy = self.device_busy_ms
+        return {"wall_ms": round(self.wall_ms, 3), "device_busy_ms": None if busy is None else round(busy, 3),
+                "device_busy_fraction": None if busy is None else round(busy / self.wall_ms, 3),
+                "host_reads_per_step": self.host_reads, "syncs_per_step": self.syncs, "top": self.top}
+
+
+def busy_time(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: time when at least one of them runs."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def profile_steps(step: StepFn, device: torch.device, trace_path: str, steps: int = 3, top: int = 25) -> StepProfile:
     """torch.profiler over `steps` optimizer steps after one wait and one warm-up step: writes a Chrome trace to
-    `trace_path` and returns the `top` operators by self device time (CUDA) or self CPU time."""
+    `trace_path` and returns the per-step summary (`StepProfile`)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -162,7 +199,16 @@ def profile_steps(step: StepFn, device: torch.device, trace_path: str, steps: in
             _synchronize(device)
             prof.step()
     prof.export_chrome_trace(trace_path)
+    events = prof.events()
+    windows = [e.time_range for e in events if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU]
+    on_device = [(e.time_range.start, e.time_range.end) for e in events  # kernels, copies, not annotated ranges
+                 if e.device_type != DeviceType.CPU and not e.is_user_annotation]
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
-    return [{"op": e.key, "self_ms": round(getattr(e, key) / 1e3 / steps, 3), "calls": e.count // steps}
-            for e in events]
+    ranked = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return StepProfile(
+        wall_ms=sum(w.end - w.start for w in windows) / len(windows) / 1e3,
+        device_busy_ms=busy_time(on_device) / steps / 1e3 if device.type == "cuda" else None,
+        host_reads=sum(e.name == "aten::_local_scalar_dense" for e in events) / steps,
+        syncs=sum(e.name in SYNC_CALLS for e in events) / steps,
+        top=[{"op": e.key, "self_ms": round(getattr(e, key) / 1e3 / steps, 3), "calls": e.count // steps}
+             for e in ranked])
