@@ -291,7 +291,7 @@ def test_attention_benchmark_smoke_runs_every_variant_without_cluster_packages()
     summary = json.loads(lines[-1])
     expected = ["intra", "full", "hybrid"]
     if os.environ.get("TRITON_INTERPRET") == "1":
-        expected.append("hybrid_triton")
+        expected += ["hybrid_triton", "hybrid_triton_sdpa"]
     assert summary["variants"] == expected and "full_flex" in summary["skipped"]
     for row in summary["results"]:
         assert all(row[f"{name}_ms"] > 0 for name in expected)

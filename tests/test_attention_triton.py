@@ -1,4 +1,6 @@
-"""The fused Triton hybrid attention against the plain-PyTorch reference `hybrid_attention` (fp64).
+"""The fused Triton hybrid attention against the plain-PyTorch reference `hybrid_attention` (fp64), both as one
+set of kernels (`hybrid_attention_triton`) and with the softmax inside each chunk left to SDPA
+(`hybrid_attention_sdpa_triton`); each test runs both.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1);
 shapes are tiny and the block sizes small so that every chunk spans several blocks.
@@ -18,7 +20,8 @@ from arflow_scale.model.attention import chunk_attention, hybrid_attention, intr
 
 triton = pytest.importorskip("triton", reason="triton is not installed: the fused kernels cannot run")
 
-from arflow_scale.model.attention_triton import (HybridBlocks, forward_launches, hybrid_attention_triton,  # noqa: E402
+from arflow_scale.model.attention_triton import (HybridBlocks, forward_launches,  # noqa: E402
+                                                 hybrid_attention_sdpa_triton, hybrid_attention_triton,
                                                  interpreting)
 
 CUDA = torch.cuda.is_available()
@@ -30,6 +33,8 @@ pytestmark = [
 ]
 SMALL = HybridBlocks(fwd_m=16, fwd_n=16, bwd=16, bwd_sub=16, scan=16, prep=16)
 FP32_TOL = 2e-6
+FUSED = pytest.mark.parametrize("fused", [hybrid_attention_triton, hybrid_attention_sdpa_triton],
+                                ids=["triton", "triton_sdpa"])
 
 
 def model_like_inputs(chunks, chunk, dim, dtype=torch.float32, batch=1, heads=2, seed=0):
@@ -55,14 +60,14 @@ def forward_backward(fn, inputs, chunk, state, grads):
     return out.detach(), final.detach(), [t.grad for t in leaves + ([init] if init is not None else [])]
 
 
-def compare_to_reference(chunks, chunk, dim, dtype, with_state, blocks, seed=0):
+def compare_to_reference(fused, chunks, chunk, dim, dtype, with_state, blocks, seed=0):
     """Relative errors of out, state and every gradient against the fp64 reference, same upstream grads."""
     inputs = model_like_inputs(chunks, chunk, dim, dtype, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
     state = torch.randn(1, 2, dim, dim, generator=g).to(DEVICE) if with_state else None
     grads = (torch.randn(inputs[0].shape, generator=g).to(DEVICE, dtype),
              torch.randn(1, 2, dim, dim, generator=g).to(DEVICE))
-    out, final, dx = forward_backward(lambda *a: hybrid_attention_triton(*a, blocks=blocks), inputs, chunk,
+    out, final, dx = forward_backward(lambda *a: fused(*a, blocks=blocks), inputs, chunk,
                                       state, grads)
     ref_out, ref_final, ref_dx = forward_backward(
         hybrid_attention, [t.double() for t in inputs], chunk, None if state is None else state.double(),
@@ -82,8 +87,9 @@ def compare_to_reference(chunks, chunk, dim, dtype, with_state, blocks, seed=0):
     pytest.param(2, 16, 32, False, None, id="head-dim-32"),
     pytest.param(2, 16, 128, True, None, id="head-dim-128"),
 ])
-def test_fp32_forward_and_gradients_match_reference(chunks, chunk, dim, with_state, blocks):
-    out_err, state_err, grad_errs = compare_to_reference(chunks, chunk, dim, torch.float32, with_state, blocks)
+@FUSED
+def test_fp32_forward_and_gradients_match_reference(fused, chunks, chunk, dim, with_state, blocks):
+    out_err, state_err, grad_errs = compare_to_reference(fused, chunks, chunk, dim, torch.float32, with_state, blocks)
     assert out_err < FP32_TOL and state_err < FP32_TOL
     assert max(grad_errs) < FP32_TOL, grad_errs
 
@@ -95,18 +101,20 @@ def test_fp32_forward_and_gradients_match_reference(chunks, chunk, dim, with_sta
                  id="bf16-d16-blocks-32"),
     pytest.param(torch.float16, 2, 24, 32, True, SMALL, 2e-3, 2e-3, id="fp16-d32-with-state"),
 ])
-def test_half_precision_forward_and_gradients_match_reference(dtype, chunks, chunk, dim, with_state, blocks,
+@FUSED
+def test_half_precision_forward_and_gradients_match_reference(fused, dtype, chunks, chunk, dim, with_state, blocks,
                                                               out_tol, grad_tol):
-    out_err, state_err, grad_errs = compare_to_reference(chunks, chunk, dim, dtype, with_state, blocks)
+    out_err, state_err, grad_errs = compare_to_reference(fused, chunks, chunk, dim, dtype, with_state, blocks)
     assert out_err < out_tol and state_err < FP32_TOL
     assert max(grad_errs[:4]) < grad_tol, grad_errs
     assert all(err < FP32_TOL for err in grad_errs[4:]), grad_errs
 
 
-def test_single_chunk_has_no_inter_part_and_zero_decay_gradient():
+@FUSED
+def test_single_chunk_has_no_inter_part_and_zero_decay_gradient(fused):
     """K=1 without state (SiT): out is the softmax within the chunk, the state K^T V / sqrt(D)."""
     q, k, v, log_decay = (t.requires_grad_(True) for t in model_like_inputs(1, 20, 16))
-    out, final = hybrid_attention_triton(q, k, v, log_decay, 20, blocks=SMALL)
+    out, final = fused(q, k, v, log_decay, 20, blocks=SMALL)
     assert relative_error(out, intra_chunk_softmax(q, k, v, 20).double()) < FP32_TOL
     expected_state = torch.einsum("bhcx,bhcy->bhxy", k.double(), v.double()) / 4
     assert relative_error(final, expected_state) < FP32_TOL
@@ -114,7 +122,8 @@ def test_single_chunk_has_no_inter_part_and_zero_decay_gradient():
     assert torch.equal(log_decay.grad, torch.zeros_like(log_decay))
 
 
-def test_chunk_by_chunk_with_state_equals_whole_sequence():
+@FUSED
+def test_chunk_by_chunk_with_state_equals_whole_sequence(fused):
     """Outputs and gradients agree when 3 chunks are fed as 1 + 2 with the state carried between calls."""
     chunk, inputs = 20, model_like_inputs(3, 20, 16, seed=3)
     upstream = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
@@ -124,7 +133,7 @@ def test_chunk_by_chunk_with_state_equals_whole_sequence():
         outs, state, start = [], None, 0
         for n in split:
             part = slice(start * chunk, (start + n) * chunk)
-            out, state = hybrid_attention_triton(*(t[:, :, part] for t in leaves), chunk, state, blocks=SMALL)
+            out, state = fused(*(t[:, :, part] for t in leaves), chunk, state, blocks=SMALL)
             outs.append(out)
             start += n
         out = torch.cat(outs, dim=2)
@@ -139,35 +148,39 @@ def test_chunk_by_chunk_with_state_equals_whole_sequence():
         assert relative_error(a, b.double()) < FP32_TOL
 
 
-def test_inference_forward_equals_training_forward_and_backward_runs_once():
+@FUSED
+def test_inference_forward_equals_training_forward_and_backward_runs_once(fused):
     """Without autograd the intra part is not kept; the outputs are the same. A second backward is refused."""
     inputs = model_like_inputs(2, 20, 16, seed=6)
     with torch.no_grad():
-        plain, plain_state = hybrid_attention_triton(*inputs, 20, blocks=SMALL)
+        plain, plain_state = fused(*inputs, 20, blocks=SMALL)
     leaves = [t.clone().requires_grad_(True) for t in inputs]
-    out, state = hybrid_attention_triton(*leaves, 20, blocks=SMALL)
+    out, state = fused(*leaves, 20, blocks=SMALL)
     assert torch.equal(out.detach(), plain) and torch.equal(state.detach(), plain_state)
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph"):
         out.sum().backward()
 
 
-def test_backend_switch_selects_the_kernels():
-    q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=5)
-    fused, fused_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="triton")
+@pytest.mark.parametrize("backend", ["triton", "triton_sdpa"])
+def test_backend_switch_selects_the_kernels(backend):
+    q, k, v, log_decay = (t.requires_grad_(True) for t in model_like_inputs(2, 16, 16, seed=5))
+    fused, fused_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend=backend)
     ref, ref_state = chunk_attention("hybrid", q, k, v, log_decay, 16, None, backend="torch")
     assert relative_error(fused, ref.double()) < FP32_TOL
     assert relative_error(fused_state, ref_state.double()) < FP32_TOL
+    assert "HybridAttention" in type(fused.grad_fn).__name__  # the kernels' autograd, not the reference's sum
 
 
-def test_compiled_code_runs_the_kernels_as_they_are():
+@pytest.mark.parametrize("backend", ["triton", "triton_sdpa"])
+def test_compiled_code_runs_the_kernels_as_they_are(backend):
     """Under torch.compile the fused kernels are not traced (one graph break around them); same outputs."""
     import torch._dynamo
 
     q, k, v, log_decay = model_like_inputs(2, 16, 16, seed=7)
 
     def attend(q, k, v, log_decay):
-        out, state = chunk_attention("hybrid", q * 2, k, v, log_decay, 16, None, backend="triton")
+        out, state = chunk_attention("hybrid", q * 2, k, v, log_decay, 16, None, backend=backend)
         return out + 1, state
 
     explained = torch._dynamo.explain(attend)(q, k, v, log_decay)
@@ -217,11 +230,12 @@ def test_blocks_parse_and_fit():
     assert torch.equal(capped_out, hybrid_attention_triton(q, k, v, log_decay, 16)[0])
 
 
-def test_output_is_laid_out_for_the_projection_and_kept_without_a_copy():
+@FUSED
+def test_output_is_laid_out_for_the_projection_and_kept_without_a_copy(fused):
     """out (B, H, L, D) lives in (B, L, H, D) memory: the model's "b h l d -> b l (h d)" is a view, so the output
     projection saves the same storage that backward keeps (one tensor per layer, as flash attention)."""
     q, k, v, log_decay = (t.requires_grad_(True) for t in model_like_inputs(2, 16, 16, seed=8))
-    out, _ = hybrid_attention_triton(q, k, v, log_decay, 16, blocks=SMALL)
+    out, _ = fused(q, k, v, log_decay, 16, blocks=SMALL)
     merged = rearrange(out, "b h l d -> b l (h d)")
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
     saved = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors}

@@ -59,3 +59,21 @@ def test_bad_shapes_and_interpreted_kernels_are_refused_by_name(capsys):
         pytest.skip("TRITON_INTERPRET is not set in this process (tests/conftest.py sets it without CUDA)")
     assert main(["bench", "kernels"]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CUOBJDUMP.is_file(), reason=f"{CUOBJDUMP} is missing: this triton does not bundle it")
+def test_kernels_of_the_sdpa_backend_compile_without_spilling():
+    """`model.attention_backend=triton_sdpa` runs the same six kernels without their softmax parts (constexpr
+    branches the interpreter tests cannot compile): they build for sm_90 and none spills."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("arflow")), "bench", "kernels", "--batch", "1",
+                           "--heads", "2", "--k", "2", "--head-dim", "64", "--softmax", "sdpa"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *kernels, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    assert summary["shape"]["softmax"] == "sdpa" and summary["spilling"] == [], kernels
+    by_name = {k["kernel"]: k for k in kernels}
+    assert set(by_name) == {"chunk_kv_kernel", "state_scan_kernel", "hybrid_fwd_kernel", "prep_bwd_kernel",
+                            "state_grad_scan_kernel", "hybrid_bwd_kernel"}
+    # without the softmax loop the forward holds one (128, 64) tile and the (64, 64) state: more programs fit
+    assert by_name["hybrid_fwd_kernel"]["registers"] < 128 and by_name["hybrid_fwd_kernel"]["programs_per_sm"] >= 2

@@ -39,18 +39,19 @@ def test_auto_backend_is_torch_on_cpu_and_explicit_choices_pass_through():
     q = torch.zeros(1, 2, 16, 32)
     assert resolve_backend("auto", q) == "torch"
     assert resolve_backend("auto", q.to(torch.float64)) == "torch"
-    assert [resolve_backend(b, q) for b in ("torch", "triton")] == ["torch", "triton"]
+    assert [resolve_backend(b, q) for b in ("torch", "triton", "triton_sdpa")] == ["torch", "triton", "triton_sdpa"]
     assert tiny().blocks[0].attn.backend == "auto"
     with pytest.raises(ConfigError, match="model.attention_backend"):
         config_from_dict({}, ["model.attention_backend=cuda"])
 
 
 @interpreter
-def test_model_on_the_triton_backend_matches_the_torch_reference():
-    """`model.attention_backend=triton` runs the fused hybrid kernels inside the model: same outputs and
-    gradients as the plain-PyTorch reference (fp32, the interpreter on CPU)."""
+@pytest.mark.parametrize("backend", ["triton", "triton_sdpa"])
+def test_model_on_the_triton_backend_matches_the_torch_reference(backend):
+    """`model.attention_backend=triton` (or `triton_sdpa`) runs the fused hybrid kernels inside the model: same
+    outputs and gradients as the plain-PyTorch reference (fp32, the interpreter on CPU)."""
     results = []
-    for backend in ("torch", "triton"):
+    for backend in ("torch", backend):
         torch.manual_seed(0)
         results.append(forward_and_grads(randomized(tiny(attention_backend=backend))))
     (ref, ref_grads), (out, grads) = results

@@ -4,7 +4,7 @@
 Prints one JSON line per measurement (key "benchmark"):
   peak       the best rate of an 8192^3 bf16 matmul: the MFU denominator (`--peak-tflops` overrides it)
   attention  fwd+bwd time and peak memory of intra (the floor), full (dense mask), full_flex, hybrid (torch)
-             and hybrid_triton at each --attention-k (`arflow bench attention`; its own lines, then ratios)
+             hybrid_triton and hybrid_triton_sdpa at each --attention-k (`arflow bench attention`; its own lines, then ratios)
   train      per variant: images/s, step ms, host ms (the step's call before the wait for the GPU), model TFLOP/s, MFU, peak memory, first-step seconds (compilation
              included), losses. Variants: plain_eager, plain_compiled (each block compiled), plain_compiled_model
              (the whole forward), zero{2,3}_{eager,compiled} (our engine: `train.engine.build_engine`)
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (x K images)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--activation-checkpointing", default="none")
-    parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "triton_sdpa"))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")

@@ -6,7 +6,8 @@ runs the same checks in fp32 on gloo, which is how the test suite exercises this
   1. attention  `hybrid_attention` and `full_attention` on CUDA (fp32, bf16) against the same call
                 in fp64 on the CPU; chunk-by-chunk with its state equals the whole sequence.
      attention_triton  the fused Triton hybrid kernels (fp32, bf16; head dims 32-128; chunks of 16,
-                196, 256 tokens): output, state and every gradient against the fp64 CPU reference.
+                196, 256 tokens), alone and with SDPA for the softmax part (`triton_sdpa`): output, state
+                and every gradient against the fp64 CPU reference.
   2. model      ARFlow forward on CUDA: fp32 equals the CPU fp64 forward; one image at a time
                 through the cache equals the full forward; bf16 autocast stays close.
   3. deepspeed  our DeepSpeed config in bf16 for ZeRO 0, 2 and 3 on NCCL: a few steps on a fixed fp32
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -98,13 +100,14 @@ def check_attention_triton(device: torch.device) -> None:
         report("attention_triton", True, skipped="needs triton on CUDA (or TRITON_INTERPRET=1 on CPU)")
         return
     from arflow_scale.model.attention import hybrid_attention
-    from arflow_scale.model.attention_triton import hybrid_attention_triton
+    from arflow_scale.model.attention_triton import hybrid_attention_sdpa_triton, hybrid_attention_triton
 
     cuda = device.type == "cuda"
     cases = [(torch.float32, 64, 256, 1e-4), (torch.bfloat16, 64, 256, 3e-2), (torch.bfloat16, 64, 196, 3e-2),
              (torch.float32, 128, 196, 1e-4), (torch.bfloat16, 32, 16, 3e-2)] if cuda else \
         [(torch.float32, 16, 20, 1e-4)]
-    for dtype, d, n, tol in cases:
+    backends = {"triton": hybrid_attention_triton, "triton_sdpa": hybrid_attention_sdpa_triton}
+    for (dtype, d, n, tol), backend in itertools.product(cases, backends):
         g = torch.Generator().manual_seed(d + n)
         b, h, chunks = 2, 4, 3
         qkv = torch.nn.functional.rms_norm(torch.randn(b, chunks * n, 3, h, d, generator=g, dtype=torch.float64), (d,))
@@ -112,7 +115,7 @@ def check_attention_triton(device: torch.device) -> None:
         state = torch.randn(b, h, d, d, generator=g, dtype=torch.float64)
         grad_out = torch.randn(b, h, chunks * n, d, generator=g, dtype=torch.float64)
         results = []
-        for fn, dev, dt in ((hybrid_attention, "cpu", torch.float64), (hybrid_attention_triton, device, dtype)):
+        for fn, dev, dt in ((hybrid_attention, "cpu", torch.float64), (backends[backend], device, dtype)):
             wide = torch.float32 if dt != torch.float64 else dt
             packed, ld, s0 = (t.to(dev, kind).clone().requires_grad_(True)
                               for t, kind in ((qkv, dt), (log_decay, wide), (state, wide)))
@@ -122,7 +125,7 @@ def check_attention_triton(device: torch.device) -> None:
             results.append([out, final, *packed.grad.unbind(2), ld.grad, s0.grad])
         errs = [rel_err(a.detach(), r.detach()) for a, r in zip(results[1], results[0])]
         names = ["out", "state", "dq", "dk", "dv", "dlog_decay", "dstate"]
-        report(f"attention_triton/{str(dtype)[6:]}_d{d}_chunk{n}", max(errs) < tol, tol=tol,
+        report(f"attention_{backend}/{str(dtype)[6:]}_d{d}_chunk{n}", max(errs) < tol, tol=tol,
                **{f"{name}_err": err for name, err in zip(names, errs)})
 
 

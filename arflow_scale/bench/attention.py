@@ -2,8 +2,9 @@
 
 Variants at equal shapes (B, H, K*N, D), measured in one process: intra (softmax inside each image
 only: the floor, one SDPA call), full (dense block-causal softmax with a boolean mask), full_flex
-(the same on compiled flex_attention; CUDA only), hybrid (the plain-PyTorch reference) and
-hybrid_triton (the fused kernels; CUDA, or the Triton interpreter when TRITON_INTERPRET=1).
+(the same on compiled flex_attention; CUDA only), hybrid (the plain-PyTorch reference), hybrid_triton
+(the fused kernels) and hybrid_triton_sdpa (SDPA for the softmax inside each image, the Triton kernels
+for the rest); the last two on CUDA, or in the Triton interpreter when TRITON_INTERPRET=1.
 Prints one JSON line per (variant, K), one line of ratios per K (hybrid/floor, hybrid/flex, ...),
 then one summary JSON line (the last line). Peak memory: on CUDA torch.cuda.max_memory_allocated;
 on CPU the peak of live tensor storage, tracked by a dispatch mode. Times (`ms`) are the best of
@@ -23,11 +24,13 @@ import time
 import weakref
 from typing import Optional
 
-VARIANTS = ("intra", "full", "full_flex", "hybrid", "hybrid_triton")
+VARIANTS = ("intra", "full", "full_flex", "hybrid", "hybrid_triton", "hybrid_triton_sdpa")
+FUSED = ("hybrid_triton", "hybrid_triton_sdpa")  # the variants that need the Triton kernels
 FLOOR = "intra"
 # numerator / denominator pairs reported per K, where both were measured
-RATIOS = (("hybrid", "intra"), ("hybrid_triton", "intra"), ("hybrid", "full_flex"),
-          ("hybrid_triton", "full_flex"), ("hybrid_triton", "hybrid"), ("full", "hybrid"))
+RATIOS = (("hybrid", "intra"), ("hybrid_triton", "intra"), ("hybrid_triton_sdpa", "intra"), ("hybrid", "full_flex"),
+          ("hybrid_triton", "full_flex"), ("hybrid_triton_sdpa", "full_flex"), ("hybrid_triton", "hybrid"),
+          ("hybrid_triton_sdpa", "hybrid_triton"), ("full", "hybrid"))
 SMOKE = dict(k="1,2", batch=1, heads=2, head_dim=16, tokens=16, repeats=1, warmup=1)
 
 
@@ -92,23 +95,27 @@ def _unavailable(args, device) -> dict[str, str]:
         reasons["full_flex"] = "needs CUDA (flex_attention has no backward on CPU)"
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if importlib.util.find_spec("triton") is None:
-        reasons["hybrid_triton"] = "triton is not installed"
+        why = "triton is not installed"
     elif device.type != "cuda" and not interpreted:
-        reasons["hybrid_triton"] = "needs CUDA (or TRITON_INTERPRET=1 for the interpreter)"
+        why = "needs CUDA (or TRITON_INTERPRET=1 for the interpreter)"
     elif args.head_dim not in (16, 32, 64, 128):
-        reasons["hybrid_triton"] = f"head_dim {args.head_dim} is not one of 16, 32, 64, 128"
-    return reasons
+        why = f"head_dim {args.head_dim} is not one of 16, 32, 64, 128"
+    else:
+        return reasons
+    return {**reasons, **{name: why for name in FUSED}}
 
 
 def _attention(name: str, blocks_text: str):
     """The variant as fn(q, k, v, log_decay, chunk) -> out (B, H, L, D)."""
     from arflow_scale.model.attention import chunk_attention
 
-    if name == "hybrid_triton":
-        from arflow_scale.model.attention_triton import HybridBlocks, hybrid_attention_triton
+    if name in FUSED:
+        from arflow_scale.model import attention_triton
 
-        blocks = HybridBlocks.parse(blocks_text) if blocks_text else None
-        return lambda q, k, v, g, chunk: hybrid_attention_triton(q, k, v, g, chunk, blocks=blocks)[0]
+        blocks = attention_triton.HybridBlocks.parse(blocks_text) if blocks_text else None
+        fused = {"hybrid_triton": attention_triton.hybrid_attention_triton,
+                 "hybrid_triton_sdpa": attention_triton.hybrid_attention_sdpa_triton}[name]
+        return lambda q, k, v, g, chunk: fused(q, k, v, g, chunk, blocks=blocks)[0]
     mode, backend = {"intra": ("intra", "torch"), "full": ("full", "torch"), "full_flex": ("full", "triton"),
                      "hybrid": ("hybrid", "torch")}[name]
     return lambda q, k, v, g, chunk: chunk_attention(mode, q, k, v, g if mode == "hybrid" else None, chunk,

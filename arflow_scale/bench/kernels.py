@@ -24,6 +24,7 @@ SM_LIMITS = {80: (65536, 167936, 2048), 86: (65536, 102400, 1536), 89: (65536, 1
              90: (65536, 233472, 2048), 100: (65536, 233472, 2048)}
 SHARED_RESERVED_PER_BLOCK = 1024  # bytes the driver keeps per resident program (sm_80 and later)
 LAYOUTS = ("model", "contiguous")
+SOFTMAX = ("fused", "sdpa")
 
 
 def add_arguments(parser) -> None:
@@ -38,6 +39,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--layout", default="model", choices=LAYOUTS,
                         help="model: q, k, v are views of one (B, L, 3, H, D) projection; contiguous: (B, H, L, D)")
     parser.add_argument("--with-state", action="store_true", help="an incoming state, as sampling passes")
+    parser.add_argument("--softmax", default="fused", choices=SOFTMAX,
+                        help="fused: the kernels of model.attention_backend=triton; sdpa: those of triton_sdpa "
+                             "(the softmax inside each image left to SDPA, which is not compiled here)")
     parser.add_argument("--triton-blocks", default="", help="tile sizes, e.g. 'fwd_m=64,bwd_warps=8' (HybridBlocks)")
     parser.add_argument("--tf32", choices=("on", "off"), default="on",
                         help="fp32 dots (the inter-image read and the state gradients) on TF32 tensor cores, as "
@@ -74,8 +78,9 @@ def programs_per_sm(arch: int, registers: int, num_warps: int, shared_bytes: int
 
 
 def attention_launches(batch: int, heads: int, k: int, tokens: int, head_dim: int, dtype, layout: str = "model",
-                       with_state: bool = False, blocks=None) -> list:
-    """Every `Launch` of one fused forward + backward at these shapes, with CPU buffers (nothing runs)."""
+                       with_state: bool = False, blocks=None, softmax: str = "fused") -> list:
+    """Every `Launch` of one fused forward + backward at these shapes, with CPU buffers (nothing runs);
+    softmax "sdpa": the launches of `hybrid_attention_sdpa_triton` (the softmax part given, as SDPA leaves it)."""
     import torch
 
     from arflow_scale.model.attention_triton import HybridBlocks, backward_launches, forward_launches
@@ -89,9 +94,11 @@ def attention_launches(batch: int, heads: int, k: int, tokens: int, head_dim: in
     log_decay = torch.empty(batch, heads, length)
     state = torch.empty(batch, heads, head_dim, head_dim) if with_state else None
     blocks = (blocks or HybridBlocks.for_head_dim(head_dim)).fitted(tokens)
-    forward, out, _, saved = forward_launches(q, key, value, log_decay, tokens, state, blocks)
+    intra = torch.empty(batch, heads, length, head_dim, dtype=dtype) if softmax == "sdpa" else None
+    forward, out, _, saved = forward_launches(q, key, value, log_decay, tokens, state, blocks, intra)
     d_out = torch.empty_like(out)
-    backward, _ = backward_launches(q, key, value, out, d_out, None, saved, tokens, blocks, with_state, with_state)
+    backward, _ = backward_launches(q, key, value, out if intra is None else None, d_out, None, saved, tokens,
+                                    blocks, with_state, with_state)
     return forward + backward
 
 
@@ -180,14 +187,14 @@ def run(args) -> int:
     blocks = HybridBlocks.parse(args.triton_blocks) if args.triton_blocks else None
     torch.set_float32_matmul_precision("high" if args.tf32 == "on" else "highest")  # the kernels' PRECISION
     launches = attention_launches(args.batch, args.heads, args.k, args.tokens, args.head_dim,
-                                              getattr(torch, args.dtype), args.layout, args.with_state, blocks)
+                                  getattr(torch, args.dtype), args.layout, args.with_state, blocks, args.softmax)
     results = [compile_launch(launch, args.arch) for launch in launches]
     for result in results:
         print(json.dumps(result.record()), flush=True)
     print(json.dumps({"benchmark": "kernels", "arch": args.arch, "triton": triton.__version__,
                       "shape": {"batch": args.batch, "heads": args.heads, "k": args.k, "tokens": args.tokens,
                                 "head_dim": args.head_dim, "dtype": args.dtype, "layout": args.layout,
-                                "tf32": args.tf32},
+                                "tf32": args.tf32, "softmax": args.softmax},
                       "spilling": [r.kernel for r in results if r.spilled_bytes],
                       "kernels": [r.kernel for r in results]}))
     return 0

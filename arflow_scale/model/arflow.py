@@ -46,7 +46,7 @@ class ARFlowCache:
 class ChunkAttention(nn.Module):
     """The attention block (docs/arflow.md §3.1): q/k/v RMS norms, decay from x + c, per-head out norm, SiLU gate.
 
-    backend: `model.attention_backend` (auto, torch, triton), resolved per call for the tensors' device.
+    backend: `model.attention_backend` (auto, torch, triton, triton_sdpa), resolved per call for the tensors' device.
     """
 
     def __init__(self, width: int, heads: int, mode: str, backend: str = "auto"):

@@ -11,7 +11,9 @@ with the returned state gives the same output as the whole sequence fed at once.
 
 `chunk_attention` dispatches on the mode and a backend: these functions are the "torch" reference;
 "triton" selects `attention_triton.hybrid_attention_triton` and `attention_flex.full_attention_flex`;
-`resolve_backend` turns the config's "auto" into one of them for the tensors at hand.
+"triton_sdpa" the same, with the hybrid's softmax inside each chunk left to SDPA
+(`attention_triton.hybrid_attention_sdpa_triton`); `resolve_backend` turns the config's "auto" into one of
+them for the tensors at hand.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from einops import einsum, rearrange
 
 MODES = ("hybrid", "full", "intra")
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "triton", "triton_sdpa")
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 FUSED_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused kernels are built for (attention_triton)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -176,7 +178,7 @@ def intra_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_siz
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """`model.attention_backend` for q (B, H, L, D): "auto" is "triton" on CUDA when triton is installed and
-    the kernels take q's head dim and dtype, else "torch"; "torch" and "triton" pass through."""
+    the kernels take q's head dim and dtype, else "torch"; the others pass through."""
     if backend != "auto":
         return backend
     fused = (q.device.type == "cuda" and TRITON_INSTALLED and q.shape[-1] in FUSED_HEAD_DIMS
@@ -189,20 +191,23 @@ def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                     backend: str = "torch") -> tuple[torch.Tensor, object]:
     """Dispatch on `mode` in MODES; log_decay is used by `hybrid` only.
 
-    backend in BACKENDS: "torch" (the plain-PyTorch reference, default) or "triton": the fused
-    kernels of `attention_triton` for hybrid, compiled block-masked flex_attention for full (CUDA);
-    intra is one SDPA call either way. Callers resolve "auto" first (`resolve_backend`).
+    backend in BACKENDS: "torch" (the plain-PyTorch reference, default), "triton": the fused
+    kernels of `attention_triton` for hybrid, compiled block-masked flex_attention for full (CUDA), or
+    "triton_sdpa": as "triton", the hybrid's softmax part by SDPA; intra is one SDPA call in every case.
+    Callers resolve "auto" first (`resolve_backend`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
-        if backend == "triton":
-            from .attention_triton import hybrid_attention_triton  # imports triton: on the fused path only
+        if backend != "torch":
+            from . import attention_triton  # imports triton: on the fused paths only
 
-            return hybrid_attention_triton(q, k, v, log_decay, chunk_size, state)
+            fused = {"triton": attention_triton.hybrid_attention_triton,
+                     "triton_sdpa": attention_triton.hybrid_attention_sdpa_triton}[backend]
+            return fused(q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
-        if backend == "triton":
+        if backend != "torch":
             from .attention_flex import full_attention_flex
 
             return full_attention_flex(q, k, v, chunk_size, state)

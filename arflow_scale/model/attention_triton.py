@@ -10,6 +10,10 @@ backward of the intra part that adds the inter part's dk, dv and the log-decay g
 reads the forward's out (saved, as flash attention does), not a separate intra part; nothing of
 size (L x L) or (chunk x chunk) is stored.
 
+`hybrid_attention_sdpa_triton` runs the same launches with the softmax parts compiled out (HAS_INTRA=False):
+SDPA computes the intra-chunk softmax and its backward, the kernels add the inter part to its output and
+compute only the inter part's gradients.
+
 On CPU the kernels run under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
 imported); its bf16 `tl.dot` is wrong, so the kernels multiply in fp32 there and in bf16 on a GPU.
 """
@@ -22,7 +26,8 @@ from typing import Any, Optional
 import torch
 import triton
 
-from .attention import FUSED_DTYPES as DTYPES, FUSED_HEAD_DIMS as HEAD_DIMS
+from .attention import FUSED_DTYPES as DTYPES, FUSED_HEAD_DIMS as HEAD_DIMS, intra_chunk_softmax, \
+    single_chunk_attention
 from .hybrid_triton_bwd import hybrid_bwd_kernel, prep_bwd_kernel, state_grad_scan_kernel
 from .hybrid_triton_fwd import LOG2E, chunk_kv_kernel, hybrid_fwd_kernel, state_scan_kernel
 
@@ -143,9 +148,10 @@ class Launch:
         self.kernel[self.grid](*self.args, **self.meta)
 
 
-def forward_launches(q, k, v, log_decay, chunk_size, state, blocks):
+def forward_launches(q, k, v, log_decay, chunk_size, state, blocks, intra=None):
     """The chunk K^T V pass, the scan and the fused kernel, with their buffers allocated ->
-    (launches, out, new_state, what backward keeps); out and new_state hold results once the launches ran."""
+    (launches, out, new_state, what backward keeps); out and new_state hold results once the launches ran.
+    `intra` (B, H, L, D): the softmax part computed elsewhere; the fused kernel then only adds the inter part."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
     has_inter = chunks > 1 or state is not None
@@ -169,20 +175,22 @@ def forward_launches(q, k, v, log_decay, chunk_size, state, blocks):
     # laid out (B, L, H, D): the model's "b h l d -> b l (h d)" is then a view, and the output projection
     # saves the very tensor backward keeps here, not a copy
     out = torch.empty(batch, length, heads, dim, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(rows, length, **f32)
+    lse = torch.empty(rows, length, **f32) if intra is None else None
+    base = out if intra is None else intra  # what the kernel adds the inter part to (itself: not read)
     launches.append(Launch(hybrid_fwd_kernel, (triton.cdiv(chunk_size, blocks.fwd_m), chunks, rows), (
-        q, k, v, gcum, states, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
-        D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, num_warps=blocks.fwd_warps,
-        num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
+        q, k, v, gcum, states, out, lse if intra is None else out, base, *q.stride(), *k.stride(), *v.stride(),
+        *out.stride(), *base.stride(), heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
+        D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, HAS_INTRA=intra is None,
+        num_warps=blocks.fwd_warps, num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
     return launches, out, final, _Saved(lse, gcum, states)
 
 
 @dataclasses.dataclass
 class _Saved:
     """Forward intermediates backward needs besides q, k, v and out: lse (B*H, L), gcum (B*H, L) and
-    states (B*H, chunks + 1, D, D), the last two None without inter-chunk work."""
-    lse: torch.Tensor
+    states (B*H, chunks + 1, D, D), the last two None without inter-chunk work, lse None when the softmax
+    part was computed elsewhere (`hybrid_attention_sdpa_triton`)."""
+    lse: Optional[torch.Tensor]
     gcum: Optional[torch.Tensor]
     states: Optional[torch.Tensor]
 
@@ -203,15 +211,35 @@ def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
         q, k, v = (t.to(low) for t in (q, k, v))
     blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
     with torch.autocast(q.device.type, enabled=False):
-        return _HybridAttention.apply(q, k, v, log_decay, state, chunk_size, blocks)
+        return _HybridAttention.apply(q, k, v, log_decay, state, None, chunk_size, blocks)
+
+
+@torch.compiler.disable
+def hybrid_attention_sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
+                                 chunk_size: int, state: Optional[torch.Tensor] = None,
+                                 blocks: Optional[HybridBlocks] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`hybrid_attention_triton` with the softmax inside each chunk done by SDPA (cuDNN or flash kernels on a GPU,
+    `intra_chunk_softmax`) and only the inter-chunk read, its state and their gradients by the Triton kernels.
+    Same arguments, results and gradients; one chunk without state is `single_chunk_attention`."""
+    _check_inputs(q, k, v, log_decay, chunk_size, state)
+    if torch.is_autocast_enabled(q.device.type):
+        low = torch.get_autocast_dtype(q.device.type)
+        q, k, v = (t.to(low) for t in (q, k, v))
+    with torch.autocast(q.device.type, enabled=False):
+        if state is None and q.shape[2] == chunk_size:
+            return single_chunk_attention(q, k, v, log_decay)
+        blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
+        intra = intra_chunk_softmax(q, k, v, chunk_size)
+        return _HybridAttention.apply(q, k, v, log_decay, state, intra, chunk_size, blocks)
 
 
 class _HybridAttention(torch.autograd.Function):
-    """Autograd of the fused kernels; gradients of q, k, v, log_decay and the incoming state."""
+    """Autograd of the fused kernels; gradients of q, k, v, log_decay and the incoming state. Given `intra` (the
+    softmax part, computed by the caller) the kernels add the inter part to it, and its gradient is d_out."""
 
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, state, chunk_size, blocks):
-        launches, out, final, saved = forward_launches(q, k, v, log_decay, chunk_size, state, blocks)
+    def forward(ctx, q, k, v, log_decay, state, intra, chunk_size, blocks):
+        launches, out, final, saved = forward_launches(q, k, v, log_decay, chunk_size, state, blocks, intra)
         for launch in launches:
             launch()
         ctx.save_for_backward(q, k, v, out)
@@ -229,6 +257,7 @@ class _HybridAttention(torch.autograd.Function):
         if saved is None:
             raise RuntimeError("hybrid_attention_triton: a second backward through the same graph "
                                "(retain_graph=True) is not supported; the first one freed the intermediates")
+        d_intra = d_out if saved.lse is None else None  # out = intra + inter
         if d_out is None:
             d_out = torch.zeros_like(q)
         launches, grads = backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state,
@@ -238,24 +267,27 @@ class _HybridAttention(torch.autograd.Function):
         dq, dk, dv, dlog_decay, dstate = grads
         dlog_decay = dlog_decay.to(decay_dtype)
         dstate = dstate.to(state_dtype) if dstate is not None else None
-        return dq, dk, dv, dlog_decay, dstate, None, None
+        return dq, dk, dv, dlog_decay, dstate, d_intra, None, None
 
 
 def backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, has_state, want_dstate):
     """The prep pass, the reverse state scan and the fused backward, with their buffers allocated ->
-    (launches, (dq, dk, dv, dlog_decay, dstate)); the gradients hold results once the launches ran."""
+    (launches, (dq, dk, dv, dlog_decay, dstate)); the gradients hold results once the launches ran.
+    Without the softmax part (`saved.lse` None; out may be None) the gradients are the inter part's alone."""
     batch, heads, length, dim = q.shape
     chunks, rows = length // chunk_size, batch * heads
-    has_inter = saved.states is not None
+    has_inter, has_intra = saved.states is not None, saved.lse is not None
     flags = dict(INTERPRET=interpreting(), PRECISION=_fp32_dot_precision())
     f32 = dict(device=q.device, dtype=torch.float32)
-    delta = torch.empty(rows, length, **f32)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dgcum = torch.empty(rows, length, **f32) if has_inter else None
+    delta = torch.empty(rows, length, **f32) if has_intra else dgcum  # (not touched without the softmax)
+    out = out if has_intra else d_out  # (not read without the softmax)
     launches = [Launch(prep_bwd_kernel, (triton.cdiv(chunk_size, blocks.prep), chunks, rows), (
         q, d_out, out, saved.gcum, saved.states, delta, dgcum, dq, *q.stride(), *d_out.stride(), *out.stride(),
         heads, length, chunk_size, chunks), dict(
-        D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter, num_warps=blocks.prep_warps, **flags))]
+        D=dim, BLOCK_M=blocks.prep, HAS_INTER=has_inter, HAS_INTRA=has_intra, num_warps=blocks.prep_warps,
+        **flags))]
     dfinal = d_final.to(torch.float32).contiguous() if d_final is not None else None
     col_blocks = dim // min(dim, blocks.scan_dv)
     dlogd = dstate_in = None
@@ -273,11 +305,12 @@ def backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, h
     dv = torch.empty(v.shape, device=q.device, dtype=v.dtype)
     dg = torch.empty(rows, length, **f32) if has_inter else None
     launches.append(Launch(hybrid_bwd_kernel, (triton.cdiv(chunk_size, blocks.bwd), chunks, rows), (
-        q, k, v, d_out, saved.lse, delta, dkv, dgcum, dlogd, dq, dk, dv, dg,
+        q, k, v, d_out, saved.lse if has_intra else delta, delta, dkv, dgcum, dlogd, dq, dk, dv, dg,
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), dkv_stride,
         heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK=blocks.bwd, BLOCK_SUB=blocks.bwd_sub, COL_BLOCKS=col_blocks, HAS_INTER=has_inter,
-        HAS_DKV=dkv is not None, num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)))
+        HAS_DKV=dkv is not None, HAS_INTRA=has_intra, num_warps=blocks.bwd_warps, num_stages=blocks.num_stages,
+        **flags)))
     dlog_decay = dg.view(batch, heads, length) if has_inter else torch.zeros(batch, heads, length, **f32)
     dstate = dstate_in if has_state and want_dstate else None
     return launches, (dq, dk, dv, dlog_decay, dstate)

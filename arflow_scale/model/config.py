@@ -67,8 +67,9 @@ class ModelConfig:
     num_classes: int = 10
     attention: Literal["hybrid", "full", "intra"] = "hybrid"  # ARFlow's; FARMER's attention is causal softmax
     # kernels of the attention: torch (the plain-PyTorch reference), triton (fused hybrid kernels, flex_attention
-    # for full; CUDA), auto: triton on CUDA where the kernels support the shapes, torch elsewhere
-    attention_backend: Literal["auto", "torch", "triton"] = "auto"
+    # for full; CUDA), triton_sdpa (as triton, the hybrid's softmax inside each image by SDPA's cuDNN/flash
+    # kernels), auto: triton on CUDA where the kernels support the shapes, torch elsewhere
+    attention_backend: Literal["auto", "torch", "triton", "triton_sdpa"] = "auto"
     activation_checkpointing: str = "none"  # "none", "all", or "every:N" (every N-th block)
     class_dropout: float = 0.1  # label dropout per sequence, for CFG
     mlp_ratio: float = 4.0

@@ -24,12 +24,13 @@ def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgc
                     stride_ob, stride_oh, stride_ol, stride_od,
                     stride_outb, stride_outh, stride_outl, stride_outd,
                     H, L, C, NUM_CHUNKS,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INTER: tl.constexpr,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_INTER: tl.constexpr, HAS_INTRA: tl.constexpr,
                     INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): delta; with HAS_INTER also dq_inter (into dq) and d_gcum.
 
     out is the forward's output (its strides: stride_out*), do its gradient (stride_o*); delta and d_gcum
-    are (B*H, L) fp32.
+    are (B*H, L) fp32. Without HAS_INTRA (the softmax's backward is done elsewhere) neither out nor delta
+    is touched.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -42,19 +43,22 @@ def prep_bwd_kernel(q_ptr, do_ptr, out_ptr, gcum_ptr, states_ptr, delta_ptr, dgc
     tok = chunk * C + pos
     row = bh * L + tok
     do = load_rows(do_ptr + b * stride_ob + h * stride_oh, tok, valid, dims, stride_ol, stride_od).to(tl.float32)
-    out = load_rows(out_ptr + b * stride_outb + h * stride_outh, tok, valid, dims, stride_outl, stride_outd)
-    delta = tl.sum(do * out.to(tl.float32), 1)
+    if HAS_INTRA:
+        out = load_rows(out_ptr + b * stride_outb + h * stride_outh, tok, valid, dims, stride_outl, stride_outd)
+        delta = tl.sum(do * out.to(tl.float32), 1)
     if HAS_INTER:
         state = tl.load(states_ptr + (bh * (NUM_CHUNKS + 1) + chunk) * D * D + dims[:, None] * D + dims[None, :])
         q = load_rows(q_ptr + b * stride_qb + h * stride_qh, tok, valid, dims, stride_ql, stride_qd).to(tl.float32)
         decay = tl.exp(tl.load(gcum_ptr + row, mask=valid, other=0.0))
         d_gcum = tl.sum(do * mm(q * decay[:, None], state, INTERPRET, PRECISION), 1)
         tl.store(dgcum_ptr + row, d_gcum, mask=valid)
-        delta -= d_gcum
+        if HAS_INTRA:
+            delta -= d_gcum
         dq_inter = mm(do, tl.trans(state), INTERPRET, PRECISION) * decay[:, None]
         tl.store(dq_ptr + row[:, None] * D + dims[None, :], dq_inter.to(dq_ptr.dtype.element_ty),
                  mask=valid[:, None])
-    tl.store(delta_ptr + row, delta, mask=valid)
+    if HAS_INTRA:
+        tl.store(delta_ptr + row, delta, mask=valid)
 
 
 @triton.jit
@@ -179,13 +183,14 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
                       stride_ob, stride_oh, stride_ol, stride_od, stride_dkv_bh,
                       H, L, C, NUM_CHUNKS, scale, qk_scale,
                       D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr, COL_BLOCKS: tl.constexpr,
-                      HAS_INTER: tl.constexpr, HAS_DKV: tl.constexpr,
+                      HAS_INTER: tl.constexpr, HAS_DKV: tl.constexpr, HAS_INTRA: tl.constexpr,
                       INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK), chunks, B*H): dk, dv of key block `block` and dq, dlog_decay of query block `block`.
 
     With HAS_INTER, dq already holds the inter part (prep pass), dgcum the gradient through each
     row's gcum, and dlogd (B*H, chunks, COL_BLOCKS) the chunk decays' gradient in parts; with
-    HAS_DKV, dkv_ptr[bh * stride_dkv_bh + chunk * D * D] is d(K_j^T V_j).
+    HAS_DKV, dkv_ptr[bh * stride_dkv_bh + chunk * D * D] is d(K_j^T V_j). Without HAS_INTRA (the softmax's
+    backward is done elsewhere) dk, dv get the inter part only and dq keeps the prep pass's.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -217,19 +222,20 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
     else:
         dk = tl.zeros([BLOCK, D], dtype=tl.float32)
         dv = tl.zeros([BLOCK, D], dtype=tl.float32)
-    dk, dv = intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
-                        stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
-                        D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION)
+    if HAS_INTRA:
+        dk, dv = intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
+                            stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
+                            D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION)
     dk = dk * scale
     tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
-
-    q = load_rows(q_base, tok, valid, dims, stride_ql, stride_qd)
-    do = load_rows(do_base, tok, valid, dims, stride_ol, stride_od)
-    lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
-    delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
-    dq = intra_dq(q, do, lse, delta, k_base, v_base, chunk * C, C, stride_kl, stride_kd, stride_vl, stride_vd,
-                  qk_scale, D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION) * scale
-    if HAS_INTER:
-        dq += tl.load(dq_ptr + out_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
-    tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])
+    if HAS_INTRA:  # the softmax's dq; without it dq holds the prep pass's inter part, complete
+        q = load_rows(q_base, tok, valid, dims, stride_ql, stride_qd)
+        do = load_rows(do_base, tok, valid, dims, stride_ol, stride_od)
+        lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
+        dq = intra_dq(q, do, lse, delta, k_base, v_base, chunk * C, C, stride_kl, stride_kd, stride_vl,
+                      stride_vd, qk_scale, D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION) * scale
+        if HAS_INTER:
+            dq += tl.load(dq_ptr + out_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])

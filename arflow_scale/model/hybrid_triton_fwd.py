@@ -137,18 +137,21 @@ def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd,
 
 
 @triton.jit
-def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_ptr,
+def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_ptr, intra_ptr,
                       stride_qb, stride_qh, stride_ql, stride_qd,
                       stride_kb, stride_kh, stride_kl, stride_kd,
                       stride_vb, stride_vh, stride_vl, stride_vd,
                       stride_outb, stride_outh, stride_outl, stride_outd,
+                      stride_ib, stride_ih, stride_il, stride_id,
                       H, L, C, NUM_CHUNKS, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_INTER: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                      HAS_INTER: tl.constexpr, HAS_INTRA: tl.constexpr,
+                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j, and lse.
 
     out (B, H, L, D) may be strided (the wrapper lays it out as (B, L, H, D)); backward gets the softmax's
-    dO . O_intra from it and the inter part.
+    dO . O_intra from it and the inter part. Without HAS_INTRA the softmax part is read from intra_ptr
+    (B, H, L, D), strides stride_i*, computed elsewhere (SDPA), and no lse is written.
     """
     block = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -160,12 +163,16 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
     valid = pos < C
     tok = chunk * C + pos
     q = load_rows(q_ptr + b * stride_qb + h * stride_qh, tok, valid, dims, stride_ql, stride_qd)
-    intra, lse = intra_softmax_block(q, k_ptr + b * stride_kb + h * stride_kh,
-                                     v_ptr + b * stride_vb + h * stride_vh, chunk * C, C,
-                                     stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-                                     D, BLOCK_M, BLOCK_N, INTERPRET, PRECISION)
     row = bh * L + tok
-    tl.store(lse_ptr + row, lse, mask=valid)
+    if HAS_INTRA:
+        intra, lse = intra_softmax_block(q, k_ptr + b * stride_kb + h * stride_kh,
+                                         v_ptr + b * stride_vb + h * stride_vh, chunk * C, C,
+                                         stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
+                                         D, BLOCK_M, BLOCK_N, INTERPRET, PRECISION)
+        tl.store(lse_ptr + row, lse, mask=valid)
+    else:
+        intra = load_rows(intra_ptr + b * stride_ib + h * stride_ih, tok, valid, dims, stride_il,
+                          stride_id).to(tl.float32)
     if HAS_INTER:
         gcum = tl.load(gcum_ptr + row, mask=valid, other=0.0)
         q_decayed = q.to(tl.float32) * tl.exp(gcum)[:, None]
