@@ -19,7 +19,7 @@ VARIANTS = "plain_eager,zero2_eager,zero2_compiled,zero3_compiled"
 
 def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
     argv = ["gpu_bench.py", "--device", "cpu", "--smoke", "--variants", VARIANTS, "--profile", str(tmp_path),
-            "--profile-variant", "zero2_eager"]
+            "--profile-variant", "zero2_eager", "--sample-backends", "auto,torch"]
     code = BLOCKER + f"import runpy; sys.argv = {argv!r}\nrunpy.run_path('tools/gpu_bench.py', run_name='__main__')\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -43,9 +43,10 @@ def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
         # the same weights, batch and noise: eager and compiled engines follow the plain loop (fp32 reordering)
         assert line["losses"] == pytest.approx(reference, rel=1e-4), name
 
-    samples = {line["compiled"]: line for line in by_kind["sample"]}
-    assert set(samples) == {False, True} and all(s["early_ms"] > 0 and s["late_ms"] > 0 for s in samples.values())
-    assert samples[True]["rows_per_call"] == 4  # 2 images, CFG: conditional + unconditional rows
+    samples = {(line["attention_backend"], line["compiled"]): line for line in by_kind["sample"]}
+    assert list(samples) == [("auto", False), ("auto", True), ("torch", True)]  # later backends compiled only
+    assert all(s["early_ms"] > 0 and s["late_ms"] > 0 for s in samples.values())
+    assert samples["auto", True]["rows_per_call"] == 4  # 2 images, CFG: conditional + unconditional rows
 
     profile = by_kind["profile"][0]
     assert profile["top"] and (tmp_path / "engine_zero2_eager.json").stat().st_size > 0

@@ -8,7 +8,8 @@ Prints one JSON line per measurement (key "benchmark"):
   train      per variant: images/s, step ms, host ms (the step's call before the wait for the GPU), model TFLOP/s, MFU, peak memory, first-step seconds (compilation
              included), losses. Variants: plain_eager, plain_compiled (each block compiled), plain_compiled_model
              (the whole forward), zero{2,3}_{eager,compiled} (our engine: `train.engine.build_engine`)
-  sample     ms per sampling step (one image per step through the cache, CFG), eager and compiled, early and late
+  sample     ms per sampling step (one image per step through the cache, CFG), eager and compiled, early and late,
+             per attention backend (--sample-backends)
   profile    with --profile DIR: a torch.profiler Chrome trace of --profile-variant's steps, the GPU's busy share of
              each step, host reads and syncs per step, and the top operators
 A single-rank process group (NCCL on CUDA, gloo on CPU) on 127.0.0.1 serves the DeepSpeed engines.
@@ -32,6 +33,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arflow_scale.bench import attention as attention_bench  # noqa: E402
+from arflow_scale.model.attention import BACKENDS  # noqa: E402
 from arflow_scale.bench.process_group import single_rank_group  # noqa: E402
 from arflow_scale.bench.sampling_steps import sampling_step_ms  # noqa: E402
 from arflow_scale.bench.steps import DEFAULT_VARIANTS, VARIANTS, bench_config, profile_steps, time_steps, \
@@ -59,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step (x K images)")
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--activation-checkpointing", default="none")
-    parser.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton", "triton_sdpa"))
+    parser.add_argument("--attention-backend", default="auto", choices=("auto", *BACKENDS))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
@@ -67,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sample-batch", type=int, default=64, help="images sampled together (x2 rows with CFG)")
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--cfg-scale", type=float, default=1.5)
+    parser.add_argument("--sample-backends", default="auto",
+                        help="attention backends of the sample section: the first sampled eager and compiled, the "
+                             "others compiled (e.g. auto,torch: inductor compiling the plain-PyTorch attention whole)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU denominator (default: measured)")
     parser.add_argument("--peak-size", type=int, default=8192, help="n of the n^3 matmul that measures the peak")
     parser.add_argument("--profile", default=None, metavar="DIR", help="write a profiler trace of one variant here")
@@ -76,7 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.smoke:
         for name, value in SMOKE.items():
             setattr(args, name, value)
-    for flag, text, known in (("--only", args.only, SECTIONS), ("--variants", args.variants, VARIANTS)):
+    for flag, text, known in (("--only", args.only, SECTIONS), ("--variants", args.variants, VARIANTS),
+                              ("--sample-backends", args.sample_backends, ("auto", *BACKENDS))):
         unknown = [part for part in text.split(",") if part not in known]
         if unknown:
             parser.error(f"{flag}: {', '.join(unknown)} not in {', '.join(known)}")
@@ -121,15 +127,20 @@ def run_train(args, device: torch.device, peak: float) -> None:
 
 
 def run_sample(args, device: torch.device) -> None:
-    base = bench_config(args.size, args.image_size, args.in_channels, args.k, args.batch_size,
-                        num_classes=args.num_classes, attention_backend=args.attention_backend)
-    task = task_for(base.model)
-    torch.manual_seed(0)
-    model = task.build_model().to(device).eval()
-    labels = torch.arange(args.sample_batch, device=device) % task.num_classes
-    for compile in (False, True):
-        result = sampling_step_ms(model, labels, args.sample_steps, args.cfg_scale, compile)
-        emit("sample", size=args.size, images=args.sample_batch, cfg_scale=args.cfg_scale, **result)
+    """Sampling ms per step for each --sample-backends entry, on the same weights (the same seed)."""
+    for index, backend in enumerate(args.sample_backends.split(",")):
+        base = bench_config(args.size, args.image_size, args.in_channels, args.k, args.batch_size,
+                            num_classes=args.num_classes, attention_backend=backend)
+        task = task_for(base.model)
+        torch.manual_seed(0)
+        model = task.build_model().to(device).eval()
+        labels = torch.arange(args.sample_batch, device=device) % task.num_classes
+        for compile in (False, True) if index == 0 else (True,):
+            result = sampling_step_ms(model, labels, args.sample_steps, args.cfg_scale, compile)
+            emit("sample", size=args.size, images=args.sample_batch, cfg_scale=args.cfg_scale,
+                 attention_backend=backend, **result)
+        del model
+        gc.collect()
 
 
 def main(argv: list[str] | None = None) -> int:
