@@ -44,3 +44,15 @@ def test_timed_steps_keep_the_host_time_of_each_step():
     times = time_steps("reads", _step_reading_twice, DEVICE, warmup=1, steps=3)
     assert len(times.step_s) == len(times.host_s) == 3 and len(times.losses) == 4
     assert all(0 < host <= step for host, step in zip(times.host_s, times.step_s))
+
+
+def test_bench_config_passes_overlap_comm_to_the_engine_config():
+    """gpu_bench --overlap-comm: on one rank the trainer leaves DeepSpeed's overlap off unless asked."""
+    from arflow_scale.bench.steps import bench_config
+    from arflow_scale.train.deepspeed_config import build_deepspeed_config
+
+    def overlap(setting):
+        cfg = bench_config("tiny/2", 8, 1, 3, 4, num_classes=10, overlap_comm=setting)
+        return build_deepspeed_config(cfg, 1, "cuda")["zero_optimization"]["overlap_comm"]
+
+    assert (overlap(None), overlap(True), overlap(False)) == (False, True, False)

@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--activation-checkpointing", default="none")
     parser.add_argument("--attention-backend", default="auto", choices=("auto", *BACKENDS))
+    parser.add_argument("--overlap-comm", default="auto", choices=("auto", "on", "off"),
+                        help="our engine's train.overlap_comm (auto: the trainer's choice, off on one rank): on, "
+                             "DeepSpeed copies and reduces gradient buckets on a side stream while backward runs")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"of {', '.join(VARIANTS)}")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first one compiles)")
@@ -109,7 +112,8 @@ def run_attention(args, device: torch.device) -> None:
 def run_train(args, device: torch.device, peak: float) -> None:
     base = bench_config(args.size, args.image_size, args.in_channels, args.k, args.batch_size,
                         num_classes=args.num_classes, activation_checkpointing=args.activation_checkpointing,
-                        attention_backend=args.attention_backend)
+                        attention_backend=args.attention_backend,
+                        overlap_comm={"auto": None, "on": True, "off": False}[args.overlap_comm])
     task = task_for(base.model)
     meter = FlopsMeter.for_training(task.forward_flops(), args.batch_size, 1, peak)
     for name in args.variants.split(","):
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = args.only.split(",")
     emit("header", device=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu", torch=torch.__version__,
          deepspeed=deepspeed.__version__, size=args.size, image_size=args.image_size, in_channels=args.in_channels,
-         k=args.k, batch_size=args.batch_size, sections=sections)
+         k=args.k, batch_size=args.batch_size, attention_backend=args.attention_backend,
+         overlap_comm=args.overlap_comm, sections=sections)
     peak = run_peak(args, device) if "peak" in sections else args.peak_tflops
     if "attention" in sections:
         run_attention(args, device)

@@ -59,14 +59,17 @@ class StepTimes:
 
 def bench_config(size: str, image_size: int, in_channels: int, k: int, batch_size: int, *, num_classes: int = 1000,
                  zero_stage: int = 2, compile: bool = False, activation_checkpointing: str = "none",
-                 precision: str = "auto", attention_backend: str = "auto") -> Config:
-    """The Config of one variant: the model section, one rank's batch, the optimizer defaults."""
+                 precision: str = "auto", attention_backend: str = "auto",
+                 overlap_comm: Optional[bool] = None) -> Config:
+    """The Config of one variant: the model section, one rank's batch, the optimizer defaults; overlap_comm:
+    `train.overlap_comm` (None: the trainer's default, off on one rank)."""
     return config_from_dict({
         "model": {"size": size, "image_size": image_size, "in_channels": in_channels, "k": k,
                   "num_classes": num_classes, "activation_checkpointing": activation_checkpointing,
                   "attention_backend": attention_backend},
         "data": {"batch_size": batch_size},
-        "train": {"zero_stage": zero_stage, "compile": compile, "precision": precision, "steps": 10**6}})
+        "train": {"zero_stage": zero_stage, "compile": compile, "precision": precision, "steps": 10**6,
+                  "overlap_comm": overlap_comm}})
 
 
 def _batch(cfg: Config, task: ModelTask, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
