@@ -11,12 +11,24 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed: nothing to compile")
 
 from arflow_scale.bench.kernels import programs_per_sm  # noqa: E402
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _compiled(*flags: str) -> tuple[list[dict], dict]:
+    """`arflow bench kernels` at head dim 64 (in a process without TRITON_INTERPRET) -> (kernel lines, summary)."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("arflow")), "bench", "kernels", "--batch", "1",
+                           "--heads", "2", "--k", "2", "--head-dim", "64", *flags],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    *kernels, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    return kernels, summary
 
 
 def test_programs_per_sm_takes_the_tightest_limit():
@@ -30,13 +42,7 @@ def test_programs_per_sm_takes_the_tightest_limit():
 @pytest.mark.skipif(not CUOBJDUMP.is_file(), reason=f"{CUOBJDUMP} is missing: this triton does not bundle it")
 def test_kernels_at_head_dim_64_do_not_spill_and_pipeline_their_loads():
     """In a process of its own: the suite's TRITON_INTERPRET=1 (conftest) makes kernels that cannot be compiled."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("arflow")), "bench", "kernels", "--batch", "1",
-                           "--heads", "2", "--k", "2", "--head-dim", "64"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()]
-    *kernels, summary = lines
+    kernels, summary = _compiled()
     assert [k["kernel"] for k in kernels] == ["chunk_kv_kernel", "state_scan_kernel", "hybrid_fwd_kernel",
                                               "prep_bwd_kernel", "state_grad_scan_kernel", "hybrid_bwd_kernel"]
     assert summary["spilling"] == [], kernels
@@ -62,15 +68,28 @@ def test_bad_shapes_and_interpreted_kernels_are_refused_by_name(capsys):
 
 
 @pytest.mark.skipif(not CUOBJDUMP.is_file(), reason=f"{CUOBJDUMP} is missing: this triton does not bundle it")
+def test_exact_fp32_dots_are_3xtf32_and_spill_nowhere():
+    """`train.tf32: false` gives the kernels' fp32 dots as 3xTF32; exact fp32 dots spilled the fused forward and
+    backward (512 and 1,696 bytes per thread at head dim 64, Triton 3.9)."""
+    from arflow_scale.model.attention_triton import _fp32_dot_precision
+
+    saved = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert _fp32_dot_precision() == "tf32x3"
+        torch.set_float32_matmul_precision("high")
+        assert _fp32_dot_precision() == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    kernels, summary = _compiled("--tf32", "off")
+    assert summary["shape"]["tf32"] == "off" and summary["spilling"] == [], kernels
+
+
+@pytest.mark.skipif(not CUOBJDUMP.is_file(), reason=f"{CUOBJDUMP} is missing: this triton does not bundle it")
 def test_kernels_of_the_sdpa_backend_compile_without_spilling():
     """`model.attention_backend=triton_sdpa` runs the same six kernels without their softmax parts (constexpr
     branches the interpreter tests cannot compile): they build for sm_90 and none spills."""
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("arflow")), "bench", "kernels", "--batch", "1",
-                           "--heads", "2", "--k", "2", "--head-dim", "64", "--softmax", "sdpa"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    *kernels, summary = [json.loads(line) for line in proc.stdout.strip().splitlines()]
+    kernels, summary = _compiled("--softmax", "sdpa")
     assert summary["shape"]["softmax"] == "sdpa" and summary["spilling"] == [], kernels
     by_name = {k["kernel"]: k for k in kernels}
     assert set(by_name) == {"chunk_kv_kernel", "state_scan_kernel", "hybrid_fwd_kernel", "prep_bwd_kernel",

@@ -43,8 +43,8 @@ class HybridBlocks:
     fused forward (0: the compiler's choice; 128 fits two of its 8-warp programs on an SM instead of one,
     at the price of a small spill: see `arflow bench kernels`). The defaults (`for_head_dim`) were chosen
     from sm_90 compiles (`arflow bench kernels`), not from timings: with TF32 fp32 dots (`train.tf32`, the
-    default) no kernel spills registers at head dims 16-128 (Triton 3.6 and 3.9). Exact fp32 dots (tf32
-    off) run without tensor cores and make the fused forward and backward spill.
+    default) no kernel spills registers at head dims 16-128 (Triton 3.6 and 3.9); with tf32 off the dots
+    are 3xTF32, which spill nowhere at head dim 64 either (exact fp32 dots, without tensor cores, did).
     """
     fwd_m: int = 128
     fwd_n: int = 64
@@ -102,8 +102,9 @@ def interpreting() -> bool:
 
 
 def _fp32_dot_precision() -> str:
-    """fp32 tl.dot follows torch's matmul setting: TF32 unless float32_matmul_precision is 'highest'."""
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    """fp32 tl.dot follows torch's matmul setting: TF32, or 3xTF32 (about fp32's accuracy, still on tensor
+    cores) when float32_matmul_precision is 'highest' (`train.tf32: false`)."""
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _check_inputs(q, k, v, log_decay, chunk_size, state) -> None:

@@ -20,7 +20,7 @@ LOG2E = 1.4426950408889634
 def mm(a, b, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """a @ b accumulated in fp32; the interpreter's bf16 dot is wrong, so it multiplies in fp32 there.
 
-    PRECISION ("tf32" or "ieee") applies to fp32 operands only.
+    PRECISION ("tf32" or "tf32x3") applies to fp32 operands only.
     """
     if INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32))
