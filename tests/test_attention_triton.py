@@ -240,3 +240,25 @@ def test_output_is_laid_out_for_the_projection_and_kept_without_a_copy(fused):
     assert merged.data_ptr() == out.data_ptr() and merged.is_contiguous()
     saved = {t.untyped_storage().data_ptr() for t in out.grad_fn.saved_tensors}
     assert out.untyped_storage().data_ptr() in saved
+
+
+@FUSED
+def test_autocast_runs_the_kernels_in_its_dtype(fused):
+    """Under bf16 autocast fp32 q, k, v go in as bf16 (as SDPA takes them): the same output and gradients as bf16
+    inputs given directly; log_decay and the state keep fp32."""
+    inputs = model_like_inputs(2, 16, 16, seed=11)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+
+    def run(cast, autocast):
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        qkv = [t.to(torch.bfloat16) if cast else t for t in leaves[:3]]
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            out, state = fused(*qkv, leaves[3], 16, blocks=SMALL)
+        (out.float() * grad).sum().backward()
+        return out, state, [t.grad for t in leaves]
+
+    out, state, grads = run(cast=False, autocast=True)
+    direct, direct_state, direct_grads = run(cast=True, autocast=False)
+    assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
+    assert torch.equal(out, direct) and torch.equal(state, direct_state)
+    assert all(torch.equal(a, b) for a, b in zip(grads, direct_grads))

@@ -196,6 +196,14 @@ class _Saved:
     states: Optional[torch.Tensor]
 
 
+def _autocast_inputs(q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in the autocast dtype when autocast is on (as SDPA would take them), else as they are."""
+    if not torch.is_autocast_enabled(q.device.type):
+        return q, k, v
+    low = torch.get_autocast_dtype(q.device.type)
+    return q.to(low), k.to(low), v.to(low)
+
+
 @torch.compiler.disable  # inside compiled code the kernels run as they are, one graph break around them
 def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor,
                             chunk_size: int, state: Optional[torch.Tensor] = None,
@@ -207,9 +215,7 @@ def hybrid_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     keep theirs. `blocks` overrides the tile sizes (default `HybridBlocks.for_head_dim`).
     """
     _check_inputs(q, k, v, log_decay, chunk_size, state)
-    if torch.is_autocast_enabled(q.device.type):
-        low = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(low) for t in (q, k, v))
+    q, k, v = _autocast_inputs(q, k, v)
     blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
     with torch.autocast(q.device.type, enabled=False):
         return _HybridAttention.apply(q, k, v, log_decay, state, None, chunk_size, blocks)
@@ -223,9 +229,7 @@ def hybrid_attention_sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     `intra_chunk_softmax`) and only the inter-chunk read, its state and their gradients by the Triton kernels.
     Same arguments, results and gradients; one chunk without state is `single_chunk_attention`."""
     _check_inputs(q, k, v, log_decay, chunk_size, state)
-    if torch.is_autocast_enabled(q.device.type):
-        low = torch.get_autocast_dtype(q.device.type)
-        q, k, v = (t.to(low) for t in (q, k, v))
+    q, k, v = _autocast_inputs(q, k, v)
     with torch.autocast(q.device.type, enabled=False):
         if state is None and q.shape[2] == chunk_size:
             return single_chunk_attention(q, k, v, log_decay)
