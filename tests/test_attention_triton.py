@@ -262,3 +262,20 @@ def test_autocast_runs_the_kernels_in_its_dtype(fused):
     assert out.dtype == torch.bfloat16 and state.dtype == torch.float32
     assert torch.equal(out, direct) and torch.equal(state, direct_state)
     assert all(torch.equal(a, b) for a, b in zip(grads, direct_grads))
+
+
+def test_full_key_blocks_skip_the_softmax_mask():
+    """When the blocks divide the chunk the kernels compile without the per-score mask (32 selects per thread
+    and iteration fewer in the sm_90 forward); otherwise they keep it. Both forms are held to the reference by
+    the tests above (chunks of 32 and 16 with 16-token blocks; chunks of 20 and 4)."""
+    from arflow_scale.model.attention_triton import backward_launches
+
+    def flags(chunk):
+        inputs = model_like_inputs(2, chunk, 16)
+        blocks = SMALL.fitted(chunk)
+        forward, out, _, saved = forward_launches(*inputs, chunk, None, blocks)
+        backward, _ = backward_launches(*inputs[:3], out, torch.zeros_like(out), None, saved, chunk, blocks,
+                                        False, False)
+        return forward[-1].meta["EVEN_N"], backward[-1].meta["EVEN_SUB"]
+
+    assert flags(32) == (True, True) and flags(20) == (False, False)

@@ -182,7 +182,7 @@ def forward_launches(q, k, v, log_decay, chunk_size, state, blocks, intra=None):
         q, k, v, gcum, states, out, lse if intra is None else out, base, *q.stride(), *k.stride(), *v.stride(),
         *out.stride(), *base.stride(), heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, HAS_INTRA=intra is None,
-        num_warps=blocks.fwd_warps, num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
+        EVEN_N=chunk_size % blocks.fwd_n == 0, num_warps=blocks.fwd_warps, num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
     return launches, out, final, _Saved(lse, gcum, states)
 
 
@@ -314,8 +314,8 @@ def backward_launches(q, k, v, out, d_out, d_final, saved, chunk_size, blocks, h
         *q.stride(), *k.stride(), *v.stride(), *d_out.stride(), dkv_stride,
         heads, length, chunk_size, chunks, dim ** -0.5, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK=blocks.bwd, BLOCK_SUB=blocks.bwd_sub, COL_BLOCKS=col_blocks, HAS_INTER=has_inter,
-        HAS_DKV=dkv is not None, HAS_INTRA=has_intra, num_warps=blocks.bwd_warps, num_stages=blocks.num_stages,
-        **flags)))
+        HAS_DKV=dkv is not None, HAS_INTRA=has_intra, EVEN_SUB=chunk_size % blocks.bwd_sub == 0,
+        num_warps=blocks.bwd_warps, num_stages=blocks.num_stages, **flags)))
     dlog_decay = dg.view(batch, heads, length) if has_inter else torch.zeros(batch, heads, length, **f32)
     dstate = dstate_in if has_state and want_dstate else None
     return launches, (dq, dk, dv, dlog_decay, dstate)

@@ -122,9 +122,10 @@ def state_grad_scan_kernel(q_ptr, do_ptr, states_ptr, gcum_ptr, dfinal_ptr, dlog
 @triton.jit
 def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C,
                stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
-               D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+               D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr, EVEN_SUB: tl.constexpr,
                INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Softmax backward for a (BLOCK, D) key block over its chunk's queries, added to dk / scale, dv (fp32)."""
+    """Softmax backward for a (BLOCK, D) key block over its chunk's queries, added to dk / scale, dv (fp32).
+    EVEN_SUB (BLOCK_SUB divides C): every query block is full, no mask."""
     dims = tl.arange(0, D)
     for start in range(0, C, BLOCK_SUB):
         pos = start + tl.arange(0, BLOCK_SUB)
@@ -135,7 +136,8 @@ def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C
         lse = tl.load(lse_ptr + tok, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + tok, mask=valid, other=0.0)
         p_t = tl.exp2(mm(k, q_t, INTERPRET, PRECISION) * qk_scale - lse[None, :])
-        p_t = tl.where(valid[None, :], p_t, 0.0)
+        if not EVEN_SUB:
+            p_t = tl.where(valid[None, :], p_t, 0.0)
         dv += mm(p_t.to(do.dtype), do, INTERPRET, PRECISION)
         ds_t = p_t * (mm(v, tl.trans(do), INTERPRET, PRECISION) - delta[None, :])
         dk += mm(ds_t.to(q_t.dtype), tl.trans(q_t), INTERPRET, PRECISION)
@@ -145,9 +147,10 @@ def intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr, delta_ptr, chunk_start, C
 @triton.jit
 def intra_dq(q, do, lse, delta, k_base, v_base, chunk_start, C,
              stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-             D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr,
+             D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr, EVEN_SUB: tl.constexpr,
              INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
-    """Softmax backward for a (BLOCK, D) query block over its chunk's keys -> dq / scale (fp32)."""
+    """Softmax backward for a (BLOCK, D) query block over its chunk's keys -> dq / scale (fp32); EVEN_SUB as in
+    `intra_dkdv`."""
     dims = tl.arange(0, D)
     dq = tl.zeros([BLOCK, D], dtype=tl.float32)
     for start in range(0, C, BLOCK_SUB):
@@ -157,7 +160,8 @@ def intra_dq(q, do, lse, delta, k_base, v_base, chunk_start, C,
         k_t = load_rows_t(k_base, tok, valid, dims, stride_kl, stride_kd)  # (D, BLOCK_SUB)
         v_t = load_rows_t(v_base, tok, valid, dims, stride_vl, stride_vd)
         p = tl.exp2(mm(q, k_t, INTERPRET, PRECISION) * qk_scale - lse[:, None])
-        p = tl.where(valid[None, :], p, 0.0)
+        if not EVEN_SUB:
+            p = tl.where(valid[None, :], p, 0.0)
         ds = p * (mm(do, v_t, INTERPRET, PRECISION) - delta[:, None])
         dq += mm(ds.to(k_t.dtype), tl.trans(k_t), INTERPRET, PRECISION)
     return dq
@@ -184,7 +188,7 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
                       H, L, C, NUM_CHUNKS, scale, qk_scale,
                       D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_SUB: tl.constexpr, COL_BLOCKS: tl.constexpr,
                       HAS_INTER: tl.constexpr, HAS_DKV: tl.constexpr, HAS_INTRA: tl.constexpr,
-                      INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                      EVEN_SUB: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK), chunks, B*H): dk, dv of key block `block` and dq, dlog_decay of query block `block`.
 
     With HAS_INTER, dq already holds the inter part (prep pass), dgcum the gradient through each
@@ -225,7 +229,7 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
     if HAS_INTRA:
         dk, dv = intra_dkdv(k, v, dk, dv, q_base, do_base, lse_ptr + bh * L, delta_ptr + bh * L, chunk * C, C,
                             stride_ql, stride_qd, stride_ol, stride_od, qk_scale,
-                            D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION)
+                            D, BLOCK, BLOCK_SUB, EVEN_SUB, INTERPRET, PRECISION)
     dk = dk * scale
     tl.store(dk_ptr + out_offsets, dk.to(dk_ptr.dtype.element_ty), mask=valid[:, None])
     tl.store(dv_ptr + out_offsets, dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
@@ -235,7 +239,7 @@ def hybrid_bwd_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dkv_ptr, 
         lse = tl.load(lse_ptr + row, mask=valid, other=0.0)
         delta = tl.load(delta_ptr + row, mask=valid, other=0.0)
         dq = intra_dq(q, do, lse, delta, k_base, v_base, chunk * C, C, stride_kl, stride_kd, stride_vl,
-                      stride_vd, qk_scale, D, BLOCK, BLOCK_SUB, INTERPRET, PRECISION) * scale
+                      stride_vd, qk_scale, D, BLOCK, BLOCK_SUB, EVEN_SUB, INTERPRET, PRECISION) * scale
         if HAS_INTER:
             dq += tl.load(dq_ptr + out_offsets, mask=valid[:, None], other=0.0).to(tl.float32)
         tl.store(dq_ptr + out_offsets, dq.to(dq_ptr.dtype.element_ty), mask=valid[:, None])

@@ -110,10 +110,11 @@ def state_scan_kernel(states_ptr, gcum_ptr, state_in_ptr, final_ptr, L, C, NUM_C
 @triton.jit
 def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd, stride_vl, stride_vd,
                         qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
+                        EVEN_N: tl.constexpr, INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax of a (BLOCK_M, D) query block over the C keys of its chunk.
 
-    Returns the normalised output (BLOCK_M, D) fp32 and the row logsumexp in log2 units.
+    Returns the normalised output (BLOCK_M, D) fp32 and the row logsumexp in log2 units. EVEN_N (BLOCK_N divides
+    C): every key block is full, so the scores need no mask.
     """
     dims = tl.arange(0, D)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -125,7 +126,8 @@ def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd,
         tok = chunk_start + pos
         k_t = load_rows_t(k_base, tok, valid, dims, stride_kl, stride_kd)  # (D, BLOCK_N)
         scores = mm(q, k_t, INTERPRET, PRECISION) * qk_scale
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        if not EVEN_N:
+            scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
@@ -145,7 +147,7 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
                       stride_ib, stride_ih, stride_il, stride_id,
                       H, L, C, NUM_CHUNKS, qk_scale,
                       D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HAS_INTER: tl.constexpr, HAS_INTRA: tl.constexpr,
+                      HAS_INTER: tl.constexpr, HAS_INTRA: tl.constexpr, EVEN_N: tl.constexpr,
                       INTERPRET: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(C, BLOCK_M), chunks, B*H): out = softmax within the chunk + (q * exp(gcum)) @ S_j, and lse.
 
@@ -168,7 +170,7 @@ def hybrid_fwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, states_ptr, out_ptr, lse_pt
         intra, lse = intra_softmax_block(q, k_ptr + b * stride_kb + h * stride_kh,
                                          v_ptr + b * stride_vb + h * stride_vh, chunk * C, C,
                                          stride_kl, stride_kd, stride_vl, stride_vd, qk_scale,
-                                         D, BLOCK_M, BLOCK_N, INTERPRET, PRECISION)
+                                         D, BLOCK_M, BLOCK_N, EVEN_N, INTERPRET, PRECISION)
         tl.store(lse_ptr + row, lse, mask=valid)
     else:
         intra = load_rows(intra_ptr + b * stride_ib + h * stride_ih, tok, valid, dims, stride_il,
