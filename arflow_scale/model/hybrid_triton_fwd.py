@@ -125,11 +125,11 @@ def intra_softmax_block(q, k_base, v_base, chunk_start, C, stride_kl, stride_kd,
         valid = pos < C
         tok = chunk_start + pos
         k_t = load_rows_t(k_base, tok, valid, dims, stride_kl, stride_kd)  # (D, BLOCK_N)
-        scores = mm(q, k_t, INTERPRET, PRECISION) * qk_scale
+        scores = mm(q, k_t, INTERPRET, PRECISION)  # unscaled: the scale goes into the max and the exp's FMA
         if not EVEN_N:
             scores = tl.where(valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
-        p = tl.exp2(scores - new_max[:, None])
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * qk_scale)
+        p = tl.exp2(scores * qk_scale - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(p, 1)
         v_blk = load_rows(v_base, tok, valid, dims, stride_vl, stride_vd)  # (BLOCK_N, D)
