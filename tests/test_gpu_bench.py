@@ -19,7 +19,7 @@ VARIANTS = "plain_eager,zero2_eager,zero2_compiled,zero3_compiled"
 
 def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
     argv = ["gpu_bench.py", "--device", "cpu", "--smoke", "--variants", VARIANTS, "--profile", str(tmp_path),
-            "--profile-variant", "zero2_eager", "--sample-backends", "auto,torch"]
+            "--profile-variant", "zero2_eager"]
     code = BLOCKER + f"import runpy; sys.argv = {argv!r}\nrunpy.run_path('tools/gpu_bench.py', run_name='__main__')\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -44,7 +44,7 @@ def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
         assert line["losses"] == pytest.approx(reference, rel=1e-4), name
 
     samples = {(line["attention_backend"], line["compiled"]): line for line in by_kind["sample"]}
-    assert list(samples) == [("auto", False), ("auto", True), ("torch", True)]  # later backends compiled only
+    assert list(samples) == [("auto", False), ("auto", True)]  # --sample-backends: the first eager and compiled
     assert all(s["early_ms"] > 0 and s["late_ms"] > 0 for s in samples.values())
     assert samples["auto", True]["rows_per_call"] == 4  # 2 images, CFG: conditional + unconditional rows
 
@@ -52,3 +52,20 @@ def test_gpu_bench_smoke_on_cpu_without_ray_mlflow_webdataset(tmp_path):
     assert profile["top"] and (tmp_path / "engine_zero2_eager.json").stat().st_size > 0
     assert profile["wall_ms"] > 0 and profile["device_busy_fraction"] is None  # no device on CPU
     assert profile["host_reads_per_step"] >= 1  # DeepSpeed checks the gradient norm on the host
+
+
+def test_gpu_bench_names_a_bad_list_entry_and_the_known_ones(capsys):
+    """--only, --variants and --sample-backends refuse unknown entries before any work (parser error, exit 2)."""
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        import gpu_bench
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    for flag, value, known in (("--sample-backends", "auto,cuda", "auto, torch, triton, triton_sdpa"),
+                               ("--variants", "zero4_eager", "plain_eager"), ("--only", "peak,speed", "attention")):
+        with pytest.raises(SystemExit) as stop:
+            gpu_bench.parse_args([flag, value])
+        error = capsys.readouterr().err
+        assert stop.value.code == 2 and flag in error and value.split(",")[-1] in error and known in error
+    assert gpu_bench.parse_args(["--sample-backends", "auto,torch,triton_sdpa"]).sample_backends.split(",")[2] == \
+        "triton_sdpa"
