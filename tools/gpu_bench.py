@@ -3,11 +3,13 @@
 
 Prints one JSON line per measurement (key "benchmark"):
   peak       the best rate of an 8192^3 bf16 matmul: the MFU denominator (`--peak-tflops` overrides it)
-  attention  fwd+bwd time and peak memory of intra (the floor), full (dense mask), full_flex, hybrid (torch)
-             hybrid_triton and hybrid_triton_sdpa at each --attention-k (`arflow bench attention`; its own lines, then ratios)
-  train      per variant: images/s, step ms, host ms (the step's call before the wait for the GPU), model TFLOP/s, MFU, peak memory, first-step seconds (compilation
-             included), losses. Variants: plain_eager, plain_compiled (each block compiled), plain_compiled_model
-             (the whole forward), zero{2,3}_{eager,compiled} (our engine: `train.engine.build_engine`)
+  attention  fwd+bwd time and peak memory of intra (the floor), full (dense mask), full_flex, hybrid (torch),
+             hybrid_triton and hybrid_triton_sdpa at each --attention-k (`arflow bench attention`; its own lines,
+             then ratios)
+  train      per variant: images/s, step ms, host ms (the step's call before the wait for the GPU), model
+             TFLOP/s, MFU, peak memory, first-step seconds (compilation included), losses. Variants: plain_eager,
+             plain_compiled (each block compiled), plain_compiled_model (the whole forward),
+             zero{2,3}_{eager,compiled} (our engine: `train.engine.build_engine`)
   sample     ms per sampling step (one image per step through the cache, CFG), eager and compiled, early and late,
              per attention backend (--sample-backends)
   profile    with --profile DIR: a torch.profiler Chrome trace of --profile-variant's steps, the GPU's busy share of
@@ -33,11 +35,11 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from arflow_scale.bench import attention as attention_bench  # noqa: E402
-from arflow_scale.model.attention import BACKENDS  # noqa: E402
 from arflow_scale.bench.process_group import single_rank_group  # noqa: E402
 from arflow_scale.bench.sampling_steps import sampling_step_ms  # noqa: E402
 from arflow_scale.bench.steps import DEFAULT_VARIANTS, VARIANTS, bench_config, profile_steps, time_steps, \
     variant_step  # noqa: E402
+from arflow_scale.model.attention import BACKENDS  # noqa: E402
 from arflow_scale.tasks import task_for  # noqa: E402
 from arflow_scale.train.mfu import FlopsMeter, measure_peak_tflops  # noqa: E402
 

@@ -100,14 +100,13 @@ def check_attention_triton(device: torch.device) -> None:
         report("attention_triton", True, skipped="needs triton on CUDA (or TRITON_INTERPRET=1 on CPU)")
         return
     from arflow_scale.model.attention import hybrid_attention
-    from arflow_scale.model.attention_triton import hybrid_attention_sdpa_triton, hybrid_attention_triton
+    from arflow_scale.model.attention_triton import FUSED_HYBRID
 
     cuda = device.type == "cuda"
     cases = [(torch.float32, 64, 256, 1e-4), (torch.bfloat16, 64, 256, 3e-2), (torch.bfloat16, 64, 196, 3e-2),
              (torch.float32, 128, 196, 1e-4), (torch.bfloat16, 32, 16, 3e-2)] if cuda else \
         [(torch.float32, 16, 20, 1e-4)]
-    backends = {"triton": hybrid_attention_triton, "triton_sdpa": hybrid_attention_sdpa_triton}
-    for (dtype, d, n, tol), backend in itertools.product(cases, backends):
+    for (dtype, d, n, tol), backend in itertools.product(cases, FUSED_HYBRID):
         g = torch.Generator().manual_seed(d + n)
         b, h, chunks = 2, 4, 3
         qkv = torch.nn.functional.rms_norm(torch.randn(b, chunks * n, 3, h, d, generator=g, dtype=torch.float64), (d,))
@@ -115,7 +114,7 @@ def check_attention_triton(device: torch.device) -> None:
         state = torch.randn(b, h, d, d, generator=g, dtype=torch.float64)
         grad_out = torch.randn(b, h, chunks * n, d, generator=g, dtype=torch.float64)
         results = []
-        for fn, dev, dt in ((hybrid_attention, "cpu", torch.float64), (backends[backend], device, dtype)):
+        for fn, dev, dt in ((hybrid_attention, "cpu", torch.float64), (FUSED_HYBRID[backend], device, dtype)):
             wide = torch.float32 if dt != torch.float64 else dt
             packed, ld, s0 = (t.to(dev, kind).clone().requires_grad_(True)
                               for t, kind in ((qkv, dt), (log_decay, wide), (state, wide)))

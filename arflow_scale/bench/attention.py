@@ -25,7 +25,7 @@ import weakref
 from typing import Optional
 
 VARIANTS = ("intra", "full", "full_flex", "hybrid", "hybrid_triton", "hybrid_triton_sdpa")
-FUSED = ("hybrid_triton", "hybrid_triton_sdpa")  # the variants that need the Triton kernels
+FUSED = {"hybrid_triton": "triton", "hybrid_triton_sdpa": "triton_sdpa"}  # variant -> attention backend
 FLOOR = "intra"
 # numerator / denominator pairs reported per K, where both were measured
 RATIOS = (("hybrid", "intra"), ("hybrid_triton", "intra"), ("hybrid_triton_sdpa", "intra"), ("hybrid", "full_flex"),
@@ -110,11 +110,10 @@ def _attention(name: str, blocks_text: str):
     from arflow_scale.model.attention import chunk_attention
 
     if name in FUSED:
-        from arflow_scale.model import attention_triton
+        from arflow_scale.model.attention_triton import FUSED_HYBRID, HybridBlocks
 
-        blocks = attention_triton.HybridBlocks.parse(blocks_text) if blocks_text else None
-        fused = {"hybrid_triton": attention_triton.hybrid_attention_triton,
-                 "hybrid_triton_sdpa": attention_triton.hybrid_attention_sdpa_triton}[name]
+        blocks = HybridBlocks.parse(blocks_text) if blocks_text else None
+        fused = FUSED_HYBRID[FUSED[name]]
         return lambda q, k, v, g, chunk: fused(q, k, v, g, chunk, blocks=blocks)[0]
     mode, backend = {"intra": ("intra", "torch"), "full": ("full", "torch"), "full_flex": ("full", "triton"),
                      "hybrid": ("hybrid", "torch")}[name]

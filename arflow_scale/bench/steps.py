@@ -4,8 +4,9 @@ and in-memory data. Imports no Ray, MLflow or webdataset.
 
 Every variant runs `warmup` steps (the first one compiles), then `steps` timed steps (synchronised on CUDA);
 images/s and MFU come from the median step. `host_ms` is how long the step's Python call took before the wait for
-the GPU: close to `step_ms`, the GPU waits on the host (kernel launches, or reads of device values inside the step). Both sides do what one optimizer step of `arflow train` does
-except the EMA: loss (bf16 autocast on GPU), backward, AdamW (fused on CUDA) with value clipping.
+the GPU: close to `step_ms`, the GPU waits on the host (kernel launches, or reads of device values inside the
+step). Both sides do what one optimizer step of `arflow train` does except the EMA: loss (bf16 autocast on GPU),
+backward, AdamW (fused on CUDA) with value clipping.
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ class StepTimes:
         """One JSON-ready line: images/s, step ms, model TFLOP/s, MFU, peak memory, losses."""
         median = statistics.median(self.step_s)
         return {"variant": self.variant, "images_per_s": round(images_per_step / median, 2),
-                "step_ms": round(median * 1e3, 3),
-                "host_ms": round(statistics.median(self.host_s) * 1e3, 3), **{k: float(f"{v:.4g}") for k, v in meter.metrics(median).items()},
+                "step_ms": round(median * 1e3, 3), "host_ms": round(statistics.median(self.host_s) * 1e3, 3),
+                **{k: float(f"{v:.4g}") for k, v in meter.metrics(median).items()},
                 "peak_memory_mib": self.peak_memory_mib, "first_step_s": round(self.first_step_s, 2),
                 "losses": [round(v, 6) for v in self.losses], **self.extra}
 

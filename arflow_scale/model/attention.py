@@ -18,14 +18,18 @@ them for the tensors at hand.
 from __future__ import annotations
 
 import importlib.util
+import typing
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from einops import einsum, rearrange
 
-MODES = ("hybrid", "full", "intra")
-BACKENDS = ("torch", "triton", "triton_sdpa")
+from .config import ModelConfig
+
+_FIELDS = typing.get_type_hints(ModelConfig)
+MODES = typing.get_args(_FIELDS["attention"])  # ("hybrid", "full", "intra"): the config's list
+BACKENDS = tuple(b for b in typing.get_args(_FIELDS["attention_backend"]) if b != "auto")
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 FUSED_HEAD_DIMS = (16, 32, 64, 128)  # head dims the fused kernels are built for (attention_triton)
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -200,11 +204,9 @@ def chunk_attention(mode: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         raise ValueError(f"attention backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if mode == "hybrid":
         if backend != "torch":
-            from . import attention_triton  # imports triton: on the fused paths only
+            from .attention_triton import FUSED_HYBRID  # imports triton: on the fused paths only
 
-            fused = {"triton": attention_triton.hybrid_attention_triton,
-                     "triton_sdpa": attention_triton.hybrid_attention_sdpa_triton}[backend]
-            return fused(q, k, v, log_decay, chunk_size, state)
+            return FUSED_HYBRID[backend](q, k, v, log_decay, chunk_size, state)
         return hybrid_attention(q, k, v, log_decay, chunk_size, state)
     if mode == "full":
         if backend != "torch":

@@ -182,7 +182,8 @@ def forward_launches(q, k, v, log_decay, chunk_size, state, blocks, intra=None):
         q, k, v, gcum, states, out, lse if intra is None else out, base, *q.stride(), *k.stride(), *v.stride(),
         *out.stride(), *base.stride(), heads, length, chunk_size, chunks, dim ** -0.5 * LOG2E), dict(
         D=dim, BLOCK_M=blocks.fwd_m, BLOCK_N=blocks.fwd_n, HAS_INTER=has_inter, HAS_INTRA=intra is None,
-        EVEN_N=chunk_size % blocks.fwd_n == 0, num_warps=blocks.fwd_warps, num_stages=blocks.num_stages, **blocks.fwd_options, **flags)))
+        EVEN_N=chunk_size % blocks.fwd_n == 0, num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
+        **blocks.fwd_options, **flags)))
     return launches, out, final, _Saved(lse, gcum, states)
 
 
@@ -236,6 +237,9 @@ def hybrid_attention_sdpa_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         blocks = (blocks or HybridBlocks.for_head_dim(q.shape[-1])).fitted(chunk_size)
         intra = intra_chunk_softmax(q, k, v, chunk_size)
         return _HybridAttention.apply(q, k, v, log_decay, state, intra, chunk_size, blocks)
+
+
+FUSED_HYBRID = {"triton": hybrid_attention_triton, "triton_sdpa": hybrid_attention_sdpa_triton}  # by backend
 
 
 class _HybridAttention(torch.autograd.Function):
