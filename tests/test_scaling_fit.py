@@ -20,8 +20,8 @@ from arflow_scale.scaling.fit import fit_power_law, fit_scaling_laws
 from arflow_scale.scaling.holdout import prediction_check
 from arflow_scale.scaling.isoflop import TokensPerFlop, fit_isoflop, fit_parabola, group_by_budget
 from arflow_scale.scaling.parametric import _objective, fit_parametric
-from arflow_scale.scaling.points import (ScalingPoint, point_from_record, points_from_csv, points_from_mlflow,
-                                         write_points_csv)
+from arflow_scale.scaling.points import (TAG_SETTING, ScalingPoint, point_from_record, points_from_csv,
+                                         points_from_mlflow, write_points_csv)
 from arflow_scale.scaling.report import markdown_report, write_report
 
 
@@ -150,9 +150,10 @@ def test_report_logs_artifacts_to_parent_run(tmp_path):
         for key, value in (("scaling/params", p.params), ("scaling/flops", p.flops),
                            ("scaling/loss", p.loss), ("fid", p.fid)):
             client.log_metric(run.info.run_id, key, value)
-        if i == 0:  # tokens, images and budget are read back where logged
+        if i == 0:  # tokens, images, budget and the setting are read back where logged
             for key, value in (("scaling/tokens", 1e6), ("scaling/images", 1e4), ("scaling/budget", p.flops)):
                 client.log_metric(run.info.run_id, key, value)
+            client.set_tag(run.info.run_id, TAG_SETTING, "p0-setting")
         client.set_terminated(run.info.run_id)
     unrelated = client.create_run(exp, run_name="other")  # no parent, no metrics
     client.set_terminated(unrelated.info.run_id)
@@ -161,7 +162,8 @@ def test_report_logs_artifacts_to_parent_run(tmp_path):
     assert sorted(p.name for p in found) == sorted(p.name for p in points)
     first = next(p for p in found if p.name == points[0].name)
     assert (first.tokens, first.images, first.budget) == (1e6, 1e4, pytest.approx(points[0].flops))
-    assert all(p.tokens is None for p in found if p is not first)
+    assert first.setting == "p0-setting"
+    assert all(p.tokens is None and p.setting == "" for p in found if p is not first)
     assert len(points_from_mlflow(experiment="scaling-test", tracking_uri=uri)) == 6
     with pytest.raises(ValueError, match="not found"):
         points_from_mlflow(experiment="nope", tracking_uri=uri)
@@ -426,7 +428,8 @@ def test_point_from_sweep_record():
     point = point_from_record(record)
     assert (point.params, point.tokens, point.images, point.budget, point.fid) == (10.0, 300.0, 20.0, 2e9, None)
     old = {"name": "p", "params": 10, "flops": 2e9, "loss": 0.5}  # written before tokens were recorded
-    assert point_from_record(old).tokens is None
+    assert point_from_record(old).tokens is None and point_from_record(old).setting == ""
+    assert point_from_record({**record, "setting": "p-setting"}).setting == "p-setting"
 
 
 def test_report_of_the_law_writes_every_plot_and_strict_json(tmp_path):
@@ -493,6 +496,51 @@ def test_points_sharing_size_flops_and_tokens_enter_every_fit_as_their_best(tmp_
     assert len(points_from_csv(tmp_path / "mixed/points.csv")) == 3 * len(law)
     refit = write_report(points_from_csv(tmp_path / "mixed/points.csv"), tmp_path / "refit", settings=settings)
     assert refit["isoflop"] == together["isoflop"]
+
+
+def test_seeds_of_a_setting_enter_the_fits_as_their_mean_not_their_best(tmp_path):
+    """A sweep's `seeds` repeat each setting: every fit takes a setting's mean loss, then the best setting of each
+    cell. Here each law point is the mean of its setting's two seeds, and a second setting per cell has the single
+    lowest run but a higher mean: the fits take the law's points. points.csv keeps every run with its setting."""
+    from arflow_scale.scaling.analysis import best_per_cell, mean_of_seeds
+
+    law = law_points()
+
+    def seeds(point: ScalingPoint, setting: str, factors: tuple[float, float]) -> list[ScalingPoint]:
+        return [ScalingPoint(params=point.params, flops=point.flops, loss=point.loss * f, tokens=point.tokens,
+                             images=point.images, budget=point.budget, fid=point.fid, name=f"{setting}-seed{i}",
+                             run_id=f"{setting}-r{i}", setting=setting) for i, f in enumerate(factors)]
+
+    runs = [run for p in law for run in (*seeds(p, f"{p.name}-lucky", (0.9, 1.5)), *seeds(p, p.name, (0.98, 1.02)))]
+    kept, beaten = best_per_cell(mean_of_seeds(runs))
+    assert [p.name for p in kept] == [p.name for p in law] and [p.seeds for p in kept] == [2] * len(law)
+    assert [p.loss for p in kept] == pytest.approx([p.loss for p in law], rel=1e-12)
+    assert kept[0].loss_std == pytest.approx(0.04 * law[0].loss / math.sqrt(2), rel=1e-12)
+    assert kept[0].run_id == f"{law[0].name}-r0,{law[0].name}-r1"
+    assert [p.loss for p in beaten] == pytest.approx([1.2 * p.loss for p in law], rel=1e-12)
+    assert best_per_cell(runs)[0][0].loss == pytest.approx(0.9 * law[0].loss)  # without the mean: the lucky seed
+
+    together = write_report(runs, tmp_path / "seeds", settings=BootstrapSettings(resamples=0))
+    assert (together["n_points"], together["n_points_not_fitted"], together["n_runs"]) == \
+        (len(law), len(law), 4 * len(law))
+    assert f"{4 * len(law)} of {4 * len(law)} runs are seeds of {2 * len(law)} setting(s)" in together["notes"][0]
+    table = (tmp_path / "seeds/scaling.md").read_text()
+    assert "| seeds | loss std |" in table and f"| {law[0].name} |" in table
+    back = points_from_csv(tmp_path / "seeds/points.csv")  # every run, with its setting: a refit averages the same
+    assert [(p.name, p.setting, p.loss) for p in back] == [(p.name, p.setting, pytest.approx(p.loss)) for p in runs]
+
+
+def test_only_the_same_settings_cell_is_averaged_and_a_seed_without_fid_leaves_the_mean_without():
+    from arflow_scale.scaling.analysis import mean_of_seeds
+
+    def point(name, setting="s", flops=1e15, loss=2.0, fid=10.0):
+        return ScalingPoint(params=1e6, flops=flops, loss=loss, tokens=1e9, fid=fid, name=name, setting=setting)
+
+    merged = mean_of_seeds([point("a", loss=1.0), point("b", setting="", loss=5.0), point("c", flops=2e15),
+                            point("d", loss=3.0, fid=20.0), point("e", setting="", loss=5.0),
+                            point("f", setting="t", fid=None), point("g", setting="t")])
+    assert [(p.name, p.seeds) for p in merged] == [("s", 2), ("b", 1), ("c", 1), ("e", 1), ("t", 2)]
+    assert (merged[0].loss, merged[0].fid) == (2.0, 15.0) and merged[4].fid is None and merged[2].loss_std is None
 
 
 def test_only_the_same_size_flops_and_tokens_are_alternatives_and_a_tie_keeps_the_first():

@@ -102,6 +102,23 @@ def test_a_budget_with_sizes_of_its_own_trains_only_those(tmp_path):
     assert len(points) == 6 * 2  # x 2 learning rates
 
 
+def test_seeds_repeat_every_point_as_runs_of_one_setting(tmp_path):
+    """`seeds` repeats each point (every grid value) with that `train.seed`: the seeds of a setting are neighbours,
+    share its size, steps and FLOPs, and are named `<setting>-seed<n>`; a sweep without seeds keeps its names."""
+    overrides = [f"storage_path={tmp_path}", "budgets=[1e10]"]
+    plain = expand(*load_sweep(CPU_ISOFLOP, overrides))
+    seeded = expand(*load_sweep(CPU_ISOFLOP, [*overrides, "seeds=[3, 0]"]))
+    assert all(p.setting == p.name for p in plain) and len(seeded) == 2 * len(plain) == 20
+    for point, (three, zero) in zip(plain, zip(seeded[::2], seeded[1::2])):
+        assert three.setting == zero.setting == point.name
+        assert (three.name, zero.name) == (f"{point.name}-seed3", f"{point.name}-seed0")
+        assert (three.config.train.seed, zero.config.train.seed) == (3, 0)
+        assert three.coords == {**point.coords, "train.seed": 3}
+        assert three.steps == zero.steps == point.steps and three.flops == point.flops
+        assert three.config.run.name == three.name and three.config.optim.lr == point.config.optim.lr
+    assert sweep_cost(seeded).train_flops == 2 * sweep_cost(plain).train_flops
+
+
 def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
     sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}", "budgets=[2e9, 8e9]",
                                              "grid={optim.lr: [0.001, 0.002]}"])
@@ -121,6 +138,9 @@ def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
     (["design=grid"], "budgets: only for design: isoflop"),
     (["design=chinchilla"], "design"),
     (["gpu={peak_tflops: 989, mfu: 1.5}"], r"gpu.mfu: must be in \(0, 1\]"),
+    (["seeds=[1, 0, 1]"], r"seeds: lists a seed twice: \[1, 0, 1\]"),
+    (["seeds=[-1]"], r"seeds: must all be >= 0, got \[-1\]"),
+    (["grid={train.seed: [0, 1]}"], r"grid.train.seed: list training seeds under `seeds`"),
 ])
 def test_bad_isoflop_sweep_files_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -302,6 +322,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
         assert point["budget"] == 6e8 and point["tokens"] > 0
         assert (tmp_path / "sweeps/cpu-isoflop/points" / f"{point['name']}.json").is_file()
         record = json.loads((tmp_path / "sweeps/cpu-isoflop/points" / f"{point['name']}.json").read_text())
+        assert record["setting"] == point["name"]  # no seeds: each point is a setting of its own
         assert record["loss_source"] == "val_loss"  # each point is scored by its held-out loss ...
         val = client.get_metric_history(point["run_id"], "val_loss")  # ... the one its run logged at its end
         assert [(m.step, m.value) for m in val] == [(point["steps"], pytest.approx(point["loss"]))]
@@ -339,6 +360,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     points = points_from_mlflow(parent_run_id=state["parent_run_id"], tracking_uri=summary["tracking_uri"])
     assert sorted(p.loss for p in points) == pytest.approx(sorted(p["loss"] for p in summary["points"]))
     assert sorted(p.tokens for p in points) == sorted(p["tokens"] for p in summary["points"])
+    assert sorted(p.setting for p in points) == sorted(by_name)  # the runs' setting tags
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
 

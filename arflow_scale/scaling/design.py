@@ -2,7 +2,8 @@
 
 `design: grid` (default): every size x every budget (`budget.steps` or `budget.flops`) x `grid` keys.
 `design: isoflop`: a list of FLOP `budgets`; at each, the shared `sizes` (or the budget's own list,
-chosen to span its expected optimum) train for the steps that spend the budget. An optional `gpu`
+chosen to span its expected optimum) train for the steps that spend the budget. Either design repeats every
+point once per training seed in `seeds` (none: the base config's `train.seed` once). An optional `gpu`
 block turns the sweep's FLOPs into estimated GPU-hours for `arflow sweep --dry-run`.
 """
 from __future__ import annotations
@@ -119,6 +120,7 @@ class SweepConfig:
     base: Optional[str] = None  # training config YAML (relative to the sweep file, then the cwd)
     overrides: list[str] = field(default_factory=list)  # dotted key=value for every point
     grid: dict[str, list[Any]] = field(default_factory=dict)  # other dotted keys -> values
+    seeds: list[int] = field(default_factory=list)  # train.seed of each repeat of every point; the fits average them
     storage_path: str = "runs/sweeps"  # local folder or URL; on multi-node clusters use s3://
     storage_options: dict[str, str] = field(default_factory=dict)
     tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite in the sweep folder
@@ -132,6 +134,10 @@ class SweepConfig:
         check(self.parallel >= 0, "parallel", f"must be >= 0, got {self.parallel}")
         for key, values in self.grid.items():
             check(isinstance(values, list) and bool(values), f"grid.{key}", f"needs a non-empty list, got {values!r}")
+        check("train.seed" not in self.grid, "grid.train.seed", "list training seeds under `seeds`: the fits average a "
+              "setting's seeds, while they take the best of a grid's values")
+        check(len(set(self.seeds)) == len(self.seeds), "seeds", f"lists a seed twice: {self.seeds}")
+        check(all(seed >= 0 for seed in self.seeds), "seeds", f"must all be >= 0, got {self.seeds}")
         if self.design == "grid":
             check(not self.budgets, "budgets", "only for design: isoflop (a grid sweep uses budget.steps/flops)")
             check(bool(self.sizes), "sizes", "needs at least one model size")

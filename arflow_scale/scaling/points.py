@@ -1,7 +1,8 @@
 """Scaling points: one finished training run each, read from a CSV, a sweep's point records or MLflow.
 
 A point carries its size N (params), training compute C (flops), held-out loss, and where known the
-training tokens D and images it saw, its FLOP budget (IsoFLOP sweeps) and its FID.
+training tokens D and images it saw, its FLOP budget (IsoFLOP sweeps), its FID and its setting: the run
+configuration it repeats under another training seed (points of one setting are averaged by the fits).
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ METRIC_TOKENS = "scaling/tokens"
 METRIC_IMAGES = "scaling/images"
 METRIC_BUDGET = "scaling/budget"
 METRIC_FID = "fid"
+TAG_SETTING = "arflow.sweep_setting"  # the tag naming a sweep point's setting (its name without the seed)
 CSV_REQUIRED = ("params", "flops", "loss")
 CSV_OPTIONAL = ("tokens", "images", "budget", "fid")
-CSV_HEADER = ("name", *CSV_REQUIRED, *CSV_OPTIONAL, "run_id")
+CSV_TEXT = ("name", "run_id", "setting")  # text columns, each optional
+CSV_HEADER = ("name", *CSV_REQUIRED, *CSV_OPTIONAL, "run_id", "setting")
 
 
 @dataclass
@@ -37,6 +40,9 @@ class ScalingPoint:
     tokens: Optional[float] = None  # training tokens seen: sequences x K x tokens per image
     images: Optional[float] = None  # training images seen: sequences x K
     budget: Optional[float] = None  # the IsoFLOP budget the point was planned for (its flops round to it)
+    setting: str = ""  # points sharing a non-empty setting are seeds of one configuration (averaged by the fits)
+    seeds: int = 1  # runs whose mean this point is (analysis.mean_of_seeds)
+    loss_std: Optional[float] = None  # the sample standard deviation of their losses, when seeds > 1
 
 
 def _parse_number(text: Optional[str], where: str, column: str, optional: bool = False) -> Optional[float]:
@@ -56,7 +62,8 @@ def _parse_number(text: Optional[str], where: str, column: str, optional: bool =
 
 
 def points_from_csv(path: str | Path) -> list[ScalingPoint]:
-    """Read a CSV with a header row: params, flops, loss; optionally tokens, images, budget, fid, name."""
+    """Read a CSV with a header row: params, flops, loss; optionally tokens, images, budget, fid, name, run_id and
+    setting (rows of one setting are seeds of one configuration)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: points CSV not found")
@@ -72,8 +79,8 @@ def points_from_csv(path: str | Path) -> list[ScalingPoint]:
             where = f"{path}:{reader.line_num}"
             required = {c: _parse_number(row[c], where, c) for c in CSV_REQUIRED}
             optional = {c: _parse_number(row.get(c), where, c, optional=True) for c in CSV_OPTIONAL}
-            points.append(ScalingPoint(**required, **optional, name=(row.get("name") or "").strip(),
-                                       run_id=(row.get("run_id") or "").strip()))
+            text = {c: (row.get(c) or "").strip() for c in CSV_TEXT}
+            points.append(ScalingPoint(**required, **optional, **text))
     if not points:
         raise ValueError(f"{path}: no data rows")
     return points
@@ -91,7 +98,8 @@ def write_points_csv(points: Iterable[ScalingPoint], path: str | Path) -> Path:
         writer = csv.writer(fh)
         writer.writerow(CSV_HEADER)
         for p in points:
-            writer.writerow([p.name, *(cell(getattr(p, c)) for c in (*CSV_REQUIRED, *CSV_OPTIONAL)), p.run_id])
+            writer.writerow([p.name, *(cell(getattr(p, c)) for c in (*CSV_REQUIRED, *CSV_OPTIONAL)), p.run_id,
+                             p.setting])
     return path
 
 
@@ -103,7 +111,8 @@ def point_from_record(record: dict) -> ScalingPoint:
 
     return ScalingPoint(params=float(record["params"]), flops=float(record["flops"]), loss=float(record["loss"]),
                         fid=optional("fid"), name=record.get("name", ""), run_id=record.get("run_id") or "",
-                        tokens=optional("tokens"), images=optional("images"), budget=optional("budget"))
+                        tokens=optional("tokens"), images=optional("images"), budget=optional("budget"),
+                        setting=record.get("setting") or "")
 
 
 def _point_from_run(run) -> Optional[ScalingPoint]:
@@ -114,7 +123,7 @@ def _point_from_run(run) -> Optional[ScalingPoint]:
                         loss=metrics[METRIC_LOSS], fid=metrics.get(METRIC_FID),
                         name=run.info.run_name or "", run_id=run.info.run_id,
                         tokens=metrics.get(METRIC_TOKENS), images=metrics.get(METRIC_IMAGES),
-                        budget=metrics.get(METRIC_BUDGET))
+                        budget=metrics.get(METRIC_BUDGET), setting=run.data.tags.get(TAG_SETTING, ""))
 
 
 def points_from_mlflow(*, experiment: Optional[str] = None, parent_run_id: Optional[str] = None,

@@ -40,11 +40,15 @@ def _finite(value):
 
 
 def _points_md(points: Sequence[ScalingPoint], title: str = "Points") -> list[str]:
-    lines = [f"## {title}", "", "| run | budget | params N | tokens D | images | FLOPs C | loss | FID |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """A table of the points; with the seeds and their loss's standard deviation when some point averages seeds."""
+    seeded = any(p.seeds > 1 for p in points)
+    extra = (" seeds | loss std |", "---:|---:|") if seeded else ("", "")
+    lines = [f"## {title}", "", "| run | budget | params N | tokens D | images | FLOPs C | loss | FID |" + extra[0],
+             "|---|---:|---:|---:|---:|---:|---:|---:|" + extra[1]]
     for p in sorted(points, key=lambda p: (p.budget or p.flops, p.params, p.loss)):
         lines.append(f"| {p.name or '-'} | {_fmt(p.budget)} | {_fmt(p.params)} | {_fmt(p.tokens)} | "
-                     f"{_fmt(p.images)} | {_fmt(p.flops)} | {_fmt(p.loss)} | {_fmt(p.fid)} |")
+                     f"{_fmt(p.images)} | {_fmt(p.flops)} | {_fmt(p.loss)} | {_fmt(p.fid)} |"
+                     + (f" {p.seeds} | {_fmt(p.loss_std)} |" if seeded else ""))
     return lines
 
 
@@ -181,7 +185,8 @@ def summary(analysis: ScalingAnalysis) -> dict:
     """fits.json content (nan written as null)."""
     s = analysis.settings
     return _finite({
-        "n_points": len(analysis.points), "n_points_not_fitted": len(analysis.beaten), "confidence": s.confidence,
+        "n_points": len(analysis.points), "n_points_not_fitted": len(analysis.beaten),
+        "n_runs": sum(p.seeds for p in (*analysis.points, *analysis.beaten)), "confidence": s.confidence,
         "bootstrap": {"resamples": s.resamples, "seed": s.seed},
         "fits": {key: _power_law_summary(f) for key, f in analysis.power_laws.items()},
         "isoflop": _isoflop_summary(analysis.isoflop),

@@ -31,7 +31,7 @@ from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
 from .finished import finished_points, point_fields
 from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
-                     METRIC_TOKENS)
+                     METRIC_TOKENS, TAG_SETTING)
 from .state import absolute_url, ended_status, ensure_parent_run, resolve_tracking_uri, sweep_url, write_json
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class SweepPoint:
     steps: int
     coords: dict[str, Any]
     budget: Optional[float] = None  # the FLOP budget it spends (isoflop, budget.flops); None for budget.steps
+    setting: str = ""  # the name without its seed: the configuration that the sweep's `seeds` repeat
 
     @property
     def flops(self) -> float:
@@ -131,19 +132,22 @@ def _base_config(sweep: SweepConfig, folder: Path) -> Optional[Path]:
 
 
 def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, amount: float,
-           extra: dict[str, Any]) -> SweepPoint:
-    """One point: the size's config, its steps (a FLOP budget divided by the FLOPs of one step), its run."""
+           extra: dict[str, Any], seed: Optional[int] = None) -> SweepPoint:
+    """One point: the size's config, its steps (a FLOP budget divided by the FLOPs of one step), its run; with a
+    seed, its `train.seed` and a `-seed<n>` suffix on the name of its setting."""
 
+    seeded = {} if seed is None else {"train.seed": seed}
     shape = [_override(key, value) for key, value in size.overrides().items()]
-    keys = [*sweep.overrides, *shape, *(_override(k, v) for k, v in extra.items())]
+    keys = [*sweep.overrides, *shape, *(_override(k, v) for k, v in {**extra, **seeded}.items())]
     cfg = load_config(base, keys)
     extra = _as_configured(cfg, extra)
     per_step = flops_per_step(cfg)
     steps = int(amount) if kind == "steps" else max(1, round(amount / per_step))
-    name = "-".join([sweep.name, size.label, f"{kind[0]}{_slug(amount)}",
-                     *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
-    if len(name) > 200:
-        name = f"{name[:180]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    setting = "-".join([sweep.name, size.label, f"{kind[0]}{_slug(amount)}",
+                        *(f"{k.rsplit('.', 1)[-1]}{_slug(v)}" for k, v in extra.items())])
+    if len(setting) > 200:
+        setting = f"{setting[:180]}-{hashlib.sha256(setting.encode()).hexdigest()[:12]}"
+    name = setting if seed is None else f"{setting}-seed{seed}"
     run_overrides = [_override("train.steps", steps), _override("run.name", name),
                      _override("run.storage_path", f"{sweep_url(sweep)}/runs"),
                      _override("tracking.experiment", sweep.experiment)]
@@ -155,17 +159,18 @@ def _point(sweep: SweepConfig, base: Optional[Path], size: SizeSpec, kind: str, 
         run_overrides.append(_override("data.manifest", absolute_url(cfg.data.manifest)))
     cfg = load_config(base, [*keys, *run_overrides])
     return SweepPoint(name=name, config=cfg, params=int(task_for(cfg.model).count_parameters()),
-                      flops_per_step=per_step, steps=steps, coords={**size.coords(), kind: amount, **extra},
-                      budget=float(amount) if kind == "flops" else None)
+                      flops_per_step=per_step, steps=steps, coords={**size.coords(), kind: amount, **extra, **seeded},
+                      budget=float(amount) if kind == "flops" else None, setting=setting)
 
 
 def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
-    """The sweep's points: grid: sizes x budgets x other keys; isoflop: budgets x their sizes x other keys."""
+    """The sweep's points: grid: sizes x budgets x other keys; isoflop: budgets x their sizes x other keys; each
+    once per seed of `seeds`, the seeds of one setting next to each other."""
     base = _base_config(sweep, folder)
     keys = sorted(sweep.grid)
-    points = [_point(sweep, base, size, kind, amount, dict(zip(keys, values)))
-              for (size, kind, amount), values in itertools.product(
-                  _plan(sweep), itertools.product(*(sweep.grid[k] for k in keys)))]
+    points = [_point(sweep, base, size, kind, amount, dict(zip(keys, values)), seed)
+              for (size, kind, amount), values, seed in itertools.product(
+                  _plan(sweep), itertools.product(*(sweep.grid[k] for k in keys)), sweep.seeds or [None])]
     names = [p.name for p in points]
     duplicate = next((n for n in names if names.count(n) > 1), None)
     if duplicate:
@@ -247,6 +252,7 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
         loss = val_loss if val_loss is not None else _smoothed_loss(client, run_id, point.steps, loss)
         fid = client.get_run(run_id).data.metrics.get(METRIC_FID)
         client.set_tag(run_id, "arflow.sweep_point", point.name)
+        client.set_tag(run_id, TAG_SETTING, point.setting)
         metrics = [(METRIC_PARAMS, point.params), (METRIC_FLOPS, point.flops), (METRIC_LOSS, loss),
                    (METRIC_TOKENS, point.tokens), (METRIC_IMAGES, point.images)]
         if point.budget is not None:
@@ -257,7 +263,7 @@ def run_point(point: SweepPoint, *, tracking_uri: str, parent_run_id: str, resul
         loss = val_loss
     record = {"name": point.name, "params": point.params, "flops": point.flops, "steps": point.steps,
               "flops_per_step": point.flops_per_step, "tokens": point.tokens, "images": point.images,
-              "budget": point.budget, "loss": loss,
+              "budget": point.budget, "setting": point.setting, "loss": loss,
               "loss_source": "val_loss" if val_loss is not None else "train_loss_last_20pct",
               "final_loss": result.final_loss, "fid": fid, "run_id": run_id, "coords": point.coords,
               "checkpoint": result.checkpoint}
