@@ -86,6 +86,7 @@ def test_irreducible_term_recovered():
     ([1, 2, -3], [1, 2, 3], "must be finite and > 0"),
     ([1, 2, 3], [1, 0, 3], "must be finite and > 0"),
     ([2, 2, 2], [1, 2, 3], "two distinct"),
+    ([1e10, 1.0001e10, 0.9999e10], [0.6, 0.5, 0.7], r"span only 1\.0002x, under 1\.1x"),
 ])
 def test_bad_points_are_rejected(x, y, message):
     with pytest.raises(ValueError, match=message):
@@ -108,6 +109,13 @@ def test_fit_scaling_laws_keys_and_fid_optional():
     notes = []
     assert set(fit_scaling_laws(one_budget, notes=notes)) == {"loss_vs_params"}
     assert notes == ["loss_vs_flops skipped: fit loss(flops): needs at least two distinct flops values"]
+    # one IsoFLOP budget: FLOPs differ by rounding to whole steps. Fitted, the exponent was about 1e3 and
+    # exp(intercept) overflowed, ending `arflow sweep --budgets` after every point had trained.
+    rounded = [ScalingPoint(params=p.params, flops=3e10 * (1 + 1e-4 * (-1) ** i), loss=p.loss)
+               for i, p in enumerate(points)]
+    notes = []
+    assert set(fit_scaling_laws(rounded, notes=notes)) == {"loss_vs_params"}
+    assert notes[0].startswith("loss_vs_flops skipped: fit loss(flops): its flops values span only 1.0002x")
 
 
 def test_csv_roundtrip_and_errors(tmp_path):

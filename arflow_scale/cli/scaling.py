@@ -16,7 +16,8 @@ def register(sub) -> None:
     source = fit.add_mutually_exclusive_group(required=True)
     source.add_argument("--experiment", help="MLflow experiment name (every finished sweep point in it)")
     source.add_argument("--parent-run", help="MLflow parent run id of a sweep (its nested runs)")
-    source.add_argument("--csv", help="CSV with header params,flops,loss[,tokens][,images][,budget][,fid][,name]")
+    source.add_argument("--csv", help="CSV with header params,flops,loss[,tokens][,images][,budget][,fid][,name]"
+                        "[,run_id][,setting] (rows of one setting: seeds, averaged)")
     fit.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     fit.add_argument("--out", default="scaling_report", help="folder for points.csv, scaling.md, fits.json, PNGs")
     fit.add_argument("--confidence", type=float, default=0.95, help="confidence level of the intervals")

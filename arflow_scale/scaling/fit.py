@@ -13,6 +13,8 @@ import numpy as np
 
 from .points import ScalingPoint
 
+MIN_SPREAD = 1.1  # max x / min x a power law needs: a narrower range gives an exponent of noise (or one of 1e3)
+
 
 @dataclass
 class PowerLawFit:
@@ -71,6 +73,10 @@ def _check_xy(x: Sequence[float], y: Sequence[float], x_name: str, y_name: str, 
             raise ValueError(f"fit {y_name}({x_name}): {name} must be finite and > 0, got {arr[bad][0]!r}")
     if np.unique(xa).size < 2:
         raise ValueError(f"fit {y_name}({x_name}): needs at least two distinct {x_name} values")
+    spread = float(xa.max() / xa.min())
+    if spread < MIN_SPREAD:
+        raise ValueError(f"fit {y_name}({x_name}): its {x_name} values span only {spread:.6g}x, under {MIN_SPREAD}x "
+                         f"(the points of one FLOP budget differ only by rounding to whole steps)")
     return xa, ya
 
 
