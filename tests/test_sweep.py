@@ -364,6 +364,20 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
 
+    # 4: the report cannot be written (a file where its folder goes): the CLI keeps the trained points, exits 1 and
+    # says how to fit them again
+    from arflow_scale.cli import main
+
+    report = tmp_path / "sweeps/cpu-isoflop/report"
+    report.rename(tmp_path / "report-before")
+    report.write_text("")
+    capsys.readouterr()
+    assert main(["sweep", "--config", str(sweep_file), "--budgets", "6e8"]) == 1
+    printed = capsys.readouterr()
+    assert "every point is trained and recorded, but the report failed (FileExistsError" in printed.err
+    assert f"arflow scaling fit --parent-run {state['parent_run_id']} --tracking-uri " in printed.err
+    assert len(json.loads(printed.out.strip().splitlines()[-1])["points"]) == 3
+
 
 def test_auto_parallel_fits_points_to_cluster_cpus(ray_local, tmp_path):
     from arflow_scale.scaling.sweep import auto_parallel

@@ -87,20 +87,34 @@ def run(args) -> int:
         print(json.dumps((_status if args.status else _dry_run)(narrowed, folder)), flush=True)
         return 0
     summary = run_sweep(sweep, folder, parallel=args.parallel, budgets=args.budgets)
+    code = 0
     if not args.no_report and len(summary["points"]) >= 3:
-        from arflow_scale.scaling.points import point_from_record
-        from arflow_scale.scaling.report import write_report
-
         root = sweep_url(sweep)
         out = Path(root, "report") if "://" not in root else Path("runs", "sweeps", sweep.name, "report")
-        report = write_report([point_from_record(r) for r in summary["points"]], out,
-                              parent_run_id=summary["parent_run_id"], tracking_uri=summary["tracking_uri"])
-        summary["fits"] = report["fits"]
-        summary["report_dir"] = report["out_dir"]
-        summary["notes"] = report["notes"]  # e.g. a budget whose optimum its sizes do not bracket
-        for note in report["notes"]:
-            print(f"arflow sweep: {note}", file=sys.stderr)
+        code = _report(summary, out)
     keep = ("name", "params", "flops", "steps", "tokens", "budget", "loss", "fid", "run_id")
     summary["points"] = [{k: r.get(k) for k in keep} for r in summary["points"]]
     print(json.dumps(summary), flush=True)
+    return code
+
+
+def _report(summary: dict, out) -> int:
+    """Fit the trained points and write the report into `out`, adding its fits and notes to `summary`; 1 when the
+    report fails, saying that every point is trained and recorded and how to fit them again."""
+    from arflow_scale.scaling.points import point_from_record
+    from arflow_scale.scaling.report import write_report
+
+    try:
+        report = write_report([point_from_record(r) for r in summary["points"]], out,
+                              parent_run_id=summary["parent_run_id"], tracking_uri=summary["tracking_uri"])
+    except Exception as err:  # noqa: BLE001 - the trained points are safe: say so, and how to fit them again
+        print(f"arflow sweep: every point is trained and recorded, but the report failed ({type(err).__name__}: "
+              f"{err}); fit them again with `arflow scaling fit --parent-run {summary['parent_run_id']} "
+              f"--tracking-uri {summary['tracking_uri']}`, or run the sweep again", file=sys.stderr)
+        return 1
+    summary["fits"] = report["fits"]
+    summary["report_dir"] = report["out_dir"]
+    summary["notes"] = report["notes"]  # e.g. a budget whose optimum its sizes do not bracket
+    for note in report["notes"]:
+        print(f"arflow sweep: {note}", file=sys.stderr)
     return 0
