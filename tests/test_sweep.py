@@ -363,9 +363,12 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert sorted(p.setting for p in points) == sorted(by_name)  # the runs' setting tags
     fitted = write_report(points, tmp_path / "fit")
     assert fitted["n_points"] == 3
+    _a_failed_report_keeps_the_points(tmp_path, sweep_file, state["parent_run_id"], capsys)
 
-    # 4: the report cannot be written (a file where its folder goes): the CLI keeps the trained points, exits 1 and
-    # says how to fit them again
+
+def _a_failed_report_keeps_the_points(tmp_path: Path, sweep_file: Path, parent_run_id: str, capsys) -> None:
+    """4: the report cannot be written (a file where its folder goes): the CLI keeps the trained points, exits 1
+    and says how to fit them again."""
     from arflow_scale.cli import main
 
     report = tmp_path / "sweeps/cpu-isoflop/report"
@@ -375,7 +378,7 @@ def test_cpu_isoflop_sweep_resumes_skips_and_scores_points_by_validation_loss(ra
     assert main(["sweep", "--config", str(sweep_file), "--budgets", "6e8"]) == 1
     printed = capsys.readouterr()
     assert "every point is trained and recorded, but the report failed (FileExistsError" in printed.err
-    assert f"arflow scaling fit --parent-run {state['parent_run_id']} --tracking-uri " in printed.err
+    assert f"arflow scaling fit --parent-run {parent_run_id} --tracking-uri " in printed.err
     assert len(json.loads(printed.out.strip().splitlines()[-1])["points"]) == 3
 
 
