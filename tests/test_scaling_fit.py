@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 import subprocess
 import sys
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -536,6 +538,42 @@ def test_seeds_of_a_setting_enter_the_fits_as_their_mean_not_their_best(tmp_path
     assert "| seeds | loss std |" in table and f"| {law[0].name} |" in table
     back = points_from_csv(tmp_path / "seeds/points.csv")  # every run, with its setting: a refit averages the same
     assert [(p.name, p.setting, p.loss) for p in back] == [(p.name, p.setting, pytest.approx(p.loss)) for p in runs]
+
+
+def test_a_best_setting_within_two_standard_errors_of_the_runner_up_is_reported_as_a_close_call(tmp_path):
+    """Three cells, each with two settings: seeds 1 apart in one (a close call), far apart in another, and one cell
+    whose runner-up has a single seed (no spread: not judged). The standard error is Welch's, from each setting's
+    own seeds."""
+    from arflow_scale.scaling.analysis import SEPARATION, best_per_cell, close_calls, mean_of_seeds
+
+    def runs(setting: str, params: float, losses: Sequence[float]) -> list[ScalingPoint]:
+        return [ScalingPoint(params=params, flops=1e15, loss=loss, tokens=1e15 / (6 * params), budget=1e15,
+                             name=f"{setting}-seed{i}", setting=setting) for i, loss in enumerate(losses)]
+
+    cells = [*runs("n1-lr1", 1e6, (1.00, 1.02, 0.98)), *runs("n1-lr2", 1e6, (1.01, 1.03, 0.99)),
+             *runs("n2-lr1", 2e6, (0.90, 0.91, 0.89)), *runs("n2-lr2", 2e6, (1.20, 1.21, 1.19)),
+             *runs("n4-lr1", 4e6, (0.95, 0.96, 0.94)), *runs("n4-lr2", 4e6, (0.951,))]
+    kept, beaten = best_per_cell(mean_of_seeds(cells))
+    close, judged = close_calls(kept, beaten)
+    assert judged == 2 and [(c.best.name, c.runner_up.name) for c in close] == [("n1-lr1", "n1-lr2")]
+    spread = [statistics.stdev(s) for s in ((1.00, 1.02, 0.98), (1.01, 1.03, 0.99))]
+    assert close[0].gap == pytest.approx(0.01)
+    assert close[0].standard_error == pytest.approx(math.sqrt(sum(s * s / 3 for s in spread)), rel=1e-12)
+    assert close[0].gap < SEPARATION * close[0].standard_error
+    report = write_report(cells, tmp_path / "close", settings=BootstrapSettings(resamples=0))
+    assert [(c["best"], c["runner_up"], c["params"]) for c in report["close_calls"]] == [("n1-lr1", "n1-lr2", 1e6)]
+    assert any(note.startswith("in 1 of 2 cells the best setting is within 2 standard errors") and
+               note.endswith(": n1-lr1") for note in report["notes"]), report["notes"]
+    swapped = fit_isoflop([beaten[0], *kept[1:]], settings=BootstrapSettings(resamples=0)).profiles[0].n_opt.value
+    fitted = fit_isoflop(kept, settings=BootstrapSettings(resamples=0)).profiles[0].n_opt.value
+    assert f"IsoFLOP: with each close call's runner-up instead: N_opt per budget 1e+15: {fitted:.4g} -> " \
+           f"{swapped:.4g}" in report["notes"] and f"{fitted:.4g}" != f"{swapped:.4g}"
+    table = (tmp_path / "close/scaling.md").read_text()
+    assert "## Close calls" in table and "| n1-lr1 | 1 | n1-lr2 | 1.01 | 0.01 |" in table
+    alone = write_report(cells[:6], tmp_path / "one-cell", settings=BootstrapSettings(resamples=0))
+    assert len(alone["close_calls"]) == 1
+    assert write_report(cells[6:12], tmp_path / "far", settings=BootstrapSettings(resamples=0))["close_calls"] == []
+    assert "Close calls" not in (tmp_path / "far/scaling.md").read_text()
 
 
 def test_only_the_same_settings_cell_is_averaged_and_a_seed_without_fid_leaves_the_mean_without():

@@ -6,10 +6,13 @@ Points of one setting (a sweep's `seeds`: the same configuration under other tra
 one point per setting (`mean_of_seeds`). Points that share a size, training FLOPs and tokens (a sweep's grid over
 another setting, e.g. `optim.lr`) are then alternatives for one cell: every fit takes the lowest loss of each cell, the
 best setting per size. A setting that suits some sizes better than others would otherwise bend the profiles and move
-the optima; the best of several seeds instead of their mean would favour the settings tried most often."""
+the optima; the best of several seeds instead of their mean would favour the settings tried most often. Where both the best
+setting of a cell and its runner-up average seeds, a gap under `SEPARATION` standard errors is a close call
+(`close_calls`): the seeds do not say which setting is better, and the report lists it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -34,6 +37,27 @@ class ScalingAnalysis:
     settings: BootstrapSettings
     notes: list[str] = field(default_factory=list)
     beaten: list[ScalingPoint] = field(default_factory=list)  # a lower loss shares their size, FLOPs and tokens
+    close_calls: list["CloseCall"] = field(default_factory=list)  # cells whose best setting the seeds do not separate
+
+
+SEPARATION = 2.0  # standard errors of the difference of two settings' mean losses that separate them
+
+
+@dataclass(frozen=True)
+class CloseCall:
+    """One cell's best setting and its runner-up, both means of seeds, closer than SEPARATION standard errors of the
+    difference of their means (Welch's: sqrt(s1^2/n1 + s2^2/n2)): more seeds would be needed to rank them."""
+
+    best: ScalingPoint
+    runner_up: ScalingPoint
+
+    @property
+    def gap(self) -> float:
+        return self.runner_up.loss - self.best.loss
+
+    @property
+    def standard_error(self) -> float:
+        return math.hypot(*(p.loss_std / math.sqrt(p.seeds) for p in (self.best, self.runner_up)))
 
 
 def _cell(point: ScalingPoint) -> tuple:
@@ -72,6 +96,40 @@ def best_per_cell(points: Sequence[ScalingPoint]) -> tuple[list[ScalingPoint], l
     return ([p for i, p in enumerate(points) if i in kept], [p for i, p in enumerate(points) if i not in kept])
 
 
+def close_calls(kept: Sequence[ScalingPoint], beaten: Sequence[ScalingPoint],
+                separation: float = SEPARATION) -> tuple[list[CloseCall], int]:
+    """(the close calls among the cells of `kept`, in its order; how many cells could be judged: their best point
+    and the lowest of the `beaten` in their cell both average seeds, so both have a standard deviation)."""
+    runner_up: dict[tuple, ScalingPoint] = {}
+    for point in beaten:
+        cell = _cell(point)
+        if cell not in runner_up or point.loss < runner_up[cell].loss:
+            runner_up[cell] = point
+    pairs = [CloseCall(best, runner_up[_cell(best)]) for best in kept if _cell(best) in runner_up]
+    judged = [pair for pair in pairs if pair.best.seeds > 1 and pair.runner_up.seeds > 1]
+    return [pair for pair in judged if pair.gap < separation * pair.standard_error], len(judged)
+
+
+def _close_call_note(calls: list[CloseCall], judged: int) -> str:
+    return (f"in {len(calls)} of {judged} cells the best setting is within {SEPARATION:g} standard errors of the "
+            f"runner-up, so the seeds do not rank the two (the fits use the lower mean): "
+            f"{', '.join(c.best.name for c in calls)}")
+
+
+def _runner_up_isoflop_note(points: list[ScalingPoint], calls: list[CloseCall], isoflop: IsoFlopAnalysis,
+                            tolerance: float) -> str:
+    """What the IsoFLOP optima become with every close call's runner-up fitted instead of its best (no bootstrap):
+    whether the frontier rests on rankings the seeds do not support."""
+    swap = {id(c.best): c.runner_up for c in calls}
+    other = fit_isoflop([swap.get(id(p), p) for p in points], tolerance=tolerance,
+                        settings=BootstrapSettings(resamples=0))
+    optima = ", ".join(f"{a.budget:.3g}: {a.n_opt.value:.4g} -> {b.n_opt.value:.4g}"
+                       for a, b in zip(isoflop.profiles, other.profiles))
+    laws = (isoflop.n_opt_law, other.n_opt_law)
+    exponent = (f"; N_opt ~ C^{laws[0].b:.3g} -> C^{laws[1].b:.3g}" if None not in laws else "")
+    return f"with each close call's runner-up instead: N_opt per budget {optima}{exponent}"
+
+
 def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = BootstrapSettings(),
             irreducible: bool = False, tolerance: float = DEFAULT_BUDGET_TOLERANCE) -> ScalingAnalysis:
     """Fit everything the points support: each setting's seeds averaged (`mean_of_seeds`), then the best point
@@ -86,9 +144,14 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
     if beaten:
         notes.append(f"{len(beaten)} point(s) share their size, FLOPs and tokens with a lower loss (a grid over "
                      f"another setting, e.g. the learning rate): every fit uses the best of each, {len(points)} points")
+    close, judged = close_calls(points, beaten)
+    if close:
+        notes.append(_close_call_note(close, judged))
     power_laws = fit_scaling_laws(points, confidence=settings.confidence, irreducible=irreducible, notes=notes)
     isoflop = fit_isoflop(points, tolerance=tolerance, settings=settings)
     notes += [f"IsoFLOP: {note}" for note in isoflop.notes]
+    if close:
+        notes.append(f"IsoFLOP: {_runner_up_isoflop_note(points, close, isoflop, tolerance)}")
     parametric = None
     reason = parametric_skip_reason(points)
     if reason:
@@ -102,4 +165,5 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
     except ValueError as err:
         notes.append(str(err))
     return ScalingAnalysis(points=points, power_laws=power_laws, isoflop=isoflop, parametric=parametric,
-                           prediction=prediction, settings=settings, notes=notes, beaten=beaten)
+                           prediction=prediction, settings=settings, notes=notes, beaten=beaten,
+                           close_calls=close)

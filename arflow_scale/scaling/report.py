@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .analysis import ScalingAnalysis, analyse
+from .analysis import SEPARATION, CloseCall, ScalingAnalysis, analyse
 from .bootstrap import BootstrapSettings, Estimate
 from .fit import PowerLawFit
 from .holdout import PredictionCheck
@@ -49,6 +49,18 @@ def _points_md(points: Sequence[ScalingPoint], title: str = "Points") -> list[st
         lines.append(f"| {p.name or '-'} | {_fmt(p.budget)} | {_fmt(p.params)} | {_fmt(p.tokens)} | "
                      f"{_fmt(p.images)} | {_fmt(p.flops)} | {_fmt(p.loss)} | {_fmt(p.fid)} |"
                      + (f" {p.seeds} | {_fmt(p.loss_std)} |" if seeded else ""))
+    return lines
+
+
+def _close_calls_md(calls: Sequence[CloseCall]) -> list[str]:
+    """The cells whose best setting the seeds do not separate from the runner-up (analysis.close_calls)."""
+    lines = [f"## Close calls: the best setting within {SEPARATION:g} standard errors of the runner-up", "",
+             "More seeds would be needed to rank these two; the fits use the lower mean.", "",
+             "| budget | params N | best | mean loss | runner-up | mean loss | gap | standard error |",
+             "|---:|---:|---|---:|---|---:|---:|---:|"]
+    lines += [f"| {_fmt(c.best.budget)} | {_fmt(c.best.params)} | {c.best.name or '-'} | {_fmt(c.best.loss)} | "
+              f"{c.runner_up.name or '-'} | {_fmt(c.runner_up.loss)} | {_fmt(c.gap)} | {_fmt(c.standard_error)} |"
+              for c in calls]
     return lines
 
 
@@ -133,7 +145,8 @@ def markdown_report(analysis: ScalingAnalysis) -> str:
              "fits, t-distribution for the single power laws.", ""]
     beaten = _points_md(analysis.beaten, "Points not fitted: a lower loss shares their size, FLOPs and tokens") \
         if analysis.beaten else []
-    for part in filter(None, (_points_md(analysis.points), beaten, _isoflop_md(analysis.isoflop),
+    close = _close_calls_md(analysis.close_calls) if analysis.close_calls else []
+    for part in filter(None, (_points_md(analysis.points), beaten, close, _isoflop_md(analysis.isoflop),
                               _parametric_md(analysis.parametric), _power_laws_md(analysis.power_laws),
                               _prediction_md(analysis.prediction))):
         lines += [*part, ""]
@@ -192,6 +205,9 @@ def summary(analysis: ScalingAnalysis) -> dict:
         "isoflop": _isoflop_summary(analysis.isoflop),
         "parametric": _parametric_summary(analysis.parametric),
         "prediction_check": _prediction_summary(analysis.prediction),
+        "close_calls": [{"best": c.best.name, "runner_up": c.runner_up.name, "params": c.best.params,
+                         "budget": c.best.budget, "flops": c.best.flops, "gap": c.gap,
+                         "standard_error": c.standard_error} for c in analysis.close_calls],
         "notes": analysis.notes,
     })
 
