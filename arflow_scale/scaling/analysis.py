@@ -6,8 +6,8 @@ Points of one setting (a sweep's `seeds`: the same configuration under other tra
 one point per setting (`mean_of_seeds`). Points that share a size, training FLOPs and tokens (a sweep's grid over
 another setting, e.g. `optim.lr`) are then alternatives for one cell: every fit takes the lowest loss of each cell, the
 best setting per size. A setting that suits some sizes better than others would otherwise bend the profiles and move
-the optima; the best of several seeds instead of their mean would favour the settings tried most often. Where both the best
-setting of a cell and its runner-up average seeds, a gap under `SEPARATION` standard errors is a close call
+the optima; the best of several seeds instead of their mean would favour the settings tried most often. Where both
+the best setting of a cell and its runner-up average seeds, a gap under `SEPARATION` standard errors is a close call
 (`close_calls`): the seeds do not say which setting is better, and the report lists it."""
 from __future__ import annotations
 
