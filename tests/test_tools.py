@@ -127,3 +127,56 @@ def test_floor_constraints_pin_the_checked_floors_which_this_environment_meets(t
     with pytest.raises(ValueError, match="has no floor for deepspeed"):
         floor_constraints(bad)
     assert floor_constraints(bad, ("ray", "mlflow")) == ["ray==2.59", "mlflow==2.22"]
+
+
+def _tool_module(name: str):
+    """A tools/ script imported as a module (its main() not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_session_runs_steps_in_order_kills_an_overrun_and_skips_what_the_budget_cannot_hold(tmp_path):
+    session = _tool_module("gpu_session")
+    py = sys.executable
+    steps = [("ok", [py, "-c", "print('{\"x\": 1}'); print('text')"], 60),
+             ("overrun", [py, "-c", "import time; print('{\"started\": 1}', flush=True); time.sleep(120)"], 3),
+             ("failing", [py, "-c", "import sys; sys.exit(4)"], 60),
+             ("late", [py, "-c", "print(1)"], 10_000)]
+    outcomes = {o.name: o for o in session.run_plan(steps, 300, tmp_path, dict(os.environ))}
+    assert list(outcomes) == ["ok", "overrun", "failing", "late"]
+    ok, overrun = outcomes["ok"], outcomes["overrun"]
+    assert (ok.returncode, ok.timed_out, ok.json_lines) == (0, False, 1)
+    assert (tmp_path / "ok.jsonl").read_text() == '{"x": 1}\n' and "text" in (tmp_path / "ok.log").read_text()
+    assert overrun.timed_out and overrun.seconds < 60 and overrun.returncode != 0
+    assert (tmp_path / "overrun.jsonl").read_text() == '{"started": 1}\n'  # what it printed before it was killed
+    assert outcomes["failing"].returncode == 4
+    assert outcomes["late"].returncode is None and "timeout 10000 s exceeds the" in outcomes["late"].skipped
+
+
+def test_gpu_session_plan_is_accepted_by_its_tools_and_runs_on_cpu(tmp_path, capsys):
+    session, bench = _tool_module("gpu_session"), _tool_module("gpu_bench")
+    for step in session.PLAN:
+        for smoke in (False, True):
+            argv = session.tool_argv(step, tmp_path, "cpu" if smoke else "cuda", smoke)
+            assert argv[1] == str(REPO / "tools" / step.tool) and str(tmp_path) not in " ".join(step.args)
+            if step.tool == "gpu_bench.py":
+                bench.parse_args(argv[2:])  # a parser error exits (SystemExit)
+            else:
+                assert step.tool == "gpu_check.py" and argv[2:4] == ["--only", "attention_triton"]
+    assert session.main(["--dry-run"]) == 0
+    plan = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in plan] == [s.name for s in session.PLAN]
+    assert "past the budget" not in plan[0] and "past the budget" in plan[-1]
+    with pytest.raises(SystemExit, match="2"):
+        session.main(["--only", "attention,bogus"])
+    assert "unknown step(s) bogus" in capsys.readouterr().err
+    assert session.main(["--device", "cpu", "--smoke", "--only", "check_attention_triton", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "session.json").read_text())
+    assert [(s["name"], s["returncode"]) for s in summary["steps"]] == [("check_attention_triton", 0)]
+    assert summary["deepspeed"] is None  # importable here: nothing installed
+    assert json.loads((tmp_path / "check_attention_triton.jsonl").read_text().splitlines()[-1])["ok"]
