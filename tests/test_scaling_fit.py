@@ -561,19 +561,55 @@ def test_a_best_setting_within_two_standard_errors_of_the_runner_up_is_reported_
     assert close[0].standard_error == pytest.approx(math.sqrt(sum(s * s / 3 for s in spread)), rel=1e-12)
     assert close[0].gap < SEPARATION * close[0].standard_error
     report = write_report(cells, tmp_path / "close", settings=BootstrapSettings(resamples=0))
-    assert [(c["best"], c["runner_up"], c["params"]) for c in report["close_calls"]] == [("n1-lr1", "n1-lr2", 1e6)]
+    found = report["close_calls"]
+    assert [(c["best"], c["runner_up"], c["params"]) for c in found["cells"]] == [("n1-lr1", "n1-lr2", 1e6)]
     assert any(note.startswith("in 1 of 2 cells the best setting is within 2 standard errors") and
                note.endswith(": n1-lr1") for note in report["notes"]), report["notes"]
     swapped = fit_isoflop([beaten[0], *kept[1:]], settings=BootstrapSettings(resamples=0)).profiles[0].n_opt.value
     fitted = fit_isoflop(kept, settings=BootstrapSettings(resamples=0)).profiles[0].n_opt.value
+    assert found["runner_up_isoflop"]["n_opt"] == {"1e+15": pytest.approx(swapped, rel=1e-12)}
     assert f"IsoFLOP: with each close call's runner-up instead: N_opt per budget 1e+15: {fitted:.4g} -> " \
            f"{swapped:.4g}" in report["notes"] and f"{fitted:.4g}" != f"{swapped:.4g}"
     table = (tmp_path / "close/scaling.md").read_text()
     assert "## Close calls" in table and "| n1-lr1 | 1 | n1-lr2 | 1.01 | 0.01 |" in table
     alone = write_report(cells[:6], tmp_path / "one-cell", settings=BootstrapSettings(resamples=0))
-    assert len(alone["close_calls"]) == 1
-    assert write_report(cells[6:12], tmp_path / "far", settings=BootstrapSettings(resamples=0))["close_calls"] == []
+    assert len(alone["close_calls"]["cells"]) == 1
+    far = write_report(cells[6:12], tmp_path / "far", settings=BootstrapSettings(resamples=0))["close_calls"]
+    assert far == {"separation": SEPARATION, "cells": [], "runner_up_isoflop": None}
     assert "Close calls" not in (tmp_path / "far/scaling.md").read_text()
+
+
+def test_close_calls_and_the_runner_ups_frontier_exponent_reach_the_parent_run(tmp_path):
+    """Two budgets of the same U-shaped profile, the second at twice the sizes (N_opt ~ C^(ln 2 / ln 3)); one close
+    call at the first budget's smallest size. The parent run gets the count and the exponent refitted with it."""
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.scaling.analysis import best_per_cell, close_calls, mean_of_seeds, runner_up_isoflop
+
+    def runs(setting: str, params: float, flops: float, losses: Sequence[float]) -> list[ScalingPoint]:
+        return [ScalingPoint(params=params, flops=flops, loss=loss, tokens=flops / (6 * params), budget=flops,
+                             name=f"{setting}-seed{i}", setting=setting) for i, loss in enumerate(losses)]
+
+    points = []
+    for flops, scale in ((1e15, 1), (3e15, 2)):
+        for n, mean in ((1e6, 1.0), (2e6, 0.9), (4e6, 0.95)):
+            points += runs(f"c{flops:g}-n{n * scale:g}", n * scale, flops, (mean - 0.01, mean, mean + 0.01))
+            points += runs(f"c{flops:g}-n{n * scale:g}-other", n * scale, flops, (mean + 0.3, mean + 0.31, mean + 0.29))
+    points[3:6] = runs("c1e+15-n1e+06-other", 1e6, 1e15, (1.0, 1.02, 0.99))  # a close call
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    parent = client.create_run(client.create_experiment("close", artifact_location=str(tmp_path / "a"))).info.run_id
+    report = write_report(points, tmp_path / "out", settings=BootstrapSettings(resamples=0), parent_run_id=parent,
+                          tracking_uri=uri)
+    kept, beaten = best_per_cell(mean_of_seeds(points))
+    refit = runner_up_isoflop(kept, close_calls(kept, beaten)[0])
+    assert report["isoflop"]["frontier"]["n_opt"]["b"] == pytest.approx(math.log(2) / math.log(3), rel=1e-6)
+    assert refit.n_opt_law.b != pytest.approx(math.log(2) / math.log(3), rel=1e-3)
+    metrics = client.get_run(parent).data.metrics
+    assert metrics["scaling/close_calls"] == 1 == len(report["close_calls"]["cells"])
+    assert metrics["scaling/isoflop/n_opt_exponent_runner_ups"] == pytest.approx(refit.n_opt_law.b, rel=1e-12)
+    assert report["close_calls"]["runner_up_isoflop"]["frontier_exponents"]["n_opt"] == \
+        pytest.approx(refit.n_opt_law.b, rel=1e-12)
 
 
 def test_only_the_same_settings_cell_is_averaged_and_a_seed_without_fid_leaves_the_mean_without():

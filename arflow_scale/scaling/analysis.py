@@ -38,6 +38,7 @@ class ScalingAnalysis:
     notes: list[str] = field(default_factory=list)
     beaten: list[ScalingPoint] = field(default_factory=list)  # a lower loss shares their size, FLOPs and tokens
     close_calls: list["CloseCall"] = field(default_factory=list)  # cells whose best setting the seeds do not separate
+    runner_up_isoflop: Optional[IsoFlopAnalysis] = None  # refitted with each close call's runner-up (no intervals)
 
 
 SEPARATION = 2.0  # standard errors of the difference of two settings' mean losses that separate them
@@ -116,13 +117,16 @@ def _close_call_note(calls: list[CloseCall], judged: int) -> str:
             f"{', '.join(c.best.name for c in calls)}")
 
 
-def _runner_up_isoflop_note(points: list[ScalingPoint], calls: list[CloseCall], isoflop: IsoFlopAnalysis,
-                            tolerance: float) -> str:
-    """What the IsoFLOP optima become with every close call's runner-up fitted instead of its best (no bootstrap):
-    whether the frontier rests on rankings the seeds do not support."""
+def runner_up_isoflop(points: Sequence[ScalingPoint], calls: Sequence[CloseCall], *,
+                      tolerance: float = DEFAULT_BUDGET_TOLERANCE) -> IsoFlopAnalysis:
+    """The IsoFLOP fit (no bootstrap) with every close call's runner-up in place of its best: whether the optima
+    and the frontier rest on rankings the seeds do not support."""
     swap = {id(c.best): c.runner_up for c in calls}
-    other = fit_isoflop([swap.get(id(p), p) for p in points], tolerance=tolerance,
-                        settings=BootstrapSettings(resamples=0))
+    return fit_isoflop([swap.get(id(p), p) for p in points], tolerance=tolerance,
+                       settings=BootstrapSettings(resamples=0))
+
+
+def _runner_up_note(isoflop: IsoFlopAnalysis, other: IsoFlopAnalysis) -> str:
     optima = ", ".join(f"{a.budget:.3g}: {a.n_opt.value:.4g} -> {b.n_opt.value:.4g}"
                        for a, b in zip(isoflop.profiles, other.profiles))
     laws = (isoflop.n_opt_law, other.n_opt_law)
@@ -150,8 +154,9 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
     power_laws = fit_scaling_laws(points, confidence=settings.confidence, irreducible=irreducible, notes=notes)
     isoflop = fit_isoflop(points, tolerance=tolerance, settings=settings)
     notes += [f"IsoFLOP: {note}" for note in isoflop.notes]
-    if close:
-        notes.append(f"IsoFLOP: {_runner_up_isoflop_note(points, close, isoflop, tolerance)}")
+    other = runner_up_isoflop(points, close, tolerance=tolerance) if close else None
+    if other is not None:
+        notes.append(f"IsoFLOP: {_runner_up_note(isoflop, other)}")
     parametric = None
     reason = parametric_skip_reason(points)
     if reason:
@@ -166,4 +171,4 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
         notes.append(str(err))
     return ScalingAnalysis(points=points, power_laws=power_laws, isoflop=isoflop, parametric=parametric,
                            prediction=prediction, settings=settings, notes=notes, beaten=beaten,
-                           close_calls=close)
+                           close_calls=close, runner_up_isoflop=other)

@@ -194,6 +194,18 @@ def _prediction_summary(check: Optional[PredictionCheck]) -> Optional[dict]:
             "mean_abs_relative_error": check.mean_abs_relative_error, "notes": check.notes}
 
 
+def _close_calls_summary(analysis: ScalingAnalysis) -> dict:
+    """The close calls and the IsoFLOP optima and frontier exponents refitted with their runner-ups."""
+    other = analysis.runner_up_isoflop
+    refit = None if other is None else {
+        "n_opt": {f"{p.budget:g}": p.n_opt.value for p in other.profiles},
+        "frontier_exponents": {name: (law.b if law is not None else None) for name, law in
+                               (("n_opt", other.n_opt_law), ("d_opt", other.d_opt_law), ("l_opt", other.l_opt_law))}}
+    cells = [{"best": c.best.name, "runner_up": c.runner_up.name, "params": c.best.params, "budget": c.best.budget,
+              "flops": c.best.flops, "gap": c.gap, "standard_error": c.standard_error} for c in analysis.close_calls]
+    return {"separation": SEPARATION, "cells": cells, "runner_up_isoflop": refit}
+
+
 def summary(analysis: ScalingAnalysis) -> dict:
     """fits.json content (nan written as null)."""
     s = analysis.settings
@@ -205,9 +217,7 @@ def summary(analysis: ScalingAnalysis) -> dict:
         "isoflop": _isoflop_summary(analysis.isoflop),
         "parametric": _parametric_summary(analysis.parametric),
         "prediction_check": _prediction_summary(analysis.prediction),
-        "close_calls": [{"best": c.best.name, "runner_up": c.runner_up.name, "params": c.best.params,
-                         "budget": c.best.budget, "flops": c.best.flops, "gap": c.gap,
-                         "standard_error": c.standard_error} for c in analysis.close_calls],
+        "close_calls": _close_calls_summary(analysis),
         "notes": analysis.notes,
     })
 
@@ -247,6 +257,11 @@ def _run_metrics(analysis: ScalingAnalysis) -> dict[str, float]:
             metrics[f"scaling/isoflop/{name}_exponent"] = law.b
     if analysis.parametric is not None:
         metrics.update({f"scaling/parametric/{name}": getattr(analysis.parametric, name).value for name in NAMES})
+    if analysis.close_calls:
+        metrics["scaling/close_calls"] = len(analysis.close_calls)
+        other = analysis.runner_up_isoflop.n_opt_law
+        if other is not None:
+            metrics["scaling/isoflop/n_opt_exponent_runner_ups"] = other.b
     check = analysis.prediction
     if check is not None and check.points:
         metrics["scaling/prediction/mean_abs_relative_error"] = check.mean_abs_relative_error
