@@ -8,9 +8,11 @@ its own process under its own timeout, within one time budget, every output kept
 
 A step starts only if its timeout still fits in what is left of `--budget-s`, so a slow step cannot eat the
 session; a step that overruns is killed and the next one starts. DeepSpeed is installed from the working tree's
-`.whl/` folder first when the machine lacks it (README "GPU speed"). Per step, `<out>/<step>.jsonl` holds its
-JSON lines and `<out>/<step>.log` its other output; `<out>/session.json` says what ran, for how long, and how it
-ended. Exit code 1 when any step that ran failed.
+`.whl/` folder first when the machine lacks it (README "GPU speed"; name `.whl` in the device call's carry).
+Three files, as few as the device machine sends back: `<out>/results.jsonl` every step's JSON lines, each with the
+step's name under "step", `<out>/logs.txt` the steps' other output, `<out>/session.json` what ran, for how long
+and how it ended; each is written as the steps go. The profiler's Chrome traces stay on the machine (too large to
+send back); the profile step's JSON lines carry its summary. Exit code 1 when any step that ran failed.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ PLAN = (
     Step("attention", "gpu_bench.py", ("--only", "peak,attention"), 150),
     Step("train", "gpu_bench.py", tuple(TRAIN), 240),
     Step("train_triton_sdpa", "gpu_bench.py", (*TRAIN, "--attention-backend", "triton_sdpa"), 200),
-    Step("profile", "gpu_bench.py", ("--only", "train", "--variants", "zero2_compiled", "--profile", "{out}/traces",
+    Step("profile", "gpu_bench.py", ("--only", "train", "--variants", "zero2_compiled", "--profile", "{traces}",
                                      *XL), 200),
     Step("sample", "gpu_bench.py", ("--only", "sample", "--sample-steps", "20", "--sample-backends",
                                     "auto,torch,triton_sdpa"), 200),
@@ -72,19 +74,21 @@ class Outcome:
     json_lines: int = 0
 
 
-def tool_argv(step: Step, out: Path, device: str, smoke: bool) -> list[str]:
-    """The step's command: this Python, the tool, its arguments ({out} filled in) and the device options
+def tool_argv(step: Step, traces: Path, device: str, smoke: bool) -> list[str]:
+    """The step's command: this Python, the tool, its arguments ({traces} filled in) and the device options
     (gpu_bench's --smoke replaces the shapes; gpu_check's smallest model is tiny/2)."""
-    args = [a.replace("{out}", str(out)) for a in step.args] + ["--device", device]
+    args = [a.replace("{traces}", str(traces)) for a in step.args] + ["--device", device]
     if smoke:
         args += ["--smoke"] if step.tool == "gpu_bench.py" else ["--size", "tiny/2"]
     return [sys.executable, str(REPO / "tools" / step.tool), *args]
 
 
 def run_step(name: str, argv: list[str], timeout_s: float, out: Path, env: dict[str, str]) -> Outcome:
-    """Run one step with its stdout split into JSON lines (<name>.jsonl) and the rest (<name>.log)."""
+    """Run one step; append its JSON lines, tagged with the step, to results.jsonl and the rest to logs.txt."""
     start = time.monotonic()
-    with open(out / f"{name}.log", "w") as log:
+    with open(out / "logs.txt", "a") as log:
+        log.write(f"== {name}: {' '.join(argv)}\n")
+        log.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True, env=env, cwd=REPO,
                                 start_new_session=True)
         try:
@@ -94,26 +98,34 @@ def run_step(name: str, argv: list[str], timeout_s: float, out: Path, env: dict[
             os.killpg(proc.pid, 9)  # the tool and any compile workers it started
             stdout, _ = proc.communicate()
             timed_out = True
-        lines = stdout.splitlines()
-        json_lines = [line for line in lines if line.startswith("{")]
-        log.write("\n".join(line for line in lines if not line.startswith("{")))
-    (out / f"{name}.jsonl").write_text("".join(f"{line}\n" for line in json_lines))
+        results, other = [], []
+        for line in stdout.splitlines():
+            try:
+                results.append({"step": name, **json.loads(line)})
+            except (ValueError, TypeError):  # not a JSON object: output for the log
+                other.append(line)
+        log.write("".join(f"{line}\n" for line in other))
+    with open(out / "results.jsonl", "a") as jsonl:
+        jsonl.write("".join(json.dumps(line) + "\n" for line in results))
     return Outcome(name, argv, proc.returncode, round(time.monotonic() - start, 1), timed_out,
-                   json_lines=len(json_lines))
+                   json_lines=len(results))
 
 
-def run_plan(steps: Sequence[tuple[str, list[str], float]], budget_s: float, out: Path,
-             env: dict[str, str]) -> list[Outcome]:
-    """Each (name, argv, timeout) in order if its timeout fits in what is left of the budget; the others skipped."""
+def run_plan(steps: Sequence[tuple[str, list[str], float]], budget_s: float, out: Path, env: dict[str, str],
+             header: Optional[dict] = None) -> list[Outcome]:
+    """Each (name, argv, timeout) in order if its timeout fits in what is left of the budget, the others skipped;
+    session.json (`header` and the outcomes so far) rewritten after each step."""
     start, outcomes = time.monotonic(), []
     for name, argv, timeout_s in steps:
         left = budget_s - (time.monotonic() - start)
         if timeout_s > left:
             outcomes.append(Outcome(name, argv, skipped=f"its timeout {timeout_s:.0f} s exceeds the {left:.0f} s left"))
-            continue
-        outcomes.append(run_step(name, argv, timeout_s, out, env))
+        else:
+            outcomes.append(run_step(name, argv, timeout_s, out, env))
         print(json.dumps({"step": name, **{k: v for k, v in asdict(outcomes[-1]).items() if k != "argv"}}),
               flush=True)
+        session = {**(header or {}), "steps": [asdict(o) for o in outcomes]}
+        (out / "session.json").write_text(json.dumps(session, indent=1))
     return outcomes
 
 
@@ -129,8 +141,8 @@ def deepspeed_env() -> tuple[dict[str, str], Optional[str]]:
     if not wheels:
         return env, f"DeepSpeed is not importable and {WHEELS} holds no wheels (README \"GPU speed\")"
     site = Path(tempfile.gettempdir()) / "arflow_gpu_session_site"
-    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--target",
-                          str(site), *wheels], capture_output=True, text=True)
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                          "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], capture_output=True, text=True)
     if pip.returncode != 0:  # the steps still run: those that need DeepSpeed fail and say so
         return env, f"installing the wheels of {WHEELS} failed: {pip.stderr.strip().splitlines()[-1:]}"
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
@@ -152,7 +164,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if unknown:
         parser.error(f"--only: unknown step(s) {', '.join(unknown)}; known: {', '.join(names)}")
     out = Path(args.out).resolve()
-    steps = [(s.name, tool_argv(s, out, args.device, args.smoke), SMOKE_TIMEOUT_S if args.smoke else s.timeout_s)
+    traces = Path(tempfile.gettempdir()) / "arflow_gpu_session_traces"
+    steps = [(s.name, tool_argv(s, traces, args.device, args.smoke), SMOKE_TIMEOUT_S if args.smoke else s.timeout_s)
              for s in PLAN if s.name in chosen]
     if args.dry_run:
         total = 0.0
@@ -162,11 +175,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{name:24s} at most {timeout_s:4.0f} s  {' '.join(command[1:])}{fits}")
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("results.jsonl", "logs.txt"):  # a session of its own, also in a folder used before
+        (out / name).write_text("")
     env, install = deepspeed_env()
-    outcomes = run_plan(steps, args.budget_s, out, env)
-    summary = {"budget_s": args.budget_s, "device": args.device, "deepspeed": install,
-               "steps": [asdict(o) for o in outcomes]}
-    (out / "session.json").write_text(json.dumps(summary, indent=1))
+    header = {"budget_s": args.budget_s, "device": args.device, "deepspeed": install}
+    outcomes = run_plan(steps, args.budget_s, out, env, header)
     failed = [o.name for o in outcomes if o.skipped is None and (o.returncode != 0 or o.timed_out)]
     print(json.dumps({"session": str(out / "session.json"), "ran": sum(o.skipped is None for o in outcomes),
                       "skipped": [o.name for o in outcomes if o.skipped], "failed": failed}), flush=True)
