@@ -142,7 +142,8 @@ def deepspeed_env() -> tuple[dict[str, str], Optional[str]]:
         return env, f"DeepSpeed is not importable and {WHEELS} holds no wheels (README \"GPU speed\")"
     site = Path(tempfile.gettempdir()) / "arflow_gpu_session_site"
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                          "--no-cache-dir", "--upgrade", "--target", str(site), *wheels], capture_output=True, text=True)
+                          "--no-cache-dir", "--upgrade", "--target", str(site), *wheels],
+                         capture_output=True, text=True)
     if pip.returncode != 0:  # the steps still run: those that need DeepSpeed fail and say so
         return env, f"installing the wheels of {WHEELS} failed: {pip.stderr.strip().splitlines()[-1:]}"
     env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
