@@ -575,7 +575,8 @@ def test_a_best_setting_within_two_standard_errors_of_the_runner_up_is_reported_
     alone = write_report(cells[:6], tmp_path / "one-cell", settings=BootstrapSettings(resamples=0))
     assert len(alone["close_calls"]["cells"]) == 1
     far = write_report(cells[6:12], tmp_path / "far", settings=BootstrapSettings(resamples=0))["close_calls"]
-    assert far == {"separation": SEPARATION, "cells": [], "runner_up_isoflop": None}
+    assert far == {"separation": SEPARATION, "judged": 1, "cells": [], "runner_up_isoflop": None}
+    assert found["judged"] == 2 and alone["close_calls"]["judged"] == 1
     assert "Close calls" not in (tmp_path / "far/scaling.md").read_text()
 
 
@@ -610,6 +611,12 @@ def test_close_calls_and_the_runner_ups_frontier_exponent_reach_the_parent_run(t
     assert metrics["scaling/isoflop/n_opt_exponent_runner_ups"] == pytest.approx(refit.n_opt_law.b, rel=1e-12)
     assert report["close_calls"]["runner_up_isoflop"]["frontier_exponents"]["n_opt"] == \
         pytest.approx(refit.n_opt_law.b, rel=1e-12)
+    ranked = client.create_run(client.get_run(parent).info.experiment_id).info.run_id  # the close call made clear
+    points[3:6] = runs("c1e+15-n1e+06-other", 1e6, 1e15, (1.3, 1.31, 1.29))
+    write_report(points, tmp_path / "ranked", settings=BootstrapSettings(resamples=0), parent_run_id=ranked,
+                 tracking_uri=uri)
+    metrics = client.get_run(ranked).data.metrics
+    assert metrics["scaling/close_calls"] == 0 and "scaling/isoflop/n_opt_exponent_runner_ups" not in metrics
 
 
 def test_only_the_same_settings_cell_is_averaged_and_a_seed_without_fid_leaves_the_mean_without():

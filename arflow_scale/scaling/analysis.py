@@ -39,6 +39,7 @@ class ScalingAnalysis:
     beaten: list[ScalingPoint] = field(default_factory=list)  # a lower loss shares their size, FLOPs and tokens
     close_calls: list["CloseCall"] = field(default_factory=list)  # cells whose best setting the seeds do not separate
     runner_up_isoflop: Optional[IsoFlopAnalysis] = None  # refitted with each close call's runner-up (no intervals)
+    close_calls_judged: int = 0  # cells whose best setting and runner-up both average seeds
 
 
 SEPARATION = 2.0  # standard errors of the difference of two settings' mean losses that separate them
@@ -171,4 +172,4 @@ def analyse(points: Sequence[ScalingPoint], *, settings: BootstrapSettings = Boo
         notes.append(str(err))
     return ScalingAnalysis(points=points, power_laws=power_laws, isoflop=isoflop, parametric=parametric,
                            prediction=prediction, settings=settings, notes=notes, beaten=beaten,
-                           close_calls=close, runner_up_isoflop=other)
+                           close_calls=close, runner_up_isoflop=other, close_calls_judged=judged)

@@ -203,7 +203,8 @@ def _close_calls_summary(analysis: ScalingAnalysis) -> dict:
                                (("n_opt", other.n_opt_law), ("d_opt", other.d_opt_law), ("l_opt", other.l_opt_law))}}
     cells = [{"best": c.best.name, "runner_up": c.runner_up.name, "params": c.best.params, "budget": c.best.budget,
               "flops": c.best.flops, "gap": c.gap, "standard_error": c.standard_error} for c in analysis.close_calls]
-    return {"separation": SEPARATION, "cells": cells, "runner_up_isoflop": refit}
+    return {"separation": SEPARATION, "judged": analysis.close_calls_judged, "cells": cells,
+            "runner_up_isoflop": refit}
 
 
 def summary(analysis: ScalingAnalysis) -> dict:
@@ -257,11 +258,10 @@ def _run_metrics(analysis: ScalingAnalysis) -> dict[str, float]:
             metrics[f"scaling/isoflop/{name}_exponent"] = law.b
     if analysis.parametric is not None:
         metrics.update({f"scaling/parametric/{name}": getattr(analysis.parametric, name).value for name in NAMES})
-    if analysis.close_calls:
+    if analysis.close_calls_judged:  # 0 is news too: the seeds rank every judged cell
         metrics["scaling/close_calls"] = len(analysis.close_calls)
-        other = analysis.runner_up_isoflop.n_opt_law
-        if other is not None:
-            metrics["scaling/isoflop/n_opt_exponent_runner_ups"] = other.b
+    if analysis.runner_up_isoflop is not None and analysis.runner_up_isoflop.n_opt_law is not None:
+        metrics["scaling/isoflop/n_opt_exponent_runner_ups"] = analysis.runner_up_isoflop.n_opt_law.b
     check = analysis.prediction
     if check is not None and check.points:
         metrics["scaling/prediction/mean_abs_relative_error"] = check.mean_abs_relative_error
