@@ -35,7 +35,7 @@ TRAIN = ["--only", "peak,train", "--variants", "plain_compiled,zero2_compiled", 
 
 @dataclass(frozen=True)
 class Step:
-    """One tool run: its name (the output files' stem), the tool and its arguments, at most `timeout_s`."""
+    """One tool run: its name (its lines' "step" in results.jsonl), the tool and its arguments, at most `timeout_s`."""
 
     name: str
     tool: str

@@ -98,8 +98,7 @@ def best_per_cell(points: Sequence[ScalingPoint]) -> tuple[list[ScalingPoint], l
     return ([p for i, p in enumerate(points) if i in kept], [p for i, p in enumerate(points) if i not in kept])
 
 
-def close_calls(kept: Sequence[ScalingPoint], beaten: Sequence[ScalingPoint],
-                separation: float = SEPARATION) -> tuple[list[CloseCall], int]:
+def close_calls(kept: Sequence[ScalingPoint], beaten: Sequence[ScalingPoint]) -> tuple[list[CloseCall], int]:
     """(the close calls among the cells of `kept`, in its order; how many cells could be judged: their best point
     and the lowest of the `beaten` in their cell both average seeds, so both have a standard deviation)."""
     runner_up: dict[tuple, ScalingPoint] = {}
@@ -109,7 +108,7 @@ def close_calls(kept: Sequence[ScalingPoint], beaten: Sequence[ScalingPoint],
             runner_up[cell] = point
     pairs = [CloseCall(best, runner_up[_cell(best)]) for best in kept if _cell(best) in runner_up]
     judged = [pair for pair in pairs if pair.best.seeds > 1 and pair.runner_up.seeds > 1]
-    return [pair for pair in judged if pair.gap < separation * pair.standard_error], len(judged)
+    return [pair for pair in judged if pair.gap < SEPARATION * pair.standard_error], len(judged)
 
 
 def _close_call_note(calls: list[CloseCall], judged: int) -> str:
