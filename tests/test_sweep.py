@@ -119,6 +119,50 @@ def test_seeds_repeat_every_point_as_runs_of_one_setting(tmp_path):
     assert sweep_cost(seeded).train_flops == 2 * sweep_cost(plain).train_flops
 
 
+def _records(points, losses) -> list[dict]:
+    """Finished-point records (the fields run_point writes that the fits read) of `points` with `losses`."""
+    return [{"name": p.name, "params": p.params, "flops": p.flops, "tokens": p.tokens, "images": p.images,
+             "budget": p.budget, "setting": p.setting, "steps": p.steps, "loss": loss} for p, loss in zip(points, losses)]
+
+
+def _cell_losses(points, close: str) -> list[float]:
+    """Losses of a sweep's points in cells of 2 rates x 2 seeds: the cell of size `close` a close call (a gap of
+    0.01, 0.7 standard errors), every other cell's rates 0.2 apart (over 280 standard errors)."""
+    return [loss for i in range(0, len(points), 4)
+            for loss in ([1.00, 1.02, 1.01, 1.03] if points[i].coords["width"] == close else [1.0, 1.001, 1.2, 1.201])]
+
+
+def test_close_call_seeds_go_to_both_settings_of_each_close_call_and_no_other(tmp_path, capsys):
+    """With seeds [0, 1], only the width-8 cell's two rates are a close call: `close_call_seeds` [2, 3] adds those two
+    settings' seeds 2 and 3, named and seeded as `seeds` would; no close call adds nothing; the dry run prints the
+    most they can add (both settings of every cell)."""
+    from arflow_scale.cli import main
+    from arflow_scale.scaling.close_seeds import close_call_bound, close_call_settings
+    from arflow_scale.scaling.sweep import close_call_candidates, planned_close_call_points
+
+    overrides = [f"storage_path={tmp_path}", "budgets=[1e10]", "seeds=[0, 1]", "close_call_seeds=[2, 3]"]
+    sweep, folder = load_sweep(CPU_ISOFLOP, overrides)
+    points = expand(sweep, folder)  # 5 sizes x 2 rates x seeds 0, 1
+    records = _records(points, _cell_losses(points, close=8))
+    settings = ["cpu-isoflop-d1w8-f1e10-lr0.016", "cpu-isoflop-d1w8-f1e10-lr0.032"]
+    assert close_call_settings(records) == settings  # the best first
+    extra = planned_close_call_points(sweep, folder, records)
+    assert [p.name for p in extra] == [f"{setting}-seed{seed}" for setting in settings for seed in (2, 3)]
+    ours = {p.name: p for p in points}
+    for point in extra:
+        first = ours[f"{point.setting}-seed0"]
+        assert point.config.train.seed == int(point.name[-1]) and point.coords["train.seed"] == point.config.train.seed
+        assert (point.steps, point.flops, point.config.optim.lr) == (first.steps, first.flops, first.config.optim.lr)
+    assert planned_close_call_points(sweep, folder, _records(points, _cell_losses(points, close=0))) == []
+    bound = close_call_bound(close_call_candidates(sweep, folder))
+    assert len(bound) == len(points) and sweep_cost(bound).train_flops == pytest.approx(sweep_cost(points).train_flops)
+
+    assert main(["sweep", "--config", str(CPU_ISOFLOP), "--dry-run", *overrides]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["close_call_seeds"] == {"seeds": [2, 3], "at_most": sweep_cost(bound).to_dict()}
+    assert lines[-2].startswith(f"close_call_seeds [2, 3]: at most {len(points)} more points")
+
+
 def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
     sweep, folder = load_sweep(CPU_ISOFLOP, [f"storage_path={tmp_path}", "budgets=[2e9, 8e9]",
                                              "grid={optim.lr: [0.001, 0.002]}"])
@@ -141,6 +185,10 @@ def test_isoflop_budgets_from_overrides_and_grid_keys(tmp_path):
     (["seeds=[1, 0, 1]"], r"seeds: lists a seed twice: \[1, 0, 1\]"),
     (["seeds=[-1]"], r"seeds: must all be >= 0, got \[-1\]"),
     (["grid={train.seed: [0, 1]}"], r"grid.train.seed: list training seeds under `seeds`"),
+    (["close_call_seeds=[2]"], r"close_call_seeds: needs two or more `seeds`"),
+    (["seeds=[0, 1]", "close_call_seeds=[2, 2]"], r"close_call_seeds: lists a seed twice: \[2, 2\]"),
+    (["seeds=[0, 1]", "close_call_seeds=[3, 1]"], r"close_call_seeds: repeats seeds of `seeds`: \[1\]"),
+    (["seeds=[0, 1]", "close_call_seeds=[2]", "grid={}"], r"close_call_seeds: needs a `grid` key with two or more"),
 ])
 def test_bad_isoflop_sweep_files_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -420,3 +468,51 @@ def test_sweep_state_on_s3_and_parent_run_reuse(s3_endpoint, make_bucket, tmp_pa
     assert ensure_parent_run(sweep, uri) == parent  # a rerun finds the same parent run
     params = MlflowClient(uri).get_run(parent).data.params
     assert "hunter2" not in json.dumps(params) and params["name"] == "cpu-tiny"
+
+
+@pytest.mark.slow
+def test_close_call_seeds_train_only_the_close_settings_then_the_fits_average_them(ray_local, tmp_path, capsys):
+    """The sweep's own 12 points (3 sizes x 2 rates x seeds 0, 1) are finished with recorded losses in which only the
+    width-48 cell is a close call: `arflow sweep` trains seed 2 of its two settings and nothing else, nests them under
+    the parent run, and fits every setting's mean (the close cell's of 3 seeds); `--status` lists them; a rerun
+    trains nothing."""
+    from mlflow.tracking import MlflowClient
+
+    from arflow_scale.cli import main
+    from arflow_scale.scaling.finished import point_fields
+
+    data = yaml.safe_load(_sweep_file(tmp_path).read_text())
+    data.update(budgets=[6e8], grid={"optim.lr": [1.6e-2, 3.2e-2]}, seeds=[0, 1], close_call_seeds=[2])
+    sweep_file = tmp_path / "close.yaml"
+    sweep_file.write_text(yaml.safe_dump(data))
+    sweep, folder = load_sweep(sweep_file)
+    points = expand(sweep, folder)
+    for record, point in zip(_records(points, _cell_losses(points, close=48)), points):
+        path = tmp_path / f"sweeps/cpu-isoflop/points/{point.name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**record, "run_id": None, "config": point_fields(point.config)}))
+    settings = ["cpu-isoflop-d2w48-f6e08-lr0.016", "cpu-isoflop-d2w48-f6e08-lr0.032"]
+
+    assert main(["sweep", "--config", str(sweep_file)]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["ran"] == [f"{setting}-seed2" for setting in settings]
+    assert summary["skipped"] == [p.name for p in points] and len(summary["points"]) == 14
+    for name in summary["ran"]:
+        record = json.loads((tmp_path / f"sweeps/cpu-isoflop/points/{name}.json").read_text())
+        assert record["config"]["train.seed"] == 2 and record["loss_source"] == "val_loss"
+        assert record["setting"] == name.removesuffix("-seed2")
+    client = MlflowClient(tracking_uri=summary["tracking_uri"])
+    children = client.search_runs([client.get_run(summary["parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['parent_run_id']}'")
+    assert sorted(r.info.run_name for r in children) == summary["ran"]
+    assert "14 of 14 runs are seeds of 6 setting(s)" in err  # the close cell's settings average 3 seeds each
+    fits = json.loads((tmp_path / "sweeps/cpu-isoflop/report/fits.json").read_text())
+    assert fits["close_calls"]["judged"] == 3
+
+    assert main(["sweep", "--config", str(sweep_file), "--status"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status["close_call_seeds"] == {"decided": True, "points": summary["ran"]}
+    assert [(p["name"], p["state"]) for p in status["points"][-2:]] == [(n, "finished") for n in summary["ran"]]
+    assert main(["sweep", "--config", str(sweep_file), "--no-report"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ran"] == []

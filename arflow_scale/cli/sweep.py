@@ -54,15 +54,34 @@ def _dry_run(sweep, folder) -> dict:
           f"FLOPs, {cost.tokens:.3g} tokens, {cost.images:.3g} images"
           + (f"; {cost.gpu_hours:.4g} GPU-hours on {sweep.gpu.name or 'the assumed GPU'} at "
              f"{sweep.gpu.peak_tflops:g} TFLOP/s peak x MFU {sweep.gpu.mfu:g}" if sweep.gpu.enabled else ""))
-    return {"sweep": sweep.name, "design": sweep.design, "points": rows, "cost": total}
+    summary = {"sweep": sweep.name, "design": sweep.design, "points": rows, "cost": total}
+    if sweep.close_call_seeds:
+        summary["close_call_seeds"] = _close_call_cost(sweep, folder)
+    return summary
+
+
+def _close_call_cost(sweep, folder) -> dict:
+    """Print and return the most that `close_call_seeds` can add (both settings of every cell in a close call)."""
+    from arflow_scale.scaling.close_seeds import close_call_bound
+    from arflow_scale.scaling.sweep import close_call_candidates, sweep_cost
+
+    cost = sweep_cost(close_call_bound(close_call_candidates(sweep, folder)), sweep.gpu if sweep.gpu.enabled else None)
+    print(f"close_call_seeds {sweep.close_call_seeds}: at most {cost.points} more points, {cost.train_flops:.3g} "
+          "training FLOPs" + (f", {cost.gpu_hours:.4g} GPU-hours" if sweep.gpu.enabled else "")
+          + ", for both settings of each cell whose seeds above do not rank them (decided once they finish)")
+    return {"seeds": list(sweep.close_call_seeds), "at_most": cost.to_dict()}
 
 
 def _status(sweep, folder) -> dict:
     """Print each point's state and the compute done; return them as the JSON summary."""
+    from arflow_scale.scaling.finished import finished_points
     from arflow_scale.scaling.progress import points_progress
-    from arflow_scale.scaling.sweep import expand, sweep_url
+    from arflow_scale.scaling.sweep import expand, planned_close_call_points, sweep_url
 
-    progress = points_progress(expand(sweep, folder), sweep_url(sweep), sweep.storage_options, f"sweep {sweep.name}")
+    what, points = f"sweep {sweep.name}", expand(sweep, folder)
+    records, todo = finished_points(points, sweep_url(sweep), sweep.storage_options, what)
+    extra = [] if todo else planned_close_call_points(sweep, folder, [records[p.name] for p in points])
+    progress = points_progress([*points, *extra], sweep_url(sweep), sweep.storage_options, what)
     print(f"{'point':<48} {'params':>10} {'state':>12} {'step':>17} {'loss':>8}")
     for p in progress:
         loss = f"{p.loss:.4g}" if p.loss is not None else "-"
@@ -72,8 +91,14 @@ def _status(sweep, folder) -> dict:
     left = f"; {sweep.gpu.hours(total - done):.4g} GPU-hours of training left at the assumed MFU" \
         if sweep.gpu.enabled else ""
     print(f"{finished} of {len(progress)} points finished, {done / total:.1%} of the training FLOPs done{left}")
-    return {"sweep": sweep.name, "points": [p.to_dict() for p in progress], "finished": finished,
-            "flops_done": done, "flops": total}
+    summary = {"sweep": sweep.name, "points": [p.to_dict() for p in progress], "finished": finished,
+               "flops_done": done, "flops": total}
+    if sweep.close_call_seeds:
+        print(f"close_call_seeds {sweep.close_call_seeds}: " + (
+            f"decided once the sweep's own {len(points)} points are finished" if todo else
+            f"{len(extra)} points, for {len({p.setting for p in extra})} settings in close calls (listed above)"))
+        summary["close_call_seeds"] = {"decided": not todo, "points": [p.name for p in extra]}
+    return summary
 
 
 def run(args) -> int:

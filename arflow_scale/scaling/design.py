@@ -3,7 +3,8 @@
 `design: grid` (default): every size x every budget (`budget.steps` or `budget.flops`) x `grid` keys.
 `design: isoflop`: a list of FLOP `budgets`; at each, the shared `sizes` (or the budget's own list,
 chosen to span its expected optimum) train for the steps that spend the budget. Either design repeats every
-point once per training seed in `seeds` (none: the base config's `train.seed` once). An optional `gpu`
+point once per training seed in `seeds` (none: the base config's `train.seed` once); `close_call_seeds` adds seeds
+only to the two settings of each cell that the first seeds cannot rank (scaling/close_seeds.py). An optional `gpu`
 block turns the sweep's FLOPs into estimated GPU-hours for `arflow sweep --dry-run`.
 """
 from __future__ import annotations
@@ -121,6 +122,7 @@ class SweepConfig:
     overrides: list[str] = field(default_factory=list)  # dotted key=value for every point
     grid: dict[str, list[Any]] = field(default_factory=dict)  # other dotted keys -> values
     seeds: list[int] = field(default_factory=list)  # train.seed of each repeat of every point; the fits average them
+    close_call_seeds: list[int] = field(default_factory=list)  # more seeds for both settings of each close call only
     storage_path: str = "runs/sweeps"  # local folder or URL; on multi-node clusters use s3://
     storage_options: dict[str, str] = field(default_factory=dict)
     tracking_uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite in the sweep folder
@@ -138,6 +140,7 @@ class SweepConfig:
               "setting's seeds, while they take the best of a grid's values")
         check(len(set(self.seeds)) == len(self.seeds), "seeds", f"lists a seed twice: {self.seeds}")
         check(all(seed >= 0 for seed in self.seeds), "seeds", f"must all be >= 0, got {self.seeds}")
+        self._validate_close_call_seeds()
         if self.design == "grid":
             check(not self.budgets, "budgets", "only for design: isoflop (a grid sweep uses budget.steps/flops)")
             check(bool(self.sizes), "sizes", "needs at least one model size")
@@ -152,6 +155,19 @@ class SweepConfig:
             check(bool(level.sizes), f"budgets[{i}].sizes", "no sizes: give the sweep's `sizes` or the budget's own")
         flops = [level.flops for level in levels]
         check(len(set(flops)) == len(flops), "budgets", f"lists a budget twice: {flops}")
+
+    def _validate_close_call_seeds(self) -> None:
+        extra = self.close_call_seeds
+        if not extra:
+            return
+        check(len(set(extra)) == len(extra), "close_call_seeds", f"lists a seed twice: {extra}")
+        check(all(seed >= 0 for seed in extra), "close_call_seeds", f"must all be >= 0, got {extra}")
+        check(len(self.seeds) >= 2, "close_call_seeds", "needs two or more `seeds`: a close call is judged between "
+              "settings whose seeds give a standard deviation")
+        check(any(len(values) > 1 for values in self.grid.values()), "close_call_seeds",
+              "needs a `grid` key with two or more values: close calls are between the settings of one cell")
+        again = sorted(set(extra) & set(self.seeds))
+        check(not again, "close_call_seeds", f"repeats seeds of `seeds`: {again}")
 
     def budget_levels(self) -> list[IsoFlopBudget]:
         """The isoflop budgets with their sizes resolved (their own list, else the shared `sizes`)."""

@@ -28,6 +28,7 @@ from arflow_scale.schema import apply_overrides, build, field_values, read_yaml_
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 
+from .close_seeds import close_call_points, close_call_settings
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
 from .finished import finished_points, point_fields
 from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
@@ -179,6 +180,20 @@ def expand(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
     return points
 
 
+def close_call_candidates(sweep: SweepConfig, folder: Path = Path(".")) -> list[SweepPoint]:
+    """Every setting's points under the sweep's `close_call_seeds` (none without them): what close calls choose from."""
+    if not sweep.close_call_seeds:
+        return []
+    return expand(dataclasses.replace(sweep, seeds=list(sweep.close_call_seeds)), folder)
+
+
+def planned_close_call_points(sweep: SweepConfig, folder: Path, records: list[dict]) -> list[SweepPoint]:
+    """The points `close_call_seeds` adds, given the records of all of the sweep's own points (close_seeds.py)."""
+    if not sweep.close_call_seeds or not close_call_settings(records):
+        return []
+    return close_call_points(close_call_candidates(sweep, folder), records)
+
+
 @dataclass(frozen=True)
 class SweepCost:
     """What a sweep spends: training FLOPs, FID sampling FLOPs, data; GPU-hours when a GPU is assumed."""
@@ -285,15 +300,17 @@ def auto_parallel(point: SweepPoint) -> int:
 
 def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optional[int] = None,
               budgets: Optional[list[float]] = None) -> dict:
-    """Run every unfinished point (of `budgets` only, when given: `SweepConfig.only_budgets`); returns
-    {"parent_run_id", "tracking_uri", "points": [...], "skipped", "ran"}.
+    """Run every unfinished point (of `budgets` only, when given: `SweepConfig.only_budgets`), then the points that
+    `close_call_seeds` adds once the sweep's own are finished; returns {"parent_run_id", "tracking_uri", "points":
+    [...], "skipped", "ran", "close_call_seeds"}.
 
     parallel 1 trains in this process one point after the other; more launches each point as a Ray
     task (num_cpus=0: it only drives; the point's training workers hold the CPUs/GPUs) with at most
     that many in flight; 0 sizes it to the cluster. Either way the points share one Ray (`points_session`).
     The parent run is the whole sweep's, whichever budgets run first.
     """
-    points = expand(sweep if budgets is None else sweep.only_budgets(budgets), folder)
+    narrowed = sweep if budgets is None else sweep.only_budgets(budgets)
+    points = expand(narrowed, folder)
     tracking_uri = resolve_tracking_uri(sweep)
     parent_run_id = ensure_parent_run(sweep, tracking_uri)
     root = sweep_url(sweep)
@@ -301,19 +318,38 @@ def run_sweep(sweep: SweepConfig, folder: Path = Path("."), *, parallel: Optiona
     log.info("sweep %s: %d points, %d finished, %d to run", sweep.name, len(points), len(records), len(todo))
     kwargs = {"tracking_uri": tracking_uri, "parent_run_id": parent_run_id,
               "storage_options": dict(sweep.storage_options)}
-    if todo:  # shards a point would write (run.prepare_data) are written once, here, not by every point
-        prepare_inputs(todo[0].config)
+    parallel = sweep.parallel if parallel is None else parallel
     try:
-        with points_session(todo):
-            records.update(run_points(todo, sweep.parallel if parallel is None else parallel, root, kwargs))
+        records.update(_train_points(todo, parallel, root, kwargs))
+        extra = planned_close_call_points(narrowed, folder, [records[p.name] for p in points])
+        extra_records, extra_todo = finished_points(extra, root, sweep.storage_options, f"sweep {sweep.name}")
+        if extra:
+            log.info("sweep %s: close_call_seeds %s for %d settings in close calls: %d points, %d to run", sweep.name,
+                     sweep.close_call_seeds, len({p.setting for p in extra}), len(extra), len(extra_todo))
+        records.update(extra_records)
+        records.update(_train_points(extra_todo, parallel, root, kwargs))
     except BaseException as err:
         MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status=ended_status(err))
         raise
     MlflowClient(tracking_uri=tracking_uri).set_terminated(parent_run_id, status="FINISHED")
+    ran = {p.name for p in (*todo, *extra_todo)}
+    every = [*points, *extra]
     return {"sweep": sweep.name, "parent_run_id": parent_run_id, "tracking_uri": tracking_uri,
-            "experiment": sweep.experiment, "ran": [p.name for p in todo],
-            "skipped": [p.name for p in points if p not in todo],
-            "points": [records[p.name] for p in points]}
+            "experiment": sweep.experiment, "ran": [p.name for p in every if p.name in ran],
+            "skipped": [p.name for p in every if p.name not in ran],
+            "points": [records[p.name] for p in every],
+            "close_call_seeds": {"seeds": list(sweep.close_call_seeds),
+                                 "settings": list(dict.fromkeys(p.setting for p in extra)),
+                                 "points": [p.name for p in extra]}}
+
+
+def _train_points(todo: list[SweepPoint], parallel: int, root: str, kwargs: dict) -> dict[str, dict]:
+    """Train `todo` on one Ray (none when empty), after writing the shards they would each write (run.prepare_data)."""
+    if not todo:
+        return {}
+    prepare_inputs(todo[0].config)
+    with points_session(todo):
+        return run_points(todo, parallel, root, kwargs)
 
 
 def points_session(points: list[SweepPoint], *, dashboard: bool = True):
