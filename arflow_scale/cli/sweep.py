@@ -78,10 +78,11 @@ def _status(sweep, folder) -> dict:
     from arflow_scale.scaling.progress import points_progress
     from arflow_scale.scaling.sweep import expand, planned_close_call_points, sweep_url
 
-    what, points = f"sweep {sweep.name}", expand(sweep, folder)
-    records, todo = finished_points(points, sweep_url(sweep), sweep.storage_options, what)
+    what, root, points = f"sweep {sweep.name}", sweep_url(sweep), expand(sweep, folder)
+    records, todo = finished_points(points, root, sweep.storage_options, what)
     extra = [] if todo else planned_close_call_points(sweep, folder, [records[p.name] for p in points])
-    progress = points_progress([*points, *extra], sweep_url(sweep), sweep.storage_options, what)
+    records.update(finished_points(extra, root, sweep.storage_options, what)[0])
+    progress = points_progress([*points, *extra], root, sweep.storage_options, what, records=records)
     print(f"{'point':<48} {'params':>10} {'state':>12} {'step':>17} {'loss':>8}")
     for p in progress:
         loss = f"{p.loss:.4g}" if p.loss is not None else "-"

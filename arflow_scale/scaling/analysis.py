@@ -62,8 +62,9 @@ class CloseCall:
         return math.hypot(*(p.loss_std / math.sqrt(p.seeds) for p in (self.best, self.runner_up)))
 
 
-def _cell(point: ScalingPoint) -> tuple:
-    """A point's size, training compute and data (params, flops, tokens to 9 digits)."""
+def cell_key(point) -> tuple:
+    """A point's cell: its size, training compute and data (params, flops, tokens to 9 digits); any point with
+    those attributes (a ScalingPoint, a sweep's point)."""
     return tuple(None if v is None else float(f"{v:.9g}") for v in (point.params, point.flops, point.tokens))
 
 
@@ -73,7 +74,7 @@ def mean_of_seeds(points: Sequence[ScalingPoint]) -> list[ScalingPoint]:
     of each setting's first point. Points without a setting stay as they are."""
     groups: dict[tuple, list[ScalingPoint]] = {}
     for i, point in enumerate(points):
-        groups.setdefault((_cell(point), point.setting) if point.setting else (i,), []).append(point)
+        groups.setdefault((cell_key(point), point.setting) if point.setting else (i,), []).append(point)
     return [group[0] if len(group) == 1 else _mean(group) for group in groups.values()]
 
 
@@ -91,7 +92,7 @@ def best_per_cell(points: Sequence[ScalingPoint]) -> tuple[list[ScalingPoint], l
     repeats; points trained longer or on other data are never alternatives."""
     best: dict[tuple, int] = {}
     for i, point in enumerate(points):
-        cell = _cell(point)
+        cell = cell_key(point)
         if cell not in best or point.loss < points[best[cell]].loss:
             best[cell] = i
     kept = set(best.values())
@@ -103,10 +104,10 @@ def close_calls(kept: Sequence[ScalingPoint], beaten: Sequence[ScalingPoint]) ->
     and the lowest of the `beaten` in their cell both average seeds, so both have a standard deviation)."""
     runner_up: dict[tuple, ScalingPoint] = {}
     for point in beaten:
-        cell = _cell(point)
+        cell = cell_key(point)
         if cell not in runner_up or point.loss < runner_up[cell].loss:
             runner_up[cell] = point
-    pairs = [CloseCall(best, runner_up[_cell(best)]) for best in kept if _cell(best) in runner_up]
+    pairs = [CloseCall(best, runner_up[cell_key(best)]) for best in kept if cell_key(best) in runner_up]
     judged = [pair for pair in pairs if pair.best.seeds > 1 and pair.runner_up.seeds > 1]
     return [pair for pair in judged if pair.gap < SEPARATION * pair.standard_error], len(judged)
 

@@ -38,10 +38,13 @@ class PointProgress:
                 "loss": self.loss}
 
 
-def points_progress(points: list[SweepPoint], root: str, storage_options: dict, what: str) -> list[PointProgress]:
+def points_progress(points: list[SweepPoint], root: str, storage_options: dict, what: str,
+                    records: Optional[dict[str, dict]] = None) -> list[PointProgress]:
     """The progress of `points` of the sweep stored under `root`; a finished point whose config has changed since
-    is a ConfigError naming it and its fields, as the run itself would refuse it."""
-    records, _ = finished_points(points, root, storage_options, what)
+    is a ConfigError naming it and its fields, as the run itself would refuse it. `records`: what `finished_points`
+    already returned for all of `points` (else it is read here)."""
+    if records is None:
+        records, _ = finished_points(points, root, storage_options, what)
     progress = []
     for point in points:
         common = dict(name=point.name, params=point.params, steps=point.steps, flops=point.flops,

@@ -28,7 +28,7 @@ from arflow_scale.schema import apply_overrides, build, field_values, read_yaml_
 from arflow_scale.tasks import SampleSettings, task_for
 from arflow_scale.train.driver import TrainResult, prepare_inputs, train
 
-from .close_seeds import close_call_points, close_call_settings
+from .close_seeds import close_call_settings
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets
 from .finished import finished_points, point_fields
 from .points import (METRIC_BUDGET, METRIC_FID, METRIC_FLOPS, METRIC_IMAGES, METRIC_LOSS, METRIC_PARAMS,
@@ -189,9 +189,10 @@ def close_call_candidates(sweep: SweepConfig, folder: Path = Path(".")) -> list[
 
 def planned_close_call_points(sweep: SweepConfig, folder: Path, records: list[dict]) -> list[SweepPoint]:
     """The points `close_call_seeds` adds, given the records of all of the sweep's own points (close_seeds.py)."""
-    if not sweep.close_call_seeds or not close_call_settings(records):
+    settings = set(close_call_settings(records)) if sweep.close_call_seeds else set()
+    if not settings:
         return []
-    return close_call_points(close_call_candidates(sweep, folder), records)
+    return [point for point in close_call_candidates(sweep, folder) if point.setting in settings]
 
 
 @dataclass(frozen=True)
