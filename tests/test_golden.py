@@ -37,6 +37,14 @@ GOLDEN_RUNS = {
         "params_sha256": "afebe4c39e265a0204057fc744963948f301b651cabd85b742ad65f6623e8bf2",
         "ema_sha256": "b029fabf6afa7d724010f6934f80d7d19faa2a59c12105e3e4474807c01ce72a",
     },
+    # 2026-11-29, AMD EPYC (family 25, model 17), torch CPU capability AVX512: the same hashes at 0dbd005 (the
+    # code of both runs above) and at d6386ad.
+    "amd-epyc-avx512": {
+        "final_step": 60,
+        "final_loss": 0.9207025170326233,
+        "params_sha256": "d6844ee43bd820f21a8961528df628069d7fb7e1fa276bfaa227286c0a45e490",
+        "ema_sha256": "0e7ee40c317039131b09e8fe66273b05e5426ce467e8b876a6c1d07283f99600",
+    },
 }
 GOLDEN_KEYS = ("final_step", "final_loss", "params_sha256", "ema_sha256")
 
