@@ -111,14 +111,10 @@ def ray_local(tmp_path_factory):
     """A light local Ray (2 CPUs, no dashboard), shared by the session's tests."""
     import ray
 
-    temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp")) / os.environ.get("PYTEST_XDIST_WORKER", "")
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    from arflow_scale.cluster.connect import local_ray_environment
+    from arflow_scale.cluster.connect import start_local_ray
 
-    with local_ray_environment():  # as `arflow train` starts its local Ray
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 object_store_memory=256 * 1024 * 1024, _temp_dir=str(temp_dir),
-                 log_to_driver=False)
+    temp_dir = Path(os.environ.get("ARFLOW_RAY_TMP", REPO / ".ray_tmp")) / os.environ.get("PYTEST_XDIST_WORKER", "")
+    start_local_ray(2, temp_dir, dashboard=False)  # as `arflow train` starts its local Ray
     try:
         yield ray
     finally:

@@ -41,13 +41,20 @@ def connect_ray(address: Optional[str] = None, local_num_cpus: Optional[int] = N
     if address:
         ray.init(address=address, log_to_driver=verbose, logging_level=level)
         return True
-    temp_dir = Path(os.environ.get(RAY_TMP_ENV, ".ray_tmp")).resolve()
+    start_local_ray(local_num_cpus or os.cpu_count(), Path(os.environ.get(RAY_TMP_ENV, ".ray_tmp")),
+                    dashboard=dashboard, verbose=verbose)
+    return True
+
+
+def start_local_ray(num_cpus: int, temp_dir: Path, *, dashboard: bool, verbose: bool = False) -> None:
+    """Start a new local Ray on loopback (the module docstring) with `num_cpus`, its files under `temp_dir`."""
+    temp_dir = temp_dir.resolve()
     temp_dir.mkdir(parents=True, exist_ok=True)
     with _loopback_node(), local_ray_environment():
-        ray.init(address="local", num_cpus=local_num_cpus or os.cpu_count(), include_dashboard=dashboard,
-                 dashboard_host=LOCAL_NODE_IP, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 _temp_dir=str(temp_dir), _node_ip_address=LOCAL_NODE_IP, log_to_driver=verbose, logging_level=level)
-    return True
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host=LOCAL_NODE_IP,
+                 object_store_memory=LOCAL_OBJECT_STORE_BYTES, _temp_dir=str(temp_dir),
+                 _node_ip_address=LOCAL_NODE_IP, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
 
 
 @contextmanager

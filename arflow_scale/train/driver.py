@@ -22,7 +22,6 @@ import ray
 import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
 from arflow_scale.checkpoint import (CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record,
                                      run_task)
@@ -43,6 +42,7 @@ from .batching import plan_batches
 from .console import Console, Notice
 from .nonfinite import NonFiniteError
 from .preflight import DataPlan, check_data
+from .ray_trainer import LeanTorchTrainer
 from .run_lock import RunLock
 from .schedule import schedule_jump
 from .stop import StopSignals
@@ -291,10 +291,10 @@ def _fit(cfg: Config, run_url: str, options: dict[str, Any], latest: Optional[Ch
                                classes_trained=len(data.trained) if data else None)
 
 
-def _trainer(cfg: Config, args: WorkerArgs, use_gpu: bool) -> TorchTrainer:
+def _trainer(cfg: Config, args: WorkerArgs, use_gpu: bool) -> LeanTorchTrainer:
     """Ray Train's trainer of the run: `cluster.*` workers, the run folder as its storage, `run.max_failures`."""
     storage_path, storage_fs = ray_storage(cfg.run.storage_path, cfg.run.storage_options)
-    return TorchTrainer(
+    return LeanTorchTrainer(
         train_loop_per_worker, train_loop_config=args.loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.cluster.scaling_workers, use_gpu=use_gpu,
                                      resources_per_worker=dict(cfg.cluster.resources_per_worker) or None),

@@ -1,0 +1,49 @@
+"""Our Ray Train trainer (train/ray_trainer.py) is Ray's TorchTrainer less the callbacks a run never uses: the
+datasets callback when there are no datasets, the metrics callbacks on a loopback Ray unless the environment
+asks for them. A real launch on the session's local Ray starts no DatasetManager actor."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from arflow_scale.train.ray_trainer import METRICS_ENV, LeanTorchTrainer, on_loopback_ray
+from conftest import REPO
+
+DATASETS, METRICS = {"DatasetsCallback"}, {"ControllerMetricsCallback", "WorkerMetricsCallback"}
+
+
+def callback_names(trainer_class: type, tmp_path, **kwargs) -> list[str]:
+    trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1),
+                            run_config=RunConfig(storage_path=str(tmp_path), name="callbacks"), **kwargs)
+    return [type(callback).__name__ for callback in trainer._create_default_callbacks()]
+
+
+def test_the_trainer_drops_the_datasets_callback_without_datasets_and_the_metrics_on_loopback(
+        ray_local, tmp_path, monkeypatch):
+    monkeypatch.delenv(METRICS_ENV, raising=False)
+    assert on_loopback_ray()  # the session's Ray starts as `arflow train`'s local Ray does
+    rays = callback_names(TorchTrainer, tmp_path)
+    assert DATASETS | METRICS <= set(rays), f"Ray Train's callbacks were renamed: {rays}"
+    assert callback_names(LeanTorchTrainer, tmp_path) == [name for name in rays if name not in DATASETS | METRICS]
+
+    monkeypatch.setenv(METRICS_ENV, "1")  # the environment decides when it says
+    assert callback_names(LeanTorchTrainer, tmp_path) == [name for name in rays if name not in DATASETS]
+    datasets = {"train": ray_local.data.range(4)}  # a trainer given datasets keeps their callback
+    assert callback_names(LeanTorchTrainer, tmp_path, datasets=datasets) == rays
+
+
+def test_a_launch_trains_without_a_dataset_manager_actor(ray_local, tmp_path):
+    from ray._private.state import actors
+
+    spec = importlib.util.spec_from_file_location("ray_launch_bench", REPO / "tools" / "ray_launch_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = set(actors())
+    launch = bench.timed_launch(LeanTorchTrainer, str(tmp_path / "runs"), "lean", workers=2)
+    started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
+    assert {"TrainController", "RayTrainWorker"} <= started and "DatasetManager" not in started, started
+    assert launch["seconds"] > 0 and launch["busy_cpu_seconds"] >= 0
+
