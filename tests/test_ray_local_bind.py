@@ -1,7 +1,6 @@
 """The local Ray that `arflow train` starts listens on loopback only: every socket of its processes, the
 Prometheus /metrics endpoints included (listed with psutil in a separate driver process). Its dashboard serves the
-State API on 127.0.0.1, which Ray Train's controller watchdog polls every second (without it every run logs a
-warning per second); its internal gRPC ports listen on every interface (Ray maps 127.0.0.1 to the node IP), so
+State API on 127.0.0.1, which Ray Train's placement-group cleaner polls every second (train/ray_trainer.py); its internal gRPC ports listen on every interface (Ray maps 127.0.0.1 to the node IP), so
 token authentication is on. Its workers start with the local settings (`LOCAL_RAY_ENV`); the driver's environment
 stays as it was."""
 from __future__ import annotations
@@ -18,12 +17,21 @@ from conftest import REPO
 DRIVER = """
 import json, os, urllib.request
 import psutil, ray
+from ray.dashboard.utils import get_address_for_submission_client
 from ray.util.state import list_nodes
 from arflow_scale.cluster.connect import LOCAL_RAY_ENV, ray_session
+from arflow_scale.train.ray_trainer import state_api_sees_this_node
 
 with ray_session(local_num_cpus=1):
     url = ray._private.worker.global_worker.node.address_info["webui_url"]
-    dashboard = [os.environ.get("RAY_AUTH_MODE"), url, len(list_nodes(address=f"http://{url}"))]
+    # the State API address Ray's own processes find is this dashboard's when this is the machine's only Ray
+    # (with another one running, the search fails); the probe must say which
+    try:
+        found_here = get_address_for_submission_client(None) == f"http://{url}"
+    except ConnectionError:  # "Found multiple active Ray instances"
+        found_here = False
+    dashboard = [os.environ.get("RAY_AUTH_MODE"), url, len(list_nodes(address=f"http://{url}")),
+                 [found_here, state_api_sees_this_node()]]
     # a worker process too; it starts with LOCAL_RAY_ENV, which the driver's environment no longer has
     in_worker = ray.get(ray.remote(lambda: {key: os.environ.get(key) for key in LOCAL_RAY_ENV}).remote())
     environment = [in_worker == LOCAL_RAY_ENV, any(key in os.environ for key in LOCAL_RAY_ENV)]
@@ -61,8 +69,10 @@ def test_local_ray_listens_on_loopback_only(tmp_path):
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-3000:]
-    auth, url, nodes = json.loads(out.stdout.strip().splitlines()[-3])
+    auth, url, nodes, state_api = json.loads(out.stdout.strip().splitlines()[-3])
     assert auth == "token" and url.startswith("127.0.0.1:") and nodes == 1
+    found_here, sees_this_node = state_api  # Ray Train's placement-group cleaner watches through it
+    assert sees_this_node == found_here
     assert json.loads(out.stdout.strip().splitlines()[-2]) == [True, False]  # LOCAL_RAY_ENV: workers only
     sockets = json.loads(out.stdout.strip().splitlines()[-1])
     assert len(sockets) >= 6, f"too few of Ray's listening sockets seen: {sockets}"

@@ -1,6 +1,8 @@
 """Our Ray Train trainer (train/ray_trainer.py) is Ray's TorchTrainer less the callbacks a run never uses: the
 datasets callback when there are no datasets, the metrics callbacks on a loopback Ray unless the environment
-asks for them. A real launch on the session's local Ray starts no DatasetManager actor."""
+asks for them, the placement-group cleaner where the State API cannot tell it whether the controller lives. A
+real launch on the session's local Ray (no dashboard) starts neither a DatasetManager nor a cleaner actor.
+tests/test_ray_local_bind.py: the State API of `arflow train`'s local Ray sees its node (the cleaner stays)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,6 +15,7 @@ from arflow_scale.train.ray_trainer import METRICS_ENV, LeanTorchTrainer, on_loo
 from conftest import REPO
 
 DATASETS, METRICS = {"DatasetsCallback"}, {"ControllerMetricsCallback", "WorkerMetricsCallback"}
+CLEANER = {"PlacementGroupCleanerCallback"}
 
 
 def callback_names(trainer_class: type, tmp_path, **kwargs) -> list[str]:
@@ -23,13 +26,18 @@ def callback_names(trainer_class: type, tmp_path, **kwargs) -> list[str]:
 
 def test_the_trainer_drops_the_datasets_callback_without_datasets_and_the_metrics_on_loopback(
         ray_local, tmp_path, monkeypatch):
+    from arflow_scale.train import ray_trainer
+
     monkeypatch.delenv(METRICS_ENV, raising=False)
-    assert on_loopback_ray()  # the session's Ray starts as `arflow train`'s local Ray does
+    assert on_loopback_ray()  # the session's Ray starts as `arflow train`'s local Ray does, without a dashboard
+    assert not ray_trainer.state_api_sees_this_node()
     rays = callback_names(TorchTrainer, tmp_path)
-    assert DATASETS | METRICS <= set(rays), f"Ray Train's callbacks were renamed: {rays}"
-    assert callback_names(LeanTorchTrainer, tmp_path) == [name for name in rays if name not in DATASETS | METRICS]
+    assert DATASETS | METRICS | CLEANER <= set(rays), f"Ray Train's callbacks were renamed: {rays}"
+    assert callback_names(LeanTorchTrainer, tmp_path) == [name for name in rays
+                                                          if name not in DATASETS | METRICS | CLEANER]
 
     monkeypatch.setenv(METRICS_ENV, "1")  # the environment decides when it says
+    monkeypatch.setattr(ray_trainer, "state_api_sees_this_node", lambda: True)  # as with a dashboard
     assert callback_names(LeanTorchTrainer, tmp_path) == [name for name in rays if name not in DATASETS]
     datasets = {"train": ray_local.data.range(4)}  # a trainer given datasets keeps their callback
     assert callback_names(LeanTorchTrainer, tmp_path, datasets=datasets) == rays
@@ -44,6 +52,7 @@ def test_a_launch_trains_without_a_dataset_manager_actor(ray_local, tmp_path):
     before = set(actors())
     launch = bench.timed_launch(LeanTorchTrainer, str(tmp_path / "runs"), "lean", workers=2)
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
-    assert {"TrainController", "RayTrainWorker"} <= started and "DatasetManager" not in started, started
+    assert {"TrainController", "RayTrainWorker"} <= started, started
+    assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     assert launch["seconds"] > 0 and launch["busy_cpu_seconds"] >= 0
 

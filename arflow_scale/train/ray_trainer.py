@@ -1,14 +1,20 @@
 """Ray Train's TorchTrainer, less the per-launch parts a run of ours has no use for.
 
-Ray Train builds its controller's callbacks anew for every `fit`, and two kinds start work a run never uses:
+Ray Train builds its controller's callbacks anew for every `fit`, and three kinds start work a run may not use:
 - the datasets callback starts a DatasetManager actor (and, through Ray Data, its autoscaling coordinator) for
   every launch, even for a trainer given no Ray Datasets; our workers stream their own shards (data/), so a
   trainer without datasets goes without it;
 - the metrics callbacks export Ray Train's gauges to the node's Prometheus endpoint. On a loopback Ray (the local
   Ray `arflow` starts, cluster/connect.py) no Prometheus scrapes them, so they are left out there unless
-  RAY_TRAIN_METRICS_ENABLED is set; a joined cluster keeps them.
-A 2-worker launch on 2 CPUs: 9.29 -> 8.47 s, 15.1 -> 13.3 busy core-s (docs/architecture.md, "Launch cost",
-tools/ray_launch_bench.py). Everything else (the placement-group cleaner, failure handling) stays Ray's.
+  RAY_TRAIN_METRICS_ENABLED is set; a joined cluster keeps them;
+- the placement-group cleaner, an actor that removes the run's placement group if the controller dies, learns
+  whether it lives from Ray's State API, which the dashboard serves at an address it finds for itself. On a Ray
+  without a dashboard every query fails (ServerUnavailable, logged and retried each second), and while another
+  Ray runs on the machine the address cannot be found (a ConnectionError, which ends its watch), so it can never
+  clean: it is left out where the State API does not see this node, and kept wherever it can work (`arflow
+  train`'s and `arflow sweep`'s local Ray have a dashboard).
+A 2-worker launch on 2 CPUs, on a Ray without a dashboard: 8.85 -> 6.43 s, 13.9 -> 11.0 busy core-s
+(docs/architecture.md, "Launch cost", tools/ray_launch_bench.py). Failure handling stays Ray's.
 """
 from __future__ import annotations
 
@@ -25,15 +31,17 @@ log = logging.getLogger(__name__)
 METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray Train's own switch; set, it decides
 
 
-def _ray_train_callback_classes() -> tuple[Any, Any]:
-    """(the datasets callback class, the metrics callback classes); empty where this Ray has other names."""
+def _ray_train_callback_classes() -> tuple[Any, Any, Any]:
+    """(the datasets callback class, the metrics callback classes, the placement-group cleaner's callback class);
+    empty where this Ray names them otherwise."""
     try:
         from ray.train.v2._internal.callbacks import DatasetsCallback
         from ray.train.v2._internal.callbacks.metrics import ControllerMetricsCallback, WorkerMetricsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     except ImportError:  # another Ray Train layout: every callback stays
         log.debug("Ray Train's callback classes moved; launching with all of its callbacks")
-        return (), ()
-    return (DatasetsCallback,), (ControllerMetricsCallback, WorkerMetricsCallback)
+        return (), (), ()
+    return (DatasetsCallback,), (ControllerMetricsCallback, WorkerMetricsCallback), (PlacementGroupCleanerCallback,)
 
 
 def on_loopback_ray() -> bool:
@@ -41,12 +49,26 @@ def on_loopback_ray() -> bool:
     return ray.is_initialized() and ray.util.get_node_ip_address() == LOCAL_NODE_IP
 
 
+def state_api_sees_this_node() -> bool:
+    """True when Ray's State API (the dashboard's) answers for this process's node, as the placement-group
+    cleaner needs it to; False without a dashboard, or when the address it finds is not this Ray's."""
+    from ray.util.state import get_node
+    from ray.util.state.exception import RayStateApiException
+
+    try:
+        return get_node(ray.get_runtime_context().get_node_id(), timeout=10) is not None
+    except (RayStateApiException, OSError):  # ServerUnavailable; ConnectionError: several Rays on the machine
+        return False
+
+
 def dropped_callback_classes(has_datasets: bool) -> tuple[type, ...]:
     """The Ray Train callback classes a launch goes without (see the module docstring)."""
-    datasets, metrics = _ray_train_callback_classes()
+    datasets, metrics, cleaner = _ray_train_callback_classes()
     dropped = () if has_datasets else datasets
     if METRICS_ENV not in os.environ and on_loopback_ray():
         dropped += metrics
+    if cleaner and not state_api_sees_this_node():
+        dropped += cleaner
     return dropped
 
 
