@@ -24,6 +24,8 @@ from typing import Any
 
 import ray
 from ray.train.torch import TorchTrainer
+from ray.util.state import get_node
+from ray.util.state.exception import RayStateApiException
 
 from arflow_scale.cluster.connect import LOCAL_NODE_IP
 
@@ -52,9 +54,6 @@ def on_loopback_ray() -> bool:
 def state_api_sees_this_node() -> bool:
     """True when Ray's State API (the dashboard's) answers for this process's node, as the placement-group
     cleaner needs it to; False without a dashboard, or when the address it finds is not this Ray's."""
-    from ray.util.state import get_node
-    from ray.util.state.exception import RayStateApiException
-
     try:
         return get_node(ray.get_runtime_context().get_node_id(), timeout=10) is not None
     except (RayStateApiException, OSError):  # ServerUnavailable; ConnectionError: several Rays on the machine
