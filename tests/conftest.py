@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,17 @@ def free_port() -> int:
     from arflow_scale.bench.process_group import free_local_port
 
     return free_local_port()
+
+
+def tool_module(name: str):
+    """A tools/ script imported as a module (its main() not run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def _atomic_conditional_writes():

@@ -5,14 +5,12 @@ real launch on the session's local Ray (no dashboard) starts neither a DatasetMa
 tests/test_ray_local_bind.py: the State API of `arflow train`'s local Ray sees its node (the cleaner stays)."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from arflow_scale.train.ray_trainer import METRICS_ENV, LeanTorchTrainer, on_loopback_ray
-from conftest import REPO
+from conftest import tool_module
 
 DATASETS, METRICS = {"DatasetsCallback"}, {"ControllerMetricsCallback", "WorkerMetricsCallback"}
 CLEANER = {"PlacementGroupCleanerCallback"}
@@ -24,7 +22,7 @@ def callback_names(trainer_class: type, tmp_path, **kwargs) -> list[str]:
     return [type(callback).__name__ for callback in trainer._create_default_callbacks()]
 
 
-def test_the_trainer_drops_the_datasets_callback_without_datasets_and_the_metrics_on_loopback(
+def test_the_trainer_drops_unused_datasets_metrics_on_loopback_and_a_cleaner_that_cannot_see(
         ray_local, tmp_path, monkeypatch):
     from arflow_scale.train import ray_trainer
 
@@ -43,16 +41,16 @@ def test_the_trainer_drops_the_datasets_callback_without_datasets_and_the_metric
     assert callback_names(LeanTorchTrainer, tmp_path, datasets=datasets) == rays
 
 
-def test_a_launch_trains_without_a_dataset_manager_actor(ray_local, tmp_path):
+def test_a_launch_trains_without_a_dataset_manager_or_cleaner_actor(ray_local, tmp_path):
     from ray._private.state import actors
 
-    spec = importlib.util.spec_from_file_location("ray_launch_bench", REPO / "tools" / "ray_launch_bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from ray import cloudpickle
+
+    bench = tool_module("ray_launch_bench")
+    cloudpickle.register_pickle_by_value(bench)  # the workers cannot import tools/; as when run as __main__
     before = set(actors())
     launch = bench.timed_launch(LeanTorchTrainer, str(tmp_path / "runs"), "lean", workers=2)
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert {"TrainController", "RayTrainWorker"} <= started, started
     assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
     assert launch["seconds"] > 0 and launch["busy_cpu_seconds"] >= 0
-

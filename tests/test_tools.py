@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, tool_module
 
 
 def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -129,19 +129,8 @@ def test_floor_constraints_pin_the_checked_floors_which_this_environment_meets(t
     assert floor_constraints(bad, ("ray", "mlflow")) == ["ray==2.59", "mlflow==2.22"]
 
 
-def _tool_module(name: str):
-    """A tools/ script imported as a module (its main() not run)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_gpu_session_runs_steps_in_order_kills_an_overrun_and_skips_what_the_budget_cannot_hold(tmp_path):
-    session = _tool_module("gpu_session")
+    session = tool_module("gpu_session")
     py = sys.executable
     steps = [("ok", [py, "-c", "print('{\"x\": 1}'); print('text')"], 60),
              ("overrun", [py, "-c", "import time; print('{\"started\": 1}', flush=True); time.sleep(120)"], 3),
@@ -166,7 +155,7 @@ def test_gpu_session_runs_steps_in_order_kills_an_overrun_and_skips_what_the_bud
 
 
 def test_gpu_session_plan_is_accepted_by_its_tools_and_runs_on_cpu(tmp_path, capsys):
-    session, bench = _tool_module("gpu_session"), _tool_module("gpu_bench")
+    session, bench = tool_module("gpu_session"), tool_module("gpu_bench")
     for step in session.PLAN:
         for smoke in (False, True):
             argv = session.tool_argv(step, tmp_path, "cpu" if smoke else "cuda", smoke)

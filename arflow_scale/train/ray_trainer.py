@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import ray
 from ray.train.torch import TorchTrainer
@@ -33,7 +32,7 @@ log = logging.getLogger(__name__)
 METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray Train's own switch; set, it decides
 
 
-def _ray_train_callback_classes() -> tuple[Any, Any, Any]:
+def _ray_train_callback_classes() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
     """(the datasets callback class, the metrics callback classes, the placement-group cleaner's callback class);
     empty where this Ray names them otherwise."""
     try:
