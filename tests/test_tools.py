@@ -178,3 +178,34 @@ def test_gpu_session_plan_is_accepted_by_its_tools_and_runs_on_cpu(tmp_path, cap
     results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert results[-1]["step"] == "check_attention_triton" and results[-1]["ok"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["logs.txt", "results.jsonl", "session.json"]
+
+
+@pytest.mark.parametrize("argv, comm, kind", [
+    (["ray::RayTrainWorker.run_train_fn"], "ray::RayTrainW", "ray::RayTrainWorker"),
+    (["ray::IDLE"], "ray::IDLE", "ray::IDLE"),
+    (["/venv/bin/python", "-u", "-m", "pytest", "-q"], "python", "python -m pytest"),
+    (["/venv/bin/python3.11", "/repo/tools/gpu_bench.py", "--smoke"], "python3.11", "python gpu_bench.py"),
+    (["python", "-c", "import sys"], "python", "python -c"),
+    (["/usr/lib/gcc/x86_64-linux-gnu/12/cc1plus", "-quiet"], "cc1plus", "cc1plus"),
+    ([], "kworker/1:0H", "[kworker/1:0H]"),
+])
+def test_cpu_by_process_names_processes_by_the_job_they_do(argv, comm, kind):
+    assert tool_module("cpu_by_process").process_kind(argv, comm) == kind
+
+
+def test_cpu_by_process_counts_a_childs_cpu_once_under_its_kind_and_passes_the_exit_code(tmp_path, capsys):
+    """The command idles while its child burns 0.6 s of CPU, then sleeps (so a sample sees all of it): the child's
+    kind holds that CPU, counted once (the parent does not add its child's time), and the exit code is the
+    command's."""
+    tool = tool_module("cpu_by_process")
+    child = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(0.5)"
+    parent = tmp_path / "parent.py"
+    parent.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])\nsys.exit(3)\n")
+    assert tool.main(["--json", "--interval", "0.05", "--", sys.executable, str(parent)]) == 3
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["exit_code"] == 3 and report["wall_s"] >= 0.6
+    burned = report["by_kind"]["python -c"]
+    assert 0.55 <= burned["cpu_s"] <= 1.0 and burned["processes"] == 1, report
+    assert report["by_kind"]["python parent.py"]["cpu_s"] < 0.4 and report["cpu_s"] >= burned["cpu_s"]
+    with pytest.raises(SystemExit):
+        tool.main(["--json"])  # no command
