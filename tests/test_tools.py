@@ -196,16 +196,19 @@ def test_cpu_by_process_names_processes_by_the_job_they_do(argv, comm, kind):
 def test_cpu_by_process_counts_a_childs_cpu_once_under_its_kind_and_passes_the_exit_code(tmp_path, capsys):
     """The command idles while its child burns 0.6 s of CPU, then sleeps (so a sample sees all of it): the child's
     kind holds that CPU, counted once (the parent does not add its child's time), and the exit code is the
-    command's."""
+    command's. Scripts of unique names: the tool counts every process on the machine, the suite's others too."""
+    import uuid
+
     tool = tool_module("cpu_by_process")
-    child = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\ntime.sleep(0.5)"
-    parent = tmp_path / "parent.py"
-    parent.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {child!r}])\nsys.exit(3)\n")
+    child, parent = tmp_path / f"burn_{uuid.uuid4().hex}.py", tmp_path / f"parent_{uuid.uuid4().hex}.py"
+    child.write_text("import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+                     "time.sleep(0.5)\n")
+    parent.write_text(f"import subprocess, sys\nsubprocess.run([sys.executable, {str(child)!r}])\nsys.exit(3)\n")
     assert tool.main(["--json", "--interval", "0.05", "--", sys.executable, str(parent)]) == 3
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["exit_code"] == 3 and report["wall_s"] >= 0.6
-    burned = report["by_kind"]["python -c"]
+    burned = report["by_kind"][f"python {child.name}"]
     assert 0.55 <= burned["cpu_s"] <= 1.0 and burned["processes"] == 1, report
-    assert report["by_kind"]["python parent.py"]["cpu_s"] < 0.4 and report["cpu_s"] >= burned["cpu_s"]
+    assert report["by_kind"][f"python {parent.name}"]["cpu_s"] < 0.4 and report["cpu_s"] >= burned["cpu_s"]
     with pytest.raises(SystemExit):
         tool.main(["--json"])  # no command
