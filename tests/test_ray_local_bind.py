@@ -1,8 +1,8 @@
 """The local Ray that `arflow train` starts listens on loopback only: every socket of its processes, the
 Prometheus /metrics endpoints included (listed with psutil in a separate driver process). Its dashboard serves the
 State API on 127.0.0.1, which Ray Train's placement-group cleaner polls every second (train/ray_trainer.py); its
-internal gRPC ports listen on every interface (Ray maps 127.0.0.1 to the node IP), so token authentication is on. Its workers start with the local settings (`LOCAL_RAY_ENV`); the driver's environment
-stays as it was."""
+internal gRPC ports listen on every interface (Ray maps 127.0.0.1 to the node IP), so token authentication is on.
+Its workers start with the local settings (`LOCAL_RAY_ENV`); the driver's environment stays as it was."""
 from __future__ import annotations
 
 import json

@@ -27,7 +27,7 @@ IDLE_RAY_WORKER = "ray::IDLE"
 
 @dataclass
 class ProcessSample:
-    """One process (pid and start time: pids are reused) as last seen: its CPU seconds and its kind."""
+    """One process (pid and start time: pids are reused) as last seen: its CPU seconds since the start, its kind."""
 
     cpu_seconds: float
     kind: str
@@ -52,39 +52,44 @@ def process_kind(argv: list[str], comm: str) -> str:
     return program
 
 
-def read_processes() -> dict[tuple[int, int], tuple[float, list[str], str]]:
-    """{(pid, start time): (CPU seconds, argv, comm)} for every process readable now."""
+def read_processes(named: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, list[str], str]]:
+    """{(pid, start time): (CPU seconds, argv, comm)} for every process readable now; argv is read only for the
+    processes not in `named` (half the reads of a sample)."""
     found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+            fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
+            key = (int(entry.name), int(fields[19]))
+            cmdline = b"" if key in named else Path(entry.path, "cmdline").read_bytes()
         except OSError:  # gone meanwhile
             continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
         cpu = (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND  # utime + stime
-        found[(int(entry.name), int(fields[19]))] = (cpu, [arg for arg in argv if arg], comm)
+        argv = [arg for arg in cmdline.decode(errors="replace").split("\0") if arg]
+        found[key] = (cpu, argv, stat[stat.index("(") + 1:stat.rindex(")")])
     return found
 
 
 def measure(command: list[str], interval: float) -> tuple[int, float, dict[str, tuple[float, int]]]:
     """Run `command` to its end -> (exit code, wall seconds, {kind: (CPU seconds, processes)})."""
-    baseline = {key: cpu for key, (cpu, _, _) in read_processes().items()}
+    baseline = {key: cpu for key, (cpu, _, _) in read_processes(set()).items()}
     seen: dict[tuple[int, int], ProcessSample] = {}
+    named: set[tuple[int, int]] = set()  # kinds that stay: a command line seen, not an idle Ray worker's
 
     def sample() -> None:
-        for key, (cpu, argv, comm) in read_processes().items():
+        for key, (cpu, argv, comm) in read_processes(named).items():
             spent = cpu - baseline.get(key, 0.0)
-            kind = process_kind(argv, comm)
-            if key not in seen:
-                seen[key] = ProcessSample(spent, kind)
+            if key in named:
+                seen[key].cpu_seconds = spent
                 continue
-            seen[key].cpu_seconds = max(seen[key].cpu_seconds, spent)
-            if argv and (kind != IDLE_RAY_WORKER or seen[key].kind.startswith("[")):
-                seen[key].kind = kind  # a Ray worker keeps the last task or actor it ran, not its idle name
+            kind = process_kind(argv, comm)
+            if key in seen and not argv:  # its command line is gone (it is exiting): it keeps the kind it had
+                kind = seen[key].kind
+            seen[key] = ProcessSample(spent, kind)
+            if argv and kind != IDLE_RAY_WORKER:
+                named.add(key)  # a Ray worker is named after the first task or actor it runs
 
     started = time.monotonic()
     child = subprocess.Popen(command)

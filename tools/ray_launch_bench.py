@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -61,6 +62,7 @@ def main() -> None:
                 print(json.dumps({"trainer": name, "round": round_index, **launch}), flush=True)
     finally:
         ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)  # Ray's session files and the runs' folders
     measured = {name: runs[1:] or runs for name, runs in launches.items()}
     print(json.dumps({"median": {name: {key: statistics.median(run[key] for run in runs) for key in runs[0]}
                                  for name, runs in measured.items()}}))
