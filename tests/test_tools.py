@@ -187,6 +187,7 @@ def test_gpu_session_plan_is_accepted_by_its_tools_and_runs_on_cpu(tmp_path, cap
     (["/venv/bin/python3.11", "/repo/tools/gpu_bench.py", "--smoke"], "python3.11", "python gpu_bench.py"),
     (["python", "-c", "import sys"], "python", "python -c"),
     (["/usr/lib/gcc/x86_64-linux-gnu/12/cc1plus", "-quiet"], "cc1plus", "cc1plus"),
+    (["/venv/bin/python -u /venv/ray/_private/log_monitor.py --logs-dir=/tmp"], "python", "python log_monitor.py"),
     ([], "kworker/1:0H", "[kworker/1:0H]"),
 ])
 def test_cpu_by_process_names_processes_by_the_job_they_do(argv, comm, kind):
@@ -212,3 +213,4 @@ def test_cpu_by_process_counts_a_childs_cpu_once_under_its_kind_and_passes_the_e
     assert report["by_kind"][f"python {parent.name}"]["cpu_s"] < 0.4 and report["cpu_s"] >= burned["cpu_s"]
     with pytest.raises(SystemExit):
         tool.main(["--json"])  # no command
+

@@ -36,7 +36,10 @@ class ProcessSample:
 def process_kind(argv: list[str], comm: str) -> str:
     """A short name shared by processes doing the same job: `ray::RayTrainWorker` for Ray workers (a task's or
     actor's method name dropped), `python -m pytest`, `python tools/x.py` or `python -c` for Python, else the
-    executable's name; the kernel's name (`[comm]`) for a process without a command line."""
+    executable's name; the kernel's name (`[comm]`) for a process without a command line. A title a process set
+    for itself (setproctitle, as Ray's processes do) is one string: its words are the argv."""
+    if len(argv) == 1:
+        argv = argv[0].split()
     if not argv:
         return f"[{comm}]"
     if argv[0].startswith("ray::"):
@@ -52,44 +55,35 @@ def process_kind(argv: list[str], comm: str) -> str:
     return program
 
 
-def read_processes(named: set[tuple[int, int]]) -> dict[tuple[int, int], tuple[float, list[str], str]]:
-    """{(pid, start time): (CPU seconds, argv, comm)} for every process readable now; argv is read only for the
-    processes not in `named` (half the reads of a sample)."""
+def read_processes() -> dict[tuple[int, int], tuple[float, list[str], str]]:
+    """{(pid, start time): (CPU seconds, argv, comm)} for every process readable now."""
     found = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
-            key = (int(entry.name), int(fields[19]))
-            cmdline = b"" if key in named else Path(entry.path, "cmdline").read_bytes()
+            cmdline = Path(entry.path, "cmdline").read_bytes().decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
+        fields = stat[stat.rindex(")") + 2:].split()  # from field 3 (state) on
         cpu = (int(fields[11]) + int(fields[12])) / TICKS_PER_SECOND  # utime + stime
-        argv = [arg for arg in cmdline.decode(errors="replace").split("\0") if arg]
-        found[key] = (cpu, argv, stat[stat.index("(") + 1:stat.rindex(")")])
+        argv = [arg for arg in cmdline.split("\0") if arg]
+        found[(int(entry.name), int(fields[19]))] = (cpu, argv, stat[stat.index("(") + 1:stat.rindex(")")])
     return found
 
 
 def measure(command: list[str], interval: float) -> tuple[int, float, dict[str, tuple[float, int]]]:
     """Run `command` to its end -> (exit code, wall seconds, {kind: (CPU seconds, processes)})."""
-    baseline = {key: cpu for key, (cpu, _, _) in read_processes(set()).items()}
+    baseline = {key: cpu for key, (cpu, _, _) in read_processes().items()}
     seen: dict[tuple[int, int], ProcessSample] = {}
-    named: set[tuple[int, int]] = set()  # kinds that stay: a command line seen, not an idle Ray worker's
 
     def sample() -> None:
-        for key, (cpu, argv, comm) in read_processes(named).items():
-            spent = cpu - baseline.get(key, 0.0)
-            if key in named:
-                seen[key].cpu_seconds = spent
-                continue
+        for key, (cpu, argv, comm) in read_processes().items():
             kind = process_kind(argv, comm)
-            if key in seen and not argv:  # its command line is gone (it is exiting): it keeps the kind it had
-                kind = seen[key].kind
-            seen[key] = ProcessSample(spent, kind)
-            if argv and kind != IDLE_RAY_WORKER:
-                named.add(key)  # a Ray worker is named after the first task or actor it runs
+            if key in seen and (not argv or (kind == IDLE_RAY_WORKER and seen[key].kind.startswith("ray::"))):
+                kind = seen[key].kind  # exiting (no command line), or a Ray worker between tasks: its last job
+            seen[key] = ProcessSample(cpu - baseline.get(key, 0.0), kind)
 
     started = time.monotonic()
     child = subprocess.Popen(command)
