@@ -19,7 +19,7 @@ export PYTHONUNBUFFERED := 1
 # environment's tools (arflow, and the ninja DeepSpeed builds ops with) before any system copy.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install demo test test-fast test-floors clean
+.PHONY: install compile-project demo test test-fast test-floors clean
 
 install: $(STAMP) $(FASHION_MNIST)
 
@@ -37,17 +37,27 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e '.[dev,eval]'
 	touch $(STAMP)
 
-demo: install
+demo: install compile-project
 	$(VENV)/bin/arflow demo
 
 # Two pytest workers, a test file each at a time (module fixtures stay shared); each file's Ray runs wait on
 # process starts as much as they compute, so two overlap well on 2 cores.
 PYTEST_WORKERS ?= 2
+# Each worker's math libraries (OpenMP for torch, OpenBLAS for numpy and scipy) get the worker's share of the
+# cores, unless the environment sets OMP_NUM_THREADS: on a machine the workers keep busy, more threads than that
+# spin-wait (docs/architecture.md, "Where the suite's CPU goes"). Ray Train's workers set their own.
+TEST_THREADS ?= $(shell n=$$(( $$(nproc) / $(PYTEST_WORKERS) )); [ $$n -ge 1 ] && echo $$n || echo 1)
 
-test: install
+# The editable install leaves our own modules uncompiled (pip compiles the others): compile them once, so that no
+# process compiles them again where the environment says not to write bytecode (PYTHONDONTWRITEBYTECODE).
+compile-project:
+	$(PY) -m compileall -q arflow_scale tools
+
+test: export OMP_NUM_THREADS ?= $(TEST_THREADS)
+test: install compile-project
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
-test-fast: install
+test-fast: install compile-project
 	$(PY) -m pytest -q -m "not slow"
 
 # The suite on the oldest DeepSpeed, Ray and MLflow that pyproject.toml admits (tools/floor_constraints.py pins

@@ -1,7 +1,8 @@
 """Our Ray Train trainer (train/ray_trainer.py) is Ray's TorchTrainer less the callbacks a run never uses: the
 datasets callback when there are no datasets, the metrics callbacks on a loopback Ray unless the environment
 asks for them, the placement-group cleaner where the State API cannot tell it whether the controller lives. A
-real launch on the session's local Ray (no dashboard) starts neither a DatasetManager nor a cleaner actor.
+real launch on the session's local Ray (no dashboard) starts neither a DatasetManager nor a cleaner actor, nor (a
+fixed-size launch on a loopback Ray) the autoscaling coordinator.
 tests/test_ray_local_bind.py: the State API of `arflow train`'s local Ray sees its node (the cleaner stays)."""
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from arflow_scale.train.ray_trainer import METRICS_ENV, LeanTorchTrainer, on_loopback_ray
+from arflow_scale.train.ray_trainer import (METRICS_ENV, LeanTorchTrainer, LoopbackFixedScalingPolicy,
+                                            on_loopback_ray, scaling_policy_for)
 from conftest import tool_module
 
 DATASETS, METRICS = {"DatasetsCallback"}, {"ControllerMetricsCallback", "WorkerMetricsCallback"}
@@ -41,6 +43,20 @@ def test_the_trainer_drops_unused_datasets_metrics_on_loopback_and_a_cleaner_tha
     assert callback_names(LeanTorchTrainer, tmp_path, datasets=datasets) == rays
 
 
+def test_a_fixed_size_launch_on_a_loopback_ray_sends_no_autoscaler_requests(ray_local, monkeypatch):
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+
+    from arflow_scale.train import ray_trainer
+
+    fixed = create_scaling_policy(ScalingConfig(num_workers=2))
+    ours = scaling_policy_for(fixed)
+    assert type(ours) is LoopbackFixedScalingPolicy and ours.scaling_config is fixed.scaling_config
+    elastic = create_scaling_policy(ScalingConfig(num_workers=(1, 2)))
+    assert scaling_policy_for(elastic) is elastic  # elastic runs ask the coordinator what they may use
+    monkeypatch.setattr(ray_trainer, "on_loopback_ray", lambda: False)  # a joined cluster's autoscaler reads them
+    assert scaling_policy_for(fixed) is fixed
+
+
 def test_a_launch_trains_without_a_dataset_manager_or_cleaner_actor(ray_local, tmp_path):
     from ray._private.state import actors
 
@@ -53,4 +69,6 @@ def test_a_launch_trains_without_a_dataset_manager_or_cleaner_actor(ray_local, t
     started = {info["ActorClassName"] for actor_id, info in actors().items() if actor_id not in before}
     assert {"TrainController", "RayTrainWorker"} <= started, started
     assert not started & {"DatasetManager", "PlacementGroupCleaner"}, started
+    alive = {info["ActorClassName"] for info in actors().values() if info["State"] == "ALIVE"}
+    assert "_AutoscalingCoordinatorActor" not in alive, alive  # no launch on this loopback Ray started one
     assert launch["seconds"] > 0 and launch["busy_cpu_seconds"] >= 0

@@ -13,6 +13,10 @@ Ray Train builds its controller's callbacks anew for every `fit`, and three kind
   Ray runs on the machine the address cannot be found (a ConnectionError, which ends its watch), so it can never
   clean: it is left out where the State API does not see this node, and kept wherever it can work (`arflow
   train`'s and `arflow sweep`'s local Ray have a dashboard).
+Ray Train's fixed scaling policy also registers the run's resources with Ray Data's autoscaling coordinator, an
+actor it starts once per Ray, for a cluster autoscaler to read. A loopback Ray has no autoscaler, so a fixed-size
+launch there goes without (`scaling_policy_for`); an elastic launch keeps Ray's policy, which asks the coordinator
+what it may use.
 A 2-worker launch on 2 CPUs, on a Ray without a dashboard: 8.85 -> 6.43 s, 13.9 -> 11.0 busy core-s
 (docs/architecture.md, "Launch cost", tools/ray_launch_bench.py). Failure handling stays Ray's.
 """
@@ -70,9 +74,44 @@ def dropped_callback_classes(has_datasets: bool) -> tuple[type, ...]:
     return dropped
 
 
+try:
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+except ImportError:  # another Ray Train layout: every launch keeps Ray's scaling policy
+    FixedScalingPolicy = None
+
+if FixedScalingPolicy is not None:
+    class LoopbackFixedScalingPolicy(FixedScalingPolicy):
+        """Ray Train's fixed-size policy less its resource requests to the autoscaling coordinator."""
+
+        def after_controller_start(self, train_run_context) -> None:
+            log.debug("a loopback Ray has no autoscaler: no resource request for run %s", train_run_context.run_id)
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+else:
+    LoopbackFixedScalingPolicy = None
+
+
+def scaling_policy_for(policy):
+    """The scaling policy a launch runs with: Ray's `policy`, except a fixed-size one on a loopback Ray, which
+    goes without autoscaler requests (see the module docstring)."""
+    if LoopbackFixedScalingPolicy is None or type(policy) is not FixedScalingPolicy or not on_loopback_ray():
+        return policy
+    return LoopbackFixedScalingPolicy(policy.scaling_config)
+
+
 class LeanTorchTrainer(TorchTrainer):
-    """TorchTrainer whose controller starts without `dropped_callback_classes`."""
+    """TorchTrainer whose controller starts without `dropped_callback_classes`, and on a loopback Ray without
+    autoscaler requests (`scaling_policy_for`)."""
 
     def _create_default_callbacks(self) -> list:
         dropped = dropped_callback_classes(bool(self.datasets))
         return [callback for callback in super()._create_default_callbacks() if not isinstance(callback, dropped)]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        if "scaling_policy" in controller_init_kwargs:
+            controller_init_kwargs["scaling_policy"] = scaling_policy_for(controller_init_kwargs["scaling_policy"])
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
