@@ -72,19 +72,32 @@ def test_bad_shapes_raise():
         frechet_distance(np.full(2, np.nan), np.eye(2), np.zeros(2), np.eye(2))
 
 
-def test_the_reference_is_factored_once_and_again_after_it_changes(monkeypatch):
-    """Every FID against one reference reuses its eigendecomposition; new samples in it make a new one."""
+def test_the_reference_is_factored_once_and_again_after_it_changes(monkeypatch, tmp_path):
+    """Every FID against one reference reuses its eigendecomposition, also when the reference is loaded again (as
+    each FID task loads it); new samples in it make a new one; a process keeps the last FACTORS_KEPT."""
+    from arflow_scale.eval import frechet
+
     rng = np.random.default_rng(5)
     reference = GaussianStats.from_features(rng.normal(size=(60, 12)))
     calls = []
     eigh = np.linalg.eigh
     monkeypatch.setattr(np.linalg, "eigh", lambda m: calls.append(m.shape) or eigh(m))
+    monkeypatch.setattr(frechet, "_FACTORED", type(frechet._FACTORED)())
     samples = [GaussianStats.from_features(rng.normal(0.3 * i, 1.0, size=(40, 12))) for i in range(3)]
     for stats in samples:
         expected = frechet_distance(stats.mean(), stats.cov(), reference.mean(), reference.cov())
         assert fid_from_stats(stats, reference, min_samples=2) == pytest.approx(expected, rel=1e-9)
     assert len(calls) == 3 + 1  # one per frechet_distance above, one for the reference
+    reference.save(str(tmp_path / "ref.npz"))
+    loaded = GaussianStats.load(str(tmp_path / "ref.npz"))
+    assert loaded is not reference and fid_from_stats(samples[1], loaded, min_samples=2) == \
+        fid_from_stats(samples[1], reference, min_samples=2)
+    assert len(calls) == 3 + 1  # the loaded copy has the same moments: no new factor
     reference.update(rng.normal(2.0, 1.0, size=(30, 12)))
     expected = frechet_distance(samples[0].mean(), samples[0].cov(), reference.mean(), reference.cov())
     assert fid_from_stats(samples[0], reference, min_samples=2) == pytest.approx(expected, rel=1e-9)
     assert len(calls) == 4 + 2
+    assert frechet.FACTORS_KEPT == 2
+    fid_from_stats(samples[0], samples[2], min_samples=2)  # a third reference: the first one's factor goes
+    fid_from_stats(samples[0], loaded, min_samples=2)
+    assert len(calls) == 4 + 2 + 2
