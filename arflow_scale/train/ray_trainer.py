@@ -32,6 +32,11 @@ from ray.util.state.exception import RayStateApiException
 
 from arflow_scale.cluster.connect import LOCAL_NODE_IP
 
+try:
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+except ImportError:  # another Ray Train layout: every launch keeps Ray's scaling policy
+    FixedScalingPolicy = None
+
 log = logging.getLogger(__name__)
 METRICS_ENV = "RAY_TRAIN_METRICS_ENABLED"  # Ray Train's own switch; set, it decides
 
@@ -74,31 +79,25 @@ def dropped_callback_classes(has_datasets: bool) -> tuple[type, ...]:
     return dropped
 
 
-try:
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-except ImportError:  # another Ray Train layout: every launch keeps Ray's scaling policy
-    FixedScalingPolicy = None
+class LoopbackFixedScalingPolicy(FixedScalingPolicy or object):
+    """Ray Train's fixed-size policy less its resource requests to the autoscaling coordinator: they are what
+    starts the coordinator (Ray's client creates it on first use). Were Ray to rename these methods, its own
+    requests would run again (the coordinator back, nothing lost); test_ray_trainer.py would say so."""
 
-if FixedScalingPolicy is not None:
-    class LoopbackFixedScalingPolicy(FixedScalingPolicy):
-        """Ray Train's fixed-size policy less its resource requests to the autoscaling coordinator."""
+    def _maybe_send_resource_request(self) -> None:
+        pass
 
-        def after_controller_start(self, train_run_context) -> None:
-            log.debug("a loopback Ray has no autoscaler: no resource request for run %s", train_run_context.run_id)
+    def _send_resource_request(self) -> None:
+        pass
 
-        def _maybe_send_resource_request(self) -> None:
-            pass
-
-        def _send_resource_request(self) -> None:
-            pass
-else:
-    LoopbackFixedScalingPolicy = None
+    def _cancel_resource_request(self) -> None:
+        pass
 
 
 def scaling_policy_for(policy):
     """The scaling policy a launch runs with: Ray's `policy`, except a fixed-size one on a loopback Ray, which
     goes without autoscaler requests (see the module docstring)."""
-    if LoopbackFixedScalingPolicy is None or type(policy) is not FixedScalingPolicy or not on_loopback_ray():
+    if FixedScalingPolicy is None or type(policy) is not FixedScalingPolicy or not on_loopback_ray():
         return policy
     return LoopbackFixedScalingPolicy(policy.scaling_config)
 
