@@ -75,6 +75,8 @@ def test_bad_shapes_raise():
 def test_the_reference_is_factored_once_and_again_after_it_changes(monkeypatch, tmp_path):
     """Every FID against one reference reuses its eigendecomposition, also when the reference is loaded again (as
     each FID task loads it); new samples in it make a new one; a process keeps the last FACTORS_KEPT."""
+    from collections import OrderedDict
+
     from arflow_scale.eval import frechet
 
     rng = np.random.default_rng(5)
@@ -82,7 +84,7 @@ def test_the_reference_is_factored_once_and_again_after_it_changes(monkeypatch, 
     calls = []
     eigh = np.linalg.eigh
     monkeypatch.setattr(np.linalg, "eigh", lambda m: calls.append(m.shape) or eigh(m))
-    monkeypatch.setattr(frechet, "_FACTORED", type(frechet._FACTORED)())
+    monkeypatch.setattr(frechet, "_FACTORED", OrderedDict())  # nothing factored yet in this process
     samples = [GaussianStats.from_features(rng.normal(0.3 * i, 1.0, size=(40, 12))) for i in range(3)]
     for stats in samples:
         expected = frechet_distance(stats.mean(), stats.cov(), reference.mean(), reference.cov())

@@ -2,9 +2,11 @@
 
 Meant for the test suite's time (README, "Test suite"): which processes (Ray Train ranks, controllers, compilers,
 the pytest workers) spend the cores. Every `--interval` seconds it reads each process's own user + system time
-(/proc/PID/stat, children excluded, so nothing counts twice); processes already running at the start count only
-what they spend after it. A process's last interval before it exits is missed, and one that lives less than an
-interval may be missed whole: the totals are a floor. Run it on an otherwise idle machine (it counts every process).
+(/proc/PID/stat, children excluded, so nothing counts twice; read directly rather than through psutil, which took
+4.0 ms a sample of 64 processes here against 2.3, and the sampling's own CPU is counted); processes already running
+at the start count only what they spend after it. A process's last interval before it exits is missed, and one
+that lives less than an interval may be missed whole: the totals are a floor. Run it on an otherwise idle machine
+(it counts every process).
 
     python tools/cpu_by_process.py -- python -m pytest -q -n 2 --dist loadfile
     python tools/cpu_by_process.py --json -- arflow demo        # one JSON line instead of the table
