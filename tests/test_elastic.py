@@ -63,14 +63,14 @@ def test_new_keys_validate_naming_the_key(override):
 
 
 def record_of(cfg, **fields) -> CheckpointRecord:
-    from arflow_scale.train.driver import model_shapes
+    from arflow_scale.train.launch_plan import model_shapes
 
     return CheckpointRecord(step=4, world_size=2, zero_stage=cfg.train.zero_stage, param_shapes=model_shapes(cfg, {}),
                             **fields)
 
 
 def test_resume_on_another_worker_count_passes_and_what_cannot_resume_is_refused(tmp_path):
-    from arflow_scale.train.driver import check_resume
+    from arflow_scale.train.launch_plan import check_resume
 
     cfg = cfg_of("cluster.num_workers=2", "train.zero_stage=2")
     latest = record_of(cfg)
@@ -92,7 +92,7 @@ def test_resume_on_another_worker_count_passes_and_what_cannot_resume_is_refused
 
 def test_an_older_record_without_shapes_is_checked_against_its_config(tmp_path):
     from arflow_scale.config import dump_yaml
-    from arflow_scale.train.driver import check_resume
+    from arflow_scale.train.launch_plan import check_resume
 
     folder = tmp_path / "run" / "checkpoint_000000004"
     folder.mkdir(parents=True)

@@ -206,7 +206,7 @@ def check_elastic_round_trip(reference: dict, results: list[dict], run_url: str)
 def test_zero2_continues_on_one_worker_and_back_on_two(zero2_reference, digits, tmp_path, caplog):
     """ZeRO-2 through DeepSpeed's universal checkpoint. The finished 6-step cosine continued to 8 steps is warned
     of: its schedule's factor after step 6 was 0 and is now that of a cosine over 8 steps."""
-    with caplog.at_level("WARNING", logger="arflow_scale.train.driver"):
+    with caplog.at_level("WARNING", logger="arflow_scale.train.launch_plan"):
         results, run_url = continue_elsewhere(zero2_reference, digits, tmp_path, "train.zero_stage=2")
     check_elastic_round_trip(zero2_reference, results, run_url)
     assert "continues from step 6 under other schedule settings (train.steps 6 -> 8, optim.schedule cosine)" \

@@ -161,6 +161,9 @@ def test_ctrl_c_checkpoints_a_step_soon_after_and_the_rerun_continues_bit_identi
     assert 10 < step < 20 and stopped.group(2) == f"checkpoint_{step:09d}"
     assert sorted(p.name for p in run.glob("checkpoint_*")) == [stopped.group(2)]
     assert _run_status(tmp_path) == "KILLED" and not (run / "run.lock").exists()
+    plan = _dry_run(tmp_path, capsys)
+    assert (plan["action"], plan["checkpoint"], plan["from_step"], plan["steps_to_train"]) == (
+        "resume", f"{run}/{stopped.group(2)}", step, 60 - step)
 
     assert main(_demo_args(tmp_path, pause_seconds=12)[1:]) == 0  # the same command, here on the session's Ray
     printed = capsys.readouterr()
@@ -168,6 +171,20 @@ def test_ctrl_c_checkpoints_a_step_soon_after_and_the_rerun_continues_bit_identi
     result = json.loads(printed.out.strip().splitlines()[-1])
     assert_golden(result)  # as if never stopped
     assert _run_status(tmp_path) == "FINISHED"
+    plan = _dry_run(tmp_path, capsys)
+    assert (plan["action"], plan["checkpoint"], plan["from_step"], plan["steps_to_train"]) == (
+        "finished", result["checkpoint"], 60, 0)
+
+
+def _dry_run(tmp_path: Path, capsys) -> dict:
+    """`arflow train --dry-run` of the demo command: its plan, after checking that it changed no file."""
+    def files() -> dict[str, int]:
+        return {str(p): p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    before = files()
+    assert main([*_demo_args(tmp_path, pause_seconds=12)[1:], "--dry-run"]) == 0
+    assert files() == before
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
 @pytest.mark.slow

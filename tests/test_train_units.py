@@ -88,7 +88,7 @@ def test_lr_schedule_warmup_constant_cosine():
 
 def test_a_changed_schedule_is_named_with_both_factors(caplog):
     from arflow_scale.config import config_from_dict
-    from arflow_scale.train.driver import warn_of_schedule_jump
+    from arflow_scale.train.launch_plan import warn_of_schedule_jump
     from arflow_scale.train.schedule import schedule_jump
 
     cosine = config_from_dict({}, ["optim.schedule=cosine", "optim.warmup_steps=2", "train.steps=100"])
@@ -100,7 +100,7 @@ def test_a_changed_schedule_is_named_with_both_factors(caplog):
     jump = schedule_jump(100, (cosine.optim, 100), (longer.optim, 200))  # extended after a finished cosine
     halfway = 0.5 * (1 + math.cos(math.pi * (100 - 2) / (200 - 2)))  # the longer cosine, past its warmup
     assert jump.startswith(f"the schedule's factor after step 100 is {halfway:.4g} under these settings, 0 under ")
-    with caplog.at_level("WARNING", logger="arflow_scale.train.driver"):
+    with caplog.at_level("WARNING", logger="arflow_scale.train.launch_plan"):
         warn_of_schedule_jump(longer, cosine, 100, "runs/x")
         warn_of_schedule_jump(cosine, cosine, 50, "runs/x")
     assert len(caplog.records) == 1 and "run runs/x continues from step 100 under other schedule settings " \
@@ -208,7 +208,8 @@ def test_model_from_weights_rejects_foreign_weights():
 def test_driver_storage_resolution(tmp_path, monkeypatch):
     from pyarrow.fs import S3FileSystem
 
-    from arflow_scale.train.driver import ray_storage, run_folder_url, worker_storage_options
+    from arflow_scale.train.driver import ray_storage
+    from arflow_scale.train.launch_plan import run_folder_url, worker_storage_options
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
@@ -224,7 +225,7 @@ def test_driver_storage_resolution(tmp_path, monkeypatch):
 
 
 def test_prepare_inputs_absolute_manifest_and_shards(tmp_path, monkeypatch):
-    from arflow_scale.train.driver import prepare_inputs
+    from arflow_scale.train.launch_plan import prepare_inputs
 
     monkeypatch.chdir(tmp_path)
     cfg = tiny_cfg("data.manifest=shards/digits", "run.prepare_data=digits", "run.prepare_samples_per_shard=200")

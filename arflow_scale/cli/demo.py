@@ -30,7 +30,7 @@ def handle(args) -> int:
     from arflow_scale.model.decoder import Decoder
     from arflow_scale.tasks import SampleSettings
     from arflow_scale.train.driver import train
-    from arflow_scale.train.driver import prepare_inputs
+    from arflow_scale.train.launch_plan import prepare_inputs
 
     out = Path(args.out).resolve()
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")

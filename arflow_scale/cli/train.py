@@ -6,6 +6,8 @@ mlflow_tracking_uri, images_per_s, classes_trained (and fid / val_loss when meas
 configuration or data error found before anything starts, 3 when another `arflow train` holds the run folder,
 1 for a run stopped by a non-finite loss or gradient (the error names the step), 130 / 143 for a run stopped by
 Ctrl-C / SIGTERM (the first checkpoints a step soon after, a second stops at once: train/stop.py).
+`--dry-run` runs the same checks, prints the launch plan (train/launch_plan.py) as the last JSON line and exits 0
+(2 on a configuration or data error) without starting Ray or writing anything.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ def register(sub) -> None:
     parser = sub.add_parser("train", help="train on Ray Train + DeepSpeed (resumes a run of the same name)")
     parser.add_argument("--config", required=True, help="YAML config, e.g. configs/demo.yaml")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the config, data and run folder, print what the launch would do (start, resume "
+                             "or finished; batches, FLOPs, data) and stop: no Ray, nothing written")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.set_defaults(handler=handle)
 
@@ -30,6 +35,8 @@ def handle(args) -> int:
     from arflow_scale.train.nonfinite import NonFiniteError
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        return dry_run(cfg)
     try:
         result = train(cfg, address=args.address, verbose=args.verbose)
     except RunLockHeld as err:
@@ -39,4 +46,21 @@ def handle(args) -> int:
         print(f"arflow train: training diverged: {err}", file=sys.stderr)
         return 1
     print(json.dumps(result.to_json()), flush=True)
+    return 0
+
+
+def dry_run(cfg) -> int:
+    """Print the checked launch plan of `cfg` (a line for people on stderr, the JSON summary last on stdout)."""
+    from arflow_scale.train.launch_plan import plan_launch, prepare_inputs, shards_to_prepare
+
+    cfg = prepare_inputs(cfg, write=False)
+    pending = shards_to_prepare(cfg)
+    summary = plan_launch(cfg, read_data=not pending).summary(shards_pending=pending)
+    where = {"start": "would start", "resume": f"would resume from step {summary['from_step']} of",
+             "finished": f"is finished (step {summary['from_step']}):"}[summary["action"]]
+    print(f"arflow train --dry-run: {summary['run_folder']} {where} {summary['checkpoint'] or 'a new run'}; "
+          f"{summary['steps_to_train']} steps to train, {summary['train_flops_to_go']:.3g} training FLOPs"
+          + (f"; writes {cfg.run.prepare_data} shards to {cfg.data.manifest} first" if pending else ""),
+          file=sys.stderr, flush=True)
+    print(json.dumps(summary), flush=True)
     return 0

@@ -27,7 +27,7 @@ from arflow_scale.eval.frechet import fid_from_stats
 from arflow_scale.eval.graph import submit_sampling
 from arflow_scale.eval.reference import image_set_stats
 from arflow_scale.eval.stats import GaussianStats
-from arflow_scale.train.driver import run_folder_url
+from arflow_scale.train.launch_plan import run_folder_url
 
 from .compare import Arm, fid_protocol
 from .compare_design import CompareConfig

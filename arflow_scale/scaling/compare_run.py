@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from arflow_scale.data.storage import is_local_url
 from arflow_scale.tracking import resolve_tracking_uri
-from arflow_scale.train.driver import prepare_inputs
+from arflow_scale.train.launch_plan import prepare_inputs
 
 from .compare import Arm, compare_url, masked_compare, plan_arms
 from .compare_design import CompareConfig

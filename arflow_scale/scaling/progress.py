@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from arflow_scale.checkpoint.layout import checkpoint_step
 from arflow_scale.checkpoint.store import latest_checkpoint
-from arflow_scale.train.driver import run_folder_url
+from arflow_scale.train.launch_plan import run_folder_url
 
 from .finished import finished_points
 from .sweep import SweepPoint

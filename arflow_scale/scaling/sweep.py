@@ -26,7 +26,8 @@ from arflow_scale.cluster.connect import ray_session
 from arflow_scale.config import Config, ConfigError, load_config
 from arflow_scale.schema import apply_overrides, build, field_values, read_yaml_mapping
 from arflow_scale.tasks import SampleSettings, task_for
-from arflow_scale.train.driver import TrainResult, prepare_inputs, train
+from arflow_scale.train.driver import TrainResult, train
+from arflow_scale.train.launch_plan import prepare_inputs
 
 from .close_seeds import close_call_settings
 from .design import GpuSpec, SizeSpec, SweepConfig, normalise_budgets

@@ -13,15 +13,16 @@ if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 
-def resolve_tracking_uri(uri: Optional[str], run_url: str, run_name: str) -> str:
+def resolve_tracking_uri(uri: Optional[str], run_url: str, run_name: str, create: bool = True) -> str:
     """Config URI, else MLFLOW_TRACKING_URI, else sqlite in the (local) run folder; for a remote run folder
-    the embedded store lives in the local `runs/<name>/`."""
+    the embedded store lives in the local `runs/<name>/`, a folder made here unless `create` is False."""
     if uri:
         return uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     folder = local_path(run_url) if is_local_url(run_url) else Path("runs", run_name).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    if create:
+        folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 

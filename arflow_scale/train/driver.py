@@ -19,32 +19,25 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 import ray
-import torch
 from pyarrow.fs import FSSpecHandler, PyFileSystem, S3FileSystem
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 
-from arflow_scale.checkpoint import (CheckpointRecord, latest_checkpoint, pin_teacher, read_config, read_record,
-                                     run_task)
+from arflow_scale.checkpoint import CheckpointRecord, latest_checkpoint
 from arflow_scale.cluster.connect import cluster_has_gpus, ray_session
 from arflow_scale.config import Config
-from arflow_scale.data import write_shards
-from arflow_scale.data.run_vae import resolve_run_vae
 from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint, with_retries
 from arflow_scale.eval.scheduler import FidScheduler
-from arflow_scale.schema import check, fail
-from arflow_scale.tasks import task_for
 from arflow_scale.tracking import (TrackingTarget, prepare_run, read_run_id, recordable_uri, resolve_tracking_uri,
                                    set_run_status)
 
 from .args import StreamFactory, WorkerArgs
 from .result import RestoredState, TrainingStopped, WorkerResult
-from .batching import plan_batches
 from .console import Console, Notice
 from .nonfinite import NonFiniteError
-from .preflight import DataPlan, check_data
+from .launch_plan import plan_launch, prepare_inputs
+from .preflight import DataPlan
 from .ray_trainer import LeanTorchTrainer
 from .run_lock import RunLock
-from .schedule import schedule_jump
 from .stop import StopSignals
 from .worker import train_loop_per_worker
 
@@ -87,13 +80,6 @@ class TrainResult:
         return data
 
 
-def run_folder_url(storage_path: str, name: str) -> str:
-    """URL of the run folder (absolute path for local storage)."""
-    if is_local_url(storage_path):
-        return str(local_path(storage_path) / name)
-    return f"{storage_path.rstrip('/')}/{name}"
-
-
 def ray_storage(storage_path: str, storage_options: dict[str, Any]):
     """(storage_path for RunConfig, pyarrow filesystem or None) for any storage URL."""
     if is_local_url(storage_path):
@@ -120,79 +106,6 @@ def ray_storage(storage_path: str, storage_options: dict[str, Any]):
     return path.rstrip("/"), PyFileSystem(FSSpecHandler(fs))
 
 
-def worker_storage_options(storage_path: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """fsspec options the workers use for the run folder (the S3 endpoint made explicit)."""
-    options = dict(storage_options)
-    if urlparse(storage_path).scheme in ("s3", "s3a") and s3_endpoint(options):
-        options.setdefault("endpoint_url", s3_endpoint(options))
-    return options
-
-
-def prepare_inputs(cfg: Config) -> Config:
-    """Make local data paths absolute (workers run elsewhere) and write the `run.prepare_data` shards
-    to `data.manifest` when it is missing; returns the updated Config."""
-    manifest = cfg.data.manifest
-    if manifest and is_local_url(manifest):
-        manifest = str(local_path(manifest))
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, manifest=manifest))
-    if cfg.run.prepare_data and manifest:
-        fs, path = filesystem(manifest, cfg.data.storage_options)
-        folder = path.rstrip("/")
-        if not (fs.exists(f"{folder}/manifest.json") or (folder.endswith(".json") and fs.exists(folder))):
-            log.info("writing %s shards to %s", cfg.run.prepare_data, manifest)
-            write_shards(cfg.run.prepare_data, manifest, image_size=cfg.model.image_size,
-                         samples_per_shard=cfg.run.prepare_samples_per_shard,
-                         val_per_class=cfg.run.prepare_val_per_class,
-                         storage_options=dict(cfg.data.storage_options), progress=False)
-    return cfg
-
-
-def model_shapes(cfg: Config, storage_options: dict[str, Any]) -> dict[str, list[int]]:
-    """{parameter name: shape} of the model a run config trains (a distillation stage: its student), built on the
-    meta device: no memory, no init."""
-    task = run_task(cfg, storage_options)
-    with torch.device("meta"):
-        built = task.build_model()
-    return {name: list(param.shape) for name, param in built.named_parameters()}
-
-
-def check_resume(cfg: Config, run_url: str, latest: Optional[CheckpointRecord], where: Optional[str],
-                 storage_options: Optional[dict[str, Any]] = None) -> None:
-    """Refuse, with a ConfigError naming the key before any worker starts, what cannot continue from the newest
-    checkpoint: another model family, ZeRO stage or parameter shape; and a global batch the configured workers
-    cannot divide. Another number of workers continues (the state is re-partitioned, `train.reshard`)."""
-    for workers in sorted(set(cfg.cluster.worker_range)):  # the fewest and the most workers of a range
-        plan_batches(cfg, workers)
-    if latest is None:
-        return
-    again = "resume with the settings it was written with or start a new run.name"
-    check(latest.model_family == cfg.model.family, "model.family",
-          f"{cfg.model.family!r}, but run {run_url} continues from {where}, a {latest.model_family!r} model; {again}")
-    check(latest.zero_stage == cfg.train.zero_stage, "train.zero_stage",
-          f"{cfg.train.zero_stage}, but run {run_url} continues from {where}, written at ZeRO stage "
-          f"{latest.zero_stage}; resume with train.zero_stage={latest.zero_stage} or start a new run.name")
-    options = storage_options or {}
-    theirs = latest.param_shapes if latest.param_shapes is not None else model_shapes(
-        read_config(where, options), options)
-    ours = model_shapes(cfg, options)
-    differing = sorted(name for name in set(ours) | set(theirs) if ours.get(name) != theirs.get(name))
-    if differing:
-        name = differing[0]
-        fail("model", f"this config builds parameter {name} with shape {ours.get(name)}, but run {run_url} "
-                      f"continues from {where}, where it has shape {theirs.get(name)} ({len(differing)} "
-                      f"parameter(s) differ); {again}")
-
-
-def warn_of_schedule_jump(cfg: Config, resumed: Config, step: int, run_url: str) -> None:
-    """A run continued with other schedule settings (a longer `train.steps` under a cosine, another warmup or
-    floor) takes the new schedule's factor at once: say so, with both factors, before it trains."""
-    jump = schedule_jump(step, (resumed.optim, resumed.train.steps), (cfg.optim, cfg.train.steps))
-    if jump is not None:
-        log.warning("run %s continues from step %d under other schedule settings (train.steps %d -> %d, "
-                    "optim.schedule %s): %s", run_url, step, resumed.train.steps, cfg.train.steps, cfg.optim.schedule,
-                    jump)
-
-
 def drop_ray_snapshot(run_url: str, storage_options: dict[str, Any]) -> None:
     """Remove Ray Train's snapshot of the checkpoints it registered from the run folder: Ray no longer registers
     ours, and a snapshot left by an earlier version (or half-written during an outage) would fail its start."""
@@ -207,27 +120,15 @@ def train(cfg: Config, address: Optional[str] = None, *, stream_factory: Optiona
           verbose: bool = False) -> TrainResult:
     """Run training for `cfg` on Ray (joining `address`, else starting a local Ray for the run). Everything that
     can be checked is checked before the run folder is touched; then the run lock is held for the run."""
-    cfg = cfg if stream_factory is not None else prepare_inputs(cfg)
-    check(cfg.eval.fid_every % cfg.checkpoint.every == 0, "eval.fid_every",
-          f"{cfg.eval.fid_every} must be a multiple of checkpoint.every={cfg.checkpoint.every}")
-    data = check_data(cfg, task_for(cfg.model).images_per_sample) if stream_factory is None else None
-    run_url = run_folder_url(cfg.run.storage_path, cfg.run.name)
-    options = worker_storage_options(cfg.run.storage_path, cfg.run.storage_options)
-    latest_url = latest_checkpoint(run_url, options)
-    latest = read_record(latest_url, options) if latest_url else None
-    resumed = read_config(latest_url, options) if latest_url else None
-    cfg = resolve_run_vae(cfg, resumed.model if resumed else None, read_shards=stream_factory is None)
-    cfg = pin_teacher(cfg, options, resumed)  # a distillation stage: its teacher, fixed for the whole run
-    check_resume(cfg, run_url, latest, latest_url, options)
-    if latest is not None and resumed is not None and latest.step < cfg.train.steps:
-        warn_of_schedule_jump(cfg, resumed, latest.step, run_url)
+    plan = plan_launch(cfg if stream_factory is not None else prepare_inputs(cfg), read_data=stream_factory is None)
+    cfg, run_url, options, latest = plan.config, plan.run_url, plan.storage_options, plan.latest
     with RunLock(run_url, options, heartbeat_seconds=cfg.run.lock_heartbeat_seconds,
                  missed_heartbeats=cfg.run.lock_missed_heartbeats):
-        if latest is not None and latest.step >= cfg.train.steps and latest.hashed:
-            return finished_result(cfg, run_url, options, latest_url, latest, data)
+        if plan.finished:
+            return finished_result(cfg, run_url, options, plan.latest_url, latest, plan.data)
         with ray_session(address or cfg.cluster.address, cfg.cluster.local_num_cpus, verbose=verbose):
             drop_ray_snapshot(run_url, options)
-            return _fit(cfg, run_url, options, latest, stream_factory, data)
+            return _fit(cfg, run_url, options, latest, stream_factory, plan.data)
 
 
 def finished_result(cfg: Config, run_url: str, options: dict[str, Any], checkpoint: str, record: CheckpointRecord,
