@@ -40,9 +40,8 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 demo: install compile-project
 	$(VENV)/bin/arflow demo
 
-# Two pytest workers, a test file each at a time (module fixtures stay shared), the files with slow tests first
-# (tests/conftest.py); each file's Ray runs wait on process starts as much as they compute, so two overlap well
-# on 2 cores.
+# Two pytest workers, a test file each at a time (module fixtures stay shared); each file's Ray runs wait on
+# process starts as much as they compute, so two overlap well on 2 cores.
 PYTEST_WORKERS ?= 2
 # Each worker's math libraries (OpenMP for torch, OpenBLAS for numpy and scipy) get the worker's share of the
 # cores, unless the environment sets OMP_NUM_THREADS: on a machine the workers keep busy, more threads than that
@@ -56,7 +55,7 @@ compile-project:
 
 test: export OMP_NUM_THREADS ?= $(TEST_THREADS)
 test: install compile-project
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: install compile-project
 	$(PY) -m pytest -q -m "not slow"
@@ -71,7 +70,7 @@ test-floors: $(FASHION_MNIST)
 	$(FLOORS_VENV)/bin/python -m pip install -q $(TORCH_PIN)
 	$(FLOORS_VENV)/bin/python tools/floor_constraints.py > $(FLOORS_VENV)/floors.txt
 	$(FLOORS_VENV)/bin/python -m pip install -q -e '.[dev,eval]' -c $(FLOORS_VENV)/floors.txt
-	PATH="$(CURDIR)/$(FLOORS_VENV)/bin:$$PATH" $(FLOORS_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	PATH="$(CURDIR)/$(FLOORS_VENV)/bin:$$PATH" $(FLOORS_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs mlruns .ray_tmp .pytest_cache

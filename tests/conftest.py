@@ -27,14 +27,6 @@ def _triton_interpreter_without_cuda() -> None:
 _triton_interpreter_without_cuda()
 
 
-def pytest_collection_modifyitems(config, items):
-    """Files with slow tests (multi-worker Ray and DeepSpeed runs) first, each file's tests in their own order. Two
-    workers taking a file at a time then start on the long files and end together on short ones; `make test` keeps
-    this order (--no-loadscope-reorder: by default xdist puts the files with the most tests first)."""
-    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)  # stable: files stay whole and in order
-
-
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (the package's helper, lazily imported: it loads torch.distributed)."""
     from arflow_scale.bench.process_group import free_local_port
