@@ -53,9 +53,14 @@ def test_storage_options_parse_and_a_malformed_item_is_named():
             parse_storage_options([bad])
 
 
-def test_s3_storage_without_credentials_fails_in_one_line_naming_what_to_set(tmp_path):
-    """`arflow sweep --status` of the ImageNet sweep (its storage on s3://) where no credentials exist: one clear
-    error line and exit 2, not botocore's traceback."""
+@pytest.mark.parametrize("command", [["sweep", "--config", "configs/sweeps/imagenet128.yaml", "--status",
+                                      "--budgets", "1e18"],
+                                     ["train", "--config", "configs/imagenet128.yaml", "--dry-run"]],
+                         ids=["sweep-status", "train-dry-run"])
+def test_s3_storage_without_credentials_fails_in_one_line_naming_what_to_set(tmp_path, command):
+    """`arflow sweep --status` of the ImageNet sweep (its storage on s3://) and `arflow train --dry-run` of its
+    recipe (shards on s3://) where no credentials exist: one clear error line and exit 2, not botocore's traceback,
+    and at once: missing credentials are not an outage to retry (the recipe's data.retries is 8)."""
     import os
     from pathlib import Path
 
@@ -64,9 +69,9 @@ def test_s3_storage_without_credentials_fails_in_one_line_naming_what_to_set(tmp
                AWS_EC2_METADATA_DISABLED="true")
     arflow = str(Path(sys.executable).with_name("arflow"))
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([arflow, "sweep", "--config", str(repo / "configs/sweeps/imagenet128.yaml"), "--status",
-                           "--budgets", "1e18"], capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run([arflow, *command], capture_output=True, text=True, timeout=120, env=env, cwd=repo)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
-        "arflow sweep: error: no credentials for S3 storage (Unable to locate credentials): set AWS_ACCESS_KEY_ID "
-        "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role), or the storage_options of the config"]
+        f"arflow {command[0]}: error: no credentials for S3 storage (Unable to locate credentials): set "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role), or the storage_options of "
+        "the config"]

@@ -43,8 +43,8 @@ def test_a_new_run_is_planned_from_the_config_and_nothing_is_written(tmp_path, c
     written = _files(tmp_path)
     code, plan, err = _dry_run(capsys, *overrides)
     assert code == 0 and _files(tmp_path) == written, err
-    assert plan["data"] == {"manifest": f"{tmp_path}/digits", "prepare": None, "data.classes_trained": "10",
-                            "data.classes_left_out": ""}
+    assert plan["data"] == {"manifest": f"{tmp_path}/digits", "prepare": None, "classes_trained": 10,
+                            "classes_left_out": []}
 
 
 def test_a_launch_that_would_fail_fails_the_dry_run_naming_the_key(tmp_path, capsys, monkeypatch):

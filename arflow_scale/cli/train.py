@@ -55,12 +55,13 @@ def dry_run(cfg) -> int:
 
     cfg = prepare_inputs(cfg, write=False)
     pending = shards_to_prepare(cfg)
-    summary = plan_launch(cfg, read_data=not pending).summary(shards_pending=pending)
-    where = {"start": "would start", "resume": f"would resume from step {summary['from_step']} of",
-             "finished": f"is finished (step {summary['from_step']}):"}[summary["action"]]
-    print(f"arflow train --dry-run: {summary['run_folder']} {where} {summary['checkpoint'] or 'a new run'}; "
-          f"{summary['steps_to_train']} steps to train, {summary['train_flops_to_go']:.3g} training FLOPs"
+    plan = plan_launch(cfg, read_data=not pending)
+    what = {"start": "would start a new run",
+            "resume": f"would resume from step {plan.start_step} of {plan.latest_url}",
+            "finished": f"is finished (step {plan.start_step}: {plan.latest_url})"}[plan.action]
+    print(f"arflow train --dry-run: {plan.run_url} {what}; {plan.steps_to_train} steps to train, "
+          f"{plan.train_flops_per_step * plan.steps_to_train:.3g} training FLOPs"
           + (f"; writes {cfg.run.prepare_data} shards to {cfg.data.manifest} first" if pending else ""),
           file=sys.stderr, flush=True)
-    print(json.dumps(summary), flush=True)
+    print(json.dumps(plan.summary(shards_pending=pending)), flush=True)
     return 0

@@ -21,6 +21,9 @@ T = TypeVar("T")
 # Errors that mean "the thing is not there / not allowed": retrying cannot help.
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                     FileExistsError)
+# botocore's errors for credentials that are missing or incomplete (s3fs raises them as they are): a setting to fix,
+# not an outage, though they derive from BotoCoreError
+PERMANENT_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError"}
 
 
 class StorageError(ConnectionError):
@@ -111,11 +114,11 @@ def join_url(base: str, *parts: str) -> str:
 
 def is_transient(err: BaseException) -> bool:
     """Whether an exception from storage is worth retrying."""
-    if isinstance(err, PERMANENT_ERRORS):
+    names = {cls.__name__ for cls in type(err).__mro__}
+    if isinstance(err, PERMANENT_ERRORS) or names & PERMANENT_ERROR_NAMES:
         return False
     if isinstance(err, (OSError, TimeoutError, ConnectionError)):
         return True
-    names = {cls.__name__ for cls in type(err).__mro__}
     # botocore / aiohttp errors do not derive from OSError.
     return bool(names & {"BotoCoreError", "ClientError", "ClientConnectionError", "ServerTimeoutError",
                          "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"})

@@ -5,6 +5,7 @@ fail early. `train.driver.train` runs on this plan; `arflow train --dry-run` pri
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -18,7 +19,7 @@ from arflow_scale.data import write_shards
 from arflow_scale.data.run_vae import resolve_run_vae
 from arflow_scale.data.storage import filesystem, is_local_url, local_path, s3_endpoint
 from arflow_scale.schema import check, fail
-from arflow_scale.tasks import task_for
+from arflow_scale.tasks import ModelTask, task_for
 from arflow_scale.tracking import recordable_uri, resolve_tracking_uri
 
 from .batching import plan_batches
@@ -133,30 +134,55 @@ class LaunchPlan:
         """The run already reached `train.steps` and its last checkpoint holds the final hashes: nothing to train."""
         return self.latest is not None and self.latest.step >= self.config.train.steps and self.latest.hashed
 
+    @property
+    def action(self) -> str:
+        """What the launch does: "start" (no checkpoint), "resume" (from `latest_url`) or "finished"."""
+        return "finished" if self.finished else ("resume" if self.latest is not None else "start")
+
+    @property
+    def start_step(self) -> int:
+        return self.latest.step if self.latest is not None else 0
+
+    @property
+    def steps_to_train(self) -> int:
+        return 0 if self.finished else max(self.config.train.steps - self.start_step, 0)
+
+    @functools.cached_property
+    def task(self) -> ModelTask:
+        """The run's model task (a distillation stage: its student, with the teacher's weights read)."""
+        return run_task(self.config, self.storage_options)
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step (the same for every number of workers of a range)."""
+        return plan_batches(self.config, self.config.cluster.worker_range[1]).global_batch
+
+    @property
+    def train_flops_per_step(self) -> float:
+        return FlopsMeter.for_training(self.task.forward_flops(), self.global_batch, 1, None).flops_per_step
+
     def summary(self, shards_pending: bool = False) -> dict[str, Any]:
         """What `arflow train --dry-run` prints: what the launch does, its batches and FLOPs, the data and where
-        it logs (a password in the MLflow URI masked)."""
-        cfg, task = self.config, run_task(self.config, self.storage_options)  # a distillation stage: its student
-        start = self.latest.step if self.latest is not None else 0
-        action = "finished" if self.finished else ("resume" if self.latest is not None else "start")
-        global_batch = plan_batches(cfg, cfg.cluster.worker_range[1]).global_batch
-        flops_per_step = FlopsMeter.for_training(task.forward_flops(), global_batch, 1, None).flops_per_step
-        steps_left = max(cfg.train.steps - start, 0) if action != "finished" else 0
+        it logs (a password in the MLflow URI masked). `shards_pending`: `run.prepare_data` writes the data first."""
+        cfg, task = self.config, self.task
         batches = {str(workers): dataclasses.asdict(plan_batches(cfg, workers))
                    for workers in sorted(set(cfg.cluster.worker_range))}
         uri = resolve_tracking_uri(cfg.tracking.uri, self.run_url, cfg.run.name, create=False) \
             if cfg.tracking.enabled else None
         return {
-            "action": action, "run_folder": self.run_url, "checkpoint": self.latest_url, "from_step": start,
-            "steps": cfg.train.steps, "steps_to_train": steps_left,
+            "action": self.action, "run_folder": self.run_url, "checkpoint": self.latest_url,
+            "from_step": self.start_step, "steps": cfg.train.steps, "steps_to_train": self.steps_to_train,
             "model": {"family": cfg.model.family, "size": cfg.model.size, "params": task.count_parameters(),
                       "images_per_sample": task.images_per_sample, "tokens_per_image": task.tokens_per_image},
-            "batches_by_workers": batches, "global_batch": global_batch,
-            "images_per_step": global_batch * task.images_per_sample,
-            "train_flops_per_step": flops_per_step, "train_flops_to_go": flops_per_step * steps_left,
+            "batches_by_workers": batches, "global_batch": self.global_batch,
+            "images_per_step": self.global_batch * task.images_per_sample,
+            "train_flops_per_step": self.train_flops_per_step,
+            "train_flops_to_go": self.train_flops_per_step * self.steps_to_train,
             "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "compile": cfg.train.compile,
             "data": {"manifest": cfg.data.manifest, "prepare": cfg.run.prepare_data if shards_pending else None,
-                     **(self.data.params() if self.data is not None else {})},
+                     **({"classes_trained": len(self.data.trained),
+                         "classes_left_out": [self.data.class_names[c] for c in self.data.left_out]}
+                        if self.data is not None else {})},
             "mlflow_tracking_uri": recordable_uri(uri),
         }
 
