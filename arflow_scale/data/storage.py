@@ -22,7 +22,7 @@ T = TypeVar("T")
 PERMANENT_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
                     FileExistsError)
 # botocore's errors for credentials that are missing or incomplete (s3fs raises them as they are): a setting to fix,
-# not an outage, though they derive from BotoCoreError
+# not an outage, though they derive from BotoCoreError; a retry would reuse the same client, made without them
 PERMANENT_ERROR_NAMES = {"NoCredentialsError", "PartialCredentialsError"}
 
 
