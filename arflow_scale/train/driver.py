@@ -1,5 +1,5 @@
-"""The Ray Train driver: check the run before anything starts, connect to Ray, run the workers, return the
-typed result (`arflow train` prints it as its last JSON line).
+"""The Ray Train driver: plan and check the launch before anything starts (launch_plan.py), hold the run lock,
+connect to Ray, run the workers, return the typed result (`arflow train` prints it as its last JSON line).
 
 Storage: `run.storage_path` is any URL. Local paths and file:// go to Ray as absolute paths; s3:// goes
 through a pyarrow S3FileSystem (endpoint from `run.storage_options.endpoint_url` or AWS_ENDPOINT_URL);
