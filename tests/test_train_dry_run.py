@@ -16,8 +16,8 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _dry_run(capsys, *overrides: str) -> tuple[int, dict, str]:
-    code = main(["train", "--config", DEMO_CONFIG, "--dry-run", *overrides])
+def _dry_run(capsys, *overrides: str, flags: tuple[str, ...] = ()) -> tuple[int, dict, str]:
+    code = main(["train", "--config", DEMO_CONFIG, "--dry-run", *flags, *overrides])
     printed = capsys.readouterr()
     return code, json.loads(printed.out.strip().splitlines()[-1]) if code == 0 else {}, printed.err
 
@@ -37,7 +37,14 @@ def test_a_new_run_is_planned_from_the_config_and_nothing_is_written(tmp_path, c
     assert plan["train_flops_to_go"] == 40 * plan["train_flops_per_step"]
     assert plan["data"] == {"manifest": f"{tmp_path}/digits", "prepare": "digits"}  # written by the real launch
     assert plan["mlflow_tracking_uri"] == f"sqlite:///{tmp_path}/runs/demo/mlflow.db"
-    assert f"{tmp_path}/runs/demo would start a new run; 40 steps to train" in err
+    assert f"{tmp_path}/runs/demo would start a new run; 40 steps to train" in err and "gpu_hours" not in plan
+
+    code, estimate, err = _dry_run(capsys, *overrides, flags=("--mfu", "0.4", "--peak-tflops", "100"))
+    gpu_hours = plan["train_flops_to_go"] / (100e12 * 0.4) / 3600
+    assert code == 0 and estimate == {**plan, "gpu_hours": gpu_hours, "hours": gpu_hours / cfg.cluster.num_workers,
+                                      "assumed_peak_tflops": 100.0, "assumed_mfu": 0.4}, err
+    code, _, err = _dry_run(capsys, *overrides, flags=("--mfu", "0.4"))  # no peak: train.peak_tflops is unset
+    assert code == 2 and "--mfu needs a peak: --peak-tflops or train.peak_tflops" in err
 
     prepare_inputs(cfg)  # the shards the launch would write: now the plan reads them
     written = _files(tmp_path)

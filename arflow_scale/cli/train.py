@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Optional
 
 EXIT_RUN_IN_USE = 3
 
@@ -24,6 +25,10 @@ def register(sub) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config, data and run folder, print what the launch would do (start, resume "
                              "or finished; batches, FLOPs, data) and stop: no Ray, nothing written")
+    parser.add_argument("--mfu", type=float, default=None,
+                        help="with --dry-run: the MFU to assume for a GPU-hours estimate (e.g. 0.35)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="with --mfu: dense bf16 peak TFLOP/s per GPU (default: train.peak_tflops)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     parser.set_defaults(handler=handle)
 
@@ -36,7 +41,10 @@ def handle(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        return dry_run(cfg)
+        return dry_run(cfg, args.mfu, args.peak_tflops)
+    if args.mfu is not None or args.peak_tflops is not None:
+        raise ValueError("--mfu and --peak-tflops estimate GPU-hours for --dry-run only (train.peak_tflops sets "
+                         "the peak of the logged MFU)")
     try:
         result = train(cfg, address=args.address, verbose=args.verbose)
     except RunLockHeld as err:
@@ -49,19 +57,34 @@ def handle(args) -> int:
     return 0
 
 
-def dry_run(cfg) -> int:
-    """Print the checked launch plan of `cfg` (a line for people on stderr, the JSON summary last on stdout)."""
+def dry_run(cfg, mfu: Optional[float] = None, peak_tflops: Optional[float] = None) -> int:
+    """Print the checked launch plan of `cfg` (a line for people on stderr, the JSON summary last on stdout); with
+    an assumed `mfu`, GPU-hours and hours on the most workers at `peak_tflops` (default `train.peak_tflops`)."""
+    from arflow_scale.scaling.design import GpuSpec
     from arflow_scale.train.launch_plan import plan_launch, prepare_inputs, shards_to_prepare
+
+    gpu = GpuSpec(peak_tflops if peak_tflops is not None else cfg.train.peak_tflops, mfu) if mfu is not None \
+        else GpuSpec()
+    if mfu is not None and gpu.peak_tflops is None:
+        raise ValueError("--mfu needs a peak: --peak-tflops or train.peak_tflops")
+    gpu.validate()
 
     cfg = prepare_inputs(cfg, write=False)
     pending = shards_to_prepare(cfg)
     plan = plan_launch(cfg, read_data=not pending)
+    summary = plan.summary(shards_pending=pending)
+    flops = plan.train_flops_per_step * plan.steps_to_train
+    if gpu.enabled:
+        summary.update(gpu_hours=gpu.hours(flops), hours=gpu.hours(flops) / cfg.cluster.worker_range[1],
+                       assumed_peak_tflops=gpu.peak_tflops, assumed_mfu=gpu.mfu)
     what = {"start": "would start a new run",
             "resume": f"would resume from step {plan.start_step} of {plan.latest_url}",
             "finished": f"is finished (step {plan.start_step}: {plan.latest_url})"}[plan.action]
-    print(f"arflow train --dry-run: {plan.run_url} {what}; {plan.steps_to_train} steps to train, "
-          f"{plan.train_flops_per_step * plan.steps_to_train:.3g} training FLOPs"
+    print(f"arflow train --dry-run: {plan.run_url} {what}; {plan.steps_to_train} steps to train, {flops:.3g} "
+          f"training FLOPs"
+          + (f" ({summary['gpu_hours']:.4g} GPU-hours, {summary['hours']:.3g} h on {cfg.cluster.worker_range[1]} "
+             f"GPUs at {gpu.peak_tflops:g} TFLOP/s x MFU {gpu.mfu:g})" if gpu.enabled else "")
           + (f"; writes {cfg.run.prepare_data} shards to {cfg.data.manifest} first" if pending else ""),
           file=sys.stderr, flush=True)
-    print(json.dumps(plan.summary(shards_pending=pending)), flush=True)
+    print(json.dumps(summary), flush=True)
     return 0
