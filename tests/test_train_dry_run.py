@@ -43,8 +43,9 @@ def test_a_new_run_is_planned_from_the_config_and_nothing_is_written(tmp_path, c
     gpu_hours = plan["train_flops_to_go"] / (100e12 * 0.4) / 3600
     assert code == 0 and estimate == {**plan, "gpu_hours": gpu_hours, "hours": gpu_hours / cfg.cluster.num_workers,
                                       "assumed_peak_tflops": 100.0, "assumed_mfu": 0.4}, err
-    code, _, err = _dry_run(capsys, *overrides, flags=("--mfu", "0.4"))  # no peak: train.peak_tflops is unset
-    assert code == 2 and "--mfu needs a peak: --peak-tflops or train.peak_tflops" in err
+    for half in (("--mfu", "0.4"), ("--peak-tflops", "100")):  # the demo leaves train.peak_tflops unset
+        code, _, err = _dry_run(capsys, *overrides, flags=half)
+        assert code == 2 and "needs --mfu and a peak (--peak-tflops or train.peak_tflops) together" in err, err
 
     prepare_inputs(cfg)  # the shards the launch would write: now the plan reads them
     written = _files(tmp_path)

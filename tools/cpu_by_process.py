@@ -1,7 +1,7 @@
 """Where a command's CPU goes: run it, sample every process on the machine, and sum CPU seconds by process kind.
 
-Meant for the test suite's time (README, "Test suite"): which processes (Ray Train ranks, controllers, compilers,
-the pytest workers) spend the cores. Every `--interval` seconds it reads each process's own user + system time
+Meant for the test suite's time (docs/architecture.md, "The suite's time"): which processes (Ray Train ranks,
+controllers, compilers, the pytest workers) spend the cores. Every `--interval` seconds it reads each process's own user + system time
 (/proc/PID/stat, children excluded, so nothing counts twice; read directly rather than through psutil, which took
 4.0 ms a sample of 64 processes here against 2.3, and the sampling's own CPU is counted); processes already running
 at the start count only what they spend after it. A process's last interval before it exits is missed, and one

@@ -63,19 +63,20 @@ def dry_run(cfg, mfu: Optional[float] = None, peak_tflops: Optional[float] = Non
     from arflow_scale.scaling.design import GpuSpec
     from arflow_scale.train.launch_plan import plan_launch, prepare_inputs, shards_to_prepare
 
-    gpu = GpuSpec(peak_tflops if peak_tflops is not None else cfg.train.peak_tflops, mfu) if mfu is not None \
-        else GpuSpec()
-    if mfu is not None and gpu.peak_tflops is None:
-        raise ValueError("--mfu needs a peak: --peak-tflops or train.peak_tflops")
+    peak = peak_tflops if peak_tflops is not None or mfu is None else cfg.train.peak_tflops
+    if (mfu is None) != (peak is None):
+        raise ValueError("a GPU-hours estimate needs --mfu and a peak (--peak-tflops or train.peak_tflops) together")
+    gpu = GpuSpec(peak, mfu)
     gpu.validate()
 
     cfg = prepare_inputs(cfg, write=False)
     pending = shards_to_prepare(cfg)
     plan = plan_launch(cfg, read_data=not pending)
     summary = plan.summary(shards_pending=pending)
-    flops = plan.train_flops_per_step * plan.steps_to_train
+    flops = plan.train_flops_to_go
     if gpu.enabled:
-        summary.update(gpu_hours=gpu.hours(flops), hours=gpu.hours(flops) / cfg.cluster.worker_range[1],
+        gpu_hours = gpu.hours(flops)
+        summary.update(gpu_hours=gpu_hours, hours=gpu_hours / cfg.cluster.worker_range[1],
                        assumed_peak_tflops=gpu.peak_tflops, assumed_mfu=gpu.mfu)
     what = {"start": "would start a new run",
             "resume": f"would resume from step {plan.start_step} of {plan.latest_url}",

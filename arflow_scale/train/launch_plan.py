@@ -161,6 +161,10 @@ class LaunchPlan:
     def train_flops_per_step(self) -> float:
         return FlopsMeter.for_training(self.task.forward_flops(), self.global_batch, 1, None).flops_per_step
 
+    @property
+    def train_flops_to_go(self) -> float:
+        return self.train_flops_per_step * self.steps_to_train
+
     def summary(self, shards_pending: bool = False) -> dict[str, Any]:
         """What `arflow train --dry-run` prints: what the launch does, its batches and FLOPs, the data and where
         it logs (a password in the MLflow URI masked). `shards_pending`: `run.prepare_data` writes the data first."""
@@ -177,7 +181,7 @@ class LaunchPlan:
             "batches_by_workers": batches, "global_batch": self.global_batch,
             "images_per_step": self.global_batch * task.images_per_sample,
             "train_flops_per_step": self.train_flops_per_step,
-            "train_flops_to_go": self.train_flops_per_step * self.steps_to_train,
+            "train_flops_to_go": self.train_flops_to_go,
             "zero_stage": cfg.train.zero_stage, "precision": cfg.train.precision, "compile": cfg.train.compile,
             "data": {"manifest": cfg.data.manifest, "prepare": cfg.run.prepare_data if shards_pending else None,
                      **({"classes_trained": len(self.data.trained),
